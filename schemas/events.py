@@ -1,0 +1,212 @@
+"""Input events of contract v1: the envelope, every event type, and one discriminated union per topic."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StringConstraints,
+)
+
+# Limits, named with the unit last (see docs/events.md for the producer-facing list).
+payload_size_max_bytes = 64 * 1024
+identifier_length_max = 128
+purchase_lines_max = 500
+line_quantity_max = 100_000
+money_digits_max = 12
+points_request_max = 1_000_000_000
+occurred_at_min = datetime(2000, 1, 1, tzinfo=UTC)
+occurred_at_max = datetime(2100, 1, 1, tzinfo=UTC)
+
+# Identifiers are printable ASCII without spaces: they become Kafka keys, ClickHouse keys and URL
+# path segments, and control or look-alike unicode characters in them have no legitimate use.
+Identifier = Annotated[
+    str,
+    StringConstraints(pattern=r"^[\x21-\x7e]+$", min_length=1, max_length=identifier_length_max),
+]
+ShortText = Annotated[str, StringConstraints(max_length=1000)]
+
+_money_pattern = re.compile(r"^[0-9]{1,%d}(\.[0-9]{1,6})?$" % money_digits_max)
+
+
+def _parse_money(value: object) -> Decimal:
+    """Money arrives as a decimal string; floats are refused because they cannot hold cents exactly."""
+    if isinstance(value, Decimal):
+        if not value.is_finite() or value < 0:
+            raise ValueError("must be a finite, non-negative amount")
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f'must be a decimal string such as "19.99", not {type(value).__name__}')
+    if not _money_pattern.match(value):
+        raise ValueError(
+            f"must be a non-negative decimal string with at most {money_digits_max} integer digits "
+            f'and 6 decimals, such as "19.99"; got {value[:40]!r}'
+        )
+    try:
+        return Decimal(value)
+    except InvalidOperation as error:  # unreachable given the pattern, kept as a guard
+        raise ValueError(f"is not a decimal: {value[:40]!r}") from error
+
+
+Money = Annotated[
+    Decimal,
+    BeforeValidator(_parse_money),
+    PlainSerializer(lambda amount: format(amount, "f"), return_type=str, when_used="json"),
+]
+
+
+def _within_supported_range(moment: datetime) -> datetime:
+    if not (occurred_at_min <= moment < occurred_at_max):
+        raise ValueError("must be between 2000-01-01 and 2100-01-01")
+    return moment
+
+
+EventTime = Annotated[AwareDatetime, AfterValidator(_within_supported_range)]
+Quantity = Annotated[int, Field(strict=True, ge=1, le=line_quantity_max)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=False)
+
+
+class Envelope(_Frozen):
+    """Fields every event carries. `event_id` is the idempotency key of the whole system."""
+
+    event_id: Identifier
+    schema_version: Literal[1]
+    occurred_at: EventTime
+    customer_id: Identifier
+    store_id: Identifier
+
+
+class PurchaseLine(_Frozen):
+    sku: Identifier
+    category: Identifier
+    quantity: Quantity
+    unit_price: Money
+
+
+class RefundLine(_Frozen):
+    sku: Identifier
+    quantity: Quantity
+
+
+class PurchaseCompleted(Envelope):
+    event_type: Literal["purchase.completed"]
+    order_id: Identifier
+    currency: Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
+    lines: Annotated[list[PurchaseLine], Field(min_length=1, max_length=purchase_lines_max)]
+    discount_total: Money = Decimal(0)
+    tax_total: Money = Decimal(0)
+    shipping_total: Money = Decimal(0)
+    fee_total: Money = Decimal(0)
+    paid_with_points: Money = Decimal(0)
+    paid_with_store_credit: Money = Decimal(0)
+    coupon_codes: Annotated[list[Identifier], Field(max_length=50)] = []
+    customer_segment: Identifier | None = None
+
+
+class PurchaseRefunded(Envelope):
+    """A refund. Without `lines` it refunds the whole order; with them, exactly those quantities."""
+
+    event_type: Literal["purchase.refunded"]
+    order_id: Identifier
+    refund_id: Identifier
+    lines: Annotated[list[RefundLine], Field(min_length=1, max_length=purchase_lines_max)] | None = None
+
+
+class PurchaseCancelled(Envelope):
+    event_type: Literal["purchase.cancelled"]
+    order_id: Identifier
+
+
+class ReviewApproved(Envelope):
+    event_type: Literal["review.approved"]
+    review_id: Identifier
+    sku: Identifier
+    rating: Annotated[int, Field(strict=True, ge=1, le=5)]
+
+
+class ReferralCompleted(Envelope):
+    """A referral. The envelope's customer is the referrer; `referee_id` is the new customer."""
+
+    event_type: Literal["referral.completed"]
+    referral_id: Identifier
+    referee_id: Identifier
+    order_id: Identifier
+
+
+class CustomerRegistered(Envelope):
+    event_type: Literal["customer.registered"]
+    customer_segment: Identifier | None = None
+
+
+class BlogCommented(Envelope):
+    event_type: Literal["blog.commented"]
+    comment_id: Identifier
+    post_id: Identifier
+
+
+class SocialShared(Envelope):
+    event_type: Literal["social.shared"]
+    share_id: Identifier
+    network: Identifier
+
+
+class FeedbackSubmitted(Envelope):
+    event_type: Literal["feedback.submitted"]
+    feedback_id: Identifier
+
+
+class ClockTick(Envelope):
+    event_type: Literal["clock.tick"]
+
+
+class RedeemRequested(Envelope):
+    event_type: Literal["points.redeem_requested"]
+    redemption_id: Identifier
+    points: Annotated[int, Field(strict=True, ge=1, le=points_request_max)]
+
+
+class PointsAdjusted(Envelope):
+    event_type: Literal["points.adjusted"]
+    adjustment_id: Identifier
+    points: Annotated[int, Field(strict=True, ge=-points_request_max, le=points_request_max)]
+    note: ShortText
+    actor: Identifier
+
+
+PurchaseEvent = Annotated[PurchaseCompleted | PurchaseRefunded | PurchaseCancelled, Field(discriminator="event_type")]
+ReviewEvent = Annotated[ReviewApproved, Field(discriminator="event_type")]
+ReferralEvent = Annotated[ReferralCompleted, Field(discriminator="event_type")]
+EngagementEvent = Annotated[
+    CustomerRegistered | BlogCommented | SocialShared | FeedbackSubmitted | ClockTick,
+    Field(discriminator="event_type"),
+]
+RedemptionEvent = Annotated[RedeemRequested | PointsAdjusted, Field(discriminator="event_type")]
+
+Event = (
+    PurchaseCompleted
+    | PurchaseRefunded
+    | PurchaseCancelled
+    | ReviewApproved
+    | ReferralCompleted
+    | CustomerRegistered
+    | BlogCommented
+    | SocialShared
+    | FeedbackSubmitted
+    | ClockTick
+    | RedeemRequested
+    | PointsAdjusted
+)
+AnyEvent = Annotated[Event, Field(discriminator="event_type")]

@@ -1,0 +1,77 @@
+"""The ledger entry: the immutable record of one change (or one decision) about a customer's points."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Kind(StrEnum):
+    """What an entry did. Entries of kind `recorded` and `redemption_rejected` carry 0 points."""
+
+    earned = "earned"
+    pending = "pending"
+    confirmed = "confirmed"
+    redeemed = "redeemed"
+    redemption_rejected = "redemption_rejected"
+    reversed = "reversed"
+    expired = "expired"
+    adjusted = "adjusted"
+    recorded = "recorded"
+
+
+class Source(StrEnum):
+    purchase = "purchase"
+    review = "review"
+    referral = "referral"
+    registration = "registration"
+    blog_comment = "blog_comment"
+    social_share = "social_share"
+    feedback = "feedback"
+    redemption = "redemption"
+    adjustment = "adjustment"
+    expiry = "expiry"
+    clock = "clock"
+
+
+class LedgerEntry(BaseModel):
+    """One ledger event. `entry_id` is deterministic, so a re-delivered input event reproduces it exactly.
+
+    Two buckets per customer: `points` is the signed change of the available balance and
+    `pending_points` the signed change of the pending balance; `balance_after` and `pending_after` are
+    their running sums over the customer's entries in `sequence` order (1, 2, 3, ...). So `pending`
+    entries have points 0 and pending_points > 0; `confirmed` moves n from pending (-n) to available
+    (+n); a reversal of pending points has points 0 and pending_points < 0.
+
+    `caused_by` is the input event id and `fingerprint` a hash of that event's content: together they let
+    a worker rebuild what it has applied from the ledger alone, and tell a retry from a conflicting reuse.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    entry_id: str
+    customer_id: str
+    store_id: str
+    kind: Kind
+    sequence: int
+    points: int
+    balance_after: int
+    pending_points: int = 0
+    pending_after: int = 0
+    source: Source
+    rule_id: str
+    ruleset_version: str
+    caused_by: str
+    event_type: str
+    fingerprint: str
+    occurred_at: datetime
+    order_id: str | None = None
+    sku: str | None = None
+    category: str | None = None
+    quantity: int | None = None
+    reference: str | None = None
+    explanation: str = ""
+    schema_version: Literal[1] = 1

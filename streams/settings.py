@@ -1,0 +1,47 @@
+"""The one settings object: the only place that reads the environment (LOYALTY_* variables)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every option of the engine. Each field is read from the environment variable `LOYALTY_<NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix="LOYALTY_", extra="ignore", frozen=True)
+
+    kafka_bootstrap: str | None = Field(
+        None, description="Kafka bootstrap servers, e.g. kafka:9092. Unset: `loyalty up` starts the embedded broker."
+    )
+    clickhouse_dsn: str | None = Field(
+        None, description="ClickHouse DSN, e.g. http://user:pass@host:8123/loyalty. Unset: chdb://<data_dir>/clickhouse."
+    )
+    data_dir: Path = Field(Path(".loyalty"), description="Directory for the embedded chDB database and run files.")
+    rules: Path | None = Field(None, description="Rule set YAML file. Unset: the packaged default rule set.")
+    partitions: int = Field(4, ge=1, le=1024, description="Partition count of every topic the engine creates.")
+    worker_id: str = Field("loyalty-worker", description="Faust application id (the consumer group).")
+    http_host: str = Field("127.0.0.1", description="Address the status/API server binds to.")
+    http_port: int = Field(8787, ge=0, le=65535, description="Port of the status/API server (0 picks a free one).")
+    api_token: SecretStr | None = Field(None, description="Bearer token for the admin API. Unset: generated at start.")
+    broker_port: int = Field(0, ge=0, le=65535, description="Port of the embedded broker (0 picks a free one).")
+    batch_size_max: int = Field(2000, ge=1, le=100_000, description="Events the worker takes per batch.")
+    batch_wait_ms: int = Field(100, ge=1, le=60_000, description="How long the worker waits to fill a batch.")
+    reorder_wait_ms: int = Field(
+        1000, ge=0, le=600_000, description="How long events may wait to be applied in event-time order."
+    )
+    sink_batch_rows_max: int = Field(20_000, ge=1, description="Ledger rows per ClickHouse insert.")
+    sink_flush_interval_ms: int = Field(500, ge=10, description="Longest a ledger row waits before insert.")
+    log_level: str = Field("INFO", description="Python logging level.")
+
+    def resolved_clickhouse_dsn(self) -> str:
+        if self.clickhouse_dsn:
+            return self.clickhouse_dsn
+        return f"chdb://{(self.data_dir / 'clickhouse').resolve()}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with explicit overrides (command-line options) on top."""
+    return Settings(**{key: value for key, value in overrides.items() if value is not None})
