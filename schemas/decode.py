@@ -49,7 +49,7 @@ def _explain(error: ValidationError, topic: str | None) -> EventRejected:
         return EventRejected("missing", "event_type")
     if kind == "json_invalid":
         return EventRejected(f"not valid JSON ({first['msg'].removeprefix('Invalid JSON: ')})")
-    if kind == "model_type" and not location:
+    if kind in ("model_type", "dict_type") and not location:
         return EventRejected("the event must be a JSON object")
     if kind == "extra_forbidden":
         return EventRejected("unknown field", field)

@@ -36,7 +36,7 @@ Identifier = Annotated[
 ]
 ShortText = Annotated[str, StringConstraints(max_length=1000)]
 
-_money_pattern = re.compile(r"^[0-9]{1,%d}(\.[0-9]{1,6})?$" % money_digits_max)
+_money_pattern = re.compile(rf"^[0-9]{{1,{money_digits_max}}}(\.[0-9]{{1,6}})?$")
 
 
 def _parse_money(value: object) -> Decimal:
@@ -184,6 +184,7 @@ class PointsAdjusted(Envelope):
     points: Annotated[int, Field(strict=True, ge=-points_request_max, le=points_request_max)]
     note: ShortText
     actor: Identifier
+    allow_negative: bool = False  # an adjustment that would take the balance below zero needs this
 
 
 PurchaseEvent = Annotated[PurchaseCompleted | PurchaseRefunded | PurchaseCancelled, Field(discriminator="event_type")]

@@ -72,6 +72,8 @@ class LedgerEntry(BaseModel):
     sku: str | None = None
     category: str | None = None
     quantity: int | None = None
-    reference: str | None = None
+    amount: str | None = None  # the money (decimal string) the entry was computed from, if any
+    reference: str | None = None  # what inside the source the entry is about (line key, post id, ...)
+    available_at: datetime | None = None  # for pending entries: when they become available
     explanation: str = ""
     schema_version: Literal[1] = 1

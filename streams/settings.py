@@ -14,10 +14,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LOYALTY_", extra="ignore", frozen=True)
 
     kafka_bootstrap: str | None = Field(
-        None, description="Kafka bootstrap servers, e.g. kafka:9092. Unset: `loyalty up` starts the embedded broker."
+        None,
+        description="Kafka bootstrap servers, e.g. kafka:9092. Unset: `loyalty up` starts the embedded broker.",
     )
     clickhouse_dsn: str | None = Field(
-        None, description="ClickHouse DSN, e.g. http://user:pass@host:8123/loyalty. Unset: chdb://<data_dir>/clickhouse."
+        None,
+        description="ClickHouse DSN, e.g. http://user:pass@host:8123/loyalty. Unset: chdb://<data_dir>/clickhouse.",
     )
     data_dir: Path = Field(Path(".loyalty"), description="Directory for the embedded chDB database and run files.")
     rules: Path | None = Field(None, description="Rule set YAML file. Unset: the packaged default rule set.")

@@ -1,0 +1,175 @@
+"""The stream driver's logic without Kafka: decode, hold for event-time order, apply, and say what to send.
+
+The Faust agent (streams/worker.py) feeds it raw messages and sends what it returns; keeping this part free
+of I/O lets tests drive it directly and keeps the agent to plumbing.
+
+Ordering: each customer's events are applied in (occurred_at, topic rank, offset) order, as the batch
+driver does. Messages of one customer arrive on several topics whose relative order Kafka does not keep,
+so decoded events wait in a buffer until they are safe to apply: until every assigned partition that is
+not caught up has shown an event at least as late (a per-partition event-time watermark), or the
+partition set is caught up with its high water marks, or the event has waited `reorder_wait_ms`.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from schemas import events as ev
+from schemas.decode import EventRejected, decode_event
+from schemas.ledger import LedgerEntry
+from schemas.topics import REFEREE_SIDE, SIDE_HEADER
+from streams.batch import order_key
+from streams.rules.engine import Side, apply
+from streams.rules.ruleset import RuleSet
+from streams.rules.state import CustomerState, evolve
+
+TopicPartition = tuple[str, int]
+
+
+@dataclass(slots=True)
+class InputMessage:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+    token: Any = None  # what the driver needs to ack the message (a Faust event)
+    received_ms: float = 0.0
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    message: InputMessage
+    reason: str
+
+
+@dataclass(slots=True)
+class Output:
+    """What one release produced: ledger entries per partition, dead letters, and messages to ack after."""
+
+    ledger: list[tuple[int, LedgerEntry, InputMessage]] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    acks: list[InputMessage] = field(default_factory=list)
+    duplicates: int = 0
+    applied: int = 0
+
+
+@dataclass(order=True, slots=True)
+class _Held:
+    key: tuple
+    message: InputMessage = field(compare=False)
+    event: ev.Event = field(compare=False)
+    side: Side = field(compare=False)
+
+
+class StreamApplier:
+    """Per-partition customer states, the event-time reorder buffer, and the pure core."""
+
+    def __init__(self, ruleset: RuleSet, *, reorder_wait_ms: int = 1000, held_max: int = 200_000) -> None:
+        self.ruleset = ruleset
+        self.reorder_wait_ms = reorder_wait_ms
+        self.held_max = held_max
+        self.states: dict[int, dict[str, CustomerState]] = {}
+        self.held: list[_Held] = []
+        self.latest_seen: dict[TopicPartition, datetime] = {}
+
+    # --- state -------------------------------------------------------------------------------------
+
+    def restore(self, partition: int, entries: Iterable[LedgerEntry]) -> int:
+        """Rebuild the states of a partition's customers by folding its ledger; returns entries folded."""
+        states = self.states.setdefault(partition, {})
+        count = 0
+        for entry in entries:
+            state = states.get(entry.customer_id)
+            if state is None:
+                state = states[entry.customer_id] = CustomerState(entry.customer_id)
+            if entry.sequence <= state.sequence:
+                continue  # a ledger entry written twice by an earlier at-least-once retry
+            evolve(state, entry, self.ruleset.zone)
+            count += 1
+        return count
+
+    def forget(self, partition: int) -> None:
+        self.states.pop(partition, None)
+        self.held = [held for held in self.held if held.message.partition != partition]
+        heapq.heapify(self.held)
+        self.latest_seen = {tp: seen for tp, seen in self.latest_seen.items() if tp[1] != partition}
+
+    # --- input -------------------------------------------------------------------------------------
+
+    def accept(self, messages: Iterable[InputMessage]) -> Output:
+        """Decode messages; bad ones become dead letters at once, good ones wait for their turn."""
+        output = Output()
+        for message in messages:
+            try:
+                event = decode_event(message.value, message.topic)
+            except EventRejected as error:
+                referee_copy = (SIDE_HEADER, REFEREE_SIDE) in message.headers
+                if referee_copy:
+                    output.acks.append(message)  # its primary copy, keyed by the referrer, is dead-lettered
+                else:
+                    output.dead_letters.append(DeadLetter(message, error.reason))
+                    output.acks.append(message)
+                continue
+            side: Side = "referee" if (SIDE_HEADER, REFEREE_SIDE) in message.headers else "customer"
+            if side == "referee" and not isinstance(event, ev.ReferralCompleted):
+                side = "customer"
+            tp = (message.topic, message.partition)
+            seen = self.latest_seen.get(tp)
+            if seen is None or event.occurred_at > seen:
+                self.latest_seen[tp] = event.occurred_at
+            heapq.heappush(self.held, _Held(order_key(event, message.offset), message, event, side))
+        return output
+
+    def release(self, assigned: Iterable[TopicPartition], caught_up: set[TopicPartition], now_ms: float) -> Output:
+        """Apply every held event that is safe to apply now, in order."""
+        output = Output()
+        lagging = [tp for tp in assigned if tp not in caught_up]
+        everything = not lagging
+        watermark = None
+        if lagging and all(tp in self.latest_seen for tp in lagging):
+            # A lagging partition that has shown nothing yet could still deliver anything: no watermark.
+            watermark = min(self.latest_seen[tp] for tp in lagging)
+        while self.held:
+            head = self.held[0]
+            ready = (
+                everything
+                or (watermark is not None and head.key[0] < watermark)
+                or now_ms - head.message.received_ms >= self.reorder_wait_ms
+                or len(self.held) > self.held_max
+            )
+            if not ready:
+                break
+            heapq.heappop(self.held)
+            self._apply(head, output)
+        return output
+
+    def _apply(self, held: _Held, output: Output) -> None:
+        message, event = held.message, held.event
+        states = self.states.setdefault(message.partition, {})
+        customer_id = event.referee_id if held.side == "referee" else event.customer_id  # type: ignore[union-attr]
+        state = states.get(customer_id)
+        if state is None:
+            state = states[customer_id] = CustomerState(customer_id)
+        try:
+            entries = apply(state, event, self.ruleset, side=held.side)
+        except EventRejected as error:
+            if held.side == "customer":
+                output.dead_letters.append(DeadLetter(message, error.reason))
+            output.acks.append(message)
+            return
+        if not entries and event.event_id in state.applied:
+            output.duplicates += 1
+        else:
+            output.applied += 1
+        output.ledger.extend((message.partition, entry, message) for entry in entries)
+        output.acks.append(message)
+
+    @property
+    def held_count(self) -> int:
+        return len(self.held)

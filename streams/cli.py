@@ -1,0 +1,351 @@
+"""The `loyalty` command: one entry point for every driver, tool and query (see docs/cli.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from schemas.decode import EventRejected, decode_event
+from streams.rules.ruleset import RuleSetInvalid, load_ruleset
+
+
+def _print_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=None, separators=(",", ":"), default=str) + "\n")
+
+
+def _fail(message: str, code: int = 2) -> int:
+    sys.stderr.write(f"loyalty: {message}\n")
+    return code
+
+
+def _settings(args: argparse.Namespace):
+    from streams.settings import load_settings
+
+    return load_settings(
+        rules=getattr(args, "rules", None),
+        data_dir=getattr(args, "data_dir", None),
+        partitions=getattr(args, "partitions", None),
+        kafka_bootstrap=getattr(args, "bootstrap", None),
+        clickhouse_dsn=getattr(args, "clickhouse_dsn", None),
+        http_port=getattr(args, "port", None),
+    )
+
+
+# --- offline commands ----------------------------------------------------------------------------
+
+
+def cmd_process(args: argparse.Namespace) -> int:
+    from streams.batch import process_lines
+
+    ruleset = load_ruleset(args.rules)
+    with open(args.events, "rb") as log:
+        result = process_lines(log, ruleset)
+    if args.json:
+        _print_json(result.to_json())
+        return 0
+    print(
+        f"rule set {ruleset.version}: {len(result.ledger)} ledger entries, {len(result.states)} customers, "
+        f"{len(result.rejected)} rejected lines, {result.duplicates} duplicates applied once"
+    )
+    for rejection in result.rejected[:20]:
+        print(f"  line {rejection.line}: {rejection.reason}")
+    top = sorted(result.balances().items(), key=lambda item: -item[1])[:10]
+    for customer_id, balance in top:
+        print(f"  {customer_id:<24} {balance:>10}")
+    return 0
+
+
+def cmd_rules_validate(args: argparse.Namespace) -> int:
+    try:
+        ruleset = load_ruleset(args.file)
+    except RuleSetInvalid as error:
+        if args.json:
+            _print_json(
+                {
+                    "valid": False,
+                    "file": str(args.file),
+                    "problems": [{"path": path, "reason": reason} for path, reason in error.problems],
+                }
+            )
+        else:
+            for path, reason in error.problems:
+                sys.stderr.write(f"{args.file}: {path}: {reason}\n")
+        return 1
+    if args.json:
+        _print_json({"valid": True, "file": str(args.file), "version": ruleset.version})
+    else:
+        print(f"{args.file}: valid rule set, version {ruleset.version}")
+    return 0
+
+
+def cmd_rules_explain(args: argparse.Namespace) -> int:
+    from streams.batch import process_lines
+
+    ruleset = load_ruleset(args.rules)
+    source = Path(args.events)
+    text = source.read_bytes() if source.exists() else args.events.encode()
+    lines = text.splitlines()
+    if len(lines) == 1:
+        try:
+            decode_event(lines[0])
+        except EventRejected as error:
+            return _fail(f"the event is rejected: {error.reason}", 1)
+    result = process_lines(lines, ruleset)
+    if args.json:
+        _print_json({"ruleset_version": ruleset.version, **result.to_json()})
+        return 0
+    for entry in result.ledger:
+        print(
+            f"{entry.occurred_at.isoformat()} {entry.customer_id} {entry.caused_by} [{entry.kind.value}] "
+            f"{entry.points:+d} (pending {entry.pending_points:+d}) -> balance {entry.balance_after}"
+        )
+        print(f"    rule {entry.rule_id} @ {entry.ruleset_version}: {entry.explanation}")
+    for rejection in result.rejected:
+        print(f"line {rejection.line}: rejected: {rejection.reason}")
+    return 0
+
+
+def cmd_schemas_export(args: argparse.Namespace) -> int:
+    from schemas.export import export_json_schemas
+
+    for path in export_json_schemas(Path(args.directory)):
+        print(path)
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from streams.simulate import generate_events
+
+    lines = generate_events(
+        events=args.events,
+        customers=args.customers,
+        seed=args.seed,
+        stores=args.stores,
+        duplicate_share=args.duplicate_share,
+        bad_share=args.bad_share,
+    )
+    output = open(args.out, "w") if args.out else sys.stdout
+    try:
+        for line in lines:
+            output.write(line + "\n")
+    finally:
+        if args.out:
+            output.close()
+    return 0
+
+
+# --- running system ------------------------------------------------------------------------------
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from streams.runtime import run_broker
+
+    return run_broker(_settings(args))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from streams.runtime import run_worker
+
+    return run_worker(_settings(args))
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from streams.runtime import run_up
+
+    return run_up(_settings(args), demo=args.demo, demo_rate=args.demo_rate)
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from streams.producer import produce_file
+
+    settings = _settings(args)
+    bootstrap = settings.kafka_bootstrap or _running(settings).get("kafka_bootstrap")
+    if not bootstrap:
+        return _fail("no broker: set LOYALTY_KAFKA_BOOTSTRAP or start `loyalty up` first")
+    counts = produce_file(Path(args.file), bootstrap=bootstrap, topic=args.topic)
+    if args.json:
+        _print_json(counts)
+    else:
+        print(", ".join(f"{topic}: {count}" for topic, count in sorted(counts.items())))
+    return 0
+
+
+def _running(settings) -> dict[str, Any]:
+    from streams.runtime import read_run_file
+
+    return read_run_file(settings) or {}
+
+
+def _query(args: argparse.Namespace, path: str, params: dict[str, Any] | None = None) -> Any:
+    from streams.client import query_running_system
+
+    return query_running_system(_settings(args), path, params or {})
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    document = _query(args, "/api/status")
+    if args.json:
+        _print_json(document)
+        return 0
+    print(
+        f"events processed {document['events_processed']}, rejected {document['events_rejected']}, "
+        f"duplicates {document['events_duplicate']}, ledger entries {document['ledger_entries_emitted']}, "
+        f"projected {document['ledger_rows_projected']}"
+    )
+    for topic, lag in sorted(document.get("consumer_lag", {}).items()):
+        print(f"  lag {topic}: {lag}")
+    return 0
+
+
+def cmd_balance(args: argparse.Namespace) -> int:
+    document = _query(args, f"/api/customers/{args.customer}/balance")
+    if args.json:
+        _print_json(document)
+    else:
+        print(
+            f"{document['customer_id']}: {document['balance']} available, {document['pending']} pending, "
+            f"{document['lifetime_earned']} earned, {document['lifetime_redeemed']} redeemed, debt {document['debt']}"
+        )
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    document = _query(args, f"/api/customers/{args.customer}/history", {"limit": args.limit})
+    if args.json:
+        _print_json(document)
+        return 0
+    for entry in document["entries"]:
+        print(
+            f"{entry['occurred_at']} #{entry['sequence']:<4} {entry['kind']:<20} {entry['source']:<13} "
+            f"{entry['points']:+7d} -> {entry['balance_after']:>7}  {entry['rule_id']}: {entry['explanation']}"
+        )
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    params = {"from": args.date_from, "to": args.date_to, "granularity": args.granularity}
+    document = _query(args, "/api/dashboard", {key: value for key, value in params.items() if value})
+    if args.json:
+        _print_json(document)
+        return 0
+    from streams.dashboard_text import render_dashboard
+
+    print(render_dashboard(document))
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loyalty", description="Event-sourced loyalty points engine.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, handler, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def system_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--data-dir", type=Path, help="data directory (LOYALTY_DATA_DIR)")
+        sub.add_argument("--port", type=int, help="HTTP port of the running system (LOYALTY_HTTP_PORT)")
+
+    sub = command("process", cmd_process, "Apply a JSONL event log offline (the batch driver).")
+    sub.add_argument("events", help="JSONL file of events")
+    sub.add_argument("--rules", type=Path, help="rule set YAML (default: the packaged default)")
+    sub.add_argument("--json", action="store_true")
+
+    rules = commands.add_parser("rules", help="Validate and explain rule sets.")
+    rules_commands = rules.add_subparsers(dest="rules_command", required=True)
+    sub = rules_commands.add_parser("validate", help="Validate a rule set file.")
+    sub.add_argument("file", type=Path)
+    sub.add_argument("--json", action="store_true")
+    sub.set_defaults(handler=cmd_rules_validate)
+    sub = rules_commands.add_parser("explain", help="Explain the entries events would produce.")
+    sub.add_argument("events", help="an event as JSON, or a JSONL file")
+    sub.add_argument("--rules", type=Path)
+    sub.add_argument("--json", action="store_true")
+    sub.set_defaults(handler=cmd_rules_explain)
+
+    schemas = commands.add_parser("schemas", help="Event contract tools.")
+    schemas_commands = schemas.add_subparsers(dest="schemas_command", required=True)
+    sub = schemas_commands.add_parser("export", help="Write the JSON Schema of every event and the ledger entry.")
+    sub.add_argument("directory")
+    sub.set_defaults(handler=cmd_schemas_export)
+
+    sub = command("simulate", cmd_simulate, "Generate realistic synthetic traffic as JSONL.")
+    sub.add_argument("--events", type=int, default=10_000)
+    sub.add_argument("--customers", type=int, default=1_000)
+    sub.add_argument("--seed", type=int, default=1)
+    sub.add_argument("--stores", type=int, default=1)
+    sub.add_argument("--duplicate-share", type=float, default=0.02)
+    sub.add_argument("--bad-share", type=float, default=0.0)
+    sub.add_argument("--out", help="file to write (default: standard output)")
+
+    sub = command("broker", cmd_broker, "Run the embedded Kafka-compatible broker (Tansu) in the foreground.")
+    sub.add_argument("--partitions", type=int)
+    sub.add_argument("--data-dir", type=Path)
+
+    sub = command("worker", cmd_worker, "Run the stream worker (needs LOYALTY_KAFKA_BOOTSTRAP).")
+    sub.add_argument("--rules", type=Path)
+    sub.add_argument("--partitions", type=int)
+    system_options(sub)
+
+    sub = command("up", cmd_up, "Run the whole pipeline on embedded defaults (broker if needed, worker, projections).")
+    sub.add_argument("--demo", action="store_true", help="also stream synthetic traffic")
+    sub.add_argument("--demo-rate", type=float, default=200.0, help="demo events per second")
+    sub.add_argument("--rules", type=Path)
+    sub.add_argument("--partitions", type=int)
+    system_options(sub)
+
+    sub = command("produce", cmd_produce, "Publish a JSONL file, each line routed by event_type, keyed by customer.")
+    sub.add_argument("file")
+    sub.add_argument("--topic", help="publish every line to this topic instead")
+    sub.add_argument("--json", action="store_true")
+    system_options(sub)
+
+    sub = command("status", cmd_status, "Consumer lag and counters of the running system.")
+    sub.add_argument("--json", action="store_true")
+    system_options(sub)
+
+    sub = command("balance", cmd_balance, "A customer's balance.")
+    sub.add_argument("customer")
+    sub.add_argument("--json", action="store_true")
+    system_options(sub)
+
+    sub = command("history", cmd_history, "A customer's point history.")
+    sub.add_argument("customer")
+    sub.add_argument("--limit", type=int, default=200)
+    sub.add_argument("--json", action="store_true")
+    system_options(sub)
+
+    sub = command("dashboard", cmd_dashboard, "The four dashboard sections.")
+    sub.add_argument("--from", dest="date_from")
+    sub.add_argument("--to", dest="date_to")
+    sub.add_argument("--granularity", choices=["day", "week", "month"], default="day")
+    sub.add_argument("--json", action="store_true")
+    system_options(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except RuleSetInvalid as error:
+        return _fail(str(error))
+    except RuntimeError as error:  # NotRunning, BrokerError: a message for the operator, not a traceback
+        return _fail(str(error))
+    except FileNotFoundError as error:
+        return _fail(f"{error.filename}: no such file")
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

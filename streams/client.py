@@ -1,0 +1,38 @@
+"""Asking the running system (the process that owns the chDB directory) over HTTP, for the CLI."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+from streams.settings import Settings
+
+request_timeout_s = 30.0
+
+
+class NotRunning(RuntimeError):
+    pass
+
+
+def query_running_system(settings: Settings, path: str, params: dict[str, Any]) -> Any:
+    from streams.runtime import read_run_file
+
+    run = read_run_file(settings)
+    if not run:
+        raise NotRunning(f"no running system found in {settings.data_dir} (start it with `loyalty up`)")
+    url = run["url"] + urllib.parse.quote(path) + ("?" + urllib.parse.urlencode(params) if params else "")
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {run['token']}"})
+    try:
+        with urllib.request.urlopen(request, timeout=request_timeout_s) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        try:
+            reason = json.loads(error.read()).get("error", error.reason)
+        except ValueError:
+            reason = error.reason
+        raise NotRunning(f"{path}: {error.code} {reason}") from None
+    except urllib.error.URLError as error:
+        raise NotRunning(f"the running system at {run['url']} does not answer ({error.reason})") from None

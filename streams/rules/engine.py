@@ -1,0 +1,824 @@
+"""The pure rules core: (customer state, event, rule set) -> ledger entries. No I/O, no clock, no randomness.
+
+`decide` returns the entries an event produces for one customer without touching the state; `apply`
+decides and then folds the entries into the state with `evolve`, which is what every driver calls.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal
+from typing import Literal
+
+from schemas import events as ev
+from schemas.decode import EventRejected
+from schemas.ledger import Kind, LedgerEntry, Source
+from streams.rules.ruleset import Cap, Rounding, RuleSet
+from streams.rules.state import CustomerState, OrderRecord, evolve, local_day
+
+Side = Literal["customer", "referee"]
+
+_rounding_modes = {Rounding.floor: ROUND_FLOOR, Rounding.nearest: ROUND_HALF_UP, Rounding.ceil: ROUND_CEILING}
+_zero = Decimal(0)
+_micro = Decimal("0.000001")
+
+
+def event_fingerprint(event: ev.Event) -> str:
+    """A hash of the event's content: the same id with another fingerprint is a conflict, not a retry."""
+    return hashlib.blake2b(event.model_dump_json().encode(), digest_size=8).hexdigest()
+
+
+def entry_id_for(event_id: str, customer_id: str, rule_id: str, ruleset_version: str, ordinal: int) -> str:
+    """Deterministic entry id: a re-delivered event reproduces the same ids, so sinks de-duplicate it."""
+    material = f"{event_id}\x1f{customer_id}\x1f{rule_id}\x1f{ruleset_version}\x1f{ordinal}"
+    return hashlib.blake2b(material.encode(), digest_size=16).hexdigest()
+
+
+def round_points(value: Decimal, rounding: Rounding) -> int:
+    return int(value.quantize(Decimal(1), rounding=_rounding_modes[rounding]))
+
+
+def _shown(amount: Decimal) -> str:
+    """A decimal for explanations: at most 4 decimals, no exponent."""
+    return format(amount.quantize(Decimal("0.0001")).normalize(), "f")
+
+
+def customer_of(event: ev.Event, side: Side) -> str:
+    if side == "referee":
+        assert isinstance(event, ev.ReferralCompleted), "only referrals have a referee side"
+        return event.referee_id
+    return event.customer_id
+
+
+class _Entries:
+    """Builds the entries of one event with correct running balances, sequence numbers and ids."""
+
+    def __init__(self, state: CustomerState, event: ev.Event, ruleset: RuleSet, fingerprint: str) -> None:
+        self.state = state
+        self.event = event
+        self.ruleset = ruleset
+        self.fingerprint = fingerprint
+        self.balance = state.balance
+        self.pending = state.pending
+        self.sequence = state.sequence
+        self.entries: list[LedgerEntry] = []
+
+    def add(
+        self,
+        kind: Kind,
+        source: Source,
+        rule_id: str,
+        *,
+        points: int = 0,
+        pending_points: int = 0,
+        explanation: str,
+        order_id: str | None = None,
+        sku: str | None = None,
+        category: str | None = None,
+        quantity: int | None = None,
+        amount: Decimal | None = None,
+        reference: str | None = None,
+        available_at: datetime | None = None,
+    ) -> None:
+        self.sequence += 1
+        self.balance += points
+        self.pending += pending_points
+        event = self.event
+        self.entries.append(
+            LedgerEntry(
+                entry_id=entry_id_for(
+                    event.event_id, self.state.customer_id, rule_id, self.ruleset.version, len(self.entries)
+                ),
+                customer_id=self.state.customer_id,
+                store_id=event.store_id,
+                kind=kind,
+                sequence=self.sequence,
+                points=points,
+                balance_after=self.balance,
+                pending_points=pending_points,
+                pending_after=self.pending,
+                source=source,
+                rule_id=rule_id,
+                ruleset_version=self.ruleset.version,
+                caused_by=event.event_id,
+                event_type=event.event_type,
+                fingerprint=self.fingerprint,
+                occurred_at=event.occurred_at,
+                order_id=order_id,
+                sku=sku,
+                category=category,
+                quantity=quantity,
+                amount=None if amount is None else format(amount.quantize(_micro).normalize(), "f"),
+                reference=reference,
+                available_at=available_at,
+                explanation=explanation,
+            )
+        )
+
+    def record(self, source: Source, rule_id: str, explanation: str, **detail: object) -> None:
+        """A 0-point entry: the event was applied and earned nothing; the history says why."""
+        self.add(Kind.recorded, source, rule_id, explanation=explanation, **detail)  # type: ignore[arg-type]
+
+
+# --- caps and promotions -------------------------------------------------------------------------
+
+
+def _period_days(cap: Cap, moment: datetime, ruleset: RuleSet) -> list:
+    day = local_day(moment, ruleset.zone)
+    if cap.period == "day":
+        return [day]
+    if cap.period == "week":
+        start = day - timedelta(days=day.weekday())
+        return [start + timedelta(days=offset) for offset in range(7)]
+    start = day.replace(day=1)
+    days = []
+    current = start
+    while current.month == start.month:
+        days.append(current)
+        current += timedelta(days=1)
+    return days
+
+
+def _cap_room(state: CustomerState, entries: _Entries, source: Source, ruleset: RuleSet) -> tuple[int | None, str]:
+    """Points the customer may still earn from `source` now, under the tightest cap (None: no cap)."""
+    room: int | None = None
+    description = ""
+    moment = entries.event.occurred_at
+    for cap in ruleset.caps:
+        if cap.source != source.value:
+            continue
+        days = set(_period_days(cap, moment, ruleset))
+        used = sum(
+            points
+            for (used_source, day), points in state.cap_usage.items()
+            if used_source == source.value and day in days
+        )
+        used += sum(
+            entry.points + entry.pending_points
+            for entry in entries.entries
+            if entry.source is source and entry.kind in (Kind.earned, Kind.pending)
+        )
+        left = max(0, cap.points_max - used)
+        if room is None or left < room:
+            room = left
+            description = f"cap {cap.points_max}/{cap.period}, {used} used"
+    return room, description
+
+
+def _capped(state: CustomerState, entries: _Entries, source: Source, points: int) -> tuple[int, str]:
+    room, description = _cap_room(state, entries, source, entries.ruleset)
+    if room is None or points <= room:
+        return points, "" if room is None else f"; {description}"
+    return room, f"; capped from {points} to {room} ({description})"
+
+
+def _promotions(ruleset: RuleSet, source: Source, moment: datetime) -> list:
+    return [p for p in ruleset.promotions if source.value in p.sources and p.active_at(moment)]
+
+
+def _eligible(state: CustomerState, event: ev.Event, ruleset: RuleSet) -> tuple[bool, str]:
+    segment = getattr(event, "customer_segment", None) or state.segment
+    if segment is not None and segment in ruleset.eligibility.excluded_segments:
+        return False, f"segment {segment!r} does not earn points"
+    return True, ""
+
+
+def _fixed_award(entries: _Entries, source: Source, rule_id: str, base: int, what: str, **detail: object) -> None:
+    """A fixed award with promotions and caps, or a 0-point record explaining why there was none."""
+    state, event, ruleset = entries.state, entries.event, entries.ruleset
+    eligible, why = _eligible(state, event, ruleset)
+    if not eligible:
+        entries.record(source, "eligibility", f"{what}: {why}", **detail)
+        return
+    if base == 0:
+        entries.record(source, rule_id, f"{what}: this rule set awards no points for it", **detail)
+        return
+    points = Decimal(base)
+    arithmetic = f"{what}: {base}"
+    for promotion in _promotions(ruleset, source, event.occurred_at):
+        if promotion.multiplier != 1:
+            points *= promotion.multiplier
+            arithmetic += f" x {promotion.multiplier} ({promotion.id})"
+    rounded = round_points(points, ruleset.rounding)
+    awarded, cap_note = _capped(state, entries, source, rounded)
+    if awarded > 0:
+        entries.add(Kind.earned, source, rule_id, points=awarded, explanation=arithmetic + cap_note, **detail)  # type: ignore[arg-type]
+    else:
+        entries.record(source, rule_id, arithmetic + cap_note, **detail)
+    for promotion in _promotions(ruleset, source, event.occurred_at):
+        if promotion.bonus:
+            bonus, bonus_cap = _capped(state, entries, source, promotion.bonus)
+            if bonus > 0:
+                entries.add(
+                    Kind.earned,
+                    source,
+                    f"promotion:{promotion.id}",
+                    points=bonus,
+                    explanation=f"promotion {promotion.id} bonus {promotion.bonus}{bonus_cap}",
+                    **detail,  # type: ignore[arg-type]
+                )
+
+
+# --- purchases -----------------------------------------------------------------------------------
+
+
+def _purchase_completed(entries: _Entries, event: ev.PurchaseCompleted) -> None:
+    state, ruleset = entries.state, entries.ruleset
+    rules = ruleset.purchase
+    order_detail = {"order_id": event.order_id}
+    if event.order_id in state.orders:
+        entries.record(
+            Source.purchase,
+            "purchase.duplicate_order",
+            "order already recorded by an earlier event",
+            **order_detail,
+        )
+        return
+    subtotal = sum((line.unit_price * line.quantity for line in event.lines), _zero)
+    discount = min(event.discount_total, subtotal)
+    order_total = subtotal - discount
+    eligible, why = _eligible(state, event, ruleset)
+    if not eligible:
+        entries.record(Source.purchase, "purchase.not_qualifying", why, **order_detail)
+        return
+    if order_total < rules.minimum_order_total:
+        entries.record(
+            Source.purchase,
+            "purchase.not_qualifying",
+            f"order total {order_total} is below the minimum of {rules.minimum_order_total}",
+            **order_detail,
+        )
+        return
+
+    basis = rules.basis
+    earning_total = subtotal - discount if basis.after_discounts else subtotal
+    if basis.include_tax:
+        earning_total += event.tax_total
+    if basis.include_shipping:
+        earning_total += event.shipping_total
+    if basis.include_fees:
+        earning_total += event.fee_total
+    earning_total = max(_zero, earning_total - event.paid_with_points - event.paid_with_store_credit)
+    # Each line's share of the earning total is computed as line_total * earning_total / subtotal, multiplying
+    # first: Decimal division is correctly rounded at 28 digits, so rounding the result to whole points is
+    # exact for any realistic order (no 54.99999... where 55 is meant).
+    full_share = earning_total == subtotal
+
+    promotions = _promotions(ruleset, Source.purchase, event.occurred_at)
+    promotion_multiplier = Decimal(1)
+    for promotion in promotions:
+        promotion_multiplier *= promotion.multiplier
+    pending = rules.pending_days > 0
+    available_at = event.occurred_at + timedelta(days=rules.pending_days) if pending else None
+    room = rules.maximum_points_per_order
+    cap_room, cap_description = _cap_room(state, entries, Source.purchase, ruleset)
+
+    for index, line in enumerate(event.lines):
+        line_total = line.unit_price * line.quantity
+        line_base = line_total * earning_total / subtotal if subtotal and not full_share else line_total
+        detail = {
+            "order_id": event.order_id,
+            "sku": line.sku,
+            "category": line.category,
+            "quantity": line.quantity,
+            "amount": line_total * order_total / subtotal if subtotal else _zero,
+            "reference": f"line:{index}",
+        }
+        product = rules.products.get(line.sku)
+        category = rules.categories.get(line.category)
+        if product is not None and product.excluded:
+            rule_id, raw, arithmetic = (
+                f"purchase.product:{line.sku}",
+                _zero,
+                f"product {line.sku} is excluded",
+            )
+        elif product is not None and product.fixed_points is not None:
+            raw = Decimal(product.fixed_points * line.quantity) * promotion_multiplier
+            rule_id = f"purchase.product:{line.sku}"
+            arithmetic = f"{line.quantity} x {product.fixed_points} fixed points"
+        elif category is not None and category.excluded:
+            rule_id, raw, arithmetic = (
+                f"purchase.category:{line.category}",
+                _zero,
+                f"category {line.category} is excluded",
+            )
+        else:
+            rate = rules.points_per_unit
+            rule_id = "purchase.rate"
+            arithmetic = f"{line.quantity} x {line.unit_price} = {line_total}"
+            if not full_share:
+                arithmetic += f"; share of earning total {earning_total}/{subtotal} -> {_shown(line_base)}"
+            if category is not None:
+                rule_id = f"purchase.category:{line.category}"
+                if category.rate is not None:
+                    rate = category.rate
+                rate *= category.multiplier
+            raw = line_base * rate * promotion_multiplier
+            arithmetic += f"; x rate {rate.normalize():f}"
+        if promotion_multiplier != 1 and raw:
+            arithmetic += f" x promotions {promotion_multiplier.normalize():f} ({', '.join(p.id for p in promotions)})"
+        points = round_points(raw, ruleset.rounding)
+        arithmetic += f" = {_shown(raw)} -> {ruleset.rounding.value} {points}"
+        if room is not None and points > room:
+            arithmetic += f"; order maximum leaves {room}"
+            points = room
+        if cap_room is not None and points > cap_room:
+            arithmetic += f"; capped to {cap_room} ({cap_description})"
+            points = cap_room
+        if room is not None:
+            room -= points
+        if cap_room is not None:
+            cap_room -= points
+        kind = Kind.recorded if points == 0 else Kind.pending if pending else Kind.earned
+        entries.add(
+            kind,
+            Source.purchase,
+            rule_id,
+            points=0 if pending else points,
+            pending_points=points if pending else 0,
+            available_at=available_at,
+            explanation=arithmetic,
+            **detail,  # type: ignore[arg-type]
+        )
+
+    bonuses: list[tuple[str, int, Decimal | None, str]] = []
+    if rules.first_order_bonus and not state.first_order_done:
+        bonuses.append(("purchase.first_order_bonus", rules.first_order_bonus, None, "first qualifying order"))
+    reached = [threshold for threshold in rules.spend_thresholds if order_total >= threshold.minimum_total]
+    if reached:
+        best = reached[-1]
+        bonuses.append(
+            (
+                "purchase.threshold_bonus",
+                best.bonus,
+                best.minimum_total,
+                f"order total {order_total} reaches the {best.minimum_total} threshold",
+            )
+        )
+    for promotion in promotions:
+        if promotion.bonus:
+            bonuses.append((f"promotion:{promotion.id}", promotion.bonus, None, f"promotion {promotion.id} bonus"))
+    for rule_id, bonus, threshold, why in bonuses:
+        awarded, cap_note = _capped(state, entries, Source.purchase, bonus)
+        entries.add(
+            Kind.pending if pending else Kind.earned,
+            Source.purchase,
+            rule_id,
+            points=0 if pending else awarded,
+            pending_points=awarded if pending else 0,
+            available_at=available_at,
+            explanation=f"{why}: {bonus}{cap_note}",
+            order_id=event.order_id,
+            amount=threshold,
+        )
+
+
+def _reverse_order(entries: _Entries, order_id: str, order: OrderRecord, refund_tag: str, why: str) -> int:
+    """Reverse everything the order still holds; returns how many entries were posted."""
+    posted = 0
+    for key, line in order.lines.items():
+        left = line.points - line.points_reversed
+        quantity_left = line.quantity - line.quantity_refunded
+        if left == 0 and quantity_left == 0:
+            continue
+        entries.add(
+            Kind.reversed,
+            Source.purchase,
+            "purchase.reversal",
+            points=0 if line.pending else -left,
+            pending_points=-left if line.pending else 0,
+            explanation=f"{why}: reverses the remaining {left} points of {line.sku}",
+            order_id=order_id,
+            sku=line.sku,
+            quantity=quantity_left,
+            reference=f"{key};{refund_tag}",
+        )
+        posted += 1
+    for rule_id, bonus in order.bonuses.items():
+        if bonus.reversed:
+            continue
+        entries.add(
+            Kind.reversed,
+            Source.purchase,
+            "purchase.reversal",
+            points=0 if bonus.pending else -bonus.points,
+            pending_points=-bonus.points if bonus.pending else 0,
+            explanation=f"{why}: reverses {rule_id} ({bonus.points} points)",
+            order_id=order_id,
+            reference=f"{rule_id};{refund_tag}",
+        )
+        posted += 1
+    return posted
+
+
+def _purchase_refunded(entries: _Entries, event: ev.PurchaseRefunded) -> None:
+    state = entries.state
+    order = state.orders.get(event.order_id)
+    tag = f"refund:{event.refund_id}"
+    if order is None:
+        entries.record(
+            Source.purchase,
+            "purchase.refund_unknown_order",
+            "no points were awarded for this order",
+            order_id=event.order_id,
+            reference=f";{tag}",
+        )
+        return
+    if tag in order.refund_ids:
+        entries.record(
+            Source.purchase,
+            "purchase.refund_repeated",
+            f"refund {event.refund_id} was already applied",
+            order_id=event.order_id,
+            reference=f";{tag}",
+        )
+        return
+    if event.lines is None:
+        if not _reverse_order(entries, event.order_id, order, tag, f"full refund {event.refund_id}"):
+            entries.record(
+                Source.purchase,
+                "purchase.reversal",
+                "nothing left to reverse",
+                order_id=event.order_id,
+                reference=f";{tag}",
+            )
+        return
+    posted = 0
+    wanted = {}
+    for refund_line in event.lines:
+        wanted[refund_line.sku] = wanted.get(refund_line.sku, 0) + refund_line.quantity
+    remaining_total = order.remaining_goods_total()
+    refunded_now: dict[str, int] = {}
+    for key, line in order.lines.items():
+        quantity = min(wanted.get(line.sku, 0), line.quantity - line.quantity_refunded)
+        if quantity <= 0:
+            continue
+        wanted[line.sku] -= quantity
+        refunded_now[key] = quantity
+        refunded_after = line.quantity_refunded + quantity
+        # Reverse the cumulative proportional share, so that successive partial refunds add up to
+        # exactly the line's points when the whole quantity has been refunded.
+        target = line.points if refunded_after == line.quantity else line.points * refunded_after // line.quantity
+        delta = target - line.points_reversed
+        remaining_total -= line.amount * quantity / line.quantity
+        entries.add(
+            Kind.reversed,
+            Source.purchase,
+            "purchase.reversal",
+            points=0 if line.pending else -delta,
+            pending_points=-delta if line.pending else 0,
+            explanation=(
+                f"refund {event.refund_id}: {quantity} of {line.quantity} x {line.sku}; "
+                f"{line.points} x {refunded_after}/{line.quantity} = {target}, {line.points_reversed} already reversed"
+            ),
+            order_id=event.order_id,
+            sku=line.sku,
+            quantity=quantity,
+            reference=f"{key};{tag}",
+        )
+        posted += 1
+    fully_refunded = all(
+        line.quantity_refunded + refunded_now.get(key, 0) >= line.quantity for key, line in order.lines.items()
+    )
+    for rule_id, bonus in order.bonuses.items():
+        if bonus.reversed:
+            continue
+        lost = fully_refunded or (bonus.threshold is not None and remaining_total < bonus.threshold)
+        if not lost:
+            continue
+        reason = (
+            "the order is fully refunded"
+            if fully_refunded
+            else f"order total {remaining_total:.2f} is now below {bonus.threshold}"
+        )
+        entries.add(
+            Kind.reversed,
+            Source.purchase,
+            "purchase.reversal",
+            points=0 if bonus.pending else -bonus.points,
+            pending_points=-bonus.points if bonus.pending else 0,
+            explanation=f"refund {event.refund_id}: reverses {rule_id} because {reason}",
+            order_id=event.order_id,
+            reference=f"{rule_id};{tag}",
+        )
+        posted += 1
+    if not posted:
+        entries.record(
+            Source.purchase,
+            "purchase.reversal",
+            "nothing left to reverse for these lines",
+            order_id=event.order_id,
+            reference=f";{tag}",
+        )
+
+
+def _purchase_cancelled(entries: _Entries, event: ev.PurchaseCancelled) -> None:
+    order = entries.state.orders.get(event.order_id)
+    tag = "cancel"
+    if order is None:
+        entries.record(
+            Source.purchase,
+            "purchase.cancel_unknown_order",
+            "no points were awarded for this order",
+            order_id=event.order_id,
+            reference=f";{tag}",
+        )
+        return
+    if order.cancelled or not _reverse_order(entries, event.order_id, order, tag, "order cancelled"):
+        entries.record(
+            Source.purchase,
+            "purchase.cancel_repeated",
+            "nothing left to reverse",
+            order_id=event.order_id,
+            reference=f";{tag}",
+        )
+
+
+# --- other sources -------------------------------------------------------------------------------
+
+
+def _review(entries: _Entries, event: ev.ReviewApproved) -> None:
+    detail = {"sku": event.sku, "reference": event.review_id}
+    if event.sku in entries.state.reviewed_skus:
+        entries.record(
+            Source.review,
+            "review.first_per_product",
+            f"already reviewed {event.sku}; only the first review earns",
+            **detail,
+        )
+        return
+    _fixed_award(
+        entries,
+        Source.review,
+        "review.first_per_product",
+        entries.ruleset.fixed.review,
+        f"approved review of {event.sku}",
+        **detail,
+    )
+
+
+def _referral(entries: _Entries, event: ev.ReferralCompleted, side: Side) -> None:
+    state, rules = entries.state, entries.ruleset.referral
+    if event.referee_id == event.customer_id:
+        entries.record(
+            Source.referral,
+            "referral.self",
+            "self-referral earns nothing",
+            order_id=event.order_id,
+            reference=event.referee_id,
+        )
+        return
+    if side == "referee":
+        if state.referred_by is not None:
+            entries.record(
+                Source.referral,
+                "referral.referee",
+                f"already referred by {state.referred_by}",
+                order_id=event.order_id,
+                reference=event.customer_id,
+            )
+            return
+        _fixed_award(
+            entries,
+            Source.referral,
+            "referral.referee",
+            rules.referee_points,
+            f"referred by {event.customer_id}",
+            order_id=event.order_id,
+            reference=event.customer_id,
+        )
+        return
+    if event.referee_id in state.referees:
+        entries.record(
+            Source.referral,
+            "referral.referrer",
+            f"{event.referee_id} was already rewarded",
+            order_id=event.order_id,
+            reference=event.referee_id,
+        )
+        return
+    _fixed_award(
+        entries,
+        Source.referral,
+        "referral.referrer",
+        rules.referrer_points,
+        f"referred {event.referee_id}",
+        order_id=event.order_id,
+        reference=event.referee_id,
+    )
+
+
+def _registration(entries: _Entries, event: ev.CustomerRegistered) -> None:
+    reference = f"segment:{event.customer_segment}" if event.customer_segment else None
+    if entries.state.registered:
+        entries.record(Source.registration, "registration", "already registered", reference=reference)
+        return
+    _fixed_award(
+        entries,
+        Source.registration,
+        "registration",
+        entries.ruleset.fixed.registration,
+        "registration",
+        reference=reference,
+    )
+
+
+def _blog_comment(entries: _Entries, event: ev.BlogCommented) -> None:
+    if event.post_id in entries.state.commented_posts:
+        entries.record(
+            Source.blog_comment,
+            "blog_comment.first_per_post",
+            f"already commented on {event.post_id}",
+            reference=event.post_id,
+        )
+        return
+    _fixed_award(
+        entries,
+        Source.blog_comment,
+        "blog_comment.first_per_post",
+        entries.ruleset.fixed.blog_comment,
+        f"comment on {event.post_id}",
+        reference=event.post_id,
+    )
+
+
+def _social_share(entries: _Entries, event: ev.SocialShared) -> None:
+    _fixed_award(
+        entries,
+        Source.social_share,
+        "social_share",
+        entries.ruleset.fixed.social_share,
+        f"share on {event.network}",
+        reference=event.share_id,
+    )
+
+
+def _feedback(entries: _Entries, event: ev.FeedbackSubmitted) -> None:
+    _fixed_award(
+        entries,
+        Source.feedback,
+        "feedback",
+        entries.ruleset.fixed.feedback,
+        "feedback",
+        reference=event.feedback_id,
+    )
+
+
+def _redeem(entries: _Entries, event: ev.RedeemRequested) -> None:
+    state, rules = entries.state, entries.ruleset.redemption
+    reference = event.redemption_id
+
+    def reject(reason: str) -> None:
+        entries.add(
+            Kind.redemption_rejected,
+            Source.redemption,
+            "redemption",
+            explanation=f"rejected: {reason}",
+            reference=reference,
+        )
+
+    if reference in state.redemption_ids:
+        entries.record(
+            Source.redemption,
+            "redemption",
+            f"redemption {reference} was already decided",
+            reference=reference,
+        )
+    elif event.points < rules.minimum_points:
+        reject(f"{event.points} points is below the minimum of {rules.minimum_points}")
+    elif rules.maximum_points is not None and event.points > rules.maximum_points:
+        reject(f"{event.points} points is above the maximum of {rules.maximum_points}")
+    elif entries.balance < event.points:
+        reject(f"available balance {entries.balance} does not cover {event.points} (pending points cannot be redeemed)")
+    else:
+        value = rules.point_value * event.points
+        entries.add(
+            Kind.redeemed,
+            Source.redemption,
+            "redemption",
+            points=-event.points,
+            amount=value,
+            reference=reference,
+            explanation=f"{event.points} points x {rules.point_value} = {value} of store currency",
+        )
+
+
+def _adjust(entries: _Entries, event: ev.PointsAdjusted) -> None:
+    reference = event.adjustment_id
+    note = f"by {event.actor}: {event.note}"[:300]
+    if reference in entries.state.adjustment_ids:
+        entries.record(
+            Source.adjustment,
+            "adjustment",
+            f"adjustment {reference} was already applied",
+            reference=reference,
+        )
+    elif entries.balance + event.points < 0 and not event.allow_negative:
+        entries.record(
+            Source.adjustment,
+            "adjustment.refused",
+            f"refused: would take the balance {entries.balance} below zero ({note})",
+            reference=reference,
+        )
+    else:
+        entries.add(
+            Kind.adjusted,
+            Source.adjustment,
+            "adjustment",
+            points=event.points,
+            reference=reference,
+            explanation=note,
+        )
+
+
+def _release_pending(entries: _Entries) -> None:
+    """Confirm pending lots whose return window ended at or before this event's time."""
+    moment = entries.event.occurred_at
+    state = entries.state
+    for lot in sorted(state.pending_lots, key=lambda lot: (lot.available_at, lot.order_id, lot.target)):
+        if lot.available_at > moment:
+            continue
+        order = state.orders[lot.order_id]
+        sku = order.lines[lot.target].sku if lot.target in order.lines else None
+        entries.add(
+            Kind.confirmed,
+            Source.purchase,
+            "purchase.confirmation",
+            points=lot.points,
+            pending_points=-lot.points,
+            explanation=f"return window ended {lot.available_at.isoformat()}",
+            order_id=lot.order_id,
+            sku=sku,
+            reference=lot.target,
+        )
+
+
+_handlers: dict[type, Callable[..., None]] = {
+    ev.PurchaseCompleted: _purchase_completed,
+    ev.PurchaseRefunded: _purchase_refunded,
+    ev.PurchaseCancelled: _purchase_cancelled,
+    ev.ReviewApproved: _review,
+    ev.CustomerRegistered: _registration,
+    ev.BlogCommented: _blog_comment,
+    ev.SocialShared: _social_share,
+    ev.FeedbackSubmitted: _feedback,
+    ev.RedeemRequested: _redeem,
+    ev.PointsAdjusted: _adjust,
+    ev.ClockTick: lambda entries, event: None,
+}
+
+
+def decide(
+    state: CustomerState,
+    event: ev.Event,
+    ruleset: RuleSet,
+    *,
+    side: Side = "customer",
+    fingerprint: str | None = None,
+) -> list[LedgerEntry]:
+    """The entries `event` produces for `state`'s customer. Pure: `state` is not changed.
+
+    An event already applied (same id, same content) produces nothing; the same id with different content
+    raises EventRejected, so that the conflicting event is dead-lettered instead of applied.
+    """
+    assert customer_of(event, side) == state.customer_id, "event decided against another customer's state"
+    fingerprint = fingerprint or event_fingerprint(event)
+    seen = state.applied.get(event.event_id)
+    if seen is not None:
+        if seen != fingerprint:
+            raise EventRejected(
+                f"conflict: event id {event.event_id} was already applied with different content", "event_id"
+            )
+        return []
+    entries = _Entries(state, event, ruleset, fingerprint)
+    if state.pending_lots:
+        _release_pending(entries)
+    # Confirmations are folded first so that the event's own rules see the released points.
+    if entries.entries:
+        released = list(entries.entries)
+        preview = _clone_for_preview(state, released, ruleset)
+        entries.state = preview
+    if isinstance(event, ev.ReferralCompleted):
+        _referral(entries, event, side)
+    else:
+        _handlers[type(event)](entries, event)
+    return entries.entries
+
+
+def _clone_for_preview(state: CustomerState, released: list[LedgerEntry], ruleset: RuleSet) -> CustomerState:
+    """A copy of the state with the confirmation entries folded in (decide must not change `state`)."""
+    preview = copy.deepcopy(state)
+    for entry in released:
+        evolve(preview, entry, ruleset.zone)
+    return preview
+
+
+def apply(state: CustomerState, event: ev.Event, ruleset: RuleSet, *, side: Side = "customer") -> list[LedgerEntry]:
+    """Decide the event's entries and fold them into `state`; what every driver calls."""
+    entries = decide(state, event, ruleset, side=side)
+    for entry in entries:
+        evolve(state, entry, ruleset.zone)
+    return entries

@@ -1,0 +1,204 @@
+"""A customer's state, and `evolve`: the fold that rebuilds it from ledger entries alone.
+
+The rules engine never changes state directly: it decides entries, and the drivers fold each entry into
+the state with `evolve`. Because of that, a worker that restarts can rebuild every customer's state by
+reading its ledger partition, and the state it gets is by construction the one the live run had.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from zoneinfo import ZoneInfo
+
+from schemas.ledger import Kind, LedgerEntry, Source
+
+# Cap usage older than this (relative to the customer's latest event) can no longer matter: the longest
+# cap period is a calendar month.
+cap_history_days_max = 62
+
+
+@dataclass(slots=True)
+class LineAward:
+    """What one purchase line earned, and how much of it has been refunded and reversed since."""
+
+    sku: str
+    quantity: int
+    amount: Decimal  # the line's goods total after its share of the order discount
+    points: int
+    pending: bool
+    quantity_refunded: int = 0
+    points_reversed: int = 0
+
+
+@dataclass(slots=True)
+class BonusAward:
+    """An order-level bonus (first order, spend threshold, promotion) and whether it was reversed."""
+
+    points: int
+    pending: bool
+    threshold: Decimal | None = None
+    reversed: bool = False
+
+
+@dataclass(slots=True)
+class OrderRecord:
+    lines: dict[str, LineAward] = field(default_factory=dict)
+    bonuses: dict[str, BonusAward] = field(default_factory=dict)
+    refund_ids: set[str] = field(default_factory=set)
+    cancelled: bool = False
+
+    def goods_total(self) -> Decimal:
+        return sum((line.amount for line in self.lines.values()), Decimal(0))
+
+    def remaining_goods_total(self) -> Decimal:
+        total = Decimal(0)
+        for line in self.lines.values():
+            if line.quantity:
+                total += line.amount * (line.quantity - line.quantity_refunded) / line.quantity
+        return total
+
+
+@dataclass(slots=True)
+class PendingLot:
+    available_at: datetime
+    order_id: str
+    target: str  # the line key or bonus rule id inside the order
+    points: int
+
+
+@dataclass(slots=True)
+class CustomerState:
+    customer_id: str
+    sequence: int = 0
+    balance: int = 0
+    pending: int = 0
+    lifetime_earned: int = 0
+    lifetime_redeemed: int = 0
+    last_event_at: datetime | None = None
+    applied: dict[str, str] = field(default_factory=dict)  # event id -> fingerprint
+    registered: bool = False
+    segment: str | None = None
+    first_order_done: bool = False
+    reviewed_skus: set[str] = field(default_factory=set)
+    commented_posts: set[str] = field(default_factory=set)
+    redemption_ids: set[str] = field(default_factory=set)
+    adjustment_ids: set[str] = field(default_factory=set)
+    referees: set[str] = field(default_factory=set)
+    referred_by: str | None = None
+    orders: dict[str, OrderRecord] = field(default_factory=dict)
+    pending_lots: list[PendingLot] = field(default_factory=list)
+    cap_usage: dict[tuple[str, date], int] = field(default_factory=dict)  # (source, local day) -> points
+
+
+_positive_sources_kinds = (Kind.earned, Kind.pending)
+
+
+def local_day(moment: datetime, zone: ZoneInfo) -> date:
+    return moment.astimezone(zone).date()
+
+
+def evolve(state: CustomerState, entry: LedgerEntry, zone: ZoneInfo) -> None:
+    """Fold one ledger entry into the customer's state (the only place state changes)."""
+    assert entry.customer_id == state.customer_id, "entry folded into another customer's state"
+    assert entry.sequence == state.sequence + 1, f"entry {entry.entry_id} out of sequence"
+    state.sequence = entry.sequence
+    state.balance += entry.points
+    state.pending += entry.pending_points
+    assert state.balance == entry.balance_after and state.pending == entry.pending_after, "running sums broken"
+    state.applied[entry.caused_by] = entry.fingerprint
+    if state.last_event_at is None or entry.occurred_at > state.last_event_at:
+        state.last_event_at = entry.occurred_at
+    kind, source, reference = entry.kind, entry.source, entry.reference or ""
+
+    if kind in (Kind.earned, Kind.confirmed) and entry.points > 0:
+        state.lifetime_earned += entry.points
+    if kind is Kind.redeemed:
+        state.lifetime_redeemed -= entry.points
+        state.redemption_ids.add(reference)
+    if kind in _positive_sources_kinds and (entry.points > 0 or entry.pending_points > 0):
+        key = (source.value, local_day(entry.occurred_at, zone))
+        state.cap_usage[key] = state.cap_usage.get(key, 0) + entry.points + entry.pending_points
+        _forget_old_cap_usage(state, zone)
+
+    if source is Source.purchase:
+        _evolve_purchase(state, entry, kind, reference)
+    elif source is Source.review:
+        if entry.sku:
+            state.reviewed_skus.add(entry.sku)
+    elif source is Source.blog_comment:
+        state.commented_posts.add(reference)
+    elif source is Source.registration:
+        state.registered = True
+        if reference.startswith("segment:"):
+            state.segment = reference.removeprefix("segment:")
+    elif source is Source.redemption and kind is Kind.redemption_rejected:
+        state.redemption_ids.add(reference)
+    elif source is Source.adjustment:
+        state.adjustment_ids.add(reference)
+    elif source is Source.referral:
+        if entry.rule_id.startswith("referral.referrer"):
+            state.referees.add(reference)
+        elif entry.rule_id.startswith("referral.referee"):
+            state.referred_by = reference
+
+
+def _evolve_purchase(state: CustomerState, entry: LedgerEntry, kind: Kind, reference: str) -> None:
+    order_id = entry.order_id or ""
+    if entry.event_type == "purchase.completed":
+        if entry.rule_id in ("purchase.duplicate_order", "purchase.not_qualifying"):
+            return
+        state.first_order_done = True
+        order = state.orders.setdefault(order_id, OrderRecord())
+        pending = kind is Kind.pending
+        points = entry.pending_points if pending else entry.points
+        if reference.startswith("line:"):
+            order.lines[reference] = LineAward(
+                sku=entry.sku or "",
+                quantity=entry.quantity or 0,
+                amount=Decimal(entry.amount or "0"),
+                points=points,
+                pending=pending,
+            )
+        else:
+            threshold = Decimal(entry.amount) if entry.amount else None
+            order.bonuses[entry.rule_id] = BonusAward(points=points, pending=pending, threshold=threshold)
+        if pending and entry.available_at is not None and points > 0:
+            state.pending_lots.append(PendingLot(entry.available_at, order_id, reference or entry.rule_id, points))
+        return
+    order = state.orders.get(order_id)
+    if order is None:
+        return
+    target, _, refund_id = reference.partition(";")
+    if refund_id:
+        order.refund_ids.add(refund_id)
+    if entry.event_type == "purchase.cancelled":
+        order.cancelled = True
+    if kind is Kind.reversed:
+        reversed_points = -(entry.points + entry.pending_points)
+        if target in order.lines:
+            line = order.lines[target]
+            line.points_reversed += reversed_points
+            line.quantity_refunded += entry.quantity or 0
+        elif target in order.bonuses:
+            order.bonuses[target].reversed = True
+        if entry.pending_points:
+            state.pending_lots = [
+                lot for lot in state.pending_lots if not (lot.order_id == order_id and lot.target == target)
+            ]
+    elif kind is Kind.confirmed:
+        if target in order.lines:
+            order.lines[target].pending = False
+        elif target in order.bonuses:
+            order.bonuses[target].pending = False
+        state.pending_lots = [
+            lot for lot in state.pending_lots if not (lot.order_id == order_id and lot.target == target)
+        ]
+
+
+def _forget_old_cap_usage(state: CustomerState, zone: ZoneInfo) -> None:
+    if len(state.cap_usage) < 64 or state.last_event_at is None:
+        return
+    oldest = local_day(state.last_event_at, zone) - timedelta(days=cap_history_days_max)
+    state.cap_usage = {key: points for key, points in state.cap_usage.items() if key[1] >= oldest}

@@ -1,0 +1,272 @@
+"""Process wiring: `loyalty broker`, `loyalty worker` and `loyalty up` (broker if needed, worker, projector, API).
+
+`up` runs the worker as a child process (Faust owns its event loop and signal handling) and, in its own
+process, the projector and the HTTP API: the process that owns the chDB directory. It writes a run file
+(`<data dir>/run.json`, mode 0600) with the API address and token, which the CLI's query commands read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from schemas.topics import ALL_TOPICS, DEAD_LETTER, INPUT_TOPICS, LEDGER
+from streams.settings import Settings
+
+log = logging.getLogger("loyalty")
+
+worker_stop_timeout_s = 20.0
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def run_file_path(settings: Settings) -> Path:
+    return settings.data_dir / "run.json"
+
+
+def read_run_file(settings: Settings) -> dict[str, Any] | None:
+    try:
+        return json.loads(run_file_path(settings).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_run_file(settings: Settings, document: dict[str, Any]) -> None:
+    path = run_file_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        json.dump(document, handle)
+    temporary.replace(path)
+
+
+def run_broker(settings: Settings) -> int:
+    from streams.broker import EmbeddedBroker, ensure_topics
+
+    configure_logging(settings.log_level)
+    with EmbeddedBroker(port=settings.broker_port) as broker:
+        ensure_topics(broker.bootstrap, ALL_TOPICS, settings.partitions)
+        print(
+            f"embedded broker listening on {broker.bootstrap} (memory storage); "
+            f"export LOYALTY_KAFKA_BOOTSTRAP={broker.bootstrap}",
+            flush=True,
+        )
+        _wait_for_signal()
+    return 0
+
+
+def _wait_for_signal() -> None:
+    stop = {"now": False}
+
+    def handler(signum, frame) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    while not stop["now"]:
+        time.sleep(0.2)
+
+
+def run_worker(settings: Settings) -> int:
+    from streams.worker import run
+
+    if not settings.kafka_bootstrap:
+        sys.stderr.write("loyalty worker: set LOYALTY_KAFKA_BOOTSTRAP (or use `loyalty up`)\n")
+        return 2
+    return run(settings)
+
+
+def kafka_counts(bootstrap: str, group: str, partitions: int) -> dict[str, Any]:
+    """Consumer lag per input topic and message counts, read from the broker (no worker IPC needed)."""
+    from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        tps = [TopicPartition(topic, p) for topic in (*INPUT_TOPICS, LEDGER, DEAD_LETTER) for p in range(partitions)]
+        ends = consumer.end_offsets(tps)
+        committed = admin.list_consumer_group_offsets(group)
+    finally:
+        consumer.close()
+        admin.close()
+    lag: dict[str, int] = {}
+    consumed = 0
+    for topic in INPUT_TOPICS:
+        for p in range(partitions):
+            tp = TopicPartition(topic, p)
+            done = committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0
+            consumed += done
+            lag[topic] = lag.get(topic, 0) + max(0, ends[tp] - done)
+    return {
+        "consumer_lag": lag,
+        "input_messages_committed": consumed,
+        "input_messages": sum(ends[TopicPartition(t, p)] for t in INPUT_TOPICS for p in range(partitions)),
+        "ledger_entries_emitted": sum(ends[TopicPartition(LEDGER, p)] for p in range(partitions)),
+        "events_rejected": sum(ends[TopicPartition(DEAD_LETTER, p)] for p in range(partitions)),
+    }
+
+
+def run_up(settings: Settings, *, demo: bool = False, demo_rate: float = 200.0) -> int:
+    configure_logging(settings.log_level)
+    try:
+        return asyncio.run(_up(settings, demo=demo, demo_rate=demo_rate))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
+    from aiohttp import web
+
+    from projections.client import connect
+    from projections.schema import migrate
+    from projections.sink import LedgerSink
+    from streams.api import ApiContext, build_app
+    from streams.broker import EmbeddedBroker, ensure_topics
+    from streams.projector import Projector
+    from streams.rules.ruleset import load_ruleset
+
+    ruleset = load_ruleset(settings.rules)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    broker = None
+    bootstrap = settings.kafka_bootstrap
+    if not bootstrap:
+        broker = EmbeddedBroker(port=settings.broker_port, log_path=settings.data_dir / "broker.log").start()
+        bootstrap = broker.bootstrap
+        log.info("started the embedded broker on %s (memory storage)", bootstrap)
+    worker: subprocess.Popen | None = None
+    runner: web.AppRunner | None = None
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopping.set)
+    try:
+        await asyncio.to_thread(ensure_topics, bootstrap, ALL_TOPICS, settings.partitions)
+        client = connect(settings.resolved_clickhouse_dsn())
+        applied = migrate(client)
+        if applied:
+            log.info("applied ClickHouse migrations %s", applied)
+        client_lock = asyncio.Lock()
+        sink = LedgerSink(client, batch_rows_max=settings.sink_batch_rows_max)
+        projector = Projector(
+            bootstrap=bootstrap,
+            sink=sink,
+            sink_lock=client_lock,
+            partitions=settings.partitions,
+            batch_rows_max=settings.sink_batch_rows_max,
+            flush_interval_ms=settings.sink_flush_interval_ms,
+        )
+        environment = dict(os.environ, LOYALTY_KAFKA_BOOTSTRAP=bootstrap, LOYALTY_PARTITIONS=str(settings.partitions))
+        if settings.rules:
+            environment["LOYALTY_RULES"] = str(settings.rules)
+        worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=environment)
+        log.info("started the worker (pid %d)", worker.pid)
+
+        token = settings.api_token.get_secret_value() if settings.api_token else secrets.token_urlsafe(24)
+
+        async def status() -> dict[str, Any]:
+            counts = await asyncio.to_thread(kafka_counts, bootstrap, settings.worker_id, settings.partitions)
+            projected = await _count_projected(client, client_lock)
+            return {
+                "consumer_lag": counts["consumer_lag"],
+                "events_processed": counts["input_messages_committed"],
+                "events_rejected": counts["events_rejected"],
+                "events_duplicate": None,
+                "input_messages": counts["input_messages"],
+                "ledger_entries_emitted": counts["ledger_entries_emitted"],
+                "ledger_rows_projected": projected,
+                "projection_backlog": projector.backlog,
+                "projection_error": projector.last_error,
+                "worker_running": worker is not None and worker.poll() is None,
+                "ruleset_version": ruleset.version,
+            }
+
+        context = ApiContext(client=client, client_lock=client_lock, ruleset=ruleset, token=token, status=status)
+        runner = web.AppRunner(build_app(context), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, settings.http_host, settings.http_port)
+        await site.start()
+        port = runner.addresses[0][1]
+        url = f"http://{settings.http_host}:{port}"
+        _write_run_file(settings, {"pid": os.getpid(), "url": url, "token": token, "kafka_bootstrap": bootstrap})
+        log.info("API and dashboard on %s (token in %s)", url, run_file_path(settings))
+        tasks = [asyncio.create_task(projector.run(stopping), name="projector")]
+        if demo:
+            tasks.append(asyncio.create_task(_demo(bootstrap, demo_rate, stopping), name="demo"))
+        tasks.append(asyncio.create_task(_watch_worker(worker, stopping), name="watch-worker"))
+        await stopping.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return 0
+    finally:
+        log.info("stopping")
+        run_file_path(settings).unlink(missing_ok=True)
+        if runner is not None:
+            await runner.cleanup()
+        if worker is not None and worker.poll() is None:
+            worker.terminate()
+            try:
+                await asyncio.to_thread(worker.wait, worker_stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        if broker is not None:
+            broker.stop()
+
+
+async def _count_projected(client, client_lock: asyncio.Lock) -> int:
+    async with client_lock:
+        result = await asyncio.to_thread(client.query, "SELECT uniqExact(entry_id) FROM ledger_entries")
+    return int(result.result_rows[0][0])
+
+
+async def _watch_worker(worker: subprocess.Popen, stopping: asyncio.Event) -> None:
+    while not stopping.is_set():
+        if worker.poll() is not None:
+            log.error("the worker exited with code %s; stopping", worker.returncode)
+            stopping.set()
+            return
+        await asyncio.sleep(0.5)
+
+
+async def _demo(bootstrap: str, rate: float, stopping: asyncio.Event) -> None:
+    """Stream synthetic traffic at about `rate` events per second until stopped."""
+    from streams.producer import make_producer
+    from streams.routing import routes_for
+    from streams.simulate import generate_events
+
+    producer = await asyncio.to_thread(make_producer, bootstrap)
+    seed = secrets.randbelow(1_000_000)
+    # Demo traffic happens now, so the dashboard's default range (the last 30 days) shows it moving.
+    lines = generate_events(
+        events=10_000_000,
+        customers=2_000,
+        seed=seed,
+        duplicate_share=0.02,
+        bad_share=0.005,
+        start=datetime.now(UTC),
+        mean_gap_seconds=1 / max(rate, 1.0),
+    )
+    interval = 0.1
+    per_tick = max(1, int(rate * interval))
+    try:
+        while not stopping.is_set():
+            for _ in range(per_tick):
+                raw = next(lines).encode()
+                for route in routes_for(raw):
+                    producer.send(route.topic, value=raw, key=route.key, headers=list(route.headers))
+            await asyncio.sleep(interval)
+    finally:
+        await asyncio.to_thread(producer.close)

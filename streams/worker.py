@@ -1,0 +1,256 @@
+"""The Faust stream worker: input topics -> StreamApplier (pure core) -> loyalty.ledger / loyalty.dead-letter.
+
+Plumbing only. One agent consumes the five input topics with concurrency 1 and takes events in batches
+without acking them (`noack_take`); an event is acked only after every ledger entry and dead letter it
+caused has been acknowledged by the broker, so a crash re-delivers it (at-least-once) and the restored
+state (a fold of the ledger) recognises it and awards nothing twice. No Kafka transactions are used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import faust
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import TopicPartition as KafkaTopicPartition
+
+from schemas.ledger import LedgerEntry
+from schemas.topics import DEAD_LETTER, INPUT_TOPICS, LEDGER
+from streams.applier import InputMessage, Output, StreamApplier
+from streams.rules.ruleset import RuleSet, load_ruleset
+from streams.settings import Settings
+
+log = logging.getLogger("loyalty.worker")
+
+restore_poll_ms = 500
+producer_linger_ms = 5
+producer_max_batch_bytes = 1024 * 1024
+
+
+class WorkerCounters:
+    """Counts since start, logged periodically and exported by the metrics endpoint."""
+
+    def __init__(self) -> None:
+        self.processed = 0
+        self.rejected = 0
+        self.duplicates = 0
+        self.ledger_entries = 0
+
+
+def ledger_headers(message: InputMessage) -> list[tuple[str, bytes]]:
+    return [
+        ("loyalty-input", f"{message.topic}/{message.partition}/{message.offset}".encode()),
+    ]
+
+
+def dead_letter_headers(message: InputMessage, reason: str) -> list[tuple[str, bytes]]:
+    return [
+        ("loyalty-reason", reason.encode()[:2000]),
+        ("loyalty-input", f"{message.topic}/{message.partition}/{message.offset}".encode()),
+        *[(name, value) for name, value in message.headers],
+    ]
+
+
+def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
+    """The Faust application of the worker; everything it needs hangs off the app object."""
+    ruleset = ruleset or load_ruleset(settings.rules)
+    app = faust.App(
+        settings.worker_id,
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        store="memory://",
+        topic_partitions=settings.partitions,
+        topic_allow_declare=False,
+        topic_disable_leader=True,
+        processing_guarantee="at_least_once",
+        web_enabled=False,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_every=settings.batch_size_max,
+        broker_commit_interval=1.0,
+        stream_buffer_maxsize=max(4096, settings.batch_size_max * 2),
+    )
+    applier = StreamApplier(ruleset, reorder_wait_ms=settings.reorder_wait_ms)
+    counters = WorkerCounters()
+    lock = asyncio.Lock()
+    restored: set[int] = set()
+    producer_box: dict[str, AIOKafkaProducer] = {}
+    app.loyalty_applier = applier  # type: ignore[attr-defined]
+    app.loyalty_counters = counters  # type: ignore[attr-defined]
+
+    source = app.topic(*INPUT_TOPICS, key_type=bytes, value_type=bytes, value_serializer="raw", key_serializer="raw")
+
+    async def producer() -> AIOKafkaProducer:
+        if "ledger" not in producer_box:
+            created = AIOKafkaProducer(
+                bootstrap_servers=settings.kafka_bootstrap,
+                acks="all",
+                linger_ms=producer_linger_ms,
+                max_batch_size=producer_max_batch_bytes,
+                enable_idempotence=False,
+            )
+            await created.start()
+            producer_box["ledger"] = created
+        return producer_box["ledger"]
+
+    async def restore_partition(partition: int) -> None:
+        """Fold the ledger partition into the states of its customers (read to its high water mark)."""
+        started = time.monotonic()
+        consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False, group_id=None)
+        await consumer.start()
+        try:
+            tp = KafkaTopicPartition(LEDGER, partition)
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            end = (await consumer.end_offsets([tp]))[tp]
+            entries: list[LedgerEntry] = []
+            while await consumer.position(tp) < end:
+                batch = await consumer.getmany(tp, timeout_ms=restore_poll_ms, max_records=10_000)
+                for record in batch.get(tp, []):
+                    entries.append(LedgerEntry.model_validate_json(record.value))
+                if len(entries) >= 10_000:
+                    applier.restore(partition, entries)
+                    entries = []
+            folded = applier.restore(partition, entries)
+            log.info(
+                "restored ledger partition %d up to offset %d in %.2fs (%d)",
+                partition,
+                end,
+                time.monotonic() - started,
+                folded,
+            )
+        finally:
+            await consumer.stop()
+
+    def assigned_input() -> list[tuple[str, int]]:
+        return sorted((tp.topic, tp.partition) for tp in app.consumer.assignment() if tp.topic in INPUT_TOPICS)
+
+    def caught_up(seen: dict[tuple[str, int], int]) -> set[tuple[str, int]]:
+        done = set()
+        for topic, partition in assigned_input():
+            try:
+                highwater = app.consumer.highwater(faust.types.TP(topic, partition))
+            except Exception:  # no fetch yet for this partition
+                continue
+            if highwater is None:
+                continue
+            if seen.get((topic, partition), -1) + 1 >= highwater:
+                done.add((topic, partition))
+        return done
+
+    seen_offsets: dict[tuple[str, int], int] = {}
+
+    async def send(output: Output) -> None:
+        if not (output.ledger or output.dead_letters or output.acks):
+            return
+        kafka = await producer()
+        futures = []
+        for partition, entry, message in output.ledger:
+            futures.append(
+                await kafka.send(
+                    LEDGER,
+                    value=entry.model_dump_json().encode(),
+                    key=entry.customer_id.encode(),
+                    partition=partition,
+                    headers=ledger_headers(message),
+                )
+            )
+        for dead in output.dead_letters:
+            futures.append(
+                await kafka.send(
+                    DEAD_LETTER,
+                    value=dead.message.value,
+                    key=dead.message.key,
+                    partition=dead.message.partition,
+                    headers=dead_letter_headers(dead.message, dead.reason),
+                )
+            )
+        if futures:
+            await asyncio.gather(*futures)
+        for message in output.acks:
+            message.token.ack()
+        counters.processed += output.applied
+        counters.duplicates += output.duplicates
+        counters.rejected += len(output.dead_letters)
+        counters.ledger_entries += len(output.ledger)
+
+    async def release() -> None:
+        output = applier.release(assigned_input(), caught_up(seen_offsets), time.monotonic() * 1000)
+        await send(output)
+
+    @app.agent(source, concurrency=1)
+    async def apply_events(stream: faust.StreamT) -> None:
+        async for batch in stream.noack_take(settings.batch_size_max, within=settings.batch_wait_ms / 1000):
+            async with lock:
+                now_ms = time.monotonic() * 1000
+                messages = []
+                for event in batch:
+                    raw = event.message
+                    if raw.partition not in restored:
+                        await restore_partition(raw.partition)
+                        restored.add(raw.partition)
+                    tp = (raw.topic, raw.partition)
+                    seen_offsets[tp] = max(seen_offsets.get(tp, -1), raw.offset)
+                    messages.append(
+                        InputMessage(
+                            topic=raw.topic,
+                            partition=raw.partition,
+                            offset=raw.offset,
+                            key=raw.key,
+                            value=raw.value if isinstance(raw.value, bytes) else bytes(raw.value or b""),
+                            headers=tuple((name, bytes(value)) for name, value in (raw.headers or [])),
+                            token=event,
+                            received_ms=now_ms,
+                        )
+                    )
+                await send(applier.accept(messages))
+                await release()
+
+    @app.timer(interval=0.25)
+    async def release_waiting() -> None:
+        if applier.held_count:
+            async with lock:
+                await release()
+
+    @app.timer(interval=10.0)
+    async def report() -> None:
+        log.info(
+            "processed %d, duplicates %d, rejected %d, ledger entries %d, waiting %d",
+            counters.processed,
+            counters.duplicates,
+            counters.rejected,
+            counters.ledger_entries,
+            applier.held_count,
+        )
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(app_: Any, revoked: set, **_: Any) -> None:
+        partitions = {tp.partition for tp in revoked if tp.topic in INPUT_TOPICS}
+        async with lock:
+            still = {partition for _, partition in assigned_input()}
+            for partition in partitions - still:
+                applier.forget(partition)
+                restored.discard(partition)
+            for tp in list(seen_offsets):
+                if tp[1] in partitions - still:
+                    del seen_offsets[tp]
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(app_: Any, assigned: set, **_: Any) -> None:
+        log.info("assigned %s", sorted((tp.topic, tp.partition) for tp in assigned))
+
+    return app
+
+
+def run(settings: Settings) -> int:
+    """Run the worker until interrupted (SIGINT/SIGTERM)."""
+    from schemas.topics import ALL_TOPICS
+    from streams.broker import ensure_topics
+
+    assert settings.kafka_bootstrap, "the worker needs LOYALTY_KAFKA_BOOTSTRAP"
+    ensure_topics(settings.kafka_bootstrap, ALL_TOPICS, settings.partitions)
+    app = create_app(settings)
+    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True)
+    worker.execute_from_commandline()
+    return 0
