@@ -89,34 +89,75 @@ def run_worker(settings: Settings) -> int:
     return run(settings)
 
 
-def kafka_counts(bootstrap: str, group: str, partitions: int) -> dict[str, Any]:
-    """Consumer lag per input topic and message counts, read from the broker (no worker IPC needed)."""
-    from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+class BrokerMonitor:
+    """Fresh high water marks of every topic, and the worker group's committed offsets, for `loyalty status`.
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        tps = [TopicPartition(topic, p) for topic in (*INPUT_TOPICS, LEDGER, DEAD_LETTER) for p in range(partitions)]
-        ends = consumer.end_offsets(tps)
-        committed = admin.list_consumer_group_offsets(group)
-    finally:
-        consumer.close()
-        admin.close()
-    lag: dict[str, int] = {}
-    consumed = 0
-    for topic in INPUT_TOPICS:
-        for p in range(partitions):
-            tp = TopicPartition(topic, p)
-            done = committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0
-            consumed += done
-            lag[topic] = lag.get(topic, 0) + max(0, ends[tp] - done)
-    return {
-        "consumer_lag": lag,
-        "input_messages_committed": consumed,
-        "input_messages": sum(ends[TopicPartition(t, p)] for t in INPUT_TOPICS for p in range(partitions)),
-        "ledger_entries_emitted": sum(ends[TopicPartition(LEDGER, p)] for p in range(partitions)),
-        "events_rejected": sum(ends[TopicPartition(DEAD_LETTER, p)] for p in range(partitions)),
-    }
+    High water marks come from fetch responses of a consumer parked at the end of each partition: Tansu's
+    ListOffsets answer ("latest") can trail the real end, its fetch high water mark does not.
+    """
+
+    def __init__(self, bootstrap: str, group: str, partitions: int) -> None:
+        self.bootstrap = bootstrap
+        self.group = group
+        self.partitions = partitions
+        self.highwaters: dict[tuple[str, int], int] = {}
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        from aiokafka import AIOKafkaConsumer
+        from aiokafka.structs import TopicPartition
+
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            group_id=None,
+            max_partition_fetch_bytes=64 * 1024,
+            auto_offset_reset="latest",
+        )
+        await consumer.start()
+        try:
+            tps = [TopicPartition(t, p) for t in (*INPUT_TOPICS, LEDGER, DEAD_LETTER) for p in range(self.partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_end(*tps)
+            while not stopping.is_set():
+                await consumer.getmany(timeout_ms=500, max_records=1000)
+                for tp in tps:
+                    highwater = consumer.highwater(tp)
+                    if highwater is not None:
+                        self.highwaters[(tp.topic, tp.partition)] = highwater
+        finally:
+            await consumer.stop()
+
+    def committed(self) -> dict[tuple[str, int], int]:
+        from kafka import KafkaAdminClient
+
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap)
+        try:
+            offsets = admin.list_consumer_group_offsets(self.group)
+        finally:
+            admin.close()
+        return {(tp.topic, tp.partition): meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
+
+    async def counts(self) -> dict[str, Any]:
+        committed = await asyncio.to_thread(self.committed)
+        lag: dict[str, int] = {}
+        consumed = 0
+        for topic in INPUT_TOPICS:
+            for partition in range(self.partitions):
+                done = committed.get((topic, partition), 0)
+                consumed += done
+                end = max(self.highwaters.get((topic, partition), 0), done)
+                lag[topic] = lag.get(topic, 0) + end - done
+
+        def total(topic: str) -> int:
+            return sum(self.highwaters.get((topic, partition), 0) for partition in range(self.partitions))
+
+        return {
+            "consumer_lag": lag,
+            "input_messages_committed": consumed,
+            "input_messages": sum(total(topic) for topic in INPUT_TOPICS),
+            "ledger_entries_emitted": total(LEDGER),
+            "events_rejected": total(DEAD_LETTER),
+        }
 
 
 def run_up(settings: Settings, *, demo: bool = False, demo_rate: float = 200.0) -> int:
@@ -174,10 +215,11 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
         worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=environment)
         log.info("started the worker (pid %d)", worker.pid)
 
+        monitor = BrokerMonitor(bootstrap, settings.worker_id, settings.partitions)
         token = settings.api_token.get_secret_value() if settings.api_token else secrets.token_urlsafe(24)
 
         async def status() -> dict[str, Any]:
-            counts = await asyncio.to_thread(kafka_counts, bootstrap, settings.worker_id, settings.partitions)
+            counts = await monitor.counts()
             projected = await _count_projected(client, client_lock)
             return {
                 "consumer_lag": counts["consumer_lag"],
@@ -202,7 +244,10 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
         url = f"http://{settings.http_host}:{port}"
         _write_run_file(settings, {"pid": os.getpid(), "url": url, "token": token, "kafka_bootstrap": bootstrap})
         log.info("API and dashboard on %s (token in %s)", url, run_file_path(settings))
-        tasks = [asyncio.create_task(projector.run(stopping), name="projector")]
+        tasks = [
+            asyncio.create_task(projector.run(stopping), name="projector"),
+            asyncio.create_task(monitor.run(stopping), name="monitor"),
+        ]
         if demo:
             tasks.append(asyncio.create_task(_demo(bootstrap, demo_rate, stopping), name="demo"))
         tasks.append(asyncio.create_task(_watch_worker(worker, stopping), name="watch-worker"))

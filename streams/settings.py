@@ -31,8 +31,11 @@ class Settings(BaseSettings):
     broker_port: int = Field(0, ge=0, le=65535, description="Port of the embedded broker (0 picks a free one).")
     batch_size_max: int = Field(2000, ge=1, le=100_000, description="Events the worker takes per batch.")
     batch_wait_ms: int = Field(100, ge=1, le=60_000, description="How long the worker waits to fill a batch.")
+    session_timeout_s: float = Field(
+        6.0, ge=1.0, le=300.0, description="Consumer group session timeout; a dead worker's partitions move after it."
+    )
     reorder_wait_ms: int = Field(
-        1000, ge=0, le=600_000, description="How long events may wait to be applied in event-time order."
+        2000, ge=0, le=600_000, description="How long events may wait to be applied in event-time order."
     )
     sink_batch_rows_max: int = Field(20_000, ge=1, description="Ledger rows per ClickHouse insert.")
     sink_flush_interval_ms: int = Field(500, ge=10, description="Longest a ledger row waits before insert.")

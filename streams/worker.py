@@ -25,7 +25,8 @@ from streams.settings import Settings
 
 log = logging.getLogger("loyalty.worker")
 
-restore_poll_ms = 500
+restore_poll_ms = 200
+restore_timeout_s = 600.0
 producer_linger_ms = 5
 producer_max_batch_bytes = 1024 * 1024
 
@@ -70,6 +71,11 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
         broker_commit_every=settings.batch_size_max,
         broker_commit_interval=1.0,
         stream_buffer_maxsize=max(4096, settings.batch_size_max * 2),
+        stream_wait_empty=False,
+        # Tansu holds a JoinGroup for half the session timeout: Faust's default of 60 s meant a 30 s stall.
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=max(0.5, settings.session_timeout_s / 6),
+        broker_rebalance_timeout=settings.session_timeout_s,
     )
     applier = StreamApplier(ruleset, reorder_wait_ms=settings.reorder_wait_ms)
     counters = WorkerCounters()
@@ -94,31 +100,43 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
             producer_box["ledger"] = created
         return producer_box["ledger"]
 
-    async def restore_partition(partition: int) -> None:
-        """Fold the ledger partition into the states of its customers (read to its high water mark)."""
+    async def restore_partitions(partitions: set[int]) -> None:
+        """Fold the ledger partitions into the states of their customers, reading each to its high water mark.
+
+        The end is taken from fetch responses (`highwater`), not from ListOffsets: Tansu answers ListOffsets
+        "latest" with the base offset of the last record batch + 1, which would stop the read early.
+        """
         started = time.monotonic()
-        consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False, group_id=None)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            enable_auto_commit=False,
+            group_id=None,
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+        )
         await consumer.start()
+        folded = 0
         try:
-            tp = KafkaTopicPartition(LEDGER, partition)
-            consumer.assign([tp])
-            await consumer.seek_to_beginning(tp)
-            end = (await consumer.end_offsets([tp]))[tp]
-            entries: list[LedgerEntry] = []
-            while await consumer.position(tp) < end:
-                batch = await consumer.getmany(tp, timeout_ms=restore_poll_ms, max_records=10_000)
-                for record in batch.get(tp, []):
-                    entries.append(LedgerEntry.model_validate_json(record.value))
-                if len(entries) >= 10_000:
-                    applier.restore(partition, entries)
-                    entries = []
-            folded = applier.restore(partition, entries)
+            tps = [KafkaTopicPartition(LEDGER, partition) for partition in sorted(partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            remaining = set(tps)
+            while remaining:
+                batch = await consumer.getmany(*remaining, timeout_ms=restore_poll_ms, max_records=20_000)
+                for tp, records in batch.items():
+                    folded += applier.restore(
+                        tp.partition, (LedgerEntry.model_validate_json(record.value) for record in records)
+                    )
+                for tp in list(remaining):
+                    highwater = consumer.highwater(tp)
+                    if highwater is not None and await consumer.position(tp) >= highwater:
+                        remaining.discard(tp)
+                if time.monotonic() - started > restore_timeout_s:
+                    raise RuntimeError(f"restoring ledger partitions {sorted(partitions)} took too long")
             log.info(
-                "restored ledger partition %d up to offset %d in %.2fs (%d)",
-                partition,
-                end,
-                time.monotonic() - started,
+                "restored ledger partitions %s: %d entries folded in %.2fs",
+                sorted(partitions),
                 folded,
+                time.monotonic() - started,
             )
         finally:
             await consumer.stop()
@@ -181,37 +199,49 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
 
     @app.agent(source, concurrency=1)
     async def apply_events(stream: faust.StreamT) -> None:
-        async for batch in stream.noack_take(settings.batch_size_max, within=settings.batch_wait_ms / 1000):
-            async with lock:
-                now_ms = time.monotonic() * 1000
-                messages = []
-                for event in batch:
-                    raw = event.message
-                    if raw.partition not in restored:
-                        await restore_partition(raw.partition)
-                        restored.add(raw.partition)
-                    tp = (raw.topic, raw.partition)
-                    seen_offsets[tp] = max(seen_offsets.get(tp, -1), raw.offset)
-                    messages.append(
-                        InputMessage(
-                            topic=raw.topic,
-                            partition=raw.partition,
-                            offset=raw.offset,
-                            key=raw.key,
-                            value=raw.value if isinstance(raw.value, bytes) else bytes(raw.value or b""),
-                            headers=tuple((name, bytes(value)) for name, value in (raw.headers or [])),
-                            token=event,
-                            received_ms=now_ms,
+        batches = stream.noack().noack_take(settings.batch_size_max, within=settings.batch_wait_ms / 1000)
+        async for batch in batches:
+            try:
+                async with lock:
+                    now_ms = time.monotonic() * 1000
+                    messages = []
+                    for event in batch:
+                        raw = event.message
+                        if raw.partition not in restored:
+                            await restore_partitions({raw.partition})
+                            restored.add(raw.partition)
+                        tp = (raw.topic, raw.partition)
+                        seen_offsets[tp] = max(seen_offsets.get(tp, -1), raw.offset)
+                        messages.append(
+                            InputMessage(
+                                topic=raw.topic,
+                                partition=raw.partition,
+                                offset=raw.offset,
+                                key=raw.key,
+                                value=raw.value if isinstance(raw.value, bytes) else bytes(raw.value or b""),
+                                headers=tuple((name, bytes(value)) for name, value in (raw.headers or [])),
+                                token=event,
+                                received_ms=now_ms,
+                            )
                         )
-                    )
-                await send(applier.accept(messages))
-                await release()
+                    await send(applier.accept(messages))
+                    await release()
+            except Exception as error:
+                # An exception escaping a Faust agent restarts it and can lose messages; crash the worker
+                # instead: nothing unacked is committed, so a restart re-delivers and re-folds exactly.
+                log.exception("worker failed; crashing so that a restart resumes from the last commit")
+                await app.crash(error)
+                return
 
     @app.timer(interval=0.25)
     async def release_waiting() -> None:
         if applier.held_count:
-            async with lock:
-                await release()
+            try:
+                async with lock:
+                    await release()
+            except Exception as error:
+                log.exception("worker failed while releasing held events")
+                await app.crash(error)
 
     @app.timer(interval=10.0)
     async def report() -> None:
@@ -238,7 +268,13 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
 
     @app.on_partitions_assigned.connect
     async def on_assigned(app_: Any, assigned: set, **_: Any) -> None:
-        log.info("assigned %s", sorted((tp.topic, tp.partition) for tp in assigned))
+        partitions = {tp.partition for tp in assigned if tp.topic in INPUT_TOPICS}
+        log.info("assigned input partitions %s", sorted(partitions))
+        async with lock:
+            fresh = partitions - restored
+            if fresh:
+                await restore_partitions(fresh)
+                restored.update(fresh)
 
     return app
 

@@ -1,0 +1,409 @@
+"""The read side: balances, history and the dashboard's four sections, as typed results.
+
+Every query takes its inputs as bound parameters (`{name:Type}` placeholders passed through
+clickhouse-connect's `parameters=`); no SQL text is ever built from a caller's value.
+
+Exactness: ledger rows are read with FINAL (a re-delivered entry is stored twice until a merge collapses
+it), or through argMax over a customer's `sequence`, which duplicates cannot change. Dashboard sums come
+from `daily_points FINAL`, which the sink recomputes from the deduplicated ledger (see `projections.sink`).
+Days are UTC days of `occurred_at`; a date range includes both ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Literal
+
+from clickhouse_connect.driver.client import Client
+
+from projections.sink import LEDGER_COLUMNS
+from schemas.ledger import LedgerEntry
+
+__all__ = [
+    "Balance",
+    "LiabilityDay",
+    "PeriodStatus",
+    "PointSource",
+    "PointsStatus",
+    "TopEarner",
+    "balance",
+    "balances",
+    "history",
+    "liability",
+    "point_sources",
+    "points_status",
+    "top_earners",
+]
+
+Granularity = Literal["day", "week", "month"]
+SourceDimension = Literal["source", "rule", "product", "category"]
+
+DAYS_PER_RANGE_MAX = 3700  # ten years and a bit: bounds every per-day loop and result
+HISTORY_LIMIT_MAX = 10_000
+TOP_EARNERS_LIMIT_MAX = 1_000
+CUSTOMER_IDS_PER_QUERY_MAX = 100_000
+
+# FINAL may dedupe each partition on its own: a duplicate has the same occurred_at, hence the same month.
+FINAL_SETTINGS = "SETTINGS do_not_merge_across_partitions_select_final = 1"
+
+
+@dataclass(frozen=True)
+class Balance:
+    """A customer's position. `available` can be negative (a reversal after a redemption): `debt` is then
+    its absolute value. `lifetime_earned` counts earned and confirmed points; `lifetime_redeemed` is
+    positive."""
+
+    customer_id: str
+    available: int
+    pending: int
+    lifetime_earned: int
+    lifetime_redeemed: int
+    debt: int
+    last_activity: datetime
+    entries: int
+
+
+@dataclass(frozen=True)
+class PeriodStatus:
+    """Points status of one period. `period_start`/`period_end` are clipped to the requested range, so the
+    first week of a range that starts on a Wednesday runs from that Wednesday. Every figure is positive
+    for the usual direction (`redeemed` 300 means 300 points were redeemed) except `adjusted`, which is
+    signed. `outstanding` is the sum of every available-balance change up to the end of `period_end`,
+    including history before the range (pending points are not outstanding)."""
+
+    period_start: date
+    period_end: date
+    issued: int
+    redeemed: int
+    expired: int
+    reversed: int
+    adjusted: int
+    pending_issued: int
+    outstanding: int
+
+
+@dataclass(frozen=True)
+class PointsStatus:
+    granularity: Granularity
+    date_from: date
+    date_to: date
+    store_id: str | None
+    periods: tuple[PeriodStatus, ...]
+    totals: PeriodStatus
+
+
+@dataclass(frozen=True)
+class PointSource:
+    """Points given in the range under one key. `key` is None for entries without that detail (e.g. the
+    category of a review award)."""
+
+    key: str | None
+    points: int
+    entries: int
+
+
+@dataclass(frozen=True)
+class TopEarner:
+    customer_id: str
+    points_earned: int
+    balance: int
+
+
+@dataclass(frozen=True)
+class LiabilityDay:
+    day: date
+    outstanding_points: int
+    outstanding_value: Decimal
+
+
+BALANCE_SQL = f"""
+SELECT
+    count(),
+    argMax(balance_after, sequence),
+    argMax(pending_after, sequence),
+    sumIf(points, kind IN ('earned', 'confirmed') AND points > 0),
+    -sumIf(points, kind = 'redeemed'),
+    max(occurred_at)
+FROM ledger_entries FINAL
+WHERE customer_id = {{customer_id:String}}
+{FINAL_SETTINGS}
+"""
+
+BALANCES_ALL_SQL = """
+SELECT customer_id, argMax(balance_after, sequence) FROM ledger_entries GROUP BY customer_id
+"""
+
+BALANCES_SOME_SQL = """
+SELECT customer_id, argMax(balance_after, sequence)
+FROM ledger_entries
+WHERE customer_id IN {customer_ids:Array(String)}
+GROUP BY customer_id
+"""
+
+HISTORY_SQL = f"""
+SELECT {", ".join(LEDGER_COLUMNS)}
+FROM ledger_entries FINAL
+WHERE customer_id = {{customer_id:String}}
+ORDER BY sequence, entry_id
+LIMIT {{limit:UInt32}} OFFSET {{offset:UInt64}}
+{FINAL_SETTINGS}
+"""
+
+STORE_FILTER = "({store_id:Nullable(String)} IS NULL OR store_id = {store_id:Nullable(String)})"
+
+DAILY_BY_KIND_SQL = f"""
+SELECT day, kind, sum(points), sum(pending_points)
+FROM daily_points FINAL
+WHERE day >= {{date_from:Date}} AND day <= {{date_to:Date}} AND {STORE_FILTER}
+GROUP BY day, kind
+{FINAL_SETTINGS}
+"""
+
+OUTSTANDING_BEFORE_SQL = f"""
+SELECT sum(points)
+FROM daily_points FINAL
+WHERE day < {{date_from:Date}} AND {STORE_FILTER}
+{FINAL_SETTINGS}
+"""
+
+# The dimension picks one of four constant statements; it never reaches SQL text itself. Products are not
+# in daily_points (too many of them): that dimension reads daily_product_points.
+POINT_SOURCES_DAILY_SQL = """
+SELECT {column} AS key, sum(points_positive) AS points, sum(entries_positive) AS entries
+FROM daily_points FINAL
+WHERE day >= {{date_from:Date}} AND day <= {{date_to:Date}} AND kind IN ('earned', 'confirmed', 'adjusted')
+GROUP BY key
+HAVING entries > 0
+ORDER BY points DESC, key
+{settings}
+"""
+POINT_SOURCES_BY_PRODUCT_SQL = f"""
+SELECT sku AS key, sum(points) AS points_given, sum(entries) AS entries_given
+FROM daily_product_points FINAL
+WHERE day >= {{date_from:Date}} AND day <= {{date_to:Date}}
+GROUP BY key
+ORDER BY points_given DESC, key
+{FINAL_SETTINGS}
+"""
+POINT_SOURCES_SQL: dict[str, str] = {
+    "source": POINT_SOURCES_DAILY_SQL.format(column="source", settings=FINAL_SETTINGS),
+    "rule": POINT_SOURCES_DAILY_SQL.format(column="rule_id", settings=FINAL_SETTINGS),
+    "category": POINT_SOURCES_DAILY_SQL.format(column="category", settings=FINAL_SETTINGS),
+    "product": POINT_SOURCES_BY_PRODUCT_SQL,
+}
+
+TOP_EARNERS_SQL = f"""
+WITH earners AS
+(
+    SELECT customer_id, sum(points_earned) AS points
+    FROM daily_customer_points FINAL
+    WHERE day >= {{date_from:Date}} AND day <= {{date_to:Date}}
+    GROUP BY customer_id
+    ORDER BY points DESC, customer_id
+    LIMIT {{limit:UInt32}}
+)
+SELECT earners.customer_id, earners.points, current.balance
+FROM earners
+LEFT JOIN
+(
+    SELECT customer_id, argMax(balance_after, sequence) AS balance
+    FROM ledger_entries
+    WHERE customer_id IN (SELECT customer_id FROM earners)
+    GROUP BY customer_id
+) AS current ON current.customer_id = earners.customer_id
+ORDER BY earners.points DESC, earners.customer_id
+{FINAL_SETTINGS}
+"""
+
+
+def balance(client: Client, customer_id: str) -> Balance | None:
+    """The customer's balance, or None for a customer with no ledger entry."""
+    _check_customer_id(customer_id)
+    row = client.query(BALANCE_SQL, parameters={"customer_id": customer_id}).result_rows[0]
+    entries, available, pending, earned, redeemed, last_activity = row
+    if entries == 0:
+        return None
+    return Balance(
+        customer_id=customer_id,
+        available=available,
+        pending=pending,
+        lifetime_earned=earned,
+        lifetime_redeemed=redeemed,
+        debt=max(0, -available),
+        last_activity=_utc(last_activity),
+        entries=entries,
+    )
+
+
+def balances(client: Client, customer_ids: Iterable[str] | None = None) -> dict[str, int]:
+    """Available balance per customer (all customers when `customer_ids` is None)."""
+    if customer_ids is None:
+        return dict(client.query(BALANCES_ALL_SQL).result_rows)
+    wanted = sorted(set(customer_ids))
+    if len(wanted) > CUSTOMER_IDS_PER_QUERY_MAX:
+        raise ValueError(f"at most {CUSTOMER_IDS_PER_QUERY_MAX} customer ids per call, got {len(wanted)}")
+    for customer_id in wanted:
+        _check_customer_id(customer_id)
+    if not wanted:
+        return {}
+    return dict(client.query(BALANCES_SOME_SQL, parameters={"customer_ids": wanted}).result_rows)
+
+
+def history(client: Client, customer_id: str, *, limit: int = 100, offset: int = 0) -> list[LedgerEntry]:
+    """The customer's entries in `sequence` order, `limit` of them after skipping `offset`."""
+    _check_customer_id(customer_id)
+    if not 1 <= limit <= HISTORY_LIMIT_MAX:
+        raise ValueError(f"limit must be in 1..{HISTORY_LIMIT_MAX}, got {limit}")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    result = client.query(HISTORY_SQL, parameters={"customer_id": customer_id, "limit": limit, "offset": offset})
+    entries = []
+    for row in result.result_rows:
+        fields = dict(zip(LEDGER_COLUMNS, row, strict=True))
+        fields["occurred_at"] = _utc(fields["occurred_at"])
+        if fields["available_at"] is not None:
+            fields["available_at"] = _utc(fields["available_at"])
+        entries.append(LedgerEntry.model_validate(fields))
+    return entries
+
+
+def points_status(
+    client: Client,
+    date_from: date,
+    date_to: date,
+    granularity: Granularity = "day",
+    store_id: str | None = None,
+) -> PointsStatus:
+    """Issued, redeemed, expired, reversed, adjusted, pending issued and outstanding per period."""
+    days = _days(date_from, date_to)
+    if granularity not in ("day", "week", "month"):
+        raise ValueError(f"granularity must be day, week or month, got {granularity!r}")
+    parameters = {"date_from": date_from, "date_to": date_to, "store_id": store_id}
+    outstanding = _scalar(client.query(OUTSTANDING_BEFORE_SQL, parameters=parameters).result_rows)
+    by_day: dict[date, dict[str, tuple[int, int]]] = {}
+    for day, kind, points, pending_points in client.query(DAILY_BY_KIND_SQL, parameters=parameters).result_rows:
+        by_day.setdefault(day, {})[kind] = (points, pending_points)
+
+    periods: list[PeriodStatus] = []
+    current: dict[str, Any] | None = None
+    for day in days:
+        start = max(_period_start(day, granularity), date_from)
+        if current is None or current["period_start"] != start:
+            if current is not None:
+                periods.append(PeriodStatus(**current))
+            current = dict.fromkeys(("issued", "redeemed", "expired", "reversed", "adjusted", "pending_issued"), 0)
+            current["period_start"] = start
+        kinds = by_day.get(day, {})
+        points = {kind: figures[0] for kind, figures in kinds.items()}
+        current["issued"] += points.get("earned", 0) + points.get("confirmed", 0)
+        current["redeemed"] -= points.get("redeemed", 0)
+        current["expired"] -= points.get("expired", 0)
+        current["reversed"] -= points.get("reversed", 0)
+        current["adjusted"] += points.get("adjusted", 0)
+        current["pending_issued"] += kinds.get("pending", (0, 0))[1]
+        outstanding += sum(points.values())
+        current["period_end"] = day
+        current["outstanding"] = outstanding
+    assert current is not None
+    periods.append(PeriodStatus(**current))
+
+    totals = PeriodStatus(
+        period_start=date_from,
+        period_end=date_to,
+        issued=sum(period.issued for period in periods),
+        redeemed=sum(period.redeemed for period in periods),
+        expired=sum(period.expired for period in periods),
+        reversed=sum(period.reversed for period in periods),
+        adjusted=sum(period.adjusted for period in periods),
+        pending_issued=sum(period.pending_issued for period in periods),
+        outstanding=outstanding,
+    )
+    return PointsStatus(
+        granularity=granularity,
+        date_from=date_from,
+        date_to=date_to,
+        store_id=store_id,
+        periods=tuple(periods),
+        totals=totals,
+    )
+
+
+def point_sources(client: Client, date_from: date, date_to: date, by: SourceDimension = "source") -> list[PointSource]:
+    """Where points came from: positive points of kinds earned, confirmed and adjusted, per key.
+
+    Pending points are left out on purpose: they are counted once, when confirmed, so that the points
+    shown here are points customers can spend. The total equals `issued` of `points_status` plus the
+    positive admin adjustments.
+    """
+    _days(date_from, date_to)
+    if by not in POINT_SOURCES_SQL:
+        raise ValueError(f"by must be one of {sorted(POINT_SOURCES_SQL)}, got {by!r}")
+    result = client.query(POINT_SOURCES_SQL[by], parameters={"date_from": date_from, "date_to": date_to})
+    return [PointSource(key=key or None, points=points, entries=entries) for key, points, entries in result.result_rows]
+
+
+def top_earners(client: Client, date_from: date, date_to: date, limit: int = 10) -> list[TopEarner]:
+    """The customers who earned most (earned + confirmed points) in the range, with their current balance."""
+    _days(date_from, date_to)
+    if not 1 <= limit <= TOP_EARNERS_LIMIT_MAX:
+        raise ValueError(f"limit must be in 1..{TOP_EARNERS_LIMIT_MAX}, got {limit}")
+    result = client.query(TOP_EARNERS_SQL, parameters={"date_from": date_from, "date_to": date_to, "limit": limit})
+    return [
+        TopEarner(customer_id=customer_id, points_earned=points, balance=current)
+        for customer_id, points, current in result.result_rows
+    ]
+
+
+def liability(client: Client, date_from: date, date_to: date, point_value: Decimal) -> list[LiabilityDay]:
+    """Outstanding points at the end of each day of the range, and their value at `point_value` each.
+
+    Outstanding is the sum of every customer's available balance, so a customer in debt (negative balance)
+    lowers it; pending points are not a liability until confirmed.
+    """
+    if not isinstance(point_value, Decimal):
+        raise TypeError(f"point_value must be a Decimal, got {type(point_value).__name__}")
+    status = points_status(client, date_from, date_to, "day")
+    return [
+        LiabilityDay(
+            day=period.period_start,
+            outstanding_points=period.outstanding,
+            outstanding_value=period.outstanding * point_value,
+        )
+        for period in status.periods
+    ]
+
+
+def _days(date_from: date, date_to: date) -> list[date]:
+    for value in (date_from, date_to):
+        if isinstance(value, datetime) or not isinstance(value, date):
+            raise TypeError(f"dates must be datetime.date (not datetime), got {value!r}")
+    span = (date_to - date_from).days + 1
+    if span < 1:
+        raise ValueError(f"date_from {date_from} is after date_to {date_to}")
+    if span > DAYS_PER_RANGE_MAX:
+        raise ValueError(f"a range covers at most {DAYS_PER_RANGE_MAX} days, got {span}")
+    return [date_from + timedelta(days=offset) for offset in range(span)]
+
+
+def _period_start(day: date, granularity: Granularity) -> date:
+    if granularity == "day":
+        return day
+    if granularity == "week":
+        return day - timedelta(days=day.weekday())  # ISO weeks start on Monday
+    return day.replace(day=1)
+
+
+def _check_customer_id(customer_id: str) -> None:
+    if not isinstance(customer_id, str):
+        raise TypeError(f"customer_id must be a string, got {type(customer_id).__name__}")
+
+
+def _scalar(rows: list[Any]) -> int:
+    return int(rows[0][0]) if rows and rows[0][0] is not None else 0
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -1,0 +1,178 @@
+"""The ledger sink: batched, idempotent inserts of ledger entries into ClickHouse, with the Kafka offsets.
+
+Exactly-once effect on at-least-once delivery, without transactions (ClickHouse has none across tables):
+
+1. `ledger_entries` is a ReplacingMergeTree whose sorting key ends with `entry_id`, so a re-inserted
+   entry collapses with its first copy (queries read it with FINAL).
+2. The daily aggregates (daily_points, daily_product_points, daily_customer_points) are *recomputed*
+   from `ledger_entries FINAL` for every day the batch touched, never incremented, so re-inserting a
+   batch (or any part of it) recomputes the same numbers.
+3. The offsets are written last. A crash before step 3 makes the restarted worker resume from the older
+   offsets and write the same entries again, which steps 1 and 2 make harmless. A crash after step 3
+   loses nothing, since the rows were stored first.
+
+Why not insert deduplication tokens on a plain MergeTree plus a SummingMergeTree view: a token dedupes
+only an identical retried block. After a restart the consumer re-reads from the stored offset and the
+batch boundaries differ (different size, interleaved partitions), so the retried entries arrive in a
+different block with a different token and are counted twice. Deduplicating by entry id does not depend
+on how entries were batched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import UTC, date
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+
+from schemas.ledger import LedgerEntry
+
+__all__ = ["LEDGER_COLUMNS", "IdempotencyConflict", "LedgerSink"]
+
+LEDGER_COLUMNS: tuple[str, ...] = tuple(LedgerEntry.model_fields)
+BATCH_ROWS_MAX_LIMIT = 1_000_000
+DAYS_PER_RECOMPUTE_MAX = 400
+
+RECOMPUTE_DAILY_POINTS_SQL = """
+INSERT INTO daily_points
+    (day, store_id, kind, source, rule_id, category,
+     points, points_positive, pending_points, entries, entries_positive)
+SELECT
+    toDate(occurred_at) AS day, store_id, kind, source, rule_id,
+    ifNull(category, '') AS category_key,
+    sum(points), sumIf(points, points > 0), sum(pending_points), count(), countIf(points > 0)
+FROM ledger_entries FINAL
+WHERE toDate(occurred_at) >= {day_first:Date} AND toDate(occurred_at) <= {day_last:Date}
+  AND toDate(occurred_at) IN {days:Array(Date)}
+GROUP BY day, store_id, kind, source, rule_id, category_key
+SETTINGS do_not_merge_across_partitions_select_final = 1
+"""
+
+RECOMPUTE_DAILY_PRODUCT_POINTS_SQL = """
+INSERT INTO daily_product_points (day, kind, sku, points, entries)
+SELECT toDate(occurred_at) AS day, kind, ifNull(sku, '') AS sku_key, sum(points), count()
+FROM ledger_entries FINAL
+WHERE toDate(occurred_at) >= {day_first:Date} AND toDate(occurred_at) <= {day_last:Date}
+  AND toDate(occurred_at) IN {days:Array(Date)}
+  AND kind IN ('earned', 'confirmed', 'adjusted') AND points > 0
+GROUP BY day, kind, sku_key
+SETTINGS do_not_merge_across_partitions_select_final = 1
+"""
+
+# Only earned and confirmed points make a top earner (adjustments are not earnings).
+RECOMPUTE_DAILY_CUSTOMER_POINTS_SQL = """
+INSERT INTO daily_customer_points (day, customer_id, points_earned, entries)
+SELECT toDate(occurred_at) AS day, customer_id, sum(points), count()
+FROM ledger_entries FINAL
+WHERE toDate(occurred_at) >= {day_first:Date} AND toDate(occurred_at) <= {day_last:Date}
+  AND toDate(occurred_at) IN {days:Array(Date)}
+  AND kind IN ('earned', 'confirmed')
+GROUP BY day, customer_id
+SETTINGS do_not_merge_across_partitions_select_final = 1
+"""
+
+RECOMPUTE_SQL = (RECOMPUTE_DAILY_POINTS_SQL, RECOMPUTE_DAILY_PRODUCT_POINTS_SQL, RECOMPUTE_DAILY_CUSTOMER_POINTS_SQL)
+
+
+class IdempotencyConflict(ValueError):
+    """One batch holds two different entries under the same entry id (the rules engine broke its contract)."""
+
+
+class LedgerSink:
+    """Writes batches of ledger entries and the offsets they came from; see the module docstring.
+
+    `batch_rows_max` (default 20000, the setting `LOYALTY_SINK_BATCH_ROWS_MAX`) bounds the rows of one
+    INSERT; a larger `write` is split into several inserts before the offsets are recorded.
+    The schema must exist (`projections.schema.migrate`).
+    """
+
+    def __init__(self, client: Client, *, batch_rows_max: int = 20_000) -> None:
+        if not 1 <= batch_rows_max <= BATCH_ROWS_MAX_LIMIT:
+            raise ValueError(f"batch_rows_max must be in 1..{BATCH_ROWS_MAX_LIMIT}, got {batch_rows_max}")
+        self._client = client
+        self._batch_rows_max = batch_rows_max
+
+    def write(
+        self,
+        entries: Iterable[LedgerEntry | Mapping[str, Any]],
+        offsets: Mapping[tuple[str, int], int] | None = None,
+    ) -> int:
+        """Store `entries`, then `offsets` ((topic, partition) -> next offset to read). Return the row count.
+
+        Writing the same entries again changes no number. Entries may be LedgerEntry models or dicts of
+        the same fields (validated here, before any I/O).
+        """
+        offset_rows = _offset_rows(offsets or {})
+        unique = _unique_entries(entries)
+        columns = _columns(unique)
+        for start in range(0, len(unique), self._batch_rows_max):
+            chunk = [column[start : start + self._batch_rows_max] for column in columns]
+            self._client.insert("ledger_entries", chunk, column_names=LEDGER_COLUMNS, column_oriented=True)
+        self._recompute_daily_points({entry.occurred_at.date() for entry in unique} if unique else set())
+        if offset_rows:
+            self._client.insert(
+                "sink_offsets",
+                [list(column) for column in zip(*offset_rows, strict=True)],
+                column_names=("topic", "partition", "next_offset"),
+                column_oriented=True,
+            )
+        return len(unique)
+
+    def resume_offsets(self) -> dict[tuple[str, int], int]:
+        """The stored position per (topic, partition): the next offset to consume."""
+        result = self._client.query(
+            "SELECT topic, partition, max(next_offset) FROM sink_offsets GROUP BY topic, partition"
+        )
+        return {(topic, partition): next_offset for topic, partition, next_offset in result.result_rows}
+
+    def _recompute_daily_points(self, days: set[date]) -> None:
+        # occurred_at is UTC-aware and the column is UTC, so .date() of a UTC-normalised value is the
+        # same day that toDate(occurred_at) computes in ClickHouse.
+        ordered = sorted(days)
+        for start in range(0, len(ordered), DAYS_PER_RECOMPUTE_MAX):
+            window = ordered[start : start + DAYS_PER_RECOMPUTE_MAX]
+            parameters = {"day_first": window[0], "day_last": window[-1], "days": window}
+            for statement in RECOMPUTE_SQL:
+                self._client.command(statement, parameters=parameters)
+
+
+def _unique_entries(entries: Iterable[LedgerEntry | Mapping[str, Any]]) -> list[LedgerEntry]:
+    by_id: dict[str, LedgerEntry] = {}
+    for item in entries:
+        entry = item if isinstance(item, LedgerEntry) else LedgerEntry.model_validate(item)
+        entry = _in_utc(entry)
+        seen = by_id.get(entry.entry_id)
+        if seen is None:
+            by_id[entry.entry_id] = entry
+        elif seen != entry:
+            raise IdempotencyConflict(f"entry id {entry.entry_id!r} appears twice with different content")
+    return list(by_id.values())
+
+
+def _in_utc(entry: LedgerEntry) -> LedgerEntry:
+    occurred_at = entry.occurred_at
+    if occurred_at.tzinfo is None:
+        raise ValueError(f"entry {entry.entry_id!r}: occurred_at must carry a UTC offset, got {occurred_at}")
+    if occurred_at.utcoffset():
+        return entry.model_copy(update={"occurred_at": occurred_at.astimezone(UTC)})
+    return entry
+
+
+def _columns(entries: list[LedgerEntry]) -> list[list[Any]]:
+    rows = [entry.__dict__ for entry in entries]
+    return [[row[name] for row in rows] for name in LEDGER_COLUMNS]
+
+
+def _offset_rows(offsets: Mapping[tuple[str, int], int]) -> list[tuple[str, int, int]]:
+    rows = []
+    for key, next_offset in offsets.items():
+        topic, partition = key
+        if not isinstance(topic, str) or not topic:
+            raise ValueError(f"offset key {key!r}: topic must be a non-empty string")
+        if not isinstance(partition, int) or partition < 0:
+            raise ValueError(f"offset key {key!r}: partition must be an integer >= 0")
+        if not isinstance(next_offset, int) or next_offset < 0:
+            raise ValueError(f"offset of {key!r} must be an integer >= 0, got {next_offset!r}")
+        rows.append((topic, partition, next_offset))
+    return rows
