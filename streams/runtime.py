@@ -128,11 +128,12 @@ class BrokerMonitor:
             await consumer.stop()
 
     def committed(self) -> dict[tuple[str, int], int]:
+        # kafka-python's admin, not aiokafka's: aiokafka's OffsetFetch request fails to parse on Tansu.
         from kafka import KafkaAdminClient
 
         admin = KafkaAdminClient(bootstrap_servers=self.bootstrap)
         try:
-            offsets = admin.list_consumer_group_offsets(self.group)
+            offsets = admin.list_group_offsets(self.group).get(self.group, {})
         finally:
             admin.close()
         return {(tp.topic, tp.partition): meta.offset for tp, meta in offsets.items() if meta.offset >= 0}

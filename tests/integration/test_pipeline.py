@@ -1,0 +1,170 @@
+"""End to end on the real embedded broker and chDB: the stream worker and projector equal `loyalty process`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from schemas.topics import DEAD_LETTER, LEDGER
+from streams.batch import process_lines
+from streams.producer import produce_file
+from streams.rules.ruleset import load_ruleset
+from streams.simulate import write_events
+
+pytestmark = pytest.mark.integration
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+PARTITIONS = 4
+WAIT_S = 180
+
+
+def read_topic(bootstrap: str, topic: str, partitions: int, expected: int, timeout_s: float = 60.0):
+    """Every record of a topic, read by manual assignment until `expected` records or the timeout."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        group_id=None,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=2000,
+    )
+    try:
+        consumer.assign([TopicPartition(topic, partition) for partition in range(partitions)])
+        records = []
+        deadline = time.monotonic() + timeout_s
+        while len(records) < expected and time.monotonic() < deadline:
+            records.extend(consumer)
+        # Read on briefly: more records than expected would be a failure the assertion should see.
+        records.extend(consumer)
+        return records
+    finally:
+        consumer.close()
+
+
+def run_cli(environment: dict[str, str], *arguments: str) -> dict:
+    completed = subprocess.run(
+        [sys.executable, "-m", "streams.cli", *arguments, "--json"],
+        env=environment,
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert completed.returncode == 0, completed.stderr
+    return json.loads(completed.stdout)
+
+
+@pytest.fixture
+def system(broker, tmp_path):
+    """`loyalty up` against the fixture's broker, with its own data directory; always stopped."""
+    data_dir = tmp_path / "data"
+    environment = dict(
+        os.environ,
+        LOYALTY_KAFKA_BOOTSTRAP=broker.bootstrap,
+        LOYALTY_DATA_DIR=str(data_dir),
+        LOYALTY_PARTITIONS=str(PARTITIONS),
+        LOYALTY_HTTP_PORT="0",
+        LOYALTY_SESSION_TIMEOUT_S="2",
+        # The whole log is in the topics before the worker starts: release only by watermark / caught-up,
+        # never by age, so that the order equals the batch driver's exactly.
+        LOYALTY_REORDER_WAIT_MS="120000",
+    )
+    log_path = tmp_path / "up.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "up"],
+            env=environment,
+            cwd=REPOSITORY,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not (data_dir / "run.json").exists():
+                assert process.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, "loyalty up did not start"
+                time.sleep(0.2)
+            yield {"environment": environment, "data_dir": data_dir, "process": process, "log": log_path}
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=40)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+def test_stream_worker_and_projections_equal_the_batch_driver(broker, system, tmp_path):
+    events_path = tmp_path / "events.jsonl"
+    write_events(events_path, events=6000, customers=400, seed=11, duplicate_share=0.03, bad_share=0.01)
+    expected = process_lines(events_path.open("rb"), load_ruleset())
+    assert len(expected.rejected) == 60 and expected.duplicates > 100
+
+    counts = produce_file(events_path, bootstrap=broker.bootstrap)
+    assert sum(counts.values()) >= 6000
+
+    environment = system["environment"]
+    deadline = time.monotonic() + WAIT_S
+    status = {}
+    while time.monotonic() < deadline:
+        status = run_cli(environment, "status")
+        if (
+            status["ledger_rows_projected"] >= len(expected.ledger)
+            and status["events_rejected"] >= len(expected.rejected)
+            and sum(status["consumer_lag"].values()) == 0
+        ):
+            break
+        assert system["process"].poll() is None, system["log"].read_text()[-3000:]
+        time.sleep(1)
+    assert status["ledger_rows_projected"] == len(expected.ledger), (status, system["log"].read_text()[-3000:])
+    assert status["events_rejected"] == len(expected.rejected)
+    assert status["consumer_lag"] == {topic: 0 for topic in status["consumer_lag"]}
+
+    # The ledger topic holds exactly the batch driver's entries (re-deliveries may repeat an entry id,
+    # never change one).
+    ledger_records = read_topic(broker.bootstrap, LEDGER, PARTITIONS, len(expected.ledger))
+    streamed = {}
+    for record in ledger_records:
+        entry = json.loads(record.value)
+        assert streamed.setdefault(entry["entry_id"], entry) == entry
+    assert streamed == {entry.entry_id: entry.model_dump(mode="json") for entry in expected.ledger}
+
+    # The dead-letter topic holds exactly the bad lines, byte for byte, each with a reason.
+    lines = events_path.read_bytes().splitlines()
+    dead_records = read_topic(broker.bootstrap, DEAD_LETTER, PARTITIONS, len(expected.rejected))
+    assert Counter(record.value for record in dead_records) == Counter(
+        lines[rejection.line - 1] for rejection in expected.rejected
+    )
+    reasons = [dict(record.headers)["loyalty-reason"].decode() for record in dead_records]
+    assert all(reasons) and len(reasons) == len(expected.rejected)
+
+    # Balances and history through the running system's CLI.
+    balances = expected.balances()
+    heavy = max(balances, key=lambda customer: len([e for e in expected.ledger if e.customer_id == customer]))
+    balance = run_cli(environment, "balance", heavy)
+    assert balance["customer_id"] == heavy and balance["balance"] == balances[heavy]
+    history = run_cli(environment, "history", heavy, "--limit", "1000")
+    expected_history = [entry.model_dump(mode="json") for entry in expected.ledger if entry.customer_id == heavy]
+    assert history["entries"] == expected_history[:1000]
+
+    # Every ClickHouse balance equals the batch driver's, read directly after the owner stopped.
+    system["process"].send_signal(signal.SIGTERM)
+    system["process"].wait(timeout=40)
+    from projections.client import connect
+    from projections.queries import balances as projected_balances
+
+    client = connect(f"chdb://{(system['data_dir'] / 'clickhouse').resolve()}")
+    try:
+        assert projected_balances(client) == balances
+    finally:
+        client.close()
