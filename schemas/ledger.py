@@ -21,6 +21,7 @@ class Kind(StrEnum):
     expired = "expired"
     adjusted = "adjusted"
     recorded = "recorded"
+    tier_changed = "tier_changed"
 
 
 class Source(StrEnum):
@@ -35,6 +36,7 @@ class Source(StrEnum):
     adjustment = "adjustment"
     expiry = "expiry"
     clock = "clock"
+    tier = "tier"
 
 
 class LedgerEntry(BaseModel):

@@ -268,6 +268,8 @@ def _purchase_completed(entries: _Entries, event: ev.PurchaseCompleted) -> None:
     full_share = earning_total == subtotal
 
     promotions = _promotions(ruleset, Source.purchase, event.occurred_at)
+    tier = _current_tier(state, ruleset)
+    tier_multiplier = tier.multiplier if tier is not None else Decimal(1)
     promotion_multiplier = Decimal(1)
     for promotion in promotions:
         promotion_multiplier *= promotion.multiplier
@@ -316,8 +318,10 @@ def _purchase_completed(entries: _Entries, event: ev.PurchaseCompleted) -> None:
                 if category.rate is not None:
                     rate = category.rate
                 rate *= category.multiplier
-            raw = line_base * rate * promotion_multiplier
+            raw = line_base * rate * promotion_multiplier * tier_multiplier
             arithmetic += f"; x rate {rate.normalize():f}"
+            if tier_multiplier != 1:
+                arithmetic += f" x tier {tier.name} {tier_multiplier.normalize():f}"  # type: ignore[union-attr]
         if promotion_multiplier != 1 and raw:
             arithmetic += f" x promotions {promotion_multiplier.normalize():f} ({', '.join(p.id for p in promotions)})"
         points = round_points(raw, ruleset.rounding)
@@ -364,7 +368,7 @@ def _purchase_completed(entries: _Entries, event: ev.PurchaseCompleted) -> None:
     for rule_id, bonus, threshold, why in bonuses:
         awarded, cap_note = _capped(state, entries, Source.purchase, bonus)
         entries.add(
-            Kind.pending if pending else Kind.earned,
+            Kind.recorded if awarded == 0 else Kind.pending if pending else Kind.earned,
             Source.purchase,
             rule_id,
             points=0 if pending else awarded,
@@ -394,6 +398,7 @@ def _reverse_order(entries: _Entries, order_id: str, order: OrderRecord, refund_
             order_id=order_id,
             sku=line.sku,
             quantity=quantity_left,
+            amount=line.amount * quantity_left / line.quantity if line.quantity else _zero,
             reference=f"{key};{refund_tag}",
         )
         posted += 1
@@ -477,6 +482,7 @@ def _purchase_refunded(entries: _Entries, event: ev.PurchaseRefunded) -> None:
             order_id=event.order_id,
             sku=line.sku,
             quantity=quantity,
+            amount=line.amount * quantity / line.quantity,
             reference=f"{key};{tag}",
         )
         posted += 1
@@ -575,8 +581,19 @@ def _referral(entries: _Entries, event: ev.ReferralCompleted, side: Side) -> Non
         if state.referred_by is not None:
             entries.record(
                 Source.referral,
-                "referral.referee",
+                "referral.referee.already_referred",
                 f"already referred by {state.referred_by}",
+                order_id=event.order_id,
+                reference=event.customer_id,
+            )
+            return
+        # Referral guard (issue 5, intended): the referee's qualifying order must exist in the referee's own
+        # state, so the referee is only rewarded after a recorded purchase with that order id.
+        if event.order_id not in state.orders:
+            entries.record(
+                Source.referral,
+                "referral.referee.no_order",
+                f"qualifying order {event.order_id} not found for {state.customer_id}",
                 order_id=event.order_id,
                 reference=event.customer_id,
             )
@@ -796,6 +813,8 @@ def decide(
     entries = _Entries(state, event, ruleset, fingerprint)
     if state.pending_lots:
         _release_pending(entries)
+    if ruleset.expiry.mode != "none":
+        _expire(entries)
     # Confirmations are folded first so that the event's own rules see the released points.
     if entries.entries:
         released = list(entries.entries)
@@ -805,7 +824,84 @@ def decide(
         _referral(entries, event, side)
     else:
         _handlers[type(event)](entries, event)
+    if ruleset.tiers.levels:
+        _review_tier(entries)
     return entries.entries
+
+
+def _expire(entries: _Entries) -> None:
+    """Expire points whose time has come at this event's time (before the event itself is applied)."""
+    state, rules, moment = entries.state, entries.ruleset.expiry, entries.event.occurred_at
+    lifetime = timedelta(days=rules.days)
+    if rules.mode == "inactivity":
+        if state.last_activity_at is None or entries.balance <= 0 or moment < state.last_activity_at + lifetime:
+            return
+        entries.add(
+            Kind.expired,
+            Source.expiry,
+            "expiry.inactivity",
+            points=-entries.balance,
+            explanation=f"no earning or redeeming since {state.last_activity_at.isoformat()} ({rules.days} days)",
+        )
+        return
+    for awarded_at, left in list(state.lots):
+        if moment < awarded_at + lifetime or entries.balance <= 0:
+            break
+        points = min(left, entries.balance)
+        entries.add(
+            Kind.expired,
+            Source.expiry,
+            "expiry.lot",
+            points=-points,
+            reference=awarded_at.isoformat(),
+            explanation=f"{points} points awarded {awarded_at.isoformat()} expired after {rules.days} days",
+        )
+
+
+def _current_tier(state: CustomerState, ruleset: RuleSet, extra_points: int = 0, moment: datetime | None = None):
+    tiers = ruleset.tiers
+    if not tiers.levels:
+        return None
+    if tiers.basis == "lifetime_points":
+        return tiers.tier_for(Decimal(state.lifetime_earned + extra_points))
+    return next((level for level in tiers.levels if level.name == state.tier), None)
+
+
+def _review_tier(entries: _Entries) -> None:
+    """Record a tier change caused by this event's entries (tiers come from lifetime points or spend)."""
+    state, ruleset = entries.state, entries.ruleset
+    tiers = ruleset.tiers
+    if tiers.basis == "lifetime_points":
+        earned = sum(
+            entry.points
+            for entry in entries.entries
+            if entry.kind in (Kind.earned, Kind.confirmed) and entry.points > 0
+        )
+        metric = Decimal(state.lifetime_earned + earned)
+        described = f"lifetime earned points {metric}"
+    else:
+        since = entries.event.occurred_at - timedelta(days=tiers.window_days)
+        metric = sum((amount for moment, amount in state.spend_log if moment > since), _zero)
+        for entry in entries.entries:
+            if entry.source is Source.purchase and entry.amount and entry.sku:
+                if (
+                    entry.kind in (Kind.earned, Kind.pending, Kind.recorded)
+                    and entry.event_type == "purchase.completed"
+                ):
+                    metric += Decimal(entry.amount)
+                elif entry.kind is Kind.reversed:
+                    metric -= Decimal(entry.amount)
+        described = f"spend in the last {tiers.window_days} days {_shown(metric)}"
+    level = tiers.tier_for(metric)
+    name = level.name if level is not None else None
+    if name != state.tier:
+        entries.add(
+            Kind.tier_changed,
+            Source.tier,
+            "tier",
+            reference=name or "",
+            explanation=f"{state.tier or 'no tier'} -> {name or 'no tier'}: {described}",
+        )
 
 
 def _clone_for_preview(state: CustomerState, released: list[LedgerEntry], ruleset: RuleSet) -> CustomerState:

@@ -155,6 +155,42 @@ class RedemptionRules(_Strict):
     maximum_points: PointsAmount | None = None
 
 
+class ExpiryRules(_Strict):
+    """Point expiry, decided by event time (including `clock.tick` events), never by the wall clock.
+
+    `inactivity`: the whole available balance expires after `days` without earning or redeeming.
+    `lot`: each award expires `days` after it was made; spending uses the oldest points first.
+    """
+
+    mode: Literal["none", "inactivity", "lot"] = "none"
+    days: Annotated[int, Field(ge=1, le=3650)] = 365
+
+
+class TierLevel(_Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")]
+    minimum: Amount  # lifetime points, or spend in the window, needed to reach the tier
+    multiplier: Rate = Decimal(1)  # applied to rate-based purchase points
+
+
+class TierRules(_Strict):
+    """Tiers by lifetime earned points (never the current balance) or by spend in a rolling window."""
+
+    basis: Literal["lifetime_points", "rolling_spend"] = "lifetime_points"
+    window_days: Annotated[int, Field(ge=1, le=3650)] = 365
+    levels: list[TierLevel] = []
+
+    @field_validator("levels")
+    @classmethod
+    def _ordered(cls, levels: list[TierLevel]) -> list[TierLevel]:
+        if len({level.name for level in levels}) != len(levels):
+            raise ValueError("tier names must be unique")
+        return sorted(levels, key=lambda level: level.minimum)
+
+    def tier_for(self, metric: Decimal) -> TierLevel | None:
+        reached = [level for level in self.levels if metric >= level.minimum]
+        return reached[-1] if reached else None
+
+
 class RuleSet(_Strict):
     """A complete, versioned rule set. See docs/rules.md for every rule kind and their precedence."""
 
@@ -170,6 +206,8 @@ class RuleSet(_Strict):
     caps: list[Cap] = []
     eligibility: Eligibility = Eligibility()
     redemption: RedemptionRules = RedemptionRules()
+    expiry: ExpiryRules = ExpiryRules()
+    tiers: TierRules = TierRules()
 
     @field_validator("timezone")
     @classmethod

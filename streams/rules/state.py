@@ -90,6 +90,10 @@ class CustomerState:
     orders: dict[str, OrderRecord] = field(default_factory=dict)
     pending_lots: list[PendingLot] = field(default_factory=list)
     cap_usage: dict[tuple[str, date], int] = field(default_factory=dict)  # (source, local day) -> points
+    last_activity_at: datetime | None = None  # last earning or redeeming, for expiry by inactivity
+    lots: list[list] = field(default_factory=list)  # [awarded_at, points left], oldest first (expiry by lot)
+    tier: str | None = None
+    spend_log: list[tuple[datetime, Decimal]] = field(default_factory=list)  # qualifying spend, for tiers
 
 
 _positive_sources_kinds = (Kind.earned, Kind.pending)
@@ -114,6 +118,17 @@ def evolve(state: CustomerState, entry: LedgerEntry, zone: ZoneInfo) -> None:
 
     if kind in (Kind.earned, Kind.confirmed) and entry.points > 0:
         state.lifetime_earned += entry.points
+    if kind in (Kind.earned, Kind.confirmed, Kind.redeemed) and entry.points != 0:
+        state.last_activity_at = entry.occurred_at
+    _evolve_lots(state, entry, kind)
+    if kind is Kind.tier_changed:
+        state.tier = reference or None
+    if source is Source.purchase and entry.amount and entry.sku:
+        # Line entries carry their goods amount; reversals carry the refunded share as a negative amount.
+        if kind in (Kind.earned, Kind.pending, Kind.recorded) and entry.event_type == "purchase.completed":
+            state.spend_log.append((entry.occurred_at, Decimal(entry.amount)))
+        elif kind is Kind.reversed:
+            state.spend_log.append((entry.occurred_at, -Decimal(entry.amount)))
     if kind is Kind.redeemed:
         state.lifetime_redeemed -= entry.points
         state.redemption_ids.add(reference)
@@ -135,18 +150,25 @@ def evolve(state: CustomerState, entry: LedgerEntry, zone: ZoneInfo) -> None:
             state.segment = reference.removeprefix("segment:")
     elif source is Source.redemption and kind is Kind.redemption_rejected:
         state.redemption_ids.add(reference)
-    elif source is Source.adjustment:
+    elif source is Source.adjustment and kind is Kind.adjusted:
+        # Only an applied adjustment uses up its id: a refused one (recorded, 0 points) must stay retryable
+        # with allow_negative under the same adjustment id, instead of being reported as "already applied".
         state.adjustment_ids.add(reference)
     elif source is Source.referral:
-        if entry.rule_id.startswith("referral.referrer"):
+        # Only the decision itself marks a referral; guard records (no order yet, already referred) do not,
+        # so a referral that arrives before the referee's order does not block a later, valid one.
+        if entry.rule_id == "referral.referrer":
             state.referees.add(reference)
-        elif entry.rule_id.startswith("referral.referee"):
+        elif entry.rule_id == "referral.referee":
             state.referred_by = reference
 
 
 def _evolve_purchase(state: CustomerState, entry: LedgerEntry, kind: Kind, reference: str) -> None:
     order_id = entry.order_id or ""
-    if entry.event_type == "purchase.completed":
+    # A purchase.completed event can also release earlier pending lots: those `confirmed` entries carry the
+    # event type of the new purchase but refer to another order, so they take the confirmation path below
+    # (folding them as new order lines confirmed the same lot twice and invented a bonus to reverse).
+    if entry.event_type == "purchase.completed" and kind is not Kind.confirmed:
         if entry.rule_id in ("purchase.duplicate_order", "purchase.not_qualifying"):
             return
         state.first_order_done = True
@@ -195,6 +217,24 @@ def _evolve_purchase(state: CustomerState, entry: LedgerEntry, kind: Kind, refer
         state.pending_lots = [
             lot for lot in state.pending_lots if not (lot.order_id == order_id and lot.target == target)
         ]
+
+
+def _evolve_lots(state: CustomerState, entry: LedgerEntry, kind: Kind) -> None:
+    """Lots of available points, oldest first: awards add one, every decrease uses the oldest first."""
+    if entry.points > 0:
+        if state.lots and state.lots[-1][0] == entry.occurred_at:
+            state.lots[-1][1] += entry.points
+        else:
+            state.lots.append([entry.occurred_at, entry.points])
+        return
+    taken = -entry.points
+    while taken > 0 and state.lots:
+        oldest = state.lots[0]
+        used = min(taken, oldest[1])
+        oldest[1] -= used
+        taken -= used
+        if oldest[1] == 0:
+            state.lots.pop(0)
 
 
 def _forget_old_cap_usage(state: CustomerState, zone: ZoneInfo) -> None:

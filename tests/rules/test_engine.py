@@ -38,11 +38,14 @@ def event(event_type: str, event_id: str, at: str = "2026-03-01T10:00:00+00:00",
     return decode_event(json.dumps(document))
 
 
-def purchase(event_id: str, lines, at: str = "2026-03-01T10:00:00+00:00", order_id: str | None = None, **fields):
+def purchase(
+    event_id: str, lines, at: str = "2026-03-01T10:00:00+00:00", order_id: str | None = None, customer="c1", **fields
+):
     return event(
         "purchase.completed",
         event_id,
         at,
+        customer,
         order_id=order_id or f"o-{event_id}",
         currency="EUR",
         lines=[
@@ -216,11 +219,22 @@ def test_daily_cap_in_the_store_timezone():
 def test_referral_rewards_both_sides_on_their_own_states():
     ruleset = rules("referral: {referrer_points: 200, referee_points: 100}\n")
     referral = event("referral.completed", "rf", referral_id="r1", referee_id="c2", order_id="o1")
+    first_order = purchase("p", [("a", "books", 1, "0.50")], order_id="o1", customer="c2")
     referrer, referrer_ledger = run(ruleset, referral)
-    referee, referee_ledger = run(ruleset, referral, customer="c2", side="referee")
+    referee, referee_ledger = run(ruleset, first_order, customer="c2")
+    referee_ledger += apply(referee, referral, ruleset, side="referee")
     assert [(e.customer_id, e.rule_id, e.points) for e in referrer_ledger] == [("c1", "referral.referrer", 200)]
-    assert [(e.customer_id, e.rule_id, e.points) for e in referee_ledger] == [("c2", "referral.referee", 100)]
-    assert referrer_ledger[0].entry_id != referee_ledger[0].entry_id
+    assert [(e.customer_id, e.rule_id, e.points) for e in referee_ledger[1:]] == [("c2", "referral.referee", 100)]
+    assert referrer_ledger[0].entry_id != referee_ledger[1].entry_id
+
+
+def test_the_referee_award_needs_the_qualifying_order():
+    ruleset = rules("referral: {referrer_points: 200, referee_points: 100}\n")
+    referral = event("referral.completed", "rf", referral_id="r1", referee_id="c2", order_id="o1")
+    _, ledger = run(ruleset, referral, customer="c2", side="referee")
+    assert [(e.kind, e.points, e.explanation) for e in ledger] == [
+        (Kind.recorded, 0, "qualifying order o1 not found for c2")
+    ]
 
 
 def test_self_referral_earns_nothing():

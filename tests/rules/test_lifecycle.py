@@ -1,0 +1,125 @@
+"""Point lifecycle in the pure core: expiry by inactivity and by lot, tiers, debts."""
+
+from __future__ import annotations
+
+from test_engine import event, purchase, run
+
+from schemas.ledger import Kind
+from streams.rules.ruleset import parse_ruleset
+
+BASE = "version: life-1\npurchase: {points_per_unit: '1'}\n"
+
+
+def test_inactivity_expires_the_whole_balance_after_n_days_without_earning_or_redeeming():
+    ruleset = parse_ruleset(BASE + "expiry: {mode: inactivity, days: 30}\n")
+    state, ledger = run(
+        ruleset,
+        purchase("p", [("a", "books", 1, "100.00")], at="2026-01-01T00:00:00+00:00"),
+        event("clock.tick", "t1", at="2026-01-30T23:59:59+00:00"),
+        event("clock.tick", "t2", at="2026-01-31T00:00:00+00:00"),
+        event("clock.tick", "t3", at="2026-03-31T00:00:00+00:00"),
+    )
+    assert [(e.caused_by, e.kind, e.points, e.balance_after) for e in ledger] == [
+        ("p", Kind.earned, 100, 100),
+        ("t2", Kind.expired, -100, 0),
+    ]
+    assert state.balance == 0
+
+
+def test_redeeming_counts_as_activity_for_inactivity_expiry():
+    ruleset = parse_ruleset(BASE + "expiry: {mode: inactivity, days: 30}\nredemption: {minimum_points: 1}\n")
+    _, ledger = run(
+        ruleset,
+        purchase("p", [("a", "books", 1, "100.00")], at="2026-01-01T00:00:00+00:00"),
+        event("points.redeem_requested", "r", at="2026-01-20T00:00:00+00:00", redemption_id="r", points=10),
+        event("clock.tick", "t1", at="2026-02-10T00:00:00+00:00"),
+        event("clock.tick", "t2", at="2026-02-19T00:00:00+00:00"),
+    )
+    assert [(e.caused_by, e.kind, e.points) for e in ledger] == [
+        ("p", Kind.earned, 100),
+        ("r", Kind.redeemed, -10),
+        ("t2", Kind.expired, -90),
+    ]
+
+
+def test_lot_expiry_takes_each_award_after_n_days_and_spending_uses_the_oldest_first():
+    ruleset = parse_ruleset(BASE + "expiry: {mode: lot, days: 10}\nredemption: {minimum_points: 1}\n")
+    state, ledger = run(
+        ruleset,
+        purchase("p1", [("a", "books", 1, "50.00")], at="2026-01-01T00:00:00+00:00"),
+        purchase("p2", [("a", "books", 1, "30.00")], at="2026-01-05T00:00:00+00:00"),
+        event("points.redeem_requested", "r", at="2026-01-06T00:00:00+00:00", redemption_id="r", points=20),
+        event("clock.tick", "t1", at="2026-01-11T00:00:00+00:00"),
+        event("clock.tick", "t2", at="2026-01-15T00:00:00+00:00"),
+    )
+    assert [(e.caused_by, e.kind, e.points, e.balance_after) for e in ledger] == [
+        ("p1", Kind.earned, 50, 50),
+        ("p2", Kind.earned, 30, 80),
+        ("r", Kind.redeemed, -20, 60),
+        ("t1", Kind.expired, -30, 30),  # the first lot, minus the 20 spent from it
+        ("t2", Kind.expired, -30, 0),
+    ]
+    assert state.lots == []
+
+
+def test_expiry_never_takes_pending_points():
+    ruleset = parse_ruleset(BASE.replace("'1'}", "'1', pending_days: 30}") + "expiry: {mode: lot, days: 10}\n")
+    state, ledger = run(
+        ruleset,
+        purchase("p", [("a", "books", 1, "50.00")], at="2026-01-01T00:00:00+00:00"),
+        event("clock.tick", "t1", at="2026-01-20T00:00:00+00:00"),
+    )
+    assert [(e.kind, e.points, e.pending_points) for e in ledger] == [(Kind.pending, 0, 50)]
+    assert (state.balance, state.pending) == (0, 50)
+
+
+def test_tier_by_lifetime_points_multiplies_purchase_points_and_is_recorded():
+    ruleset = parse_ruleset(
+        BASE + "tiers:\n  basis: lifetime_points\n  levels:\n"
+        "    - {name: silver, minimum: '100', multiplier: '1.5'}\n    - {name: gold, minimum: '500', multiplier: '2'}\n"
+    )
+    state, ledger = run(
+        ruleset,
+        purchase("p1", [("a", "books", 1, "120.00")], at="2026-01-01T00:00:00+00:00"),
+        purchase("p2", [("a", "books", 1, "100.00")], at="2026-01-02T00:00:00+00:00"),
+    )
+    assert [(e.caused_by, e.kind, e.points, e.reference) for e in ledger] == [
+        ("p1", Kind.earned, 120, "line:0"),
+        ("p1", Kind.tier_changed, 0, "silver"),
+        ("p2", Kind.earned, 150, "line:0"),  # silver: x 1.5
+    ]
+    assert state.tier == "silver"
+
+
+def test_tier_by_rolling_spend_drops_when_the_window_passes():
+    ruleset = parse_ruleset(
+        BASE + "tiers:\n  basis: rolling_spend\n  window_days: 30\n  levels:\n"
+        "    - {name: vip, minimum: '200', multiplier: '2'}\n"
+    )
+    state, ledger = run(
+        ruleset,
+        purchase("p1", [("a", "books", 1, "250.00")], at="2026-01-01T00:00:00+00:00"),
+        purchase("p2", [("a", "books", 1, "10.00")], at="2026-01-10T00:00:00+00:00"),
+        purchase("p3", [("a", "books", 1, "10.00")], at="2026-02-15T00:00:00+00:00"),
+    )
+    assert [(e.caused_by, e.kind, e.points, e.reference) for e in ledger] == [
+        ("p1", Kind.earned, 250, "line:0"),
+        ("p1", Kind.tier_changed, 0, "vip"),
+        ("p2", Kind.earned, 20, "line:0"),
+        ("p3", Kind.earned, 20, "line:0"),  # still vip when p3 is decided; the window is reviewed after it
+        ("p3", Kind.tier_changed, 0, ""),
+    ]
+    assert state.tier is None
+
+
+def test_a_refund_after_spending_leaves_a_debt_that_later_earnings_repay():
+    ruleset = parse_ruleset(BASE + "redemption: {minimum_points: 1}\n")
+    state, ledger = run(
+        ruleset,
+        purchase("p1", [("a", "books", 1, "100.00")], order_id="o1", at="2026-01-01T00:00:00+00:00"),
+        event("points.redeem_requested", "r", at="2026-01-02T00:00:00+00:00", redemption_id="r", points=80),
+        event("purchase.refunded", "f", at="2026-01-03T00:00:00+00:00", order_id="o1", refund_id="f1"),
+        purchase("p2", [("a", "books", 1, "50.00")], at="2026-01-04T00:00:00+00:00"),
+    )
+    assert [e.balance_after for e in ledger] == [100, 20, -80, -30]
+    assert state.balance == -30

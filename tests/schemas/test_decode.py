@@ -1,0 +1,131 @@
+"""Event contract v1: what is accepted, and the exact reason given for what is not."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import pytest
+
+from schemas import EventRejected, decode_event
+from schemas.events import PurchaseCompleted, payload_size_max_bytes
+from schemas.export import export_json_schemas
+from schemas.topics import PURCHASES, REVIEWS
+
+VALID = {
+    "event_id": "e1",
+    "event_type": "purchase.completed",
+    "schema_version": 1,
+    "occurred_at": "2026-01-01T10:00:00+01:00",
+    "customer_id": "c1",
+    "store_id": "s1",
+    "order_id": "o1",
+    "currency": "EUR",
+    "lines": [{"sku": "a", "category": "books", "quantity": 2, "unit_price": "9.99"}],
+}
+
+
+def with_(**changes):
+    return json.dumps({**VALID, **changes})
+
+
+def reason_for(raw, topic=None) -> str:
+    with pytest.raises(EventRejected) as caught:
+        decode_event(raw, topic)
+    return caught.value.reason
+
+
+def test_a_valid_purchase_is_typed_with_decimal_money():
+    event = decode_event(json.dumps(VALID), PURCHASES)
+    assert isinstance(event, PurchaseCompleted)
+    assert event.lines[0].unit_price == Decimal("9.99")
+    assert event.occurred_at.utcoffset().total_seconds() == 3600
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ("{", "not valid JSON (EOF while parsing an object at line 1 column 1)"),
+        ("[1]", "the event must be a JSON object"),
+        (with_(event_type="purchase.teleported"), "event_type: unknown event type 'purchase.teleported'"),
+        (json.dumps({k: v for k, v in VALID.items() if k != "order_id"}), "order_id: Field required"),
+        (
+            with_(lines=[{"sku": "a", "category": "b", "quantity": -1, "unit_price": "1"}]),
+            "lines.0.quantity: Input should be greater than or equal to 1",
+        ),
+        (
+            with_(lines=[{"sku": "a", "category": "b", "quantity": 1, "unit_price": "-1.00"}]),
+            "lines.0.unit_price: must be a non-negative decimal string with at most 12 integer digits and 6 "
+            "decimals, such as \"19.99\"; got '-1.00'",
+        ),
+        (
+            with_(discount_total="NaN"),
+            "discount_total: must be a non-negative decimal string with at most 12 "
+            "integer digits and 6 decimals, such as \"19.99\"; got 'NaN'",
+        ),
+        (with_(discount_total=1.5), 'discount_total: must be a decimal string such as "19.99", not float'),
+        (
+            with_(lines=[{"sku": "a", "category": "b", "quantity": "2", "unit_price": "1"}]),
+            "lines.0.quantity: Input should be a valid integer",
+        ),
+        (with_(occurred_at="0001-01-01T00:00:00+00:00"), "occurred_at: must be between 2000-01-01 and 2100-01-01"),
+        (with_(occurred_at="2026-01-01T10:00:00"), "occurred_at: Input should have timezone info"),
+        (with_(customer_id="c 1"), "customer_id: must be 1 to 128 printable ASCII characters without spaces"),
+        (with_(customer_id="c\u00e91"), "customer_id: must be 1 to 128 printable ASCII characters without spaces"),
+        (with_(surprise=1), "surprise: unknown field"),
+        (with_(schema_version=2), "schema_version: Input should be 1"),
+    ],
+)
+def test_bad_input_names_the_field_and_the_problem(raw, reason):
+    assert reason_for(raw) == reason
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_literals_are_rejected(literal):
+    adjusted = json.dumps(
+        {
+            **{k: VALID[k] for k in ("event_id", "schema_version", "occurred_at", "customer_id", "store_id")},
+            "event_type": "points.adjusted",
+            "adjustment_id": "a",
+            "note": "n",
+            "actor": "x",
+            "points": 0,
+        }
+    ).replace('"points": 0', f'"points": {literal}')
+    assert reason_for(adjusted).startswith("points: Input should be a valid integer")
+
+
+def test_oversized_payload_is_rejected_before_parsing():
+    raw = with_(coupon_codes=["x" * 100] * 50) + " " * payload_size_max_bytes
+    assert reason_for(raw) == f"payload of {len(raw)} bytes exceeds the limit of {payload_size_max_bytes} bytes"
+
+
+def test_deeply_nested_json_is_rejected():
+    assert reason_for("[" * 5000 + "]" * 5000).startswith("not valid JSON (recursion limit exceeded")
+
+
+def test_an_event_on_the_wrong_topic_is_rejected():
+    assert reason_for(json.dumps(VALID), REVIEWS) == (
+        "event_type: event type 'purchase.completed' does not belong on topic loyalty.reviews "
+        "(it goes to loyalty.purchases)"
+    )
+
+
+def test_json_schema_export_writes_every_topic_and_the_ledger(tmp_path):
+    written = export_json_schemas(tmp_path)
+    names = sorted(path.name for path in written)
+    assert names == [
+        "event.schema.json",
+        "loyalty.engagement.schema.json",
+        "loyalty.ledger.schema.json",
+        "loyalty.purchases.schema.json",
+        "loyalty.redemptions.schema.json",
+        "loyalty.referrals.schema.json",
+        "loyalty.reviews.schema.json",
+    ]
+    purchases = json.loads((tmp_path / "loyalty.purchases.schema.json").read_text())
+    assert set(purchases["discriminator"]["mapping"]) == {
+        "purchase.completed",
+        "purchase.refunded",
+        "purchase.cancelled",
+    }
