@@ -1,8 +1,9 @@
 """The HTTP API of the running system (status, balances, history, dashboard), served by the ClickHouse owner.
 
 In embedded mode one process owns the chDB directory, so the CLI's `status`, `balance`, `history` and
-`dashboard` ask this server. Every /api route needs the bearer token; parameters are validated and a bad
-one is answered with 400 and the reason.
+`dashboard` ask this server, and analysts send read-only SQL to `POST /api/sql` (checked and bounded by
+`streams.sql_guard`). Every /api route needs the bearer token; parameters are validated and a bad one is
+answered with 400 and the reason.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from aiohttp import web
 
 from projections import queries
 from streams.rules.ruleset import RuleSet
+from streams.sql_guard import RESULT_ROWS_MAX, run_read_only_sql
 
 log = logging.getLogger("loyalty.api")
 
@@ -168,11 +170,26 @@ def build_app(context: ApiContext) -> web.Application:
                 "from": date_from.isoformat(),
                 "to": date_to.isoformat(),
                 "granularity": granularity,
+                "by": by,
                 "points_status": _jsonable(status_result),
                 "point_sources": _jsonable(sources),
                 "top_earners": _jsonable(top),
                 "liability": _jsonable(liability),
             }
+        )
+
+    async def sql(request: web.Request) -> web.Response:
+        """Body {"sql": "SELECT ..."}; answer {"columns", "rows", "truncated"} (at most RESULT_ROWS_MAX rows)."""
+        try:
+            body = await request.json()
+        except ValueError:
+            raise BadRequest('expected a JSON body {"sql": "SELECT ..."}') from None
+        if not isinstance(body, dict) or not isinstance(body.get("sql"), str):
+            raise BadRequest('expected a JSON body {"sql": "SELECT ..."}')
+        # SqlRefused (the check) and SqlFailed (the engine) are ValueErrors: the guard answers 400 with the reason.
+        result = await context.query(run_read_only_sql, body["sql"])
+        return web.json_response(
+            {"columns": result.columns, "rows": result.rows, "truncated": result.truncated, "rows_max": RESULT_ROWS_MAX}
         )
 
     async def settings(request: web.Request) -> web.Response:
@@ -188,6 +205,7 @@ def build_app(context: ApiContext) -> web.Application:
     app.router.add_get("/api/customers/{customer_id}/history", history)
     app.router.add_get("/api/dashboard", dashboard)
     app.router.add_get("/api/settings", settings)
+    app.router.add_post("/api/sql", sql)
     return app
 
 

@@ -85,8 +85,8 @@ def cmd_rules_explain(args: argparse.Namespace) -> int:
     from streams.batch import process_lines
 
     ruleset = load_ruleset(args.rules)
-    source = Path(args.events)
-    text = source.read_bytes() if source.exists() else args.events.encode()
+    # An argument that looks like JSON is the event itself (a long one is not a valid file name anyway).
+    text = args.events.encode() if args.events.lstrip().startswith("{") else Path(args.events).read_bytes()
     lines = text.splitlines()
     if len(lines) == 1:
         try:
@@ -237,6 +237,32 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_projections_migrate(args: argparse.Namespace) -> int:
+    from clickhouse_connect.driver.exceptions import ClickHouseError
+
+    from projections import connect, migrate
+    from projections.schema import applied_versions
+
+    settings = _settings(args)
+    try:
+        client = connect(settings.resolved_clickhouse_dsn())
+    except ClickHouseError as error:
+        reason = str(error).splitlines()[0][:300]
+        return _fail(f"cannot open the ClickHouse database ({reason}); a chDB directory opens in one process only", 1)
+    try:
+        applied = migrate(client)
+        current = sorted(applied_versions(client))
+    finally:
+        client.close()
+    if args.json:
+        _print_json({"applied": applied, "schema_versions": current})
+    elif applied:
+        print(f"applied migrations {', '.join(str(version) for version in applied)}; schema version {max(current)}")
+    else:
+        print(f"the schema is current (version {max(current) if current else 0}); nothing applied")
+    return 0
+
+
 # --- parser --------------------------------------------------------------------------------------
 
 
@@ -328,6 +354,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--granularity", choices=["day", "week", "month"], default="day")
     sub.add_argument("--json", action="store_true")
     system_options(sub)
+
+    projections = commands.add_parser("projections", help="ClickHouse projections tools.")
+    projections_commands = projections.add_subparsers(dest="projections_command", required=True)
+    sub = projections_commands.add_parser(
+        "migrate",
+        help="Apply the schema migrations not applied yet to the ClickHouse database of the settings.",
+    )
+    sub.add_argument("--data-dir", type=Path, help="data directory (LOYALTY_DATA_DIR)")
+    sub.add_argument("--clickhouse-dsn", help="ClickHouse DSN (LOYALTY_CLICKHOUSE_DSN)")
+    sub.add_argument("--json", action="store_true")
+    sub.set_defaults(handler=cmd_projections_migrate)
     return parser
 
 

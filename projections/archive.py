@@ -1,0 +1,106 @@
+"""The raw event archive in ClickHouse: write input messages with their offsets, read them back for replay."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from clickhouse_connect.driver.client import Client
+
+__all__ = ["ArchivedMessage", "RawArchive"]
+
+ARCHIVE_COLUMNS = (
+    "topic", "partition", "offset", "routing_key", "value", "referee_side", "topic_rank", "event_id", "occurred_at"
+)
+# Messages whose time cannot be read are archived at this instant, so they sort first and are rejected again.
+UNKNOWN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+replay_block_rows = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class ArchivedMessage:
+    topic: str
+    partition: int
+    offset: int
+    routing_key: str
+    value: bytes
+    referee_side: bool
+    topic_rank: int
+    event_id: str
+    occurred_at: datetime
+
+
+def _peek(value: bytes) -> tuple[str, datetime]:
+    """Event id and time of a raw message, best effort (validation is the replay's job)."""
+    try:
+        document = json.loads(value)
+        event_id = document.get("event_id") if isinstance(document, dict) else None
+        moment = datetime.fromisoformat(document["occurred_at"]).astimezone(UTC)
+        if not (datetime(2000, 1, 1, tzinfo=UTC) <= moment < datetime(2100, 1, 1, tzinfo=UTC)):
+            moment = UNKNOWN_TIME
+    except Exception:  # anything unreadable: archived anyway, rejected again on replay
+        return "", UNKNOWN_TIME
+    return (event_id if isinstance(event_id, str) else "")[:128], moment
+
+
+class RawArchive:
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def write(self, messages: Iterable[ArchivedMessage | tuple], offsets: Mapping[tuple[str, int], int]) -> int:
+        """Archive messages, then record `offsets` (next offset per input partition) in sink_offsets."""
+        rows = []
+        for message in messages:
+            if isinstance(message, tuple):
+                topic, partition, offset, key, value, referee_side, rank = message
+                event_id, moment = _peek(value)
+                message = ArchivedMessage(topic, partition, offset, key, value, referee_side, rank, event_id, moment)
+            rows.append(
+                [message.topic, message.partition, message.offset, message.routing_key,
+                 message.value, int(message.referee_side), message.topic_rank,
+                 message.event_id, message.occurred_at]
+            )
+        if rows:
+            columns = [list(column) for column in zip(*rows, strict=True)]
+            self._client.insert("raw_events", columns, column_names=ARCHIVE_COLUMNS, column_oriented=True)
+        if offsets:
+            items = sorted(offsets.items())
+            self._client.insert(
+                "sink_offsets",
+                [[topic for (topic, _), _ in items], [p for (_, p), _ in items], [o for _, o in items]],
+                column_names=("topic", "partition", "next_offset"),
+                column_oriented=True,
+            )
+        return len(rows)
+
+    def gaps(self) -> list[tuple[str, int, int, int]]:
+        """(topic, partition, offsets archived, offsets expected) for partitions with holes below their end."""
+        result = self._client.query(
+            "SELECT topic, partition, uniqExact(offset), max(offset) + 1 FROM raw_events "
+            "GROUP BY topic, partition HAVING uniqExact(offset) != max(offset) + 1"
+        )
+        return [(row[0], int(row[1]), int(row[2]), int(row[3])) for row in result.result_rows]
+
+    def count(self) -> int:
+        return int(self._client.query("SELECT uniqExact(topic, partition, offset) FROM raw_events").result_rows[0][0])
+
+    def stream_for_replay(self, since: datetime | None = None) -> Iterator[ArchivedMessage]:
+        """Every archived message once, per routing key in (occurred_at, topic rank, offset) order."""
+        where = "WHERE occurred_at >= {since:DateTime64(6, 'UTC')}" if since is not None else ""
+        parameters = {"since": since} if since is not None else {}
+        query = (
+            f"SELECT {', '.join(ARCHIVE_COLUMNS)} FROM raw_events FINAL {where} "
+            "ORDER BY routing_key, occurred_at, topic_rank, offset"
+        )
+        with self._client.query_row_block_stream(
+            query, parameters=parameters, settings={"max_block_size": replay_block_rows},
+            column_formats={"value": "bytes"},
+        ) as stream:
+            for block in stream:
+                for row in block:
+                    moment = row[8] if row[8].tzinfo else row[8].replace(tzinfo=UTC)
+                    value = row[4] if isinstance(row[4], bytes) else row[4].encode()
+                    yield ArchivedMessage(row[0], int(row[1]), int(row[2]), row[3], value, bool(row[5]),
+                                          int(row[6]), row[7], moment)

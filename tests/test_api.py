@@ -1,0 +1,265 @@
+"""The HTTP API against a temporary chDB: bearer token, parameter validation, response shapes, analysts' SQL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from projections import LedgerSink, connect, migrate
+from schemas.ledger import Kind, LedgerEntry, Source
+from streams.api import ApiContext, build_app
+from streams.rules.ruleset import load_ruleset
+
+TOKEN = "test-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def entry(customer_id: str, sequence: int, kind: str, occurred_at: str, points: int, balance_after: int, **fields):
+    return LedgerEntry(
+        entry_id=f"{customer_id}-{sequence}",
+        customer_id=customer_id,
+        store_id="store-1",
+        kind=Kind(kind),
+        sequence=sequence,
+        points=points,
+        balance_after=balance_after,
+        source=Source(fields.pop("source", "purchase")),
+        rule_id=fields.pop("rule_id", "purchase-base"),
+        ruleset_version="2024.1",
+        caused_by=f"event-{customer_id}-{sequence}",
+        event_type="purchase.completed",
+        fingerprint=f"fp-{customer_id}-{sequence}",
+        occurred_at=datetime.fromisoformat(occurred_at),
+        **fields,
+    )
+
+
+LEDGER = [
+    entry("alice", 1, "earned", "2024-01-01T10:00:00+00:00", 100, 100, sku="SKU-1", category="shoes"),
+    entry("alice", 2, "redeemed", "2024-01-02T10:00:00+00:00", -40, 60, source="redemption", rule_id="redeem"),
+    entry("alice", 3, "earned", "2024-01-09T10:00:00+00:00", 20, 80, source="review", rule_id="review"),
+    entry("bob", 1, "earned", "2024-01-03T10:00:00+00:00", 250, 250, sku="SKU-2", category="bags"),
+]
+
+
+@pytest.fixture
+def api_client_factory(tmp_path: Path) -> Iterator[Callable[[], Any]]:
+    client = connect(f"chdb://{tmp_path / 'clickhouse'}")
+    migrate(client)
+    LedgerSink(client).write(LEDGER)
+
+    async def status() -> dict[str, Any]:
+        return {"events_processed": 4}
+
+    def run(scenario: Callable[[TestClient], Awaitable[None]]) -> None:
+        async def main() -> None:
+            context = ApiContext(
+                client=client, client_lock=asyncio.Lock(), ruleset=load_ruleset(), token=TOKEN, status=status
+            )
+            async with TestClient(TestServer(build_app(context), host="127.0.0.1")) as http:
+                await scenario(http)
+
+        asyncio.run(main())
+
+    yield run
+    client.close()
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}])
+def test_every_api_route_needs_the_bearer_token(api_client_factory, headers):
+    async def scenario(http: TestClient) -> None:
+        for method, path in (
+            ("GET", "/api/status"),
+            ("GET", "/api/customers/alice/balance"),
+            ("GET", "/api/customers/alice/history"),
+            ("GET", "/api/dashboard"),
+            ("GET", "/api/settings"),
+            ("POST", "/api/sql"),
+        ):
+            response = await http.request(method, path, headers=headers, json={"sql": "SELECT 1"})
+            assert response.status == 401, path
+            assert await response.json() == {"error": "missing or wrong bearer token"}
+        health = await http.get("/healthz")
+        assert health.status == 200
+
+    api_client_factory(scenario)
+
+
+def test_balance_and_history_shapes(api_client_factory):
+    async def scenario(http: TestClient) -> None:
+        response = await http.get("/api/customers/alice/balance", headers=AUTH)
+        assert response.status == 200
+        assert await response.json() == {
+            "customer_id": "alice",
+            "balance": 80,
+            "pending": 0,
+            "lifetime_earned": 120,
+            "lifetime_redeemed": 40,
+            "debt": 0,
+            "last_activity": "2024-01-09T10:00:00+00:00",
+            "entries": 3,
+        }
+        nobody = await (await http.get("/api/customers/nobody/balance", headers=AUTH)).json()
+        assert (nobody["balance"], nobody["entries"], nobody["last_activity"]) == (0, 0, None)
+
+        response = await http.get("/api/customers/alice/history", params={"limit": 2, "offset": 1}, headers=AUTH)
+        assert response.status == 200
+        document = await response.json()
+        assert document["customer_id"] == "alice"
+        assert [
+            (item["sequence"], item["kind"], item["points"], item["balance_after"]) for item in document["entries"]
+        ] == [
+            (2, "redeemed", -40, 60),
+            (3, "earned", 20, 80),
+        ]
+        assert document["entries"][0] == LEDGER[1].model_dump(mode="json")
+
+    api_client_factory(scenario)
+
+
+def test_dashboard_shape_and_figures(api_client_factory):
+    async def scenario(http: TestClient) -> None:
+        params = {"from": "2024-01-01", "to": "2024-01-14", "granularity": "week", "limit": 5}
+        response = await http.get("/api/dashboard", params=params, headers=AUTH)
+        assert response.status == 200
+        document = await response.json()
+        assert sorted(document) == [
+            "by",
+            "from",
+            "granularity",
+            "liability",
+            "point_sources",
+            "points_status",
+            "to",
+            "top_earners",
+        ]
+        assert (document["from"], document["to"], document["granularity"], document["by"]) == (
+            "2024-01-01",
+            "2024-01-14",
+            "week",
+            "source",
+        )
+        weeks = document["points_status"]["periods"]
+        assert [(week["period_start"], week["period_end"], week["issued"], week["outstanding"]) for week in weeks] == [
+            ("2024-01-01", "2024-01-07", 350, 310),
+            ("2024-01-08", "2024-01-14", 20, 330),
+        ]
+        assert document["points_status"]["totals"]["redeemed"] == 40
+        assert document["point_sources"] == [
+            {"key": "purchase", "points": 350, "entries": 2},
+            {"key": "review", "points": 20, "entries": 1},
+        ]
+        assert document["top_earners"] == [
+            {"customer_id": "bob", "points_earned": 250, "balance": 250},
+            {"customer_id": "alice", "points_earned": 120, "balance": 80},
+        ]
+        assert len(document["liability"]) == 14
+        assert document["liability"][-1] == {
+            "day": "2024-01-14",
+            "outstanding_points": 330,
+            "outstanding_value": "3.30",
+        }
+
+    api_client_factory(scenario)
+
+
+@pytest.mark.parametrize(
+    ("params", "reason"),
+    [
+        ({"from": "2024-13-01"}, "from: expected a date like 2026-01-31, got '2024-13-01'"),
+        ({"to": "yesterday"}, "to: expected a date like 2026-01-31, got 'yesterday'"),
+        ({"from": "2024-02-01", "to": "2024-01-01"}, "from: must not be after to"),
+        ({"from": "2000-01-01", "to": "2024-01-01"}, "the range may span at most 3660 days"),
+        ({"granularity": "year"}, "granularity: must be day, week or month"),
+        ({"by": "customer_id"}, "by: must be source, rule, product or category"),
+        ({"limit": "0"}, "limit: must be between 1 and 100"),
+        ({"limit": "101"}, "limit: must be between 1 and 100"),
+        ({"limit": "ten"}, "limit: expected an integer, got 'ten'"),
+    ],
+)
+def test_dashboard_answers_bad_parameters_with_400_and_the_reason(api_client_factory, params, reason):
+    async def scenario(http: TestClient) -> None:
+        response = await http.get("/api/dashboard", params=params, headers=AUTH)
+        assert response.status == 400
+        assert await response.json() == {"error": reason}
+
+    api_client_factory(scenario)
+
+
+def test_history_answers_a_limit_out_of_range_with_400(api_client_factory):
+    async def scenario(http: TestClient) -> None:
+        response = await http.get("/api/customers/alice/history", params={"limit": "5000"}, headers=AUTH)
+        assert response.status == 400
+        assert await response.json() == {"error": "limit: must be between 1 and 1000"}
+
+    api_client_factory(scenario)
+
+
+def test_sql_runs_an_analyst_select(api_client_factory):
+    async def scenario(http: TestClient) -> None:
+        sql = (
+            "SELECT customer_id, sum(points) AS points FROM ledger_entries FINAL "
+            "GROUP BY customer_id ORDER BY customer_id -- per customer"
+        )
+        response = await http.post("/api/sql", json={"sql": sql}, headers=AUTH)
+        assert response.status == 200
+        assert await response.json() == {
+            "columns": ["customer_id", "points"],
+            "rows": [["alice", 80], ["bob", 250]],
+            "truncated": False,
+            "rows_max": 10_000,
+        }
+        response = await http.post("/api/sql", json={"sql": "SELECT number FROM numbers(20000)"}, headers=AUTH)
+        document = await response.json()
+        assert (len(document["rows"]), document["truncated"]) == (10_000, True)
+
+    api_client_factory(scenario)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ({"sql": "DROP TABLE ledger_entries"}, "only a SELECT (or WITH ... SELECT) statement is accepted, not 'DROP'"),
+        (
+            {"sql": "SELECT 1; DROP TABLE ledger_entries"},
+            "only one statement is accepted (a `;` may only end the query)",
+        ),
+        (
+            {"sql": "SELECT * FROM file('/etc/passwd')"},
+            "the function file() is not accepted: it reads outside the projections",
+        ),
+        (
+            {"sql": "SELECT 1 SETTINGS max_result_rows = 0"},
+            "SETTINGS is not accepted: a SETTINGS clause changes limits (the API sets them)",
+        ),
+        ({"query": "SELECT 1"}, 'expected a JSON body {"sql": "SELECT ..."}'),
+        ({"sql": 1}, 'expected a JSON body {"sql": "SELECT ..."}'),
+    ],
+)
+def test_sql_refuses_with_400_and_the_reason(api_client_factory, body, reason):
+    async def scenario(http: TestClient) -> None:
+        response = await http.post("/api/sql", json=body, headers=AUTH)
+        assert response.status == 400
+        assert await response.json() == {"error": reason}
+        count = await http.post("/api/sql", json={"sql": "SELECT count() FROM ledger_entries"}, headers=AUTH)
+        assert (await count.json())["rows"] == [[4]]
+
+    api_client_factory(scenario)
+
+
+def test_sql_answers_an_engine_error_and_a_non_json_body_with_400(api_client_factory):
+    async def scenario(http: TestClient) -> None:
+        response = await http.post("/api/sql", json={"sql": "SELECT * FROM no_such_table"}, headers=AUTH)
+        assert response.status == 400
+        assert "no_such_table" in (await response.json())["error"]
+        response = await http.post("/api/sql", data=b"SELECT 1", headers=AUTH)
+        assert response.status == 400
+        assert await response.json() == {"error": 'expected a JSON body {"sql": "SELECT ..."}'}
+
+    api_client_factory(scenario)
