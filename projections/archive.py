@@ -12,7 +12,15 @@ from clickhouse_connect.driver.client import Client
 __all__ = ["ArchivedMessage", "RawArchive"]
 
 ARCHIVE_COLUMNS = (
-    "topic", "partition", "offset", "routing_key", "value", "referee_side", "topic_rank", "event_id", "occurred_at"
+    "topic",
+    "partition",
+    "offset",
+    "routing_key",
+    "value",
+    "referee_side",
+    "topic_rank",
+    "event_id",
+    "occurred_at",
 )
 # Messages whose time cannot be read are archived at this instant, so they sort first and are rejected again.
 UNKNOWN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
@@ -58,9 +66,17 @@ class RawArchive:
                 event_id, moment = _peek(value)
                 message = ArchivedMessage(topic, partition, offset, key, value, referee_side, rank, event_id, moment)
             rows.append(
-                [message.topic, message.partition, message.offset, message.routing_key,
-                 message.value, int(message.referee_side), message.topic_rank,
-                 message.event_id, message.occurred_at]
+                [
+                    message.topic,
+                    message.partition,
+                    message.offset,
+                    message.routing_key,
+                    message.value,
+                    int(message.referee_side),
+                    message.topic_rank,
+                    message.event_id,
+                    message.occurred_at,
+                ]
             )
         if rows:
             columns = [list(column) for column in zip(*rows, strict=True)]
@@ -95,12 +111,15 @@ class RawArchive:
             "ORDER BY routing_key, occurred_at, topic_rank, offset"
         )
         with self._client.query_row_block_stream(
-            query, parameters=parameters, settings={"max_block_size": replay_block_rows},
+            query,
+            parameters=parameters,
+            settings={"max_block_size": replay_block_rows},
             column_formats={"value": "bytes"},
         ) as stream:
             for block in stream:
                 for row in block:
                     moment = row[8] if row[8].tzinfo else row[8].replace(tzinfo=UTC)
                     value = row[4] if isinstance(row[4], bytes) else row[4].encode()
-                    yield ArchivedMessage(row[0], int(row[1]), int(row[2]), row[3], value, bool(row[5]),
-                                          int(row[6]), row[7], moment)
+                    yield ArchivedMessage(
+                        row[0], int(row[1]), int(row[2]), row[3], value, bool(row[5]), int(row[6]), row[7], moment
+                    )

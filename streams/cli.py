@@ -263,6 +263,75 @@ def cmd_projections_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from streams import replay
+
+    if args.dry_run == args.apply:
+        return _fail("say --dry-run or --apply")
+    rules_text = Path(args.rules).read_text()
+    new_rules = load_ruleset(args.rules)
+    settings = _settings(args)
+    since = args.since
+    if _running(settings):
+        body = {"rules": rules_text, "apply": args.apply, "since": since, "lag_max": args.lag_max}
+        report = _post(args, "/api/replay", body)
+    else:
+        from datetime import UTC, datetime
+
+        from projections.client import connect
+
+        if args.apply:
+            return _fail("--apply needs the running system (`loyalty up`): it checks the worker's lag first")
+        current = load_ruleset(settings.rules)
+        client = connect(settings.resolved_clickhouse_dsn())
+
+        def progress(count: int) -> None:
+            if sys.stderr.isatty():
+                sys.stderr.write(f"\rreplayed {count:,} events")
+                sys.stderr.flush()
+
+        report = replay.dry_run(
+            client,
+            new_rules,
+            current_point_value=current.redemption.point_value,
+            since=datetime.fromisoformat(since).replace(tzinfo=UTC) if since else None,
+            progress=progress,
+        )
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")
+    if args.csv:
+        replay.write_csv(report, Path(args.csv))
+    if args.json:
+        _print_json(report)
+        return 0
+    before, after = report["totals"]["before"], report["totals"]["after"]
+    print(
+        f"replayed {report['events_replayed']:,} events under {report['ruleset_version_new']} "
+        f"(live: {', '.join(report['ruleset_versions_live'])})"
+    )
+    print(f"  issued      {before['issued']:>12,} -> {after['issued']:>12,}")
+    print(f"  outstanding {before['outstanding']:>12,} -> {after['outstanding']:>12,}")
+    print(f"  liability   {before['liability']:>12} -> {after['liability']:>12}")
+    print(
+        f"  customers changed {report['customers_changed']:,}, losing points {len(report['customers_losing_points']):,}"
+    )
+    for row in sorted(report["per_rule"], key=lambda row: -abs(row["delta"]))[:15]:
+        if row["delta"]:
+            print(f"  {row['rule_id']:<40} {row['points_before']:>10,} -> {row['points_after']:>10,}")
+    if "applied" in report:
+        print(
+            f"applied: {report['applied']['compensations_published']} compensating adjustments at "
+            f"{report['applied']['cut_over']}"
+        )
+    return 0
+
+
+def _post(args: argparse.Namespace, path: str, body: dict) -> Any:
+    from streams.client import post_running_system
+
+    return post_running_system(_settings(args), path, body)
+
+
 # --- parser --------------------------------------------------------------------------------------
 
 
@@ -330,6 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("produce", cmd_produce, "Publish a JSONL file, each line routed by event_type, keyed by customer.")
     sub.add_argument("file")
     sub.add_argument("--topic", help="publish every line to this topic instead")
+    sub.add_argument("--json", action="store_true")
+    system_options(sub)
+
+    sub = command("replay", cmd_replay, "Preview or apply a new rule set on the archived history.")
+    sub.add_argument("--rules", required=True, type=Path, help="the new rule set YAML")
+    sub.add_argument("--dry-run", action="store_true", help="report what would change; change nothing")
+    sub.add_argument("--apply", action="store_true", help="post compensating adjustments through the worker")
+    sub.add_argument("--since", help="report only customers active since this date (YYYY-MM-DD)")
+    sub.add_argument("--csv", help="also write the per-customer diff to this CSV file")
+    sub.add_argument("--lag-max", type=int, default=0, help="refuse --apply when the worker lags more")
     sub.add_argument("--json", action="store_true")
     system_options(sub)
 

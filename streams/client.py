@@ -18,15 +18,28 @@ class NotRunning(RuntimeError):
 
 
 def query_running_system(settings: Settings, path: str, params: dict[str, Any]) -> Any:
+    return _request(settings, path, params, None)
+
+
+def post_running_system(settings: Settings, path: str, body: dict[str, Any]) -> Any:
+    return _request(settings, path, {}, json.dumps(body).encode(), timeout_s=3600.0)
+
+
+def _request(
+    settings: Settings, path: str, params: dict[str, Any], body: bytes | None, timeout_s: float = request_timeout_s
+) -> Any:
     from streams.runtime import read_run_file
 
     run = read_run_file(settings)
     if not run:
         raise NotRunning(f"no running system found in {settings.data_dir} (start it with `loyalty up`)")
     url = run["url"] + urllib.parse.quote(path) + ("?" + urllib.parse.urlencode(params) if params else "")
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {run['token']}"})
+    headers = {"Authorization": f"Bearer {run['token']}"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST" if body is not None else "GET")
     try:
-        with urllib.request.urlopen(request, timeout=request_timeout_s) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as error:
         try:

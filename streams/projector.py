@@ -16,7 +16,8 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 from schemas.ledger import LedgerEntry
-from schemas.topics import LEDGER
+from schemas.topics import INPUT_TOPICS, LEDGER, REFEREE_SIDE, SIDE_HEADER, TOPIC_RANK
+from streams import metrics
 
 log = logging.getLogger("loyalty.projector")
 
@@ -35,6 +36,7 @@ class Projector:
         partitions: int,
         batch_rows_max: int = 20_000,
         flush_interval_ms: int = 500,
+        archive=None,
     ) -> None:
         self.bootstrap = bootstrap
         self.sink = sink
@@ -43,6 +45,8 @@ class Projector:
         self.batch_rows_max = batch_rows_max
         self.flush_interval_ms = flush_interval_ms
         self.rows_projected = 0
+        self.messages_archived = 0
+        self.archive = archive
         self.backlog = 0
         self.last_error: str | None = None
         self._consumer: AIOKafkaConsumer | None = None
@@ -53,28 +57,45 @@ class Projector:
             enable_auto_commit=False,
             group_id=None,
             max_partition_fetch_bytes=4 * 1024 * 1024,
+            auto_offset_reset="earliest",
         )
         await consumer.start()
         self._consumer = consumer
         try:
             tps = [TopicPartition(LEDGER, partition) for partition in range(self.partitions)]
-            consumer.assign(tps)
+            input_tps = [TopicPartition(topic, p) for topic in INPUT_TOPICS for p in range(self.partitions)]
+            consumer.assign(tps + (input_tps if self.archive is not None else []))
             stored = await self._call(self.sink.resume_offsets)
-            for tp in tps:
+            for tp in tps + (input_tps if self.archive is not None else []):
                 # An offset beyond the log's end (an embedded memory broker was restarted) is out of range:
                 # the consumer then resets to the earliest offset (auto_offset_reset), and the sink
                 # de-duplicates by entry id, so re-reading counts nothing twice.
-                consumer.seek(tp, stored.get((LEDGER, tp.partition), 0))
+                consumer.seek(tp, stored.get((tp.topic, tp.partition), 0))
             pending: list[LedgerEntry] = []
+            archived: list[tuple] = []
+            archive_offsets: dict[tuple[str, int], int] = {}
             offsets: dict[tuple[str, int], int] = {}
             first_pending_at = 0.0
             while not stopping.is_set():
                 batch = await consumer.getmany(timeout_ms=poll_timeout_ms, max_records=self.batch_rows_max)
                 for tp, records in batch.items():
-                    for record in records:
-                        pending.append(LedgerEntry.model_validate_json(record.value))
-                    if records:
+                    if not records:
+                        continue
+                    if tp.topic == LEDGER:
+                        for record in records:
+                            pending.append(LedgerEntry.model_validate_json(record.value))
                         offsets[(tp.topic, tp.partition)] = records[-1].offset + 1
+                    else:
+                        rank = TOPIC_RANK[tp.topic]
+                        for record in records:
+                            referee = (SIDE_HEADER, REFEREE_SIDE) in [(k, bytes(v)) for k, v in record.headers or ()]
+                            key = record.key.decode("utf-8", "replace") if record.key else ""
+                            archived.append((tp.topic, tp.partition, record.offset, key, record.value, referee, rank))
+                        archive_offsets[(tp.topic, tp.partition)] = records[-1].offset + 1
+                if archived:
+                    await self._archive_with_retry(archived, archive_offsets, stopping)
+                    self.messages_archived += len(archived)
+                    archived, archive_offsets = [], {}
                 if pending and not first_pending_at:
                     first_pending_at = time.monotonic()
                 due = pending and (
@@ -83,7 +104,9 @@ class Projector:
                     or not batch
                 )
                 if due:
+                    write_started = time.monotonic()
                     await self._write_with_retry(pending, offsets, stopping)
+                    metrics.record_sink_batch(len(pending), time.monotonic() - write_started)
                     self.rows_projected += len(pending)
                     pending, offsets, first_pending_at = [], {}, 0.0
                 await self._measure_backlog(consumer, tps)
@@ -98,6 +121,21 @@ class Projector:
             if highwater is not None:
                 backlog += max(0, highwater - await consumer.position(tp))
         self.backlog = backlog
+        metrics.record_sink_backlog(backlog)
+
+    async def _archive_with_retry(self, rows, offsets, stopping: asyncio.Event) -> None:
+        delay = retry_delay_initial_s
+        while True:
+            try:
+                await self._call(self.archive.write, rows, offsets)
+                return
+            except Exception as error:
+                self.last_error = f"{type(error).__name__}: {str(error)[:300]}"
+                log.warning("archive insert failed (%s); retrying in %.1fs", self.last_error, delay)
+                if stopping.is_set():
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(retry_delay_max_s, delay * 2)
 
     async def _call(self, function, *args):
         async with self.sink_lock:
@@ -112,6 +150,7 @@ class Projector:
                 return
             except Exception as error:  # ClickHouse down, network: retry the same batch, idempotently
                 self.last_error = f"{type(error).__name__}: {str(error)[:300]}"
+                metrics.record_sink_failure()
                 log.warning("projection insert failed (%s); retrying in %.1fs", self.last_error, delay)
                 if stopping.is_set():
                     raise

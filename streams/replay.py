@@ -28,6 +28,7 @@ from streams.rules.ruleset import RuleSet
 from streams.rules.state import CustomerState
 
 progress_every_events = 50_000
+compensation_prefix = "replay:"
 lag_bound_messages = 0  # apply refuses unless the worker and the archive are fully caught up
 
 
@@ -53,6 +54,8 @@ def replay_messages(
     current_key: str | None = None
     state: CustomerState | None = None
     for message in messages:
+        if message.event_id.startswith(compensation_prefix):
+            continue  # a compensation posted by an earlier apply: part of the live ledger, not of the history
         result.events += 1
         if progress is not None and result.events % progress_every_events == 0:
             progress(result.events)
@@ -121,8 +124,9 @@ def compare(live: LiveFigures, shadow: ShadowResult, ruleset: RuleSet, current_p
     for customer_id in customers:
         before = live.balances.get(customer_id, 0)
         after = shadow.balances.get(customer_id, 0)
-        rows.append({"customer_id": customer_id, "balance_before": before, "balance_after": after,
-                     "delta": after - before})
+        rows.append(
+            {"customer_id": customer_id, "balance_before": before, "balance_after": after, "delta": after - before}
+        )
     outstanding_before = sum(live.balances.values())
     outstanding_after = sum(shadow.balances.values())
     rules = sorted(set(live.points_by_rule) | set(shadow.points_by_rule))
@@ -147,16 +151,25 @@ def compare(live: LiveFigures, shadow: ShadowResult, ruleset: RuleSet, current_p
             },
         },
         "per_rule": [
-            {"rule_id": rule_id, "points_before": live.points_by_rule.get(rule_id, 0),
-             "points_after": shadow.points_by_rule.get(rule_id, 0),
-             "delta": shadow.points_by_rule.get(rule_id, 0) - live.points_by_rule.get(rule_id, 0)}
+            {
+                "rule_id": rule_id,
+                "points_before": live.points_by_rule.get(rule_id, 0),
+                "points_after": shadow.points_by_rule.get(rule_id, 0),
+                "delta": shadow.points_by_rule.get(rule_id, 0) - live.points_by_rule.get(rule_id, 0),
+            }
             for rule_id in rules
         ],
     }
 
 
-def dry_run(client, ruleset: RuleSet, *, current_point_value: Decimal, since: datetime | None = None,
-            progress: Callable[[int], None] | None = None) -> dict:
+def dry_run(
+    client,
+    ruleset: RuleSet,
+    *,
+    current_point_value: Decimal,
+    since: datetime | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
     from projections.archive import RawArchive
 
     archive = RawArchive(client)
@@ -195,7 +208,7 @@ def compensations(report: dict, *, cut_over: datetime, store_id: str = "replay")
         if row["delta"] == 0:
             continue
         event = {
-            "event_id": f"replay:{version}:{row['customer_id']}"[:128],
+            "event_id": f"{compensation_prefix}{version}:{row['customer_id']}"[:128],
             "event_type": "points.adjusted",
             "schema_version": 1,
             "occurred_at": cut_over.astimezone(UTC).isoformat(),
@@ -230,3 +243,27 @@ def write_csv(report: dict, path: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=["customer_id", "balance_before", "balance_after", "delta"])
         writer.writeheader()
         writer.writerows(report["customers"])
+
+
+def check_apply_allowed(report: dict, *, lag: int, archived: int, input_messages: int, lag_max: int) -> None:
+    """Refuse `--apply` while the history is incomplete: an event not yet archived or not yet processed would
+    be decided by neither rule set's comparison."""
+    if report["archive_gaps"]:
+        gaps = ", ".join(
+            f"{topic}/{partition}: {have} of {want}" for topic, partition, have, want in report["archive_gaps"]
+        )
+        raise ReplayRefused(f"the raw archive has gaps ({gaps}); run the projector until it is complete")
+    if lag > lag_max:
+        raise ReplayRefused(f"the worker lags by {lag} messages (bound {lag_max}); wait until it catches up")
+    if archived < input_messages:
+        raise ReplayRefused(
+            f"the archive holds {archived} of {input_messages} input messages; wait until the projector catches up"
+        )
+
+
+def apply_report(report: dict, *, bootstrap: str, cut_over: datetime | None = None) -> dict:
+    """Publish the compensating adjustments of a dry-run report; returns what was published."""
+    moment = cut_over or datetime.now(UTC)
+    events = compensations(report, cut_over=moment)
+    published = publish(bootstrap, events) if events else 0
+    return {"compensations_published": published, "cut_over": moment.isoformat()}

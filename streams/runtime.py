@@ -172,6 +172,7 @@ def run_up(settings: Settings, *, demo: bool = False, demo_rate: float = 200.0) 
 async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
     from aiohttp import web
 
+    from projections.archive import RawArchive
     from projections.client import connect
     from projections.schema import migrate
     from projections.sink import LedgerSink
@@ -209,12 +210,23 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
             partitions=settings.partitions,
             batch_rows_max=settings.sink_batch_rows_max,
             flush_interval_ms=settings.sink_flush_interval_ms,
+            archive=RawArchive(client),
         )
-        environment = dict(os.environ, LOYALTY_KAFKA_BOOTSTRAP=bootstrap, LOYALTY_PARTITIONS=str(settings.partitions))
-        if settings.rules:
-            environment["LOYALTY_RULES"] = str(settings.rules)
-        worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=environment)
-        log.info("started the worker (pid %d)", worker.pid)
+        if settings.run_worker:
+            environment = dict(
+                os.environ, LOYALTY_KAFKA_BOOTSTRAP=bootstrap, LOYALTY_PARTITIONS=str(settings.partitions)
+            )
+            if settings.rules:
+                environment["LOYALTY_RULES"] = str(settings.rules)
+            worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=environment)
+            log.info("started the worker (pid %d)", worker.pid)
+        else:
+            # Workers run as their own service (docker-compose.yml); the endpoint port is then free for the
+            # projector's sink metrics (with a worker child, the child inherits LOYALTY_METRICS_PORT instead).
+            from streams.metrics import start_metrics_server
+
+            start_metrics_server(settings)
+            log.info("LOYALTY_RUN_WORKER is false: not starting a worker")
 
         monitor = BrokerMonitor(bootstrap, settings.worker_id, settings.partitions)
         token = settings.api_token.get_secret_value() if settings.api_token else secrets.token_urlsafe(24)
@@ -231,13 +243,18 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
                 "ledger_entries_emitted": counts["ledger_entries_emitted"],
                 "ledger_rows_projected": projected,
                 "projection_backlog": projector.backlog,
+                "input_messages_archived": projector.messages_archived,
                 "projection_error": projector.last_error,
                 "worker_running": worker is not None and worker.poll() is None,
                 "ruleset_version": ruleset.version,
             }
 
         context = ApiContext(client=client, client_lock=client_lock, ruleset=ruleset, token=token, status=status)
-        runner = web.AppRunner(build_app(context), access_log=None)
+        application = build_app(context)
+        application.router.add_post(
+            "/api/replay", _replay_handler(client, client_lock, ruleset, monitor, projector, bootstrap)
+        )
+        runner = web.AppRunner(application, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, settings.http_host, settings.http_port)
         await site.start()
@@ -251,7 +268,8 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
         ]
         if demo:
             tasks.append(asyncio.create_task(_demo(bootstrap, demo_rate, stopping), name="demo"))
-        tasks.append(asyncio.create_task(_watch_worker(worker, stopping), name="watch-worker"))
+        if worker is not None:
+            tasks.append(asyncio.create_task(_watch_worker(worker, stopping), name="watch-worker"))
         await stopping.wait()
         for task in tasks:
             task.cancel()
@@ -270,6 +288,50 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
                 worker.kill()
         if broker is not None:
             broker.stop()
+
+
+def _replay_handler(client, client_lock, ruleset, monitor, projector, bootstrap):
+    """POST /api/replay {"rules": YAML text, "apply": bool, "since": date|null, "lag_max": n}."""
+    from aiohttp import web
+
+    from streams import replay
+    from streams.rules.ruleset import RuleSetInvalid, parse_ruleset
+
+    async def handle(request):
+        try:
+            body = await request.json()
+            new_rules = parse_ruleset(str(body["rules"]), "request")
+            since = datetime.fromisoformat(body["since"]).replace(tzinfo=UTC) if body.get("since") else None
+            lag_max = int(body.get("lag_max", replay.lag_bound_messages))
+        except (ValueError, KeyError, TypeError, RuleSetInvalid) as error:
+            return web.json_response({"error": f"bad replay request: {error}"}, status=400)
+        async with client_lock:
+            report = await asyncio.to_thread(
+                replay.dry_run, client, new_rules, current_point_value=ruleset.redemption.point_value, since=since
+            )
+            archived = await asyncio.to_thread(replay_archive_count, client)
+        if body.get("apply"):
+            counts = await monitor.counts()
+            try:
+                replay.check_apply_allowed(
+                    report,
+                    lag=sum(counts["consumer_lag"].values()),
+                    archived=archived,
+                    input_messages=counts["input_messages"],
+                    lag_max=lag_max,
+                )
+            except replay.ReplayRefused as error:
+                return web.json_response({"error": str(error)}, status=409)
+            report["applied"] = await asyncio.to_thread(replay.apply_report, report, bootstrap=bootstrap)
+        return web.json_response(report)
+
+    return handle
+
+
+def replay_archive_count(client) -> int:
+    from projections.archive import RawArchive
+
+    return RawArchive(client).count()
 
 
 async def _count_projected(client, client_lock: asyncio.Lock) -> int:

@@ -157,6 +157,33 @@ def test_stream_worker_and_projections_equal_the_batch_driver(broker, system, tm
     expected_history = [entry.model_dump(mode="json") for entry in expected.ledger if entry.customer_id == heavy]
     assert history["entries"] == expected_history[:1000]
 
+    # Replay: the dry-run diff under another rule set equals the difference of two `loyalty process` runs.
+    new_rules_path = REPOSITORY / "streams/rules/rulesets/seasonal-promotion.yaml"
+    expected_new = process_lines(events_path.open("rb"), load_ruleset(new_rules_path))
+    deadline = time.monotonic() + WAIT_S
+    while run_cli(environment, "status")["input_messages_archived"] < sum(counts.values()):
+        assert time.monotonic() < deadline, "the archive did not catch up"
+        time.sleep(1)
+    report = run_cli(environment, "replay", "--rules", str(new_rules_path), "--dry-run")
+    new_balances = expected_new.balances()
+    assert {row["customer_id"]: row["delta"] for row in report["customers"]} == {
+        customer: new_balances.get(customer, 0) - balances.get(customer, 0)
+        for customer in set(balances) | set(new_balances)
+    }
+    assert report["totals"]["after"]["outstanding"] == sum(new_balances.values())
+    assert report["events_rejected"] == len(expected_new.rejected)
+
+    # Apply: compensating adjustments make every live balance equal the new rules' result; twice = once.
+    applied = run_cli(environment, "replay", "--rules", str(new_rules_path), "--apply")
+    assert applied["applied"]["compensations_published"] == report["customers_changed"] > 0
+    deadline = time.monotonic() + WAIT_S
+    while run_cli(environment, "status")["ledger_rows_projected"] < len(expected.ledger) + report["customers_changed"]:
+        assert time.monotonic() < deadline, "the compensations were not projected"
+        time.sleep(1)
+    again = run_cli(environment, "replay", "--rules", str(new_rules_path), "--dry-run")
+    assert again["customers_changed"] == 0
+    balances = new_balances
+
     # Every ClickHouse balance equals the batch driver's, read directly after the owner stopped.
     system["process"].send_signal(signal.SIGTERM)
     system["process"].wait(timeout=40)
