@@ -40,6 +40,16 @@ class Settings(BaseSettings):
     sink_batch_rows_max: int = Field(20_000, ge=1, description="Ledger rows per ClickHouse insert.")
     sink_flush_interval_ms: int = Field(500, ge=10, description="Longest a ledger row waits before insert.")
     log_level: str = Field("INFO", description="Python logging level.")
+    metrics_host: str = Field("127.0.0.1", description="Address the Prometheus /metrics endpoint binds to.")
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="Port of the Prometheus /metrics endpoint (0: no endpoint; 9108 in compose)."
+    )
+    run_worker: bool = Field(
+        True, description="`loyalty up` also runs a worker child; false when workers run as their own service."
+    )
+    topic_replication_factor: int = Field(
+        1, ge=1, le=16, description="Replication factor of the topics created by the topic-creation job."
+    )
 
     def resolved_clickhouse_dsn(self) -> str:
         if self.clickhouse_dsn:

@@ -19,6 +19,7 @@ from aiokafka.structs import TopicPartition as KafkaTopicPartition
 
 from schemas.ledger import LedgerEntry
 from schemas.topics import DEAD_LETTER, INPUT_TOPICS, LEDGER
+from streams import metrics
 from streams.applier import InputMessage, Output, StreamApplier
 from streams.rules.ruleset import RuleSet, load_ruleset
 from streams.settings import Settings
@@ -84,6 +85,7 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
     producer_box: dict[str, AIOKafkaProducer] = {}
     app.loyalty_applier = applier  # type: ignore[attr-defined]
     app.loyalty_counters = counters  # type: ignore[attr-defined]
+    metrics.record_ruleset(ruleset.version)
 
     source = app.topic(*INPUT_TOPICS, key_type=bytes, value_type=bytes, value_serializer="raw", key_serializer="raw")
 
@@ -192,6 +194,7 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
         counters.duplicates += output.duplicates
         counters.rejected += len(output.dead_letters)
         counters.ledger_entries += len(output.ledger)
+        metrics.record_output(output)
 
     async def release() -> None:
         output = applier.release(assigned_input(), caught_up(seen_offsets), time.monotonic() * 1000)
@@ -243,6 +246,12 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
                 log.exception("worker failed while releasing held events")
                 await app.crash(error)
 
+    @app.timer(interval=metrics.lag_interval_s)
+    async def export_lag() -> None:
+        metrics.record_consumer_lag(
+            assigned_input(), lambda *tp: app.consumer.highwater(faust.types.TP(*tp)), seen_offsets, applier.held_count
+        )
+
     @app.timer(interval=10.0)
     async def report() -> None:
         log.info(
@@ -287,6 +296,7 @@ def run(settings: Settings) -> int:
     assert settings.kafka_bootstrap, "the worker needs LOYALTY_KAFKA_BOOTSTRAP"
     ensure_topics(settings.kafka_bootstrap, ALL_TOPICS, settings.partitions)
     app = create_app(settings)
+    metrics.start_metrics_server(settings)
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True)
     worker.execute_from_commandline()
     return 0
