@@ -34,7 +34,7 @@ class ArchivedMessage:
     offset: int
     routing_key: str
     value: bytes
-    referee_side: bool
+    referee_side: int  # 0: the envelope's customer; 1: the referee's copy of a referral; 2: a control message
     topic_rank: int
     event_id: str
     occurred_at: datetime

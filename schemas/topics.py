@@ -9,11 +9,13 @@ ENGAGEMENT = "loyalty.engagement"
 REDEMPTIONS = "loyalty.redemptions"
 LEDGER = "loyalty.ledger"
 DEAD_LETTER = "loyalty.dead-letter"
+# Rule-set documents and where each took effect in each input partition (see streams/cutover.py).
+RULESETS = "loyalty.rulesets"
 
 # Input topics in their tie-break rank: when two events of one customer carry the same occurred_at,
 # the one on the earlier topic here is applied first, in both the stream and the batch driver.
 INPUT_TOPICS: tuple[str, ...] = (ENGAGEMENT, PURCHASES, REVIEWS, REFERRALS, REDEMPTIONS)
-ALL_TOPICS: tuple[str, ...] = INPUT_TOPICS + (LEDGER, DEAD_LETTER)
+ALL_TOPICS: tuple[str, ...] = INPUT_TOPICS + (LEDGER, DEAD_LETTER, RULESETS)
 TOPIC_RANK: dict[str, int] = {topic: rank for rank, topic in enumerate(INPUT_TOPICS)}
 
 EVENT_TYPE_TOPIC: dict[str, str] = {
@@ -38,3 +40,7 @@ UNROUTABLE_TOPIC = ENGAGEMENT
 # Header set on the copy of a referral routed to the referee's partition (see streams/routing.py).
 SIDE_HEADER = "loyalty-side"
 REFEREE_SIDE = b"referee"
+
+# Header of a cut-over marker: a control message (not an event) that switches the partition's rule set.
+CONTROL_HEADER = "loyalty-control"
+RULESET_CONTROL = b"ruleset"

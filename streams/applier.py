@@ -21,13 +21,21 @@ from typing import Any
 from schemas import events as ev
 from schemas.decode import EventRejected, decode_event
 from schemas.ledger import LedgerEntry
-from schemas.topics import REFEREE_SIDE, SIDE_HEADER
+from schemas.topics import CONTROL_HEADER, REFEREE_SIDE, RULESET_CONTROL, SIDE_HEADER
 from streams.batch import order_key
 from streams.rules.engine import Side, apply
 from streams.rules.ruleset import RuleSet
 from streams.rules.state import CustomerState, evolve
 
 TopicPartition = tuple[str, int]
+
+
+class UnknownRuleset(RuntimeError):
+    """A cut-over marker names a rule set this worker has not loaded from loyalty.rulesets (yet)."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+        super().__init__(f"cut-over to unknown rule set {version!r}")
 
 
 @dataclass(slots=True)
@@ -57,6 +65,7 @@ class Output:
     acks: list[InputMessage] = field(default_factory=list)
     duplicates: int = 0
     applied: int = 0
+    activations: list[tuple[str, int, int, str]] = field(default_factory=list)  # topic, partition, offset, version
 
 
 @dataclass(order=True, slots=True)
@@ -65,13 +74,17 @@ class _Held:
     message: InputMessage = field(compare=False)
     event: ev.Event = field(compare=False)
     side: Side = field(compare=False)
+    ruleset: RuleSet = field(compare=False)
 
 
 class StreamApplier:
     """Per-partition customer states, the event-time reorder buffer, and the pure core."""
 
     def __init__(self, ruleset: RuleSet, *, reorder_wait_ms: int = 1000, held_max: int = 200_000) -> None:
-        self.ruleset = ruleset
+        self.ruleset = ruleset  # the configured rule set: in force until a cut-over marker says otherwise
+        self.rulesets: dict[str, RuleSet] = {ruleset.version: ruleset}
+        # Per input partition, the cut-overs read so far: (marker offset, rule set), in offset order.
+        self.cutovers: dict[TopicPartition, list[tuple[int, RuleSet]]] = {}
         self.reorder_wait_ms = reorder_wait_ms
         self.held_max = held_max
         self.states: dict[int, dict[str, CustomerState]] = {}
@@ -90,7 +103,7 @@ class StreamApplier:
                 state = states[entry.customer_id] = CustomerState(entry.customer_id)
             if entry.sequence <= state.sequence:
                 continue  # a ledger entry written twice by an earlier at-least-once retry
-            evolve(state, entry, self.ruleset.zone)
+            evolve(state, entry, self.rulesets.get(entry.ruleset_version, self.ruleset).zone)
             count += 1
         return count
 
@@ -102,10 +115,40 @@ class StreamApplier:
 
     # --- input -------------------------------------------------------------------------------------
 
+    def know_ruleset(self, ruleset: RuleSet) -> None:
+        self.rulesets[ruleset.version] = ruleset
+
+    def activate(self, topic: str, partition: int, offset: int, version: str) -> None:
+        """Record a cut-over: messages of (topic, partition) after `offset` are decided by `version`."""
+        ruleset = self.rulesets[version]
+        cuts = self.cutovers.setdefault((topic, partition), [])
+        if (offset, ruleset) not in cuts:
+            cuts.append((offset, ruleset))
+            cuts.sort(key=lambda cut: cut[0])
+
+    def ruleset_for(self, topic: str, partition: int, offset: int) -> RuleSet:
+        chosen = self.ruleset
+        for cut_offset, ruleset in self.cutovers.get((topic, partition), ()):
+            if cut_offset < offset:
+                chosen = ruleset
+        return chosen
+
     def accept(self, messages: Iterable[InputMessage]) -> Output:
-        """Decode messages; bad ones become dead letters at once, good ones wait for their turn."""
+        """Decode messages; bad ones become dead letters at once, good ones wait for their turn.
+
+        The rule set of an event is fixed here, by the position of its message relative to the cut-over
+        markers of its partition: exactly the messages after a marker are decided by the new rule set.
+        """
         output = Output()
         for message in messages:
+            if (CONTROL_HEADER, RULESET_CONTROL) in message.headers:
+                version = message.value.decode("utf-8", "replace")
+                if version not in self.rulesets:
+                    raise UnknownRuleset(version)
+                self.activate(message.topic, message.partition, message.offset, version)
+                output.activations.append((message.topic, message.partition, message.offset, version))
+                output.acks.append(message)
+                continue
             try:
                 event = decode_event(message.value, message.topic)
             except EventRejected as error:
@@ -123,7 +166,8 @@ class StreamApplier:
             seen = self.latest_seen.get(tp)
             if seen is None or event.occurred_at > seen:
                 self.latest_seen[tp] = event.occurred_at
-            heapq.heappush(self.held, _Held(order_key(event, message.offset), message, event, side))
+            ruleset = self.ruleset_for(message.topic, message.partition, message.offset)
+            heapq.heappush(self.held, _Held(order_key(event, message.offset), message, event, side, ruleset))
         return output
 
     def release(self, assigned: Iterable[TopicPartition], caught_up: set[TopicPartition], now_ms: float) -> Output:
@@ -157,7 +201,7 @@ class StreamApplier:
         if state is None:
             state = states[customer_id] = CustomerState(customer_id)
         try:
-            entries = apply(state, event, self.ruleset, side=held.side)
+            entries = apply(state, event, held.ruleset, side=held.side)
         except EventRejected as error:
             if held.side == "customer":
                 output.dead_letters.append(DeadLetter(message, error.reason))

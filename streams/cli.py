@@ -213,7 +213,7 @@ def cmd_balance(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    document = _query(args, f"/api/customers/{args.customer}/history", {"limit": args.limit})
+    document = _query(args, f"/api/customers/{args.customer}/history", {"limit": args.limit, "offset": args.offset})
     if args.json:
         _print_json(document)
         return 0
@@ -332,6 +332,36 @@ def _post(args: argparse.Namespace, path: str, body: dict) -> Any:
     return post_running_system(_settings(args), path, body)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from streams.bench import BenchOptions, format_table, run_bench
+
+    def progress(message: str) -> None:
+        sys.stderr.write(f"bench: {message}\n")
+        sys.stderr.flush()
+
+    chosen = {
+        "events": args.events,
+        "customers": args.customers,
+        "partitions": args.partitions,
+        "baseline_events": args.baseline_events,
+        "ledger_rows": args.ledger_rows,
+        "query_customers": args.query_customers,
+        "latency_rate": args.latency_rate,
+        "latency_seconds": args.latency_seconds,
+    }
+    if args.small:
+        options = BenchOptions.small_run(**chosen)
+    else:
+        options = BenchOptions(**{name: value for name, value in chosen.items() if value is not None})
+    options.progress = progress
+    figures = run_bench(options, profile=args.profile)
+    if args.json:
+        _print_json(figures)
+    else:
+        print(format_table(figures))
+    return 0
+
+
 # --- parser --------------------------------------------------------------------------------------
 
 
@@ -424,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("history", cmd_history, "A customer's point history.")
     sub.add_argument("customer")
     sub.add_argument("--limit", type=int, default=200)
+    sub.add_argument("--offset", type=int, default=0, help="skip this many entries (oldest first)")
     sub.add_argument("--json", action="store_true")
     system_options(sub)
 
@@ -433,6 +464,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--granularity", choices=["day", "week", "month"], default="day")
     sub.add_argument("--json", action="store_true")
     system_options(sub)
+
+    sub = command("bench", cmd_bench, "Measure throughput, latency and memory on the embedded broker and chDB.")
+    sub.add_argument("--events", type=int, help="events in the simulated log (default 1,000,000; --small 20,000)")
+    sub.add_argument("--customers", type=int, help="customer pool of the log (default 1,000,000; --small 2,000)")
+    sub.add_argument("--small", action="store_true", help="the quick correctness run CI uses (about 20,000 events)")
+    sub.add_argument("--partitions", type=int, help="partitions of every topic (default 4)")
+    sub.add_argument("--baseline-events", type=int, help="events for the Faust baseline (default 50,000)")
+    sub.add_argument("--ledger-rows", type=int, help="synthetic ledger rows for the query figures (default 10M)")
+    sub.add_argument("--query-customers", type=int, help="customers of the synthetic ledger (default 1M)")
+    sub.add_argument("--latency-rate", type=float, help="events/s of the latency run (default 5,000)")
+    sub.add_argument("--latency-seconds", type=float, help="length of the latency run (default 30)")
+    sub.add_argument("--profile", help="write a py-spy raw profile of the worker drain to this file")
+    sub.add_argument("--json", action="store_true")
 
     projections = commands.add_parser("projections", help="ClickHouse projections tools.")
     projections_commands = projections.add_subparsers(dest="projections_command", required=True)

@@ -16,7 +16,15 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
 from schemas.ledger import LedgerEntry
-from schemas.topics import INPUT_TOPICS, LEDGER, REFEREE_SIDE, SIDE_HEADER, TOPIC_RANK
+from schemas.topics import (
+    CONTROL_HEADER,
+    INPUT_TOPICS,
+    LEDGER,
+    REFEREE_SIDE,
+    RULESET_CONTROL,
+    SIDE_HEADER,
+    TOPIC_RANK,
+)
 from streams import metrics
 
 log = logging.getLogger("loyalty.projector")
@@ -88,7 +96,12 @@ class Projector:
                     else:
                         rank = TOPIC_RANK[tp.topic]
                         for record in records:
-                            referee = (SIDE_HEADER, REFEREE_SIDE) in [(k, bytes(v)) for k, v in record.headers or ()]
+                            headers = [(name, bytes(value)) for name, value in record.headers or ()]
+                            referee = (
+                                2
+                                if (CONTROL_HEADER, RULESET_CONTROL) in headers
+                                else int((SIDE_HEADER, REFEREE_SIDE) in headers)
+                            )
                             key = record.key.decode("utf-8", "replace") if record.key else ""
                             archived.append((tp.topic, tp.partition, record.offset, key, record.value, referee, rank))
                         archive_offsets[(tp.topic, tp.partition)] = records[-1].offset + 1

@@ -54,6 +54,8 @@ def replay_messages(
     current_key: str | None = None
     state: CustomerState | None = None
     for message in messages:
+        if message.referee_side == 2:
+            continue  # a cut-over marker, not an event
         if message.event_id.startswith(compensation_prefix):
             continue  # a compensation posted by an earlier apply: part of the live ledger, not of the history
         result.events += 1
@@ -64,7 +66,7 @@ def replay_messages(
         except EventRejected:
             result.rejected += 1
             continue
-        side = "referee" if message.referee_side and isinstance(event, ev.ReferralCompleted) else "customer"
+        side = "referee" if message.referee_side == 1 and isinstance(event, ev.ReferralCompleted) else "customer"
         customer_id = event.referee_id if side == "referee" else event.customer_id  # type: ignore[union-attr]
         if customer_id != current_key:
             if state is not None:

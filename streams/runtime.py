@@ -26,6 +26,7 @@ from streams.settings import Settings
 log = logging.getLogger("loyalty")
 
 worker_stop_timeout_s = 20.0
+cutover_wait_s = 120.0
 
 
 def configure_logging(level: str) -> None:
@@ -262,6 +263,7 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
         url = f"http://{settings.http_host}:{port}"
         _write_run_file(settings, {"pid": os.getpid(), "url": url, "token": token, "kafka_bootstrap": bootstrap})
         log.info("API and dashboard on %s (token in %s)", url, run_file_path(settings))
+        log.info("dashboard: %s/#token=%s", url, token)
         tasks = [
             asyncio.create_task(projector.run(stopping), name="projector"),
             asyncio.create_task(monitor.run(stopping), name="monitor"),
@@ -297,6 +299,56 @@ def _replay_handler(client, client_lock, ruleset, monitor, projector, bootstrap)
     from streams import replay
     from streams.rules.ruleset import RuleSetInvalid, parse_ruleset
 
+    async def quiet(lag_max: int) -> tuple[dict, int]:
+        counts = await monitor.counts()
+        async with client_lock:
+            archived = await asyncio.to_thread(replay_archive_count, client)
+            gaps = await asyncio.to_thread(replay_archive_gaps, client)
+        lag = sum(counts["consumer_lag"].values())
+        if gaps:
+            raise replay.ReplayRefused(f"the raw archive has gaps {gaps}; wait until the projector completes it")
+        if lag > lag_max:
+            raise replay.ReplayRefused(f"the worker lags by {lag} messages (bound {lag_max}); wait until it catches up")
+        if archived < counts["input_messages"] or projector.backlog:
+            raise replay.ReplayRefused(
+                f"the projector has archived {archived} of {counts['input_messages']} input messages "
+                f"and has {projector.backlog} ledger entries to project; wait until it catches up"
+            )
+        return counts, archived
+
+    async def _apply_replay(new_rules, text: str, lag_max: int) -> dict:
+        from streams.cutover import publish_cutover
+
+        await quiet(lag_max)
+        markers = await asyncio.to_thread(publish_cutover, bootstrap, new_rules, text, projector.partitions)
+        # Wait until the worker has passed every marker and everything before them is archived and projected:
+        # then the live ledger and the archive cover exactly the same messages.
+        deadline = time.monotonic() + cutover_wait_s
+        while True:
+            committed = await asyncio.to_thread(monitor.committed)
+            passed = all(committed.get(tp, 0) > offset for tp, offset in markers.items())
+            if passed:
+                try:
+                    await quiet(lag_max)
+                    break
+                except replay.ReplayRefused:
+                    pass
+            if time.monotonic() > deadline:
+                raise replay.ReplayRefused(
+                    f"the worker did not pass the cut-over markers within {cutover_wait_s:.0f}s; "
+                    "the new rule set is in force from them, run --apply again to post the compensations"
+                )
+            await asyncio.sleep(0.5)
+        async with client_lock:
+            report = await asyncio.to_thread(
+                replay.dry_run, client, new_rules, current_point_value=ruleset.redemption.point_value
+            )
+        report["applied"] = await asyncio.to_thread(replay.apply_report, report, bootstrap=bootstrap)
+        report["applied"]["markers"] = {
+            f"{topic}/{partition}": offset for (topic, partition), offset in markers.items()
+        }
+        return report
+
     async def handle(request):
         try:
             body = await request.json()
@@ -305,27 +357,25 @@ def _replay_handler(client, client_lock, ruleset, monitor, projector, bootstrap)
             lag_max = int(body.get("lag_max", replay.lag_bound_messages))
         except (ValueError, KeyError, TypeError, RuleSetInvalid) as error:
             return web.json_response({"error": f"bad replay request: {error}"}, status=400)
-        async with client_lock:
-            report = await asyncio.to_thread(
-                replay.dry_run, client, new_rules, current_point_value=ruleset.redemption.point_value, since=since
-            )
-            archived = await asyncio.to_thread(replay_archive_count, client)
-        if body.get("apply"):
-            counts = await monitor.counts()
-            try:
-                replay.check_apply_allowed(
-                    report,
-                    lag=sum(counts["consumer_lag"].values()),
-                    archived=archived,
-                    input_messages=counts["input_messages"],
-                    lag_max=lag_max,
+        if not body.get("apply"):
+            async with client_lock:
+                report = await asyncio.to_thread(
+                    replay.dry_run, client, new_rules, current_point_value=ruleset.redemption.point_value, since=since
                 )
-            except replay.ReplayRefused as error:
-                return web.json_response({"error": str(error)}, status=409)
-            report["applied"] = await asyncio.to_thread(replay.apply_report, report, bootstrap=bootstrap)
+            return web.json_response(report)
+        try:
+            report = await _apply_replay(new_rules, str(body["rules"]), lag_max)
+        except replay.ReplayRefused as error:
+            return web.json_response({"error": str(error)}, status=409)
         return web.json_response(report)
 
     return handle
+
+
+def replay_archive_gaps(client) -> list:
+    from projections.archive import RawArchive
+
+    return RawArchive(client).gaps()
 
 
 def replay_archive_count(client) -> int:

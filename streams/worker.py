@@ -18,8 +18,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition as KafkaTopicPartition
 
 from schemas.ledger import LedgerEntry
-from schemas.topics import DEAD_LETTER, INPUT_TOPICS, LEDGER
-from streams import metrics
+from schemas.topics import CONTROL_HEADER, DEAD_LETTER, INPUT_TOPICS, LEDGER, RULESET_CONTROL, RULESETS
+from streams import cutover, metrics
 from streams.applier import InputMessage, Output, StreamApplier
 from streams.rules.ruleset import RuleSet, load_ruleset
 from streams.settings import Settings
@@ -101,6 +101,15 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
             await created.start()
             producer_box["ledger"] = created
         return producer_box["ledger"]
+
+    async def load_rulesets() -> None:
+        """Rule sets and cut-overs recorded in loyalty.rulesets (by `loyalty replay --apply`)."""
+        rulesets, activations = await cutover.read_rulesets(settings.kafka_bootstrap)
+        for known in rulesets.values():
+            applier.know_ruleset(known)
+        for topic, partition, offset, version in activations:
+            if version in applier.rulesets:
+                applier.activate(topic, partition, offset, version)
 
     async def restore_partitions(partitions: set[int]) -> None:
         """Fold the ledger partitions into the states of their customers, reading each to its high water mark.
@@ -186,6 +195,10 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
                     headers=dead_letter_headers(dead.message, dead.reason),
                 )
             )
+        for topic, partition, offset, version in output.activations:
+            key, value = cutover.activation_record(topic, partition, offset, version)
+            futures.append(await kafka.send(RULESETS, value=value, key=key, partition=0))
+            log.info("rule set %s in force on %s/%d after offset %d", version, topic, partition, offset)
         if futures:
             await asyncio.gather(*futures)
         for message in output.acks:
@@ -227,6 +240,13 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
                                 received_ms=now_ms,
                             )
                         )
+                    markers = {
+                        message.value.decode("utf-8", "replace")
+                        for message in messages
+                        if (CONTROL_HEADER, RULESET_CONTROL) in message.headers
+                    }
+                    if markers - set(applier.rulesets):
+                        await load_rulesets()  # the document is written before its markers
                     await send(applier.accept(messages))
                     await release()
             except Exception as error:
@@ -280,6 +300,7 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
         partitions = {tp.partition for tp in assigned if tp.topic in INPUT_TOPICS}
         log.info("assigned input partitions %s", sorted(partitions))
         async with lock:
+            await load_rulesets()
             fresh = partitions - restored
             if fresh:
                 await restore_partitions(fresh)

@@ -184,6 +184,38 @@ def test_stream_worker_and_projections_equal_the_batch_driver(broker, system, tm
     assert again["customers_changed"] == 0
     balances = new_balances
 
+    # After the cut-over markers the live worker decides new events with the new rule set.
+    late = tmp_path / "late.jsonl"
+    late.write_text(
+        json.dumps(
+            {
+                "event_id": "after-cutover-1",
+                "event_type": "purchase.completed",
+                "schema_version": 1,
+                "occurred_at": "2026-12-01T12:00:00+00:00",
+                "customer_id": heavy,
+                "store_id": "s1",
+                "order_id": "after-cutover-order",
+                "currency": "USD",
+                "lines": [{"sku": "sku-0001", "category": "books", "quantity": 2, "unit_price": "10.00"}],
+            }
+        )
+        + "\n"
+    )
+    produce_file(late, bootstrap=broker.bootstrap)
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        offset = str(len(expected_history) - 5)
+        entries = run_cli(environment, "history", heavy, "--limit", "1000", "--offset", offset)["entries"]
+        latest = [entry for entry in entries if entry["caused_by"] == "after-cutover-1"]
+        if latest or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert latest and {entry["ruleset_version"] for entry in latest} == {"seasonal-2026-q4"}
+    # seasonal: sku-0001 earns 40 fixed points per unit
+    assert [(entry["rule_id"], entry["points"]) for entry in latest][0] == ("purchase.product:sku-0001", 80)
+    balances[heavy] = latest[-1]["balance_after"]
+
     # Every ClickHouse balance equals the batch driver's, read directly after the owner stopped.
     system["process"].send_signal(signal.SIGTERM)
     system["process"].wait(timeout=40)
