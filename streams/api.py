@@ -1,9 +1,11 @@
-"""The HTTP API of the running system (status, balances, history, dashboard), served by the ClickHouse owner.
+"""The HTTP API and the web dashboard of the running system, served by the ClickHouse owner.
 
 In embedded mode one process owns the chDB directory, so the CLI's `status`, `balance`, `history` and
 `dashboard` ask this server, and analysts send read-only SQL to `POST /api/sql` (checked and bounded by
-`streams.sql_guard`). Every /api route needs the bearer token; parameters are validated and a bad one is
-answered with 400 and the reason.
+`streams.sql_guard`). Every /api route except `/api/openapi.json` needs the bearer token; parameters are
+validated and a bad one is answered with 400 and the reason. The dashboard page (`/`, assets under
+`/static/`) carries no data: it asks the API with the token the user gives it. No CORS header is ever
+sent, so a page of another origin cannot read the API.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, is_dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -27,7 +30,16 @@ log = logging.getLogger("loyalty.api")
 
 history_page_size_max = 1000
 top_earners_limit_max = 100
+point_sources_limit_max = 1000
+point_sources_limit_default = 100
 dashboard_range_days_max = 3660
+
+WEB_DIRECTORY = Path(__file__).resolve().parent / "web"
+# The page loads only its own files and talks only to its own origin; the API answers are JSON, never framed.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 
 
 class BadRequest(ValueError):
@@ -111,17 +123,23 @@ def _range(request: web.Request) -> tuple[date, date]:
 def build_app(context: ApiContext) -> web.Application:
     @web.middleware
     async def guard(request: web.Request, handler):
-        if request.path.startswith("/api/"):
+        if request.path.startswith("/api/") and request.path != "/api/openapi.json":
             header = request.headers.get("Authorization", "")
             supplied = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
             if not supplied or not hmac.compare_digest(supplied, context.token):
                 return web.json_response({"error": "missing or wrong bearer token"}, status=401)
         try:
-            return await handler(request)
+            response = await handler(request)
         except BadRequest as error:
             return web.json_response({"error": str(error)}, status=400)
         except queries_errors() as error:
             return web.json_response({"error": str(error)}, status=400)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        if not request.path.startswith("/api/"):
+            response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+            response.headers.setdefault("Cache-Control", "no-cache")
+        return response
 
     async def status(request: web.Request) -> web.Response:
         return web.json_response(_jsonable(await context.status()))
@@ -161,6 +179,7 @@ def build_app(context: ApiContext) -> web.Application:
         if by not in ("source", "rule", "product", "category"):
             raise BadRequest("by: must be source, rule, product or category")
         limit = _int_param(request, "limit", 10, 1, top_earners_limit_max)
+        sources_limit = _int_param(request, "sources_limit", point_sources_limit_default, 1, point_sources_limit_max)
         status_result = await context.query(queries.points_status, date_from, date_to, granularity)
         sources = await context.query(queries.point_sources, date_from, date_to, by)
         top = await context.query(queries.top_earners, date_from, date_to, limit)
@@ -172,7 +191,8 @@ def build_app(context: ApiContext) -> web.Application:
                 "granularity": granularity,
                 "by": by,
                 "points_status": _jsonable(status_result),
-                "point_sources": _jsonable(sources),
+                "point_sources": _jsonable(sources[:sources_limit]),
+                "point_sources_truncated": len(sources) > sources_limit,
                 "top_earners": _jsonable(top),
                 "liability": _jsonable(liability),
             }
@@ -198,8 +218,17 @@ def build_app(context: ApiContext) -> web.Application:
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
 
+    async def openapi(request: web.Request) -> web.Response:
+        return web.json_response(openapi_document())
+
+    async def page(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(WEB_DIRECTORY / "index.html")
+
     app = web.Application(middlewares=[guard], client_max_size=1024 * 1024)
+    app.router.add_get("/", page)
+    app.router.add_static("/static/", WEB_DIRECTORY, show_index=False, follow_symlinks=False)
     app.router.add_get("/healthz", health)
+    app.router.add_get("/api/openapi.json", openapi)
     app.router.add_get("/api/status", status)
     app.router.add_get("/api/customers/{customer_id}/balance", balance)
     app.router.add_get("/api/customers/{customer_id}/history", history)
@@ -212,3 +241,272 @@ def build_app(context: ApiContext) -> web.Application:
 def queries_errors() -> tuple[type[Exception], ...]:
     """Caller-misuse errors the query layer raises before any I/O (bad ids, ranges): answered with 400."""
     return (ValueError,)
+
+
+def _model_schemas(*models) -> dict[str, Any]:
+    """JSON Schemas of pydantic models, their nested definitions hoisted into OpenAPI components."""
+    schemas: dict[str, Any] = {}
+    for model in models:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    return schemas
+
+
+def _integer(description: str) -> dict[str, Any]:
+    return {"type": "integer", "description": description}
+
+
+def _object(properties: dict[str, Any], description: str = "") -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "required": sorted(properties), "properties": properties}
+    if description:
+        schema["description"] = description
+    return schema
+
+
+def _reference(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json_response(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _query_parameter(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 description of every /api route (kept in sync with `build_app` by a test)."""
+    from schemas.ledger import LedgerEntry
+
+    date_schema = {"type": "string", "format": "date"}
+    period = _object(
+        {
+            "period_start": date_schema,
+            "period_end": date_schema,
+            "issued": _integer("earned and confirmed points"),
+            "redeemed": _integer("points redeemed (positive)"),
+            "expired": _integer("points expired (positive)"),
+            "reversed": _integer("points reversed by refunds and cancellations (positive)"),
+            "adjusted": _integer("admin adjustments (signed)"),
+            "pending_issued": _integer("points awarded as pending (not yet available)"),
+            "outstanding": _integer("sum of all available balances at the end of period_end"),
+        },
+        "Points status of one period, clipped to the requested range.",
+    )
+    components = _model_schemas(LedgerEntry, RuleSet)
+    components.update(
+        {
+            "Error": _object({"error": {"type": "string", "description": "the reason"}}),
+            "PeriodStatus": period,
+            "PointsStatus": _object(
+                {
+                    "granularity": {"enum": ["day", "week", "month"]},
+                    "date_from": date_schema,
+                    "date_to": date_schema,
+                    "store_id": {"type": ["string", "null"]},
+                    "periods": {"type": "array", "items": _reference("PeriodStatus")},
+                    "totals": _reference("PeriodStatus"),
+                }
+            ),
+            "PointSource": _object(
+                {
+                    "key": {"type": ["string", "null"], "description": "null: entries without that detail"},
+                    "points": _integer("positive points of kinds earned, confirmed and adjusted"),
+                    "entries": _integer("entries with positive points"),
+                }
+            ),
+            "TopEarner": _object(
+                {
+                    "customer_id": {"type": "string"},
+                    "points_earned": _integer("earned and confirmed points in the range"),
+                    "balance": _integer("current available balance"),
+                }
+            ),
+            "LiabilityDay": _object(
+                {
+                    "day": date_schema,
+                    "outstanding_points": _integer("sum of available balances at the end of the day"),
+                    "outstanding_value": {"type": "string", "description": "decimal: points x point_value"},
+                }
+            ),
+            "Dashboard": _object(
+                {
+                    "from": date_schema,
+                    "to": date_schema,
+                    "granularity": {"enum": ["day", "week", "month"]},
+                    "by": {"enum": ["source", "rule", "product", "category"]},
+                    "points_status": _reference("PointsStatus"),
+                    "point_sources": {"type": "array", "items": _reference("PointSource")},
+                    "point_sources_truncated": {
+                        "type": "boolean",
+                        "description": "more keys than sources_limit exist (the first ones by points are shown)",
+                    },
+                    "top_earners": {"type": "array", "items": _reference("TopEarner")},
+                    "liability": {"type": "array", "items": _reference("LiabilityDay")},
+                }
+            ),
+            "Balance": _object(
+                {
+                    "customer_id": {"type": "string"},
+                    "balance": _integer("available points (negative when in debt)"),
+                    "pending": _integer("points awarded but not yet available"),
+                    "lifetime_earned": _integer("earned and confirmed points, ever"),
+                    "lifetime_redeemed": _integer("points redeemed, ever (positive)"),
+                    "debt": _integer("-balance when the balance is negative, else 0"),
+                    "last_activity": {"type": ["string", "null"], "format": "date-time"},
+                    "entries": _integer("ledger entries of the customer"),
+                }
+            ),
+            "History": _object(
+                {
+                    "customer_id": {"type": "string"},
+                    "entries": {"type": "array", "items": _reference("LedgerEntry")},
+                }
+            ),
+            "Settings": _object({"ruleset": _reference("RuleSet")}),
+            "Status": {
+                "type": "object",
+                "description": "counters of the running system; see docs/cli.md (`loyalty status --json`)",
+                "additionalProperties": True,
+            },
+            "SqlRequest": _object({"sql": {"type": "string", "description": "one SELECT (or WITH ... SELECT)"}}),
+            "SqlResult": _object(
+                {
+                    "columns": {"type": "array", "items": {"type": "string"}},
+                    "rows": {"type": "array", "items": {"type": "array"}},
+                    "truncated": {"type": "boolean"},
+                    "rows_max": _integer("the most rows an answer holds"),
+                }
+            ),
+        }
+    )
+    error = _reference("Error")
+    bad_request = _json_response("a parameter is invalid; `error` says which and why", error)
+    unauthorized = _json_response("missing or wrong bearer token", error)
+
+    def operation(summary: str, ok: dict[str, Any], parameters=(), *, validated: bool = True, **extra) -> dict:
+        responses = {"200": ok, "401": unauthorized}
+        if validated:
+            responses["400"] = bad_request
+        return {"summary": summary, "parameters": list(parameters), "responses": responses, **extra}
+
+    customer_parameter = {
+        "name": "customer_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+        "description": "the customer id of the events",
+    }
+    range_parameters = [
+        _query_parameter("from", "first day (UTC), default: `to` minus 29 days", date_schema),
+        _query_parameter("to", "last day (UTC, included), default: today", date_schema),
+    ]
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "loyalty-engine API",
+            "version": "1",
+            "description": (
+                "Read API of the running loyalty engine (`loyalty up`): status, balances, history, the dashboard "
+                "sections, the rule set and read-only SQL. Every route except this document needs "
+                "`Authorization: Bearer <token>` (the token is in `<data dir>/run.json`). No CORS headers are sent."
+            ),
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "paths": {
+            "/api/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "security": [],
+                    "responses": {"200": {"description": "the OpenAPI document", "content": {"application/json": {}}}},
+                }
+            },
+            "/api/status": {
+                "get": operation(
+                    "Consumer lag and counters of the running system",
+                    _json_response("the counters", _reference("Status")),
+                    validated=False,
+                )
+            },
+            "/api/customers/{customer_id}/balance": {
+                "get": operation(
+                    "A customer's balance (zeros for an unknown customer)",
+                    _json_response("the balance", _reference("Balance")),
+                    [customer_parameter],
+                )
+            },
+            "/api/customers/{customer_id}/history": {
+                "get": operation(
+                    "A customer's ledger entries in sequence order, one page",
+                    _json_response("the page of entries", _reference("History")),
+                    [
+                        customer_parameter,
+                        _query_parameter(
+                            "limit",
+                            "entries per page",
+                            {"type": "integer", "minimum": 1, "maximum": history_page_size_max, "default": 200},
+                        ),
+                        _query_parameter("offset", "entries to skip", {"type": "integer", "minimum": 0, "default": 0}),
+                    ],
+                )
+            },
+            "/api/dashboard": {
+                "get": operation(
+                    "The dashboard sections for a date range",
+                    _json_response("points status, point sources, top earners, liability", _reference("Dashboard")),
+                    [
+                        *range_parameters,
+                        _query_parameter(
+                            "granularity",
+                            "period of points_status",
+                            {"enum": ["day", "week", "month"], "default": "day"},
+                        ),
+                        _query_parameter(
+                            "by",
+                            "dimension of point_sources",
+                            {"enum": ["source", "rule", "product", "category"], "default": "source"},
+                        ),
+                        _query_parameter(
+                            "limit",
+                            "top earners to return",
+                            {"type": "integer", "minimum": 1, "maximum": top_earners_limit_max, "default": 10},
+                        ),
+                        _query_parameter(
+                            "sources_limit",
+                            "point sources to return (largest first)",
+                            {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": point_sources_limit_max,
+                                "default": point_sources_limit_default,
+                            },
+                        ),
+                    ],
+                )
+            },
+            "/api/settings": {
+                "get": operation(
+                    "The active rule set (read-only)",
+                    _json_response("the rule set and its version", _reference("Settings")),
+                    validated=False,
+                )
+            },
+            "/api/sql": {
+                "post": operation(
+                    "One read-only SELECT over the projections",
+                    _json_response(f"columns and at most {RESULT_ROWS_MAX} rows", _reference("SqlResult")),
+                    requestBody={
+                        "required": True,
+                        "content": {"application/json": {"schema": _reference("SqlRequest")}},
+                    },
+                )
+            },
+        },
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

@@ -263,7 +263,10 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
         url = f"http://{settings.http_host}:{port}"
         _write_run_file(settings, {"pid": os.getpid(), "url": url, "token": token, "kafka_bootstrap": bootstrap})
         log.info("API and dashboard on %s (token in %s)", url, run_file_path(settings))
-        log.info("dashboard: %s/#token=%s", url, token)
+        # Secrets never go to the log: the link with the token is printed only to an interactive terminal.
+        log.info("dashboard: %s/ (token in %s)", url, run_file_path(settings))
+        if sys.stdout.isatty():
+            print(f"open the dashboard: {url}/#token={token}", flush=True)
         tasks = [
             asyncio.create_task(projector.run(stopping), name="projector"),
             asyncio.create_task(monitor.run(stopping), name="monitor"),

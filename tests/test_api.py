@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -135,6 +137,7 @@ def test_dashboard_shape_and_figures(api_client_factory):
             "granularity",
             "liability",
             "point_sources",
+            "point_sources_truncated",
             "points_status",
             "to",
             "top_earners",
@@ -155,6 +158,7 @@ def test_dashboard_shape_and_figures(api_client_factory):
             {"key": "purchase", "points": 350, "entries": 2},
             {"key": "review", "points": 20, "entries": 1},
         ]
+        assert document["point_sources_truncated"] is False
         assert document["top_earners"] == [
             {"customer_id": "bob", "points_earned": 250, "balance": 250},
             {"customer_id": "alice", "points_earned": 120, "balance": 80},
@@ -181,6 +185,8 @@ def test_dashboard_shape_and_figures(api_client_factory):
         ({"limit": "0"}, "limit: must be between 1 and 100"),
         ({"limit": "101"}, "limit: must be between 1 and 100"),
         ({"limit": "ten"}, "limit: expected an integer, got 'ten'"),
+        ({"sources_limit": "0"}, "sources_limit: must be between 1 and 1000"),
+        ({"sources_limit": "1001"}, "sources_limit: must be between 1 and 1000"),
     ],
 )
 def test_dashboard_answers_bad_parameters_with_400_and_the_reason(api_client_factory, params, reason):
@@ -261,5 +267,92 @@ def test_sql_answers_an_engine_error_and_a_non_json_body_with_400(api_client_fac
         response = await http.post("/api/sql", data=b"SELECT 1", headers=AUTH)
         assert response.status == 400
         assert await response.json() == {"error": 'expected a JSON body {"sql": "SELECT ..."}'}
+
+    api_client_factory(scenario)
+
+
+def test_point_sources_are_bounded_by_sources_limit(api_client_factory):
+    async def scenario(http: TestClient) -> None:
+        params = {"from": "2024-01-01", "to": "2024-01-14", "sources_limit": "1"}
+        document = await (await http.get("/api/dashboard", params=params, headers=AUTH)).json()
+        assert document["point_sources"] == [{"key": "purchase", "points": 350, "entries": 2}]
+        assert document["point_sources_truncated"] is True
+
+    api_client_factory(scenario)
+
+
+def test_openapi_document_is_public_and_describes_every_api_route(api_client_factory):
+    async def scenario(http: TestClient) -> None:
+        response = await http.get("/api/openapi.json")
+        assert response.status == 200
+        document = await response.json()
+        assert document["openapi"] == "3.1.0"
+        registered = {
+            (route.resource.canonical, route.method.lower())
+            for route in http.server.app.router.routes()
+            if route.resource is not None and route.resource.canonical.startswith("/api/") and route.method != "HEAD"
+        }
+        documented = {(path, method) for path, operations in document["paths"].items() for method in operations}
+        assert registered == documented
+        for path, method in registered - {("/api/openapi.json", "get")}:
+            responses = document["paths"][path][method]["responses"]
+            assert {"200", "401"} <= set(responses), (path, method)
+        for path in ("/api/dashboard", "/api/customers/{customer_id}/history", "/api/sql"):
+            assert "400" in next(iter(document["paths"][path].values()))["responses"], path
+        dashboard_parameters = {item["name"] for item in document["paths"]["/api/dashboard"]["get"]["parameters"]}
+        assert dashboard_parameters == {"from", "to", "granularity", "by", "limit", "sources_limit"}
+        history_limit = document["paths"]["/api/customers/{customer_id}/history"]["get"]["parameters"][1]
+        assert (history_limit["name"], history_limit["schema"]["maximum"]) == ("limit", 1000)
+        # Every reference resolves to a component.
+        text = json.dumps(document)
+        for name in re.findall(r'"#/components/schemas/([^"]+)"', text):
+            assert name in document["components"]["schemas"], name
+
+    api_client_factory(scenario)
+
+
+def test_no_cors_headers_are_sent(api_client_factory):
+    async def scenario(http: TestClient) -> None:
+        origin = {"Origin": "https://elsewhere.example"}
+        for path in ("/api/status", "/api/dashboard", "/", "/static/app.js", "/api/openapi.json"):
+            response = await http.get(path, headers={**AUTH, **origin})
+            assert response.status == 200, path
+            assert not [name for name in response.headers if name.lower().startswith("access-control-")], path
+        preflight = await http.options(
+            "/api/dashboard",
+            headers={
+                **origin,
+                "Access-Control-Request-Method": "GET",
+                "Access-Control-Request-Headers": "authorization",
+            },
+        )
+        assert preflight.status in (401, 405)
+        assert not [name for name in preflight.headers if name.lower().startswith("access-control-")]
+
+    api_client_factory(scenario)
+
+
+def test_the_page_and_its_static_files_are_served_without_the_token(api_client_factory):
+    async def scenario(http: TestClient) -> None:
+        page = await http.get("/")
+        assert page.status == 200
+        assert page.content_type == "text/html"
+        html = await page.text()
+        assert '<script src="/static/app.js" defer></script>' in html
+        assert '<script src="/static/vendor/chart.umd.js" defer></script>' in html
+        assert "script-src 'self'" in page.headers["Content-Security-Policy"]
+        assert page.headers["X-Content-Type-Options"] == "nosniff"
+        for path, content_type, marker in (
+            ("/static/app.js", "javascript", "/api/dashboard"),
+            ("/static/app.css", "text/css", ".tiles"),
+            ("/static/vendor/chart.umd.js", "javascript", "Chart.js v4"),
+        ):
+            response = await http.get(path)
+            assert response.status == 200, path
+            assert content_type in response.content_type, path
+            assert marker in await response.text(), path
+        for path in ("/static/", "/static/../api.py", "/static/%2e%2e/api.py", "/static/missing.js"):
+            response = await http.get(path)
+            assert response.status in (403, 404), path
 
     api_client_factory(scenario)

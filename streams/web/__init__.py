@@ -1,0 +1,1 @@
+"""Static files of the web dashboard (index.html, app.js, app.css, vendored Chart.js), served by streams.api."""
