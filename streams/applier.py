@@ -203,8 +203,10 @@ class StreamApplier:
         try:
             entries = apply(state, event, held.ruleset, side=held.side)
         except EventRejected as error:
-            if held.side == "customer":
-                output.dead_letters.append(DeadLetter(message, error.reason))
+            # A conflict is decided per customer, so each copy of a referral that conflicts on its own
+            # customer's state is dead-lettered (the batch driver lists it once per side too).
+            reason = error.reason if held.side == "customer" else f"referee side: {error.reason}"
+            output.dead_letters.append(DeadLetter(message, reason))
             output.acks.append(message)
             return
         if not entries and event.event_id in state.applied:

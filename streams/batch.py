@@ -83,7 +83,6 @@ def process_lines(lines: Iterable[bytes | str], ruleset: RuleSet) -> ProcessResu
         if isinstance(event, ev.ReferralCompleted):
             work.setdefault(event.referee_id, []).append((order_key(event, number), event, "referee", number))
 
-    conflicted: set[int] = set()
     for customer_id, items in work.items():
         state = result.states.setdefault(customer_id, CustomerState(customer_id))
         items.sort(key=lambda item: item[0])
@@ -92,9 +91,10 @@ def process_lines(lines: Iterable[bytes | str], ruleset: RuleSet) -> ProcessResu
             try:
                 entries = apply(state, event, ruleset, side=side)
             except EventRejected as error:
-                if number not in conflicted:
-                    conflicted.add(number)
-                    result.rejected.append(Rejection(number, event.event_id, error.reason))
+                # A conflict is decided per customer: a referral conflicting on both customers' states is
+                # listed once per side, as the stream worker dead-letters each conflicting copy.
+                reason = error.reason if side == "customer" else f"referee side: {error.reason}"
+                result.rejected.append(Rejection(number, event.event_id, reason))
                 continue
             if not entries and event.event_id in state.applied:
                 result.duplicates += 1
