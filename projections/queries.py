@@ -24,6 +24,7 @@ from schemas.ledger import LedgerEntry
 
 __all__ = [
     "Balance",
+    "ExpiringPoints",
     "LiabilityDay",
     "PeriodStatus",
     "PointSource",
@@ -31,6 +32,7 @@ __all__ = [
     "TopEarner",
     "balance",
     "balances",
+    "expiring_soon",
     "history",
     "liability",
     "point_sources",
@@ -407,3 +409,135 @@ def _scalar(rows: list[Any]) -> int:
 
 def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# --- points expiring soon (reminder e-mails) -------------------------------------------------------
+
+EXPIRY_DAYS_MAX = 3650
+EXPIRING_WITHIN_DAYS_MAX = 3650
+EXPIRING_LIMIT_MAX = 100_000
+
+# The rules engine (streams.rules.engine._expire) expires the whole available balance once `days` have
+# passed since the last entry of kind earned, confirmed or redeemed with points != 0 (the last one in
+# `sequence` order, as the state fold keeps it). A customer with no such entry never expires.
+EXPIRING_INACTIVITY_SQL = f"""
+SELECT customer_id, balance, balance AS expiring, last_activity
+FROM
+(
+    SELECT customer_id,
+           argMax(balance_after, sequence) AS balance,
+           argMaxIf(occurred_at, sequence, kind IN ('earned', 'confirmed', 'redeemed') AND points != 0)
+               AS last_activity,
+           countIf(kind IN ('earned', 'confirmed', 'redeemed') AND points != 0) AS activities
+    FROM ledger_entries FINAL
+    WHERE occurred_at <= {{as_of:DateTime64(6, 'UTC')}}
+      AND ({{customer_id:Nullable(String)}} IS NULL OR customer_id = {{customer_id:Nullable(String)}})
+    GROUP BY customer_id
+)
+WHERE balance > 0 AND activities > 0 AND last_activity <= {{awarded_by:DateTime64(6, 'UTC')}}
+ORDER BY last_activity, customer_id
+LIMIT {{limit:UInt32}}
+{FINAL_SETTINGS}
+"""
+
+# Expiry by lot, as the state fold keeps lots (streams.rules.state._evolve_lots): every entry with
+# points > 0 appends a lot, every entry with points < 0 (redeemed, reversed, expired, adjusted) takes from
+# the oldest lots first, and a decrease larger than the lots left (debt) takes only what is there. Taking
+# is therefore always a prefix of the lots in `sequence` order, of size `consumed` = all decreases minus
+# what fell into debt; what fell into debt is the deepest the running balance ever went below zero (a
+# running sum clamped at zero equals the running sum minus its lowest value so far). The engine expires,
+# in `sequence` order up to the first lot that is not old enough, what is left of each lot, capped by the
+# balance: min(balance, max(0, old lots - consumed)).
+EXPIRING_LOT_SQL = f"""
+SELECT customer_id, balance, expiring, first_lot_at
+FROM
+(
+    SELECT customer_id,
+           argMax(balance_after, sequence) AS balance,
+           -sumIf(points, points < 0) - greatest(0, -min(balance_after)) AS consumed,
+           arraySort(groupArrayIf((sequence, occurred_at, points), points > 0)) AS lots,
+           arrayMap(lot -> lot.2, lots) AS lot_times,
+           arrayMap(lot -> lot.3, lots) AS lot_points,
+           arrayCumSum(arrayMap(moment -> toUInt32(moment > {{awarded_by:DateTime64(6, 'UTC')}}), lot_times))
+               AS younger_seen,
+           arraySum((points_of_lot, younger) -> if(younger = 0, points_of_lot, 0), lot_points, younger_seen)
+               AS old_points,
+           least(balance, greatest(0, old_points - consumed)) AS expiring,
+           arrayFirst((moment, running) -> running > consumed, lot_times, arrayCumSum(lot_points)) AS first_lot_at
+    FROM ledger_entries FINAL
+    WHERE occurred_at <= {{as_of:DateTime64(6, 'UTC')}}
+      AND ({{customer_id:Nullable(String)}} IS NULL OR customer_id = {{customer_id:Nullable(String)}})
+    GROUP BY customer_id
+)
+WHERE balance > 0 AND expiring > 0
+ORDER BY first_lot_at, customer_id
+LIMIT {{limit:UInt32}}
+{FINAL_SETTINGS}
+"""
+
+EXPIRING_SQL = {"inactivity": EXPIRING_INACTIVITY_SQL, "lot": EXPIRING_LOT_SQL}
+
+
+@dataclass(frozen=True)
+class ExpiringPoints:
+    """Points of one customer that expire by the horizon unless the customer acts.
+
+    `expires_at` is when the first of these points expire (it can be before `as_of`: the expiry is due and
+    the engine records it at the customer's next event or clock tick). `balance` is the available balance
+    at `as_of`; `points` never exceeds it.
+    """
+
+    customer_id: str
+    points: int
+    balance: int
+    expires_at: datetime
+
+
+def expiring_soon(
+    client: Client,
+    *,
+    as_of: datetime,
+    within_days: int,
+    mode: Literal["inactivity", "lot"],
+    days: int,
+    limit: int = 1_000,
+    customer_id: str | None = None,
+) -> list[ExpiringPoints]:
+    """Customers whose available points expire by `as_of + within_days`, soonest first, with how many.
+
+    `mode` and `days` are the rule set's expiry settings (`expiry.mode`, `expiry.days`). The ledger is read
+    up to `as_of` (entries after it are ignored), so the answer is what the engine would expire at a
+    `clock.tick` at the horizon if nothing else happened in between. Pending points are not counted (they
+    are not available yet). `customer_id` narrows the answer to one customer.
+    """
+    if mode not in EXPIRING_SQL:
+        raise ValueError(f"mode must be inactivity or lot, got {mode!r}")
+    if not isinstance(as_of, datetime) or as_of.tzinfo is None:
+        raise ValueError(f"as_of must be a datetime with a UTC offset, got {as_of!r}")
+    for name, value, high in (("within_days", within_days, EXPIRING_WITHIN_DAYS_MAX), ("days", days, EXPIRY_DAYS_MAX)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+            raise ValueError(f"{name} must be an integer in 0..{high}, got {value!r}")
+    if days < 1:
+        raise ValueError("days must be at least 1")
+    if not 1 <= limit <= EXPIRING_LIMIT_MAX:
+        raise ValueError(f"limit must be in 1..{EXPIRING_LIMIT_MAX}, got {limit}")
+    if customer_id is not None:
+        _check_customer_id(customer_id)
+    as_of = as_of.astimezone(UTC)
+    horizon = as_of + timedelta(days=within_days)
+    parameters = {
+        "as_of": as_of,
+        "awarded_by": horizon - timedelta(days=days),
+        "customer_id": customer_id,
+        "limit": limit,
+    }
+    result = client.query(EXPIRING_SQL[mode], parameters=parameters)
+    return [
+        ExpiringPoints(
+            customer_id=row_customer,
+            points=int(expiring),
+            balance=int(current),
+            expires_at=_utc(moment) + timedelta(days=days),
+        )
+        for row_customer, current, expiring, moment in result.result_rows
+    ]

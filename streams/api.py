@@ -170,6 +170,34 @@ def build_app(context: ApiContext) -> web.Application:
         entries = await context.query(queries.history, customer_id, limit=limit, offset=offset)
         return web.json_response({"customer_id": customer_id, "entries": _jsonable(entries)})
 
+    async def expiring(request: web.Request) -> web.Response:
+        """The customer's points that expire within `within_days` under the running rule set's expiry."""
+        customer_id = request.match_info["customer_id"]
+        within_days = _int_param(request, "within_days", 30, 0, queries.EXPIRING_WITHIN_DAYS_MAX)
+        expiry = context.ruleset.expiry
+        as_of = datetime.now(UTC)
+        document: dict[str, Any] = {
+            "customer_id": customer_id,
+            "as_of": as_of.isoformat(),
+            "within_days": within_days,
+            "mode": expiry.mode,
+            "days": expiry.days,
+            "ruleset_version": context.ruleset.version,
+            "customers": [],
+        }
+        if expiry.mode != "none":
+            found = await context.query(
+                queries.expiring_soon,
+                as_of=as_of,
+                within_days=within_days,
+                mode=expiry.mode,
+                days=expiry.days,
+                limit=1,
+                customer_id=customer_id,
+            )
+            document["customers"] = _jsonable(found)
+        return web.json_response(document)
+
     async def dashboard(request: web.Request) -> web.Response:
         date_from, date_to = _range(request)
         granularity = request.query.get("granularity", "day")
@@ -232,6 +260,7 @@ def build_app(context: ApiContext) -> web.Application:
     app.router.add_get("/api/status", status)
     app.router.add_get("/api/customers/{customer_id}/balance", balance)
     app.router.add_get("/api/customers/{customer_id}/history", history)
+    app.router.add_get("/api/customers/{customer_id}/expiring", expiring)
     app.router.add_get("/api/dashboard", dashboard)
     app.router.add_get("/api/settings", settings)
     app.router.add_post("/api/sql", sql)
@@ -450,6 +479,24 @@ def openapi_document() -> dict[str, Any]:
                             {"type": "integer", "minimum": 1, "maximum": history_page_size_max, "default": 200},
                         ),
                         _query_parameter("offset", "entries to skip", {"type": "integer", "minimum": 0, "default": 0}),
+                    ],
+                )
+            },
+            "/api/customers/{customer_id}/expiring": {
+                "get": operation(
+                    "A customer's available points that expire within N days under the active rule set's expiry "
+                    "(for reminder e-mails); `customers` is empty when nothing expires or expiry is off",
+                    _json_response(
+                        "the expiry settings and at most one row: points, balance, expires_at",
+                        {"type": "object"},
+                    ),
+                    [
+                        customer_parameter,
+                        _query_parameter(
+                            "within_days",
+                            "the horizon in days from now",
+                            {"type": "integer", "minimum": 0, "maximum": 3650, "default": 30},
+                        ),
                     ],
                 )
             },

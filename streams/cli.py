@@ -264,6 +264,89 @@ def cmd_projections_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_projections_rebuild(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if _running(settings):
+        report = _post(args, "/api/projections/rebuild", {})
+    else:
+        from projections import connect
+        from projections.rebuild import RebuildFailed, rebuild
+
+        client = connect(settings.resolved_clickhouse_dsn())
+        try:
+            report = rebuild(client, progress=lambda message: sys.stderr.write(f"rebuild: {message}\n"))
+        except RebuildFailed as error:
+            return _fail(str(error), 1)
+        finally:
+            client.close()
+    if args.json:
+        _print_json(report)
+        return 0
+    print(f"rebuilt {report['days']} days in {report['seconds']} s ({report['swap']}):")
+    for table, rows in report["tables"].items():
+        print(f"  {table:<24} {rows['rows_before']:>10,} rows -> {rows['rows_after']:>10,}")
+    return 0
+
+
+def cmd_expiring(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    settings = _settings(args)
+    if args.within_days < 0:
+        return _fail("--within-days must be 0 or more")
+    if _running(settings):
+        if not args.customer:
+            return _fail("with the system running, name a customer (the API answers per customer)")
+        document = _query(args, f"/api/customers/{args.customer}/expiring", {"within_days": args.within_days})
+    else:
+        from projections import connect, queries
+
+        ruleset = load_ruleset(settings.rules)
+        if ruleset.expiry.mode == "none":
+            return _fail(f"rule set {ruleset.version} has no expiry (expiry.mode: none)", 1)
+        as_of = datetime.fromisoformat(args.as_of) if args.as_of else datetime.now(UTC)
+        as_of = as_of if as_of.tzinfo else as_of.replace(tzinfo=UTC)
+        client = connect(settings.resolved_clickhouse_dsn())
+        try:
+            found = queries.expiring_soon(
+                client,
+                as_of=as_of,
+                within_days=args.within_days,
+                mode=ruleset.expiry.mode,
+                days=ruleset.expiry.days,
+                limit=args.limit,
+                customer_id=args.customer,
+            )
+        finally:
+            client.close()
+        document = {
+            "as_of": as_of.isoformat(),
+            "within_days": args.within_days,
+            "mode": ruleset.expiry.mode,
+            "days": ruleset.expiry.days,
+            "ruleset_version": ruleset.version,
+            "customers": [
+                {
+                    "customer_id": item.customer_id,
+                    "points": item.points,
+                    "balance": item.balance,
+                    "expires_at": item.expires_at.isoformat(),
+                }
+                for item in found
+            ],
+        }
+    if args.json:
+        _print_json(document)
+        return 0
+    print(
+        f"{len(document['customers'])} customers with points expiring within {document['within_days']} days "
+        f"of {document['as_of']} (expiry by {document['mode']}, {document['days']} days)"
+    )
+    for item in document["customers"]:
+        print(f"  {item['customer_id']:<24} {item['points']:>8} of {item['balance']:>8}  from {item['expires_at']}")
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from streams import replay
 
@@ -490,6 +573,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--clickhouse-dsn", help="ClickHouse DSN (LOYALTY_CLICKHOUSE_DSN)")
     sub.add_argument("--json", action="store_true")
     sub.set_defaults(handler=cmd_projections_migrate)
+    sub = projections_commands.add_parser(
+        "rebuild",
+        help="Recompute every table derived from the ledger and swap it in atomically "
+        "(through the running system when there is one).",
+    )
+    system_options(sub)
+    sub.add_argument("--clickhouse-dsn", help="ClickHouse DSN (LOYALTY_CLICKHOUSE_DSN)")
+    sub.add_argument("--json", action="store_true")
+    sub.set_defaults(handler=cmd_projections_rebuild)
+
+    sub = command("expiring", cmd_expiring, "Customers with points expiring within N days (reminder e-mails).")
+    sub.add_argument("--within-days", type=int, required=True, help="the horizon, in days from --as-of")
+    sub.add_argument("--customer", help="only this customer (required while the system runs)")
+    sub.add_argument("--as-of", help="the moment to count from (ISO 8601, default: now; offline only)")
+    sub.add_argument("--limit", type=int, default=1000, help="at most this many customers (offline only)")
+    sub.add_argument("--rules", type=Path, help="rule set YAML whose expiry settings apply (LOYALTY_RULES)")
+    sub.add_argument("--clickhouse-dsn", help="ClickHouse DSN (LOYALTY_CLICKHOUSE_DSN)")
+    sub.add_argument("--json", action="store_true")
+    system_options(sub)
     return parser
 
 

@@ -255,6 +255,7 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
         application.router.add_post(
             "/api/replay", _replay_handler(client, client_lock, ruleset, monitor, projector, bootstrap)
         )
+        application.router.add_post("/api/projections/rebuild", _rebuild_handler(client, client_lock))
         runner = web.AppRunner(application, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, settings.http_host, settings.http_port)
@@ -369,6 +370,27 @@ def _replay_handler(client, client_lock, ruleset, monitor, projector, bootstrap)
         try:
             report = await _apply_replay(new_rules, str(body["rules"]), lag_max)
         except replay.ReplayRefused as error:
+            return web.json_response({"error": str(error)}, status=409)
+        return web.json_response(report)
+
+    return handle
+
+
+def _rebuild_handler(client, client_lock):
+    """POST /api/projections/rebuild: recompute the derived tables and swap them in (see projections.rebuild).
+
+    The client lock is held throughout, so the projector's sink waits instead of writing into tables that
+    are about to be swapped out, and no dashboard query runs against the half-done work.
+    """
+    from aiohttp import web
+
+    from projections.rebuild import RebuildFailed, rebuild
+
+    async def handle(request):
+        try:
+            async with client_lock:
+                report = await asyncio.to_thread(rebuild, client)
+        except RebuildFailed as error:
             return web.json_response({"error": str(error)}, status=409)
         return web.json_response(report)
 

@@ -65,6 +65,7 @@ class _Entries:
         self.pending = state.pending
         self.sequence = state.sequence
         self.entries: list[LedgerEntry] = []
+        self.folded = 0  # how many of `entries` are already folded into `state` (released confirmations)
 
     def add(
         self,
@@ -820,6 +821,7 @@ def decide(
         released = list(entries.entries)
         preview = _clone_for_preview(state, released, ruleset)
         entries.state = preview
+        entries.folded = len(released)
     if isinstance(event, ev.ReferralCompleted):
         _referral(entries, event, side)
     else:
@@ -872,17 +874,16 @@ def _review_tier(entries: _Entries) -> None:
     state, ruleset = entries.state, entries.ruleset
     tiers = ruleset.tiers
     if tiers.basis == "lifetime_points":
+        fresh = entries.entries[entries.folded :]  # released confirmations are already in the state
         earned = sum(
-            entry.points
-            for entry in entries.entries
-            if entry.kind in (Kind.earned, Kind.confirmed) and entry.points > 0
+            entry.points for entry in fresh if entry.kind in (Kind.earned, Kind.confirmed) and entry.points > 0
         )
         metric = Decimal(state.lifetime_earned + earned)
         described = f"lifetime earned points {metric}"
     else:
         since = entries.event.occurred_at - timedelta(days=tiers.window_days)
         metric = sum((amount for moment, amount in state.spend_log if moment > since), _zero)
-        for entry in entries.entries:
+        for entry in entries.entries[entries.folded :]:
             if entry.source is Source.purchase and entry.amount and entry.sku:
                 if (
                     entry.kind in (Kind.earned, Kind.pending, Kind.recorded)

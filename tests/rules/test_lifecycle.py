@@ -123,3 +123,19 @@ def test_a_refund_after_spending_leaves_a_debt_that_later_earnings_repay():
     )
     assert [e.balance_after for e in ledger] == [100, 20, -80, -30]
     assert state.balance == -30
+
+
+def test_confirmed_points_count_once_toward_a_tier():
+    ruleset = parse_ruleset(
+        BASE.replace("'1'}", "'1', pending_days: 7}")
+        + "tiers:\n  levels:\n    - {name: silver, minimum: '300', multiplier: '1'}\n"
+    )
+    state, ledger = run(
+        ruleset,
+        purchase("p1", [("a", "books", 1, "200.00")], at="2026-01-01T00:00:00+00:00"),
+        purchase("p2", [("a", "books", 1, "5.00")], at="2026-01-09T00:00:00+00:00"),
+        purchase("p3", [("a", "books", 1, "5.00")], at="2026-01-20T00:00:00+00:00"),
+    )
+    # p2 releases p1's 200 points: lifetime 205 < 300, no tier change (counting them twice made 405)
+    assert [entry for entry in ledger if entry.kind is Kind.tier_changed] == []
+    assert state.lifetime_earned == 205 and state.tier is None
