@@ -29,6 +29,7 @@ from streams.sql_guard import RESULT_ROWS_MAX, run_read_only_sql
 log = logging.getLogger("loyalty.api")
 
 history_page_size_max = 1000
+expiring_page_size_max = 1000
 top_earners_limit_max = 100
 point_sources_limit_max = 1000
 point_sources_limit_default = 100
@@ -171,13 +172,14 @@ def build_app(context: ApiContext) -> web.Application:
         return web.json_response({"customer_id": customer_id, "entries": _jsonable(entries)})
 
     async def expiring(request: web.Request) -> web.Response:
-        """The customer's points that expire within `within_days` under the running rule set's expiry."""
-        customer_id = request.match_info["customer_id"]
+        """Points that expire within `within_days` under the running rule set's expiry: one customer's (the
+        path names it), or the list of customers soonest first (for reminder e-mails)."""
+        customer_id = request.match_info.get("customer_id")
         within_days = _int_param(request, "within_days", 30, 0, queries.EXPIRING_WITHIN_DAYS_MAX)
+        limit = 1 if customer_id else _int_param(request, "limit", 100, 1, expiring_page_size_max)
         expiry = context.ruleset.expiry
         as_of = datetime.now(UTC)
         document: dict[str, Any] = {
-            "customer_id": customer_id,
             "as_of": as_of.isoformat(),
             "within_days": within_days,
             "mode": expiry.mode,
@@ -185,6 +187,8 @@ def build_app(context: ApiContext) -> web.Application:
             "ruleset_version": context.ruleset.version,
             "customers": [],
         }
+        if customer_id:
+            document = {"customer_id": customer_id, **document}
         if expiry.mode != "none":
             found = await context.query(
                 queries.expiring_soon,
@@ -192,7 +196,7 @@ def build_app(context: ApiContext) -> web.Application:
                 within_days=within_days,
                 mode=expiry.mode,
                 days=expiry.days,
-                limit=1,
+                limit=limit,
                 customer_id=customer_id,
             )
             document["customers"] = _jsonable(found)
@@ -261,6 +265,7 @@ def build_app(context: ApiContext) -> web.Application:
     app.router.add_get("/api/customers/{customer_id}/balance", balance)
     app.router.add_get("/api/customers/{customer_id}/history", history)
     app.router.add_get("/api/customers/{customer_id}/expiring", expiring)
+    app.router.add_get("/api/expiring", expiring)
     app.router.add_get("/api/dashboard", dashboard)
     app.router.add_get("/api/settings", settings)
     app.router.add_post("/api/sql", sql)
@@ -479,6 +484,27 @@ def openapi_document() -> dict[str, Any]:
                             {"type": "integer", "minimum": 1, "maximum": history_page_size_max, "default": 200},
                         ),
                         _query_parameter("offset", "entries to skip", {"type": "integer", "minimum": 0, "default": 0}),
+                    ],
+                )
+            },
+            "/api/expiring": {
+                "get": operation(
+                    "Customers whose available points expire within N days under the active rule set's expiry, "
+                    "soonest first (for reminder e-mails); empty when expiry is off",
+                    _json_response(
+                        "the expiry settings and the customers with points, balance, expires_at", {"type": "object"}
+                    ),
+                    [
+                        _query_parameter(
+                            "within_days",
+                            "the horizon in days from now",
+                            {"type": "integer", "minimum": 0, "maximum": 3650, "default": 30},
+                        ),
+                        _query_parameter(
+                            "limit",
+                            "customers to return",
+                            {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                        ),
                     ],
                 )
             },

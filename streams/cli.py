@@ -295,9 +295,10 @@ def cmd_expiring(args: argparse.Namespace) -> int:
     if args.within_days < 0:
         return _fail("--within-days must be 0 or more")
     if _running(settings):
-        if not args.customer:
-            return _fail("with the system running, name a customer (the API answers per customer)")
-        document = _query(args, f"/api/customers/{args.customer}/expiring", {"within_days": args.within_days})
+        if args.customer:
+            document = _query(args, f"/api/customers/{args.customer}/expiring", {"within_days": args.within_days})
+        else:
+            document = _query(args, "/api/expiring", {"within_days": args.within_days, "limit": min(args.limit, 1000)})
     else:
         from projections import connect, queries
 

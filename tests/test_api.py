@@ -83,6 +83,8 @@ def test_every_api_route_needs_the_bearer_token(api_client_factory, headers):
             ("GET", "/api/dashboard"),
             ("GET", "/api/settings"),
             ("POST", "/api/sql"),
+            ("GET", "/api/expiring"),
+            ("GET", "/api/customers/alice/expiring"),
         ):
             response = await http.request(method, path, headers=headers, json={"sql": "SELECT 1"})
             assert response.status == 401, path
@@ -354,5 +356,18 @@ def test_the_page_and_its_static_files_are_served_without_the_token(api_client_f
         for path in ("/static/", "/static/../api.py", "/static/%2e%2e/api.py", "/static/missing.js"):
             response = await http.get(path)
             assert response.status in (403, 404), path
+
+    api_client_factory(scenario)
+
+
+def test_expiring_lists_nothing_when_the_rule_set_has_no_expiry_and_bounds_its_parameters(api_client_factory):
+    async def scenario(http: TestClient) -> None:
+        response = await http.get("/api/expiring?within_days=14&limit=5", headers=AUTH)
+        assert response.status == 200
+        document = await response.json()
+        assert (document["mode"], document["within_days"], document["customers"]) == ("none", 14, [])
+        response = await http.get("/api/expiring?limit=0", headers=AUTH)
+        assert response.status == 400
+        assert await response.json() == {"error": "limit: must be between 1 and 1000"}
 
     api_client_factory(scenario)
