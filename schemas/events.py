@@ -112,7 +112,7 @@ class PurchaseCompleted(Envelope):
     fee_total: Money = Decimal(0)
     paid_with_points: Money = Decimal(0)
     paid_with_store_credit: Money = Decimal(0)
-    coupon_codes: Annotated[list[Identifier], Field(max_length=50)] = []
+    coupon_codes: Annotated[list[Identifier], Field(max_length=50, default_factory=list)]
     customer_segment: Identifier | None = None
 
 

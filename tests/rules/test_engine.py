@@ -386,3 +386,18 @@ def test_state_is_the_fold_of_its_ledger():
     for entry in ledger:
         evolve(rebuilt, entry, ruleset.zone)
     assert rebuilt == live
+
+
+def test_entries_built_without_validation_are_valid_ledger_entries():
+    from pathlib import Path
+
+    from schemas.ledger import LedgerEntry
+    from streams.batch import process_lines
+    from streams.simulate import generate_events
+
+    ruleset = parse_ruleset(Path("streams/rules/rulesets/full-lifecycle.yaml").read_text())
+    result = process_lines(generate_events(events=3000, customers=100, seed=3, mean_gap_seconds=5000), ruleset)
+    assert len(result.ledger) > 3000
+    for entry in result.ledger:
+        assert LedgerEntry.model_validate(entry.model_dump()) == entry
+        assert LedgerEntry.model_validate_json(entry.model_dump_json()) == entry
