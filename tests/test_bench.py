@@ -1,0 +1,86 @@
+"""`loyalty bench --small`: every figure is measured and the worker's ledger is exactly the batch driver's.
+
+Correctness only: speed depends on the machine, so no figure is compared with a target here
+(the targets are reported by the bench itself, see docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from streams.batch import process_lines
+from streams.bench import QUERY_SECTIONS, ROWS, TARGETS, BenchOptions, build_log, format_table, replay_input
+from streams.rules.ruleset import load_ruleset
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+BENCH_TIMEOUT_S = 300
+
+
+def test_replay_input_groups_each_customer_in_event_time_order():
+    log = build_log(2000, 100, seed=3)
+    messages = replay_input(log)
+    assert len(messages) == len(log.messages)
+    keys = [message.routing_key for message in messages]
+    # Each routing key forms one contiguous run, as replay_messages requires.
+    runs = [key for index, key in enumerate(keys) if index == 0 or keys[index - 1] != key]
+    assert len(runs) == len(set(keys))
+    for before, after in zip(messages, messages[1:], strict=False):
+        if before.routing_key == after.routing_key:
+            assert (before.occurred_at, before.topic_rank, before.offset) <= (
+                after.occurred_at,
+                after.topic_rank,
+                after.offset,
+            )
+
+
+@pytest.mark.integration
+def test_small_bench_measures_every_figure_and_drains_exactly_the_batch_ledger():
+    completed = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "bench", "--small", "--json"],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=BENCH_TIMEOUT_S,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    figures = json.loads(completed.stdout)
+
+    options = BenchOptions.small_run()
+    expected = process_lines(build_log(options.events, options.customers, options.seed).lines, load_ruleset())
+    expected_entries = len({entry.entry_id for entry in expected.ledger})
+    assert figures["expected_ledger_entries"] == expected_entries
+    assert figures["worker_ledger_entries"] == expected_entries
+    assert figures["worker_ledger_missing"] == figures["worker_ledger_unexpected"] == 0
+    assert figures["projection_rows"] == expected_entries
+    assert figures["worker_input_messages"] >= options.events
+    assert figures["replay_events"] == figures["worker_input_messages"]
+    assert figures["latency_balance_lost"] == 0
+
+    rates = [
+        "ceiling_produce_msgs_per_s",
+        "ceiling_produce_send_msgs_per_s",
+        "ceiling_consume_msgs_per_s",
+        "baseline_events_per_s",
+        "worker_drain_events_per_s",
+        "projection_ingest_rows_per_s",
+        "replay_events_per_s",
+        "latency_ledger_p50_ms",
+        "latency_ledger_p99_ms",
+        "latency_balance_p50_ms",
+        "latency_balance_p99_ms",
+        "worker_peak_rss_mb",
+        "ratio_worker_to_ceiling",
+        "ratio_worker_to_baseline",
+        *(f"query_{section}_p{p}_ms" for section in QUERY_SECTIONS for p in (50, 95)),
+    ]
+    for name in rates:
+        assert math.isfinite(figures[name]) and figures[name] > 0, name
+    assert set(figures["targets_met"]) == set(TARGETS)
+    table = format_table(figures)
+    assert all(label in table for label, _, _ in ROWS)
