@@ -137,7 +137,13 @@ def test_stream_worker_and_projections_equal_the_batch_driver(broker, system, tm
     for record in ledger_records:
         entry = json.loads(record.value)
         assert streamed.setdefault(entry["entry_id"], entry) == entry
-    assert streamed == {entry.entry_id: entry.model_dump(mode="json") for entry in expected.ledger}
+    wanted = {entry.entry_id: entry.model_dump(mode="json") for entry in expected.ledger}
+    if streamed != wanted:  # not `assert ==`: pytest's diff of two large dicts is quadratic
+        differing = [key for key in set(streamed) & set(wanted) if streamed[key] != wanted[key]]
+        pytest.fail(
+            f"{len(set(wanted) - set(streamed))} entries missing, {len(set(streamed) - set(wanted))} extra, "
+            f"{len(differing)} differ, e.g. {[(streamed[key], wanted[key]) for key in differing[:1]]}"
+        )
 
     # The dead-letter topic holds exactly the bad lines, byte for byte, each with a reason.
     lines = events_path.read_bytes().splitlines()
