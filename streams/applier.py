@@ -224,19 +224,6 @@ class StreamApplier:
             self._apply(head, output)
         return output
 
-    def ahead(self, assigned: Iterable[TopicPartition], caught_up: set[TopicPartition]) -> set[TopicPartition]:
-        """Partitions whose events are later than the watermark: fetching more from them only grows the
-        buffer, so the worker pauses them while the buffer is large (event-time flow control) instead of
-        ever releasing events out of order."""
-        lagging = [tp for tp in assigned if tp not in caught_up]
-        if not lagging:
-            return set()
-        unseen = [tp for tp in lagging if tp not in self.latest_seen]
-        if unseen:
-            return {tp for tp in assigned if tp in self.latest_seen}
-        watermark = min(self.latest_seen[tp] for tp in lagging)
-        return {tp for tp in assigned if tp in self.latest_seen and self.latest_seen[tp] > watermark}
-
     def _apply(self, held: _Held, output: Output) -> None:
         message, event = held.message, held.event
         states = self.states.setdefault(message.partition, {})

@@ -30,7 +30,6 @@ log = logging.getLogger("loyalty.worker")
 restore_poll_ms = 200
 EVENT_ENTRIES_HEADER = "loyalty-event-entries"
 in_flight_batches_max = 4
-held_pause_threshold = 20_000
 restore_timeout_s = 600.0
 producer_linger_ms = 5
 producer_max_batch_bytes = 1024 * 1024
@@ -191,7 +190,6 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
 
     seen_offsets: dict[tuple[str, int], int] = {}
     in_flight: set[asyncio.Future] = set()
-    paused: set[tuple[str, int]] = set()
 
     async def send(output: Output) -> None:
         if not (output.ledger or output.dead_letters or output.acks):
@@ -249,25 +247,8 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
         metrics.record_output(output)
 
     async def release() -> None:
-        assigned, done = assigned_input(), caught_up(seen_offsets)
-        output = applier.release(assigned, done, time.monotonic() * 1000)
+        output = applier.release(assigned_input(), caught_up(seen_offsets), time.monotonic() * 1000)
         await send(output)
-        throttle(assigned, done)
-
-    def throttle(assigned: list[tuple[str, int]], done: set[tuple[str, int]]) -> None:
-        """Event-time flow control: while many events wait, stop fetching from partitions already ahead of
-        the watermark, so the buffer drains in order instead of overflowing (which would break the order)."""
-        wanted: set[tuple[str, int]] = set()
-        if applier.held_count > held_pause_threshold:
-            wanted = applier.ahead(assigned, done)
-        to_pause = wanted - paused
-        to_resume = paused - wanted
-        if to_pause:
-            app.consumer.pause_partitions([faust.types.TP(topic, partition) for topic, partition in to_pause])
-        if to_resume:
-            app.consumer.resume_partitions([faust.types.TP(topic, partition) for topic, partition in to_resume])
-        paused.clear()
-        paused.update(wanted)
 
     @app.agent(source, concurrency=1)
     async def apply_events(stream: faust.StreamT) -> None:
@@ -347,7 +328,6 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
             await asyncio.gather(*list(in_flight), return_exceptions=True)
         async with lock:
             still = {partition for _, partition in assigned_input()}
-            paused.clear()  # a rebalance resets Faust's paused set along with the assignment
             for partition in partitions - still:
                 applier.forget(partition)
                 restored.discard(partition)
