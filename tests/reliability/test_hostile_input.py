@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pipeline_checks import dead_letters_by_input, expected_ledger, ledger_by_entry_id
+from reliability_support import wait_until
 
 from schemas import events as contract
 from schemas.topics import DEAD_LETTER, LEDGER, REFEREE_SIDE, SIDE_HEADER
@@ -328,9 +330,6 @@ HOSTILE_BATCH: list[bytes] = [
 def test_a_running_worker_dead_letters_each_hostile_message_and_keeps_running(
     broker, worker_factory, topic_tail_factory
 ):
-    from conftest import wait_until
-    from pipeline_checks import dead_letters_by_input, expected_ledger, ledger_by_entry_id
-
     valid = purchase("ok1", "c1", 1)
     conflict = dict(valid, store_id="s-other")
     after = purchase("ok2", "c2", 59)

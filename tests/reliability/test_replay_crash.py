@@ -10,8 +10,8 @@ import sys
 import time
 
 import pytest
-from conftest import REPOSITORY, stop_process, wait_until
 from pipeline_checks import run_cli
+from reliability_support import REPOSITORY, stop_process, wait_until
 
 from schemas.topics import ALL_TOPICS
 from streams.batch import process_lines

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPOSITORY, TopicTail, stop_process, wait_until, worker_environment
 from pipeline_checks import StreamingProducer
+from reliability_support import REPOSITORY, TopicTail, stop_process, wait_until, worker_environment
 from test_worker_crashes import assert_outputs_equal_the_batch_driver, wait_for_outputs
 
 from schemas.topics import ALL_TOPICS, DEAD_LETTER, LEDGER

@@ -13,7 +13,6 @@ import signal
 import time
 
 import pytest
-from conftest import PARTITIONS, wait_until
 from pipeline_checks import (
     StreamingProducer,
     dead_letters_by_input,
@@ -23,6 +22,7 @@ from pipeline_checks import (
     ledger_by_entry_id,
     projected_balances,
 )
+from reliability_support import PARTITIONS, wait_until
 
 from schemas.topics import DEAD_LETTER, LEDGER
 from streams.batch import process_lines
