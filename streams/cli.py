@@ -193,7 +193,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(
         f"events processed {document['events_processed']}, rejected {document['events_rejected']}, "
-        f"duplicates {document['events_duplicate']}, ledger entries {document['ledger_entries_emitted']}, "
+        f"ledger entries {document['ledger_entries_emitted']}, "
         f"projected {document['ledger_rows_projected']}"
     )
     for topic, lag in sorted(document.get("consumer_lag", {}).items()):

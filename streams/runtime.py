@@ -239,7 +239,6 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
                 "consumer_lag": counts["consumer_lag"],
                 "events_processed": counts["input_messages_committed"],
                 "events_rejected": counts["events_rejected"],
-                "events_duplicate": None,
                 "input_messages": counts["input_messages"],
                 "ledger_entries_emitted": counts["ledger_entries_emitted"],
                 "ledger_rows_projected": projected,
