@@ -17,7 +17,7 @@ from schemas import events as ev
 from schemas.decode import EventRejected
 from schemas.ledger import Kind, LedgerEntry, Source
 from streams.rules.ruleset import Cap, Rounding, RuleSet
-from streams.rules.state import CustomerState, OrderRecord, evolve, local_day
+from streams.rules.state import CustomerState, OrderRecord, evolve, local_day, spend_change
 
 Side = Literal["customer", "referee"]
 
@@ -117,6 +117,18 @@ class _Entries:
                 available_at=available_at,
                 explanation=explanation,
             )
+        )
+
+    def reverse(self, points: int, *, pending: bool, explanation: str, **detail: object) -> None:
+        """Reverse `points` from the bucket they sit in: the pending balance or the available one."""
+        self.add(
+            Kind.reversed,
+            Source.purchase,
+            "purchase.reversal",
+            points=0 if pending else -points,
+            pending_points=-points if pending else 0,
+            explanation=explanation,
+            **detail,  # type: ignore[arg-type]
         )
 
     def record(self, source: Source, rule_id: str, explanation: str, **detail: object) -> None:
@@ -389,12 +401,9 @@ def _reverse_order(entries: _Entries, order_id: str, order: OrderRecord, refund_
         quantity_left = line.quantity - line.quantity_refunded
         if left == 0 and quantity_left == 0:
             continue
-        entries.add(
-            Kind.reversed,
-            Source.purchase,
-            "purchase.reversal",
-            points=0 if line.pending else -left,
-            pending_points=-left if line.pending else 0,
+        entries.reverse(
+            left,
+            pending=line.pending,
             explanation=f"{why}: reverses the remaining {left} points of {line.sku}",
             order_id=order_id,
             sku=line.sku,
@@ -406,12 +415,9 @@ def _reverse_order(entries: _Entries, order_id: str, order: OrderRecord, refund_
     for rule_id, bonus in order.bonuses.items():
         if bonus.reversed:
             continue
-        entries.add(
-            Kind.reversed,
-            Source.purchase,
-            "purchase.reversal",
-            points=0 if bonus.pending else -bonus.points,
-            pending_points=-bonus.points if bonus.pending else 0,
+        entries.reverse(
+            bonus.points,
+            pending=bonus.pending,
             explanation=f"{why}: reverses {rule_id} ({bonus.points} points)",
             order_id=order_id,
             reference=f"{rule_id};{refund_tag}",
@@ -470,12 +476,9 @@ def _purchase_refunded(entries: _Entries, event: ev.PurchaseRefunded) -> None:
         target = line.points if refunded_after == line.quantity else line.points * refunded_after // line.quantity
         delta = target - line.points_reversed
         remaining_total -= line.amount * quantity / line.quantity
-        entries.add(
-            Kind.reversed,
-            Source.purchase,
-            "purchase.reversal",
-            points=0 if line.pending else -delta,
-            pending_points=-delta if line.pending else 0,
+        entries.reverse(
+            delta,
+            pending=line.pending,
             explanation=(
                 f"refund {event.refund_id}: {quantity} of {line.quantity} x {line.sku}; "
                 f"{line.points} x {refunded_after}/{line.quantity} = {target}, {line.points_reversed} already reversed"
@@ -501,12 +504,9 @@ def _purchase_refunded(entries: _Entries, event: ev.PurchaseRefunded) -> None:
             if fully_refunded
             else f"order total {remaining_total:.2f} is now below {bonus.threshold}"
         )
-        entries.add(
-            Kind.reversed,
-            Source.purchase,
-            "purchase.reversal",
-            points=0 if bonus.pending else -bonus.points,
-            pending_points=-bonus.points if bonus.pending else 0,
+        entries.reverse(
+            bonus.points,
+            pending=bonus.pending,
             explanation=f"refund {event.refund_id}: reverses {rule_id} because {reason}",
             order_id=event.order_id,
             reference=f"{rule_id};{tag}",
@@ -883,15 +883,7 @@ def _review_tier(entries: _Entries) -> None:
     else:
         since = entries.event.occurred_at - timedelta(days=tiers.window_days)
         metric = sum((amount for moment, amount in state.spend_log if moment > since), _zero)
-        for entry in entries.entries[entries.folded :]:
-            if entry.source is Source.purchase and entry.amount and entry.sku:
-                if (
-                    entry.kind in (Kind.earned, Kind.pending, Kind.recorded)
-                    and entry.event_type == "purchase.completed"
-                ):
-                    metric += Decimal(entry.amount)
-                elif entry.kind is Kind.reversed:
-                    metric -= Decimal(entry.amount)
+        metric += sum((spend_change(entry) for entry in entries.entries[entries.folded :]), _zero)
         described = f"spend in the last {tiers.window_days} days {_shown(metric)}"
     level = tiers.tier_for(metric)
     name = level.name if level is not None else None

@@ -123,12 +123,9 @@ def evolve(state: CustomerState, entry: LedgerEntry, zone: ZoneInfo) -> None:
     _evolve_lots(state, entry, kind)
     if kind is Kind.tier_changed:
         state.tier = reference or None
-    if source is Source.purchase and entry.amount and entry.sku:
-        # Line entries carry their goods amount; reversals carry the refunded share as a negative amount.
-        if kind in (Kind.earned, Kind.pending, Kind.recorded) and entry.event_type == "purchase.completed":
-            state.spend_log.append((entry.occurred_at, Decimal(entry.amount)))
-        elif kind is Kind.reversed:
-            state.spend_log.append((entry.occurred_at, -Decimal(entry.amount)))
+    spent = spend_change(entry)
+    if spent:
+        state.spend_log.append((entry.occurred_at, spent))
     if kind is Kind.redeemed:
         state.lifetime_redeemed -= entry.points
         state.redemption_ids.add(reference)
@@ -161,6 +158,20 @@ def evolve(state: CustomerState, entry: LedgerEntry, zone: ZoneInfo) -> None:
             state.referees.add(reference)
         elif entry.rule_id == "referral.referee":
             state.referred_by = reference
+
+
+def spend_change(entry: LedgerEntry) -> Decimal:
+    """How an entry changes the customer's qualifying spend (for tiers by rolling spend).
+
+    Purchase line entries carry their goods amount; reversals of a line carry the refunded share.
+    """
+    if entry.source is not Source.purchase or not entry.amount or not entry.sku:
+        return Decimal(0)
+    if entry.kind in (Kind.earned, Kind.pending, Kind.recorded) and entry.event_type == "purchase.completed":
+        return Decimal(entry.amount)
+    if entry.kind is Kind.reversed:
+        return -Decimal(entry.amount)
+    return Decimal(0)
 
 
 def _evolve_purchase(state: CustomerState, entry: LedgerEntry, kind: Kind, reference: str) -> None:
