@@ -247,19 +247,20 @@ def write_csv(report: dict, path: Path) -> None:
         writer.writerows(report["customers"])
 
 
-def check_apply_allowed(report: dict, *, lag: int, archived: int, input_messages: int, lag_max: int) -> None:
-    """Refuse `--apply` while the history is incomplete: an event not yet archived or not yet processed would
-    be decided by neither rule set's comparison."""
-    if report["archive_gaps"]:
-        gaps = ", ".join(
-            f"{topic}/{partition}: {have} of {want}" for topic, partition, have, want in report["archive_gaps"]
-        )
-        raise ReplayRefused(f"the raw archive has gaps ({gaps}); run the projector until it is complete")
+def check_apply_allowed(
+    *, gaps: list, lag: int, lag_max: int, archived: int, input_messages: int, ledger_backlog: int
+) -> None:
+    """Refuse `--apply` while the history is incomplete: an event not yet archived, processed or projected
+    would be missing from one side of the comparison."""
+    if gaps:
+        listed = ", ".join(f"{topic}/{partition}: {have} of {want}" for topic, partition, have, want in gaps)
+        raise ReplayRefused(f"the raw archive has gaps ({listed}); wait until the projector completes it")
     if lag > lag_max:
         raise ReplayRefused(f"the worker lags by {lag} messages (bound {lag_max}); wait until it catches up")
-    if archived < input_messages:
+    if archived < input_messages or ledger_backlog:
         raise ReplayRefused(
-            f"the archive holds {archived} of {input_messages} input messages; wait until the projector catches up"
+            f"the projector has archived {archived} of {input_messages} input messages "
+            f"and has {ledger_backlog} ledger entries to project; wait until it catches up"
         )
 
 

@@ -307,16 +307,14 @@ def _replay_handler(client, client_lock, ruleset, monitor, projector, bootstrap)
         async with client_lock:
             archived = await asyncio.to_thread(replay_archive_count, client)
             gaps = await asyncio.to_thread(replay_archive_gaps, client)
-        lag = sum(counts["consumer_lag"].values())
-        if gaps:
-            raise replay.ReplayRefused(f"the raw archive has gaps {gaps}; wait until the projector completes it")
-        if lag > lag_max:
-            raise replay.ReplayRefused(f"the worker lags by {lag} messages (bound {lag_max}); wait until it catches up")
-        if archived < counts["input_messages"] or projector.backlog:
-            raise replay.ReplayRefused(
-                f"the projector has archived {archived} of {counts['input_messages']} input messages "
-                f"and has {projector.backlog} ledger entries to project; wait until it catches up"
-            )
+        replay.check_apply_allowed(
+            gaps=gaps,
+            lag=sum(counts["consumer_lag"].values()),
+            lag_max=lag_max,
+            archived=archived,
+            input_messages=counts["input_messages"],
+            ledger_backlog=projector.backlog,
+        )
         return counts, archived
 
     async def _apply_replay(new_rules, text: str, lag_max: int) -> dict:
