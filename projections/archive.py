@@ -34,7 +34,9 @@ class ArchivedMessage:
     offset: int
     routing_key: str
     value: bytes
-    referee_side: int  # 0: the envelope's customer; 1: the referee's copy of a referral; 2: a control message
+    # 0: the envelope's customer; 1: the referee's copy of a referral; 2: a control message; 3: an event the engine
+    # derived (referral.reversed), which a replay derives again under its own rules instead of reading it
+    referee_side: int
     topic_rank: int
     event_id: str
     occurred_at: datetime
@@ -102,10 +104,19 @@ class RawArchive:
     def count(self) -> int:
         return int(self._client.query("SELECT uniqExact(topic, partition, offset) FROM raw_events").result_rows[0][0])
 
-    def stream_for_replay(self, since: datetime | None = None) -> Iterator[ArchivedMessage]:
-        """Every archived message once, per routing key in (occurred_at, topic rank, offset) order."""
-        where = "WHERE occurred_at >= {since:DateTime64(6, 'UTC')}" if since is not None else ""
-        parameters = {"since": since} if since is not None else {}
+    def stream_for_replay(
+        self, since: datetime | None = None, keys: Iterable[str] | None = None
+    ) -> Iterator[ArchivedMessage]:
+        """Every archived message once (or those of the routing `keys`), per routing key in (occurred_at,
+        topic rank, offset) order."""
+        conditions, parameters = [], {}
+        if since is not None:
+            conditions.append("occurred_at >= {since:DateTime64(6, 'UTC')}")
+            parameters["since"] = since
+        if keys is not None:
+            conditions.append("routing_key IN {keys:Array(String)}")
+            parameters["keys"] = sorted(keys)
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         query = (
             f"SELECT {', '.join(ARCHIVE_COLUMNS)} FROM raw_events FINAL {where} "
             "ORDER BY routing_key, occurred_at, topic_rank, offset"
@@ -121,5 +132,5 @@ class RawArchive:
                     moment = row[8] if row[8].tzinfo else row[8].replace(tzinfo=UTC)
                     value = row[4] if isinstance(row[4], bytes) else row[4].encode()
                     yield ArchivedMessage(
-                        row[0], int(row[1]), int(row[2]), row[3], value, bool(row[5]), int(row[6]), row[7], moment
+                        row[0], int(row[1]), int(row[2]), row[3], value, int(row[5]), int(row[6]), row[7], moment
                     )

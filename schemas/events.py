@@ -146,6 +146,20 @@ class ReferralCompleted(Envelope):
     order_id: Identifier
 
 
+class ReferralReversed(Envelope):
+    """A referral that no longer stands: its qualifying order was refunded or cancelled inside the return window.
+
+    The envelope's customer is the referrer. The engine derives this event on the referee's partition (where the
+    refund is decided) and publishes it keyed by the referrer, so that the referrer's reward is reversed on the
+    referrer's own partition; a store may also send it. `referral_event_id` is the event id of the referral.
+    """
+
+    event_type: Literal["referral.reversed"]
+    referee_id: Identifier
+    order_id: Identifier
+    referral_event_id: Identifier
+
+
 class CustomerRegistered(Envelope):
     event_type: Literal["customer.registered"]
     customer_segment: Identifier | None = None
@@ -189,7 +203,7 @@ class PointsAdjusted(Envelope):
 
 PurchaseEvent = Annotated[PurchaseCompleted | PurchaseRefunded | PurchaseCancelled, Field(discriminator="event_type")]
 ReviewEvent = Annotated[ReviewApproved, Field(discriminator="event_type")]
-ReferralEvent = Annotated[ReferralCompleted, Field(discriminator="event_type")]
+ReferralEvent = Annotated[ReferralCompleted | ReferralReversed, Field(discriminator="event_type")]
 EngagementEvent = Annotated[
     CustomerRegistered | BlogCommented | SocialShared | FeedbackSubmitted | ClockTick,
     Field(discriminator="event_type"),
@@ -202,6 +216,7 @@ Event = (
     | PurchaseCancelled
     | ReviewApproved
     | ReferralCompleted
+    | ReferralReversed
     | CustomerRegistered
     | BlogCommented
     | SocialShared

@@ -24,6 +24,7 @@ EVENT_TYPE_TOPIC: dict[str, str] = {
     "purchase.cancelled": PURCHASES,
     "review.approved": REVIEWS,
     "referral.completed": REFERRALS,
+    "referral.reversed": REFERRALS,
     "customer.registered": ENGAGEMENT,
     "blog.commented": ENGAGEMENT,
     "social.shared": ENGAGEMENT,
@@ -33,6 +34,10 @@ EVENT_TYPE_TOPIC: dict[str, str] = {
     "points.adjusted": REDEMPTIONS,
 }
 
+# Order rank of events the engine derives (referral.reversed): after every input topic, so that a derived event
+# follows all of its customer's events of the same instant, in both drivers.
+DERIVED_RANK = len(INPUT_TOPICS)
+
 # Lines whose event_type cannot be read are still published, to this topic, so that the worker
 # dead-letters them with a reason instead of the producer dropping them silently.
 UNROUTABLE_TOPIC = ENGAGEMENT
@@ -40,6 +45,8 @@ UNROUTABLE_TOPIC = ENGAGEMENT
 # Header set on the copy of a referral routed to the referee's partition (see streams/routing.py).
 SIDE_HEADER = "loyalty-side"
 REFEREE_SIDE = b"referee"
+# The same header marks an event the engine derived for another customer (streams/applier.py, `_derive`).
+DERIVED_SIDE = b"derived"
 
 # Header of a cut-over marker: a control message (not an event) that switches the partition's rule set.
 CONTROL_HEADER = "loyalty-control"

@@ -13,7 +13,7 @@ partition set is caught up with its high water marks, or the event has waited `r
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -21,9 +21,9 @@ from typing import Any
 from schemas import events as ev
 from schemas.decode import EventRejected, decode_event
 from schemas.ledger import LedgerEntry
-from schemas.topics import CONTROL_HEADER, REFEREE_SIDE, RULESET_CONTROL, SIDE_HEADER
+from schemas.topics import CONTROL_HEADER, DERIVED_SIDE, REFEREE_SIDE, REFERRALS, RULESET_CONTROL, SIDE_HEADER
 from streams.batch import order_key
-from streams.rules.engine import Side, apply
+from streams.rules.engine import Side, apply, derived_events
 from streams.rules.ruleset import RuleSet
 from streams.rules.state import CustomerState, evolve
 
@@ -66,6 +66,9 @@ class Output:
     duplicates: int = 0
     applied: int = 0
     activations: list[tuple[str, int, int, str]] = field(default_factory=list)  # topic, partition, offset, version
+    # Events derived for other customers (referral.reversed), to publish to their input topic before the ledger
+    # entries of this release, so that a crash in between re-derives them instead of losing them.
+    derived: list[InputMessage] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -79,7 +82,23 @@ class _Held:
 class StreamApplier:
     """Per-partition customer states, the event-time reorder buffer, and the pure core."""
 
-    def __init__(self, ruleset: RuleSet, *, reorder_wait_ms: int = 1000, held_max: int = 200_000) -> None:
+    def __init__(
+        self,
+        ruleset: RuleSet,
+        *,
+        reorder_wait_ms: int = 1000,
+        held_max: int = 200_000,
+        partition_for: Callable[[bytes], int] | None = None,
+        caught_up_settle_ms: float = 0.0,
+    ) -> None:
+        # The input partition of a customer key (the producers' partitioner), to route derived events; and the
+        # partitions whose states this applier holds (restored), where a derived event is applied in place.
+        self.partition_for = partition_for
+        self.local_partitions: set[int] = set()
+        # When every partition looks caught up, held events are released once they have been held this long:
+        # a producer's messages of one moment reach the five topics a few milliseconds apart, and a fetch can
+        # see one topic's part before the others' (the high water marks the worker knows are then stale).
+        self.caught_up_settle_ms = caught_up_settle_ms
         self.ruleset = ruleset  # the configured rule set: in force until a cut-over marker says otherwise
         self.rulesets: dict[str, RuleSet] = {ruleset.version: ruleset}
         # Per input partition, the cut-overs read so far: (marker offset, rule set), in offset order.
@@ -136,6 +155,7 @@ class StreamApplier:
         return len(self._restore_groups.pop(partition, {}))
 
     def forget(self, partition: int) -> None:
+        self.local_partitions.discard(partition)
         self.states.pop(partition, None)
         self.held = [item for item in self.held if item[2].message.partition != partition]
         heapq.heapify(self.held)
@@ -213,7 +233,7 @@ class StreamApplier:
         while self.held:
             key, _, head = self.held[0]
             ready = (
-                everything
+                (everything and now_ms - head.message.received_ms >= self.caught_up_settle_ms)
                 or (watermark is not None and key[0] < watermark)
                 or now_ms - head.message.received_ms >= self.reorder_wait_ms
                 or len(self.held) > self.held_max
@@ -238,14 +258,38 @@ class StreamApplier:
             # customer's state is dead-lettered (the batch driver lists it once per side too).
             reason = error.reason if held.side == "customer" else f"referee side: {error.reason}"
             output.dead_letters.append(DeadLetter(message, reason))
-            output.acks.append(message)
+            if message.offset >= 0:
+                output.acks.append(message)
             return
+        for derived in derived_events(state, event, entries):
+            self._derive(derived, held, output)
+        output.ledger.extend((message.partition, entry, message) for entry in entries)
+        if message.offset < 0:
+            return  # applied in place (see `_derive`): not an input message, nothing to ack or count
         if not entries and event.event_id in state.applied:
             output.duplicates += 1
         else:
             output.applied += 1
-        output.ledger.extend((message.partition, entry, message) for entry in entries)
         output.acks.append(message)
+
+    def _derive(self, event: ev.Event, cause: _Held, output: Output) -> None:
+        """Publish a derived event to its customer's partition and, when this applier holds that partition,
+        apply it here, in order: it joins the heap at (its time, after every input topic), so it is applied
+        before any later event of that customer, exactly where the batch driver applies it. Its published
+        copy then arrives as a duplicate (same id and content) and changes nothing; a worker that does not
+        hold the partition applies the published copy when it arrives."""
+        key = event.customer_id.encode()
+        value = event.model_dump_json().encode()
+        partition = self.partition_for(key) if self.partition_for is not None else cause.message.partition
+        message = InputMessage(REFERRALS, partition, -1, key, value, ((SIDE_HEADER, DERIVED_SIDE),))
+        output.derived.append(message)
+        if partition in self.local_partitions:
+            self._arrivals += 1
+            ruleset = self.ruleset_for(REFERRALS, partition, cause.message.offset)
+            heapq.heappush(
+                self.held,
+                (order_key(event, cause.message.offset), self._arrivals, _Held(message, event, "customer", ruleset)),
+            )
 
     @property
     def held_count(self) -> int:

@@ -7,7 +7,8 @@ What is measured (see docs/performance.md for the targets and the latest figures
 2. baseline: the canonical Faust pattern (`group_by`, a Table update and an awaited `send` per event), run
    as a subprocess worker (`python -m streams.bench baseline ...`), events/s from its first output message;
 3. worker drain: `loyalty worker` draining the pre-loaded mixed log into the ledger, input messages/s from
-   the first ledger message until every input offset is committed, checked against `process_lines`;
+   the first ledger message until every input offset is committed, checked against `process_lines`; also
+   the worker's CPU seconds in that interval and input messages per CPU second (steadier on a shared machine);
 4. projection ingest: `LedgerSink.write` of the batch driver's ledger for the same log, rows/s;
 5. replay: `streams.replay.replay_messages` over the log's messages sorted per customer, events/s;
 6. dashboard queries: p50/p95 per section on a synthetic ledger (`projections.bench.fill_ledger`);
@@ -307,6 +308,12 @@ def _stop_process(process: subprocess.Popen, timeout_s: float = 20.0) -> None:
             process.wait()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a running process has used so far, in seconds (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mb(pid: int) -> float:
     """VmHWM (peak resident set) of a running process, in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -511,6 +518,7 @@ async def bench_worker(
         )
     profiler = None
     started = time.monotonic()
+    cpu_at_first: float | None = None
     try:
         committed_total = 0
         while True:
@@ -536,12 +544,15 @@ async def bench_worker(
                     stderr=subprocess.DEVNULL,
                 )
             if watcher.first_at is not None:
+                if cpu_at_first is None:
+                    cpu_at_first = cpu_seconds(process.pid)
                 committed = await asyncio.to_thread(committed_offsets, bootstrap, group)
                 committed_total = sum(min(committed.get(tp, 0), end) for tp, end in ends.items())
                 if committed_total >= input_messages:
                     break
             await asyncio.sleep(poll_interval_s)
         finished = time.monotonic()
+        drain_cpu_s = cpu_seconds(process.pid) - (cpu_at_first or 0.0)
         # Let the watcher read the ledger's tail (every entry is acked before its input offset is committed).
         deadline = time.monotonic() + 30
         while len(seen_ids) < len(expected_entry_ids) and time.monotonic() < deadline:
@@ -566,6 +577,9 @@ async def bench_worker(
         "worker_join_s": watcher.first_at - started,
         "worker_drain_s": drain_s,
         "worker_drain_events_per_s": _rate(input_messages, drain_s),
+        # The worker's own CPU time in the drain: on a shared machine, events per CPU second varies less.
+        "worker_drain_cpu_s": drain_cpu_s,
+        "worker_drain_events_per_cpu_s": _rate(input_messages, drain_cpu_s),
         "worker_peak_rss_mb": rss_mb,
     }
 

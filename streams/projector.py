@@ -2,8 +2,13 @@
 
 It assigns every ledger partition to itself (no consumer group: the offsets live in ClickHouse next to the
 rows they describe, so a restart resumes exactly where the last successful insert stopped), takes
-thousands of entries per poll and writes them in one columnar insert. ClickHouse being unreachable is
-retried with backoff; nothing is skipped.
+thousands of entries per poll and writes them in one columnar insert.
+
+ClickHouse unreachable (at start or later) is retried with backoff (0.5 s doubling to 10 s): reading the
+stored offsets at start, and every insert, again and again with the same batch; nothing is skipped, and
+whatever the worker writes meanwhile waits in the ledger topic. `backlog` counts the ledger messages not
+yet projected (high water marks minus the offsets stored with the rows) and `last_error` the reason,
+both also while the projector waits for ClickHouse.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Mapping
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
@@ -18,6 +24,7 @@ from aiokafka.structs import TopicPartition
 from schemas.ledger import LedgerEntry
 from schemas.topics import (
     CONTROL_HEADER,
+    DERIVED_SIDE,
     INPUT_TOPICS,
     LEDGER,
     REFEREE_SIDE,
@@ -45,6 +52,7 @@ class Projector:
         batch_rows_max: int = 20_000,
         flush_interval_ms: int = 500,
         archive=None,
+        highwaters: Callable[[], Mapping[tuple[str, int], int]] | None = None,
     ) -> None:
         self.bootstrap = bootstrap
         self.sink = sink
@@ -55,9 +63,29 @@ class Projector:
         self.rows_projected = 0
         self.messages_archived = 0
         self.archive = archive
-        self.backlog = 0
         self.last_error: str | None = None
+        self.offsets_known = False
+        # High water marks of the ledger partitions seen by another reader (the status monitor), so that the
+        # backlog stays current while this consumer is stuck retrying a write.
+        self._external_highwaters = highwaters
+        self._highwaters: dict[tuple[str, int], int] = {}
+        self._projected: dict[tuple[str, int], int] = {}
         self._consumer: AIOKafkaConsumer | None = None
+
+    @property
+    def backlog(self) -> int:
+        """Ledger messages in Kafka not yet projected into ClickHouse.
+
+        Until the stored offsets could be read (ClickHouse unreachable since the start, `offsets_known`
+        false) nothing counts as projected, so the figure is then an upper bound.
+        """
+        external = self._external_highwaters() if self._external_highwaters is not None else {}
+        total = 0
+        for partition in range(self.partitions):
+            key = (LEDGER, partition)
+            end = max(self._highwaters.get(key, 0), external.get(key, 0))
+            total += max(0, end - self._projected.get(key, 0))
+        return total
 
     async def run(self, stopping: asyncio.Event) -> None:
         consumer = AIOKafkaConsumer(
@@ -73,7 +101,9 @@ class Projector:
             tps = [TopicPartition(LEDGER, partition) for partition in range(self.partitions)]
             input_tps = [TopicPartition(topic, p) for topic in INPUT_TOPICS for p in range(self.partitions)]
             consumer.assign(tps + (input_tps if self.archive is not None else []))
-            stored = await self._call(self.sink.resume_offsets)
+            stored = await self._retry("reading the stored offsets", self.sink.resume_offsets, stopping=stopping)
+            self._projected = {key: offset for key, offset in stored.items() if key[0] == LEDGER}
+            self.offsets_known = True
             for tp in tps + (input_tps if self.archive is not None else []):
                 # An offset beyond the log's end (an embedded memory broker was restarted) is out of range:
                 # the consumer then resets to the earliest offset (auto_offset_reset), and the sink
@@ -100,6 +130,8 @@ class Projector:
                             referee = (
                                 2
                                 if (CONTROL_HEADER, RULESET_CONTROL) in headers
+                                else 3
+                                if (SIDE_HEADER, DERIVED_SIDE) in headers
                                 else int((SIDE_HEADER, REFEREE_SIDE) in headers)
                             )
                             key = record.key.decode("utf-8", "replace") if record.key else ""
@@ -118,54 +150,63 @@ class Projector:
                 )
                 if due:
                     write_started = time.monotonic()
-                    await self._write_with_retry(pending, offsets, stopping)
+                    await self._retry("projection insert", self.sink.write, pending, offsets, stopping=stopping)
                     metrics.record_sink_batch(len(pending), time.monotonic() - write_started)
                     self.rows_projected += len(pending)
+                    self._projected.update(offsets)
                     pending, offsets, first_pending_at = [], {}, 0.0
-                await self._measure_backlog(consumer, tps)
+                self._measure_backlog(consumer, tps)
         finally:
             self._consumer = None
             await consumer.stop()
 
-    async def _measure_backlog(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
-        backlog = 0
+    def _measure_backlog(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
         for tp in tps:
             highwater = consumer.highwater(tp)
             if highwater is not None:
-                backlog += max(0, highwater - await consumer.position(tp))
-        self.backlog = backlog
-        metrics.record_sink_backlog(backlog)
+                self._highwaters[(tp.topic, tp.partition)] = highwater
+        metrics.record_sink_backlog(self.backlog)
 
     async def _archive_with_retry(self, rows, offsets, stopping: asyncio.Event) -> None:
-        delay = retry_delay_initial_s
-        while True:
-            try:
-                await self._call(self.archive.write, rows, offsets)
-                return
-            except Exception as error:
-                self.last_error = f"{type(error).__name__}: {str(error)[:300]}"
-                log.warning("archive insert failed (%s); retrying in %.1fs", self.last_error, delay)
-                if stopping.is_set():
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(retry_delay_max_s, delay * 2)
+        await self._retry("archive insert", self.archive.write, rows, offsets, stopping=stopping)
 
     async def _call(self, function, *args):
         async with self.sink_lock:
             return await asyncio.to_thread(function, *args)
 
-    async def _write_with_retry(self, entries, offsets, stopping: asyncio.Event) -> None:
+    async def _retry(self, what: str, function, *args, stopping: asyncio.Event):
+        """`function(*args)` until it succeeds (ClickHouse down, network: the same call is idempotent).
+
+        While it fails: `last_error` holds the reason, the backlog gauge stays current, and the wait
+        doubles from `retry_delay_initial_s` to `retry_delay_max_s`. Once stopping, the error is raised.
+        """
         delay = retry_delay_initial_s
+        failures = 0
         while True:
             try:
-                await self._call(self.sink.write, entries, offsets)
-                self.last_error = None
-                return
-            except Exception as error:  # ClickHouse down, network: retry the same batch, idempotently
+                result = await self._call(function, *args)
+            except Exception as error:
+                failures += 1
                 self.last_error = f"{type(error).__name__}: {str(error)[:300]}"
                 metrics.record_sink_failure()
-                log.warning("projection insert failed (%s); retrying in %.1fs", self.last_error, delay)
+                metrics.record_sink_backlog(self.backlog)
                 if stopping.is_set():
+                    log.warning("%s failed (%s) while stopping", what, self.last_error)
                     raise
-                await asyncio.sleep(delay)
+                log.warning(
+                    "%s failed (%s); retrying in %.1fs, %d ledger messages waiting in Kafka",
+                    what,
+                    self.last_error,
+                    delay,
+                    self.backlog,
+                )
+                try:
+                    await asyncio.wait_for(stopping.wait(), delay)
+                except TimeoutError:
+                    pass
                 delay = min(retry_delay_max_s, delay * 2)
+                continue
+            if failures:
+                log.info("%s succeeded after %d failed attempts; ClickHouse is reachable again", what, failures)
+            self.last_error = None
+            return result

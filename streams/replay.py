@@ -23,7 +23,8 @@ from schemas import events as ev
 from schemas.decode import EventRejected, decode_event
 from schemas.ledger import Kind
 from schemas.topics import REDEMPTIONS
-from streams.rules.engine import apply
+from streams.batch import order_key
+from streams.rules.engine import apply, derived_events
 from streams.rules.ruleset import RuleSet
 from streams.rules.state import CustomerState
 
@@ -44,18 +45,57 @@ class ShadowResult:
     events: int = 0
     rejected: int = 0
     entries: int = 0
+    derived_skipped: int = 0
 
 
 def replay_messages(
-    messages: Iterable[Any], ruleset: RuleSet, *, progress: Callable[[int], None] | None = None
+    messages: Iterable[Any],
+    ruleset: RuleSet,
+    *,
+    progress: Callable[[int], None] | None = None,
+    refetch: Callable[[set[str]], Iterable[Any]] | None = None,
 ) -> ShadowResult:
-    """Run the core over archived messages sorted by (routing key, occurred_at, topic rank, offset)."""
+    """Run the core over archived messages sorted by (routing key, occurred_at, topic rank, offset).
+
+    Events the engine derives (a referral reversed on the referrer's side) are not read from the archive but
+    derived again under `ruleset`, as the batch driver does: after the pass over every customer, the customers
+    who receive derived events are decided again with them (`refetch(keys)` gives those customers' archived
+    messages again; without it, the derived events are left out and counted in `result.derived_skipped`).
+    """
     result = ShadowResult()
-    current_key: str | None = None
-    state: CustomerState | None = None
+    derived: dict[str, list[tuple[tuple, ev.Event]]] = {}
+    for customer_id, items in _customers(messages, result, progress):
+        state = _run_customer(customer_id, items, ruleset, result, +1, derived)
+        result.balances[customer_id] = state.balance
+    if not derived:
+        return result
+    if refetch is None:
+        result.derived_skipped = sum(len(events) for events in derived.values())
+        return result
+    ignored = ShadowResult()
+    for customer_id, items in _customers(refetch(set(derived)), ignored, None):
+        if customer_id not in derived:
+            continue
+        _run_customer(customer_id, items, ruleset, result, -1, None)  # take back the first pass's figures
+        extra = [(key, event, "customer") for key, event in derived.pop(customer_id)]
+        merged = sorted(items + extra, key=lambda item: item[0])
+        state = _run_customer(customer_id, merged, ruleset, result, +1, None)
+        result.balances[customer_id] = state.balance
+    for customer_id, events in derived.items():  # a referrer with no archived event of their own
+        state = _run_customer(customer_id, [(k, e, "customer") for k, e in events], ruleset, result, +1, None)
+        result.balances[customer_id] = state.balance
+    return result
+
+
+def _customers(messages: Iterable[Any], result: ShadowResult, progress: Callable[[int], None] | None):
+    """(customer id, [(order key, event, side)]) per customer, from messages sorted by routing key."""
+    current: str | None = None
+    items: list[tuple[tuple, ev.Event, str]] = []
     for message in messages:
         if message.referee_side == 2:
             continue  # a cut-over marker, not an event
+        if message.referee_side == 3:
+            continue  # an event the live engine derived: derived again under the replayed rules
         if message.event_id.startswith(compensation_prefix):
             continue  # a compensation posted by an earlier apply: part of the live ledger, not of the history
         result.events += 1
@@ -68,25 +108,45 @@ def replay_messages(
             continue
         side = "referee" if message.referee_side == 1 and isinstance(event, ev.ReferralCompleted) else "customer"
         customer_id = event.referee_id if side == "referee" else event.customer_id  # type: ignore[union-attr]
-        if customer_id != current_key:
-            if state is not None:
-                result.balances[state.customer_id] = state.balance
-            current_key = customer_id
-            state = CustomerState(customer_id)
-        assert state is not None
+        if customer_id != current:
+            if current is not None:
+                items.sort(key=lambda item: item[0])  # already in order but for the rank of referral.reversed
+                yield current, items
+            current, items = customer_id, []
+        items.append((order_key(event, message.offset), event, side))
+    if current is not None:
+        items.sort(key=lambda item: item[0])
+        yield current, items
+
+
+def _run_customer(
+    customer_id: str,
+    items: list[tuple[tuple, ev.Event, str]],
+    ruleset: RuleSet,
+    result: ShadowResult,
+    sign: int,
+    derived: dict[str, list[tuple[tuple, ev.Event]]] | None,
+) -> CustomerState:
+    """Apply one customer's events, adding (sign +1) or taking back (-1) their figures in `result`."""
+    state = CustomerState(customer_id)
+    for _, event, side in items:
         try:
             entries = apply(state, event, ruleset, side=side)  # type: ignore[arg-type]
         except EventRejected:
-            result.rejected += 1
+            if event.event_type == "referral.reversed":
+                continue
+            result.rejected += sign
             continue
         for entry in entries:
-            result.entries += 1
-            result.points_by_rule[entry.rule_id] = result.points_by_rule.get(entry.rule_id, 0) + entry.points
+            result.entries += sign
+            result.points_by_rule[entry.rule_id] = result.points_by_rule.get(entry.rule_id, 0) + sign * entry.points
             if entry.kind in (Kind.earned, Kind.confirmed) and entry.points > 0:
-                result.issued += entry.points
-    if state is not None:
-        result.balances[state.customer_id] = state.balance
-    return result
+                result.issued += sign * entry.points
+        if derived is not None:
+            for extra in derived_events(state, event, entries):
+                # Position: after the referrer's own events of the same instant (as in the drivers).
+                derived.setdefault(extra.customer_id, []).append((order_key(extra, 0), extra))
+    return state
 
 
 @dataclass
@@ -176,7 +236,12 @@ def dry_run(
 
     archive = RawArchive(client)
     started = time.monotonic()
-    shadow = replay_messages(archive.stream_for_replay(), ruleset, progress=progress)
+    shadow = replay_messages(
+        archive.stream_for_replay(),
+        ruleset,
+        progress=progress,
+        refetch=lambda keys: archive.stream_for_replay(keys=keys),
+    )
     elapsed = time.monotonic() - started
     live = live_figures(client)
     report = compare(live, shadow, ruleset, current_point_value)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from kafka.partitioner.default import murmur2
+
 from schemas.topics import EVENT_TYPE_TOPIC, REFEREE_SIDE, REFERRALS, SIDE_HEADER, UNROUTABLE_TOPIC
 
 
@@ -35,3 +37,9 @@ def routes_for(raw: bytes, topic: str | None = None) -> list[Route]:
     if target == REFERRALS and event_type == "referral.completed" and isinstance(referee_id, str) and referee_id:
         routes.append(Route(REFERRALS, referee_id.encode(), ((SIDE_HEADER, REFEREE_SIDE),)))
     return routes
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition a keyed message lands on: the Kafka clients' default partitioner (murmur2), which the
+    producers use, so a worker can tell which partition holds a customer."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions

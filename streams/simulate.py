@@ -29,7 +29,9 @@ What the traffic looks like:
                                     high); 15% re-review the customer's previously reviewed SKU
   referral.completed        3       the referrer is a known customer; the referee is a customer
                                     never seen before, whose customer.registered and first
-                                    purchase.completed come first and whose order_id it carries
+                                    purchase.completed come first and whose order_id it carries;
+                                    in 15% the referee then refunds that order in full (a referral
+                                    reversed when inside the return window)
   blog.commented            5       one of 30 posts (popular posts skewed); 20% the same post again
   social.shared             4       one of six networks
   feedback.submitted        2
@@ -85,6 +87,7 @@ customer_zipf_exponent = 1.0
 sku_zipf_exponent = 0.9
 blog_posts_count = 30
 home_store_share = 0.85
+referral_refunded_share = 0.15  # referrals whose referee refunds the qualifying order in full right after
 currency = "USD"
 
 ACTIVITY_WEIGHTS: dict[str, int] = {
@@ -448,6 +451,13 @@ class _Simulation:
         event["referee_id"] = referee.customer_id
         event["order_id"] = order_id
         yield self._dump(event)
+        if self.rng.random() < referral_refunded_share:
+            order = referee.orders[-1]
+            refund = self._envelope("purchase.refunded", referee)
+            refund["order_id"] = order_id
+            refund["refund_id"] = self._id("rf")
+            referee.orders.remove(order)
+            yield self._dump(refund)
 
     def _blog_commented(self) -> Iterator[str]:
         return self._with_customer(self._comment)

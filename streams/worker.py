@@ -9,6 +9,7 @@ state (a fold of the ledger) recognises it and awards nothing twice. No Kafka tr
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import Counter
@@ -19,9 +20,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import TopicPartition as KafkaTopicPartition
 
 from schemas.ledger import LedgerEntry
-from schemas.topics import CONTROL_HEADER, DEAD_LETTER, INPUT_TOPICS, LEDGER, RULESET_CONTROL, RULESETS
+from schemas.topics import CONTROL_HEADER, DEAD_LETTER, INPUT_TOPICS, LEDGER, REFERRALS, RULESET_CONTROL, RULESETS
 from streams import cutover, metrics
 from streams.applier import InputMessage, Output, StreamApplier
+from streams.routing import partition_for
 from streams.rules.ruleset import RuleSet, load_ruleset
 from streams.settings import Settings
 
@@ -30,6 +32,9 @@ log = logging.getLogger("loyalty.worker")
 restore_poll_ms = 200
 EVENT_ENTRIES_HEADER = "loyalty-event-entries"
 in_flight_batches_max = 4
+# How long an event is held when every partition looks caught up (see StreamApplier): longer than the spread
+# of one producer flush across the input topics; the release timer runs every 250 ms.
+caught_up_settle_ms = 300
 restore_timeout_s = 600.0
 producer_linger_ms = 5
 producer_max_batch_bytes = 1024 * 1024
@@ -91,7 +96,12 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
         broker_heartbeat_interval=max(0.5, settings.session_timeout_s / 6),
         broker_rebalance_timeout=settings.session_timeout_s,
     )
-    applier = StreamApplier(ruleset, reorder_wait_ms=settings.reorder_wait_ms)
+    applier = StreamApplier(
+        ruleset,
+        reorder_wait_ms=settings.reorder_wait_ms,
+        partition_for=functools.partial(partition_for, partitions=settings.partitions),
+        caught_up_settle_ms=min(caught_up_settle_ms, settings.reorder_wait_ms),
+    )
     counters = WorkerCounters()
     lock = asyncio.Lock()
     restored: set[int] = set()
@@ -192,9 +202,18 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
     in_flight: set[asyncio.Future] = set()
 
     async def send(output: Output) -> None:
-        if not (output.ledger or output.dead_letters or output.acks):
+        if not (output.ledger or output.dead_letters or output.acks or output.derived):
             return
         kafka = await producer()
+        if output.derived:
+            # Derived events (referral.reversed for a referrer) are acknowledged before this release's ledger
+            # entries are sent: if the worker dies in between, the refund that derived them is not marked
+            # applied in the ledger, is re-delivered and derives them again (the copies are duplicates).
+            sent = [
+                await kafka.send(REFERRALS, value=m.value, key=m.key, partition=m.partition, headers=list(m.headers))
+                for m in output.derived
+            ]
+            await asyncio.gather(*sent)
         futures = []
         per_event = Counter((entry.customer_id, entry.caused_by) for _, entry, _ in output.ledger)
         for partition, entry, message in output.ledger:
@@ -263,6 +282,7 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
                         if raw.partition not in restored:
                             await restore_partitions({raw.partition})
                             restored.add(raw.partition)
+                            applier.local_partitions.add(raw.partition)
                         tp = (raw.topic, raw.partition)
                         seen_offsets[tp] = max(seen_offsets.get(tp, -1), raw.offset)
                         messages.append(
@@ -327,6 +347,10 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
             # Let the batches on their way be acked before Faust commits the revoked partitions.
             await asyncio.gather(*list(in_flight), return_exceptions=True)
         async with lock:
+            # A batch decided while this waited for the lock is on its way now: let it land too, before the
+            # states are forgotten (a restore must read its entries) and before Faust commits its acks.
+            if in_flight:
+                await asyncio.gather(*list(in_flight), return_exceptions=True)
             still = {partition for _, partition in assigned_input()}
             for partition in partitions - still:
                 applier.forget(partition)
@@ -345,6 +369,7 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
             if fresh:
                 await restore_partitions(fresh)
                 restored.update(fresh)
+                applier.local_partitions.update(fresh)
 
     return app
 

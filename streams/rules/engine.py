@@ -457,6 +457,7 @@ def _purchase_refunded(entries: _Entries, event: ev.PurchaseRefunded) -> None:
                 order_id=event.order_id,
                 reference=f";{tag}",
             )
+        _reverse_referral(entries, event.order_id, order, closed=True)
         return
     posted = 0
     wanted = {}
@@ -520,6 +521,7 @@ def _purchase_refunded(entries: _Entries, event: ev.PurchaseRefunded) -> None:
             order_id=event.order_id,
             reference=f";{tag}",
         )
+    _reverse_referral(entries, event.order_id, order, closed=fully_refunded)
 
 
 def _purchase_cancelled(entries: _Entries, event: ev.PurchaseCancelled) -> None:
@@ -542,6 +544,7 @@ def _purchase_cancelled(entries: _Entries, event: ev.PurchaseCancelled) -> None:
             order_id=event.order_id,
             reference=f";{tag}",
         )
+    _reverse_referral(entries, event.order_id, order, closed=True)
 
 
 # --- other sources -------------------------------------------------------------------------------
@@ -599,6 +602,19 @@ def _referral(entries: _Entries, event: ev.ReferralCompleted, side: Side) -> Non
                 reference=event.customer_id,
             )
             return
+        order = state.orders[event.order_id]
+        if _refunded_inside_window(order, entries.ruleset):
+            # The referrer's reward is reversed on the referrer's partition: this record makes the drivers
+            # publish a derived referral.reversed event (see `derived_events`).
+            entries.record(
+                Source.referral,
+                "referral.referee.order_refunded",
+                f"qualifying order {event.order_id} was refunded or cancelled within "
+                f"{entries.ruleset.referral_return_window_days} days; the referral earns nothing for either side",
+                order_id=event.order_id,
+                reference=event.customer_id,
+            )
+            return
         _fixed_award(
             entries,
             Source.referral,
@@ -607,6 +623,15 @@ def _referral(entries: _Entries, event: ev.ReferralCompleted, side: Side) -> Non
             f"referred by {event.customer_id}",
             order_id=event.order_id,
             reference=event.customer_id,
+        )
+        return
+    if event.referee_id in state.referees_reversed:
+        entries.record(
+            Source.referral,
+            "referral.referrer.reversed",
+            f"the referral of {event.referee_id} was reversed (its qualifying order was refunded)",
+            order_id=event.order_id,
+            reference=event.referee_id,
         )
         return
     if event.referee_id in state.referees:
@@ -627,6 +652,102 @@ def _referral(entries: _Entries, event: ev.ReferralCompleted, side: Side) -> Non
         order_id=event.order_id,
         reference=event.referee_id,
     )
+
+
+def _refunded_inside_window(order: OrderRecord, ruleset: RuleSet) -> bool:
+    """The order no longer stands, and it stopped standing inside the referral return window."""
+    window = ruleset.referral_return_window_days
+    if not window or order.closed_at is None or order.placed_at is None:
+        return False
+    return order.closed_at <= order.placed_at + timedelta(days=window)
+
+
+def _reverse_referral(entries: _Entries, order_id: str, order: OrderRecord, closed: bool) -> None:
+    """Referee side: the qualifying order of the customer's referral was just fully refunded or cancelled."""
+    state, event = entries.state, entries.event
+    if not closed or state.referral_order != order_id or state.referral_reversed or state.referred_by is None:
+        return
+    window = entries.ruleset.referral_return_window_days
+    if not window or order.placed_at is None or event.occurred_at > order.placed_at + timedelta(days=window):
+        return
+    explanation = f"referral by {state.referred_by} reversed: qualifying order {order_id} refunded within {window} days"
+    detail = {"order_id": order_id, "reference": state.referred_by}
+    if state.referral_points:
+        entries.add(
+            Kind.reversed,
+            Source.referral,
+            "referral.referee.reversal",
+            points=-state.referral_points,
+            explanation=explanation,
+            **detail,  # type: ignore[arg-type]
+        )
+    else:
+        entries.record(Source.referral, "referral.referee.reversal", explanation, **detail)
+
+
+def _referral_reversed(entries: _Entries, event: ev.ReferralReversed) -> None:
+    """Referrer side: the referee's qualifying order was refunded; take back what referring them earned."""
+    state, referee = entries.state, event.referee_id
+    detail = {"order_id": event.order_id, "reference": referee}
+    if referee in state.referees_reversed:
+        entries.record(
+            Source.referral, "referral.referrer.reversal", f"the referral of {referee} was already reversed", **detail
+        )
+        return
+    awarded = state.referees.get(referee)
+    if not awarded:
+        entries.record(
+            Source.referral,
+            "referral.referrer.reversal",
+            f"qualifying order {event.order_id} of {referee} was refunded; nothing was earned for referring "
+            f"{referee}, and a later referral of {referee} earns nothing",
+            **detail,
+        )
+        return
+    entries.add(
+        Kind.reversed,
+        Source.referral,
+        "referral.referrer.reversal",
+        points=-awarded,
+        explanation=f"referral of {referee} reversed: their qualifying order {event.order_id} was refunded",
+        **detail,  # type: ignore[arg-type]
+    )
+
+
+def derived_event_id(referral_event_id: str) -> str:
+    candidate = f"{referral_event_id}:reversed"
+    if len(candidate) <= ev.identifier_length_max:
+        return candidate
+    return "reversed:" + hashlib.blake2b(referral_event_id.encode(), digest_size=16).hexdigest()
+
+
+def derived_events(state: CustomerState, event: ev.Event, entries: list[LedgerEntry]) -> list[ev.ReferralReversed]:
+    """Events the drivers must publish for other customers after applying `event` (state already evolved).
+
+    When a referee's qualifying order is refunded inside the return window (or was, before the referral
+    arrived), the referrer's reward is reversed on the referrer's own partition: this returns the
+    `referral.reversed` event for it. Pure, and the same in every driver.
+    """
+    derived = []
+    for entry in entries:
+        if entry.rule_id not in ("referral.referee.reversal", "referral.referee.order_refunded"):
+            continue
+        referral_event = event.event_id if isinstance(event, ev.ReferralCompleted) else state.referral_event
+        assert referral_event is not None and entry.reference and entry.order_id
+        derived.append(
+            ev.ReferralReversed(
+                event_id=derived_event_id(referral_event),
+                event_type="referral.reversed",
+                schema_version=1,
+                occurred_at=event.occurred_at,
+                customer_id=entry.reference,
+                store_id=event.store_id,
+                referee_id=state.customer_id,
+                order_id=entry.order_id,
+                referral_event_id=referral_event,
+            )
+        )
+    return derived
 
 
 def _registration(entries: _Entries, event: ev.CustomerRegistered) -> None:
@@ -785,6 +906,7 @@ _handlers: dict[type, Callable[..., None]] = {
     ev.FeedbackSubmitted: _feedback,
     ev.RedeemRequested: _redeem,
     ev.PointsAdjusted: _adjust,
+    ev.ReferralReversed: _referral_reversed,
     ev.ClockTick: lambda entries, event: None,
 }
 

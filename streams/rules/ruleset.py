@@ -107,6 +107,9 @@ class FixedPoints(_Strict):
 class ReferralRules(_Strict):
     referrer_points: PointsAmount = 0
     referee_points: PointsAmount = 0
+    # A referral whose qualifying order is fully refunded or cancelled within this many days of the order is
+    # reversed for both customers. Unset: the purchase return window (purchase.pending_days); 0: never.
+    return_window_days: Annotated[int, Field(ge=0, le=365)] | None = None
 
 
 PromotionSource = Literal["purchase", "review", "referral", "registration", "blog_comment", "social_share", "feedback"]
@@ -208,6 +211,12 @@ class RuleSet(_Strict):
     redemption: RedemptionRules = RedemptionRules()
     expiry: ExpiryRules = ExpiryRules()
     tiers: TierRules = TierRules()
+
+    @property
+    def referral_return_window_days(self) -> int:
+        """Days after a referee's qualifying order within which its refund reverses the referral (0: never)."""
+        window = self.referral.return_window_days
+        return self.purchase.pending_days if window is None else window
 
     @field_validator("timezone")
     @classmethod

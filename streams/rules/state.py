@@ -48,6 +48,14 @@ class OrderRecord:
     bonuses: dict[str, BonusAward] = field(default_factory=dict)
     refund_ids: set[str] = field(default_factory=set)
     cancelled: bool = False
+    placed_at: datetime | None = None  # when the order was completed (its first entry)
+    closed_at: datetime | None = None  # when it became fully refunded or cancelled
+
+    def closed(self) -> bool:
+        """Nothing of the order stands any more: cancelled, or every line refunded in full."""
+        return self.cancelled or (
+            bool(self.lines) and all(line.quantity_refunded >= line.quantity for line in self.lines.values())
+        )
 
     def goods_total(self) -> Decimal:
         return sum((line.amount for line in self.lines.values()), Decimal(0))
@@ -85,8 +93,16 @@ class CustomerState:
     commented_posts: set[str] = field(default_factory=set)
     redemption_ids: set[str] = field(default_factory=set)
     adjustment_ids: set[str] = field(default_factory=set)
-    referees: set[str] = field(default_factory=set)
+    # As a referrer: referee -> points the referral earned (with promotion bonuses); referees whose referral
+    # was reversed (their qualifying order was refunded), which can never earn again.
+    referees: dict[str, int] = field(default_factory=dict)
+    referees_reversed: set[str] = field(default_factory=set)
+    # As a referee: who referred the customer, with which referral event, qualifying order and points.
     referred_by: str | None = None
+    referral_event: str | None = None
+    referral_order: str | None = None
+    referral_points: int = 0
+    referral_reversed: bool = False
     orders: dict[str, OrderRecord] = field(default_factory=dict)
     pending_lots: list[PendingLot] = field(default_factory=list)
     cap_usage: dict[tuple[str, date], int] = field(default_factory=dict)  # (source, local day) -> points
@@ -154,10 +170,31 @@ def evolve(state: CustomerState, entry: LedgerEntry, zone: ZoneInfo) -> None:
     elif source is Source.referral:
         # Only the decision itself marks a referral; guard records (no order yet, already referred) do not,
         # so a referral that arrives before the referee's order does not block a later, valid one.
-        if entry.rule_id == "referral.referrer":
-            state.referees.add(reference)
-        elif entry.rule_id == "referral.referee":
-            state.referred_by = reference
+        _evolve_referral(state, entry, reference)
+
+
+def _evolve_referral(state: CustomerState, entry: LedgerEntry, reference: str) -> None:
+    rule_id = entry.rule_id
+    if rule_id == "referral.referrer":
+        state.referees[reference] = state.referees.get(reference, 0) + entry.points
+    elif rule_id == "referral.referee":
+        state.referred_by = reference
+        state.referral_event = entry.caused_by
+        state.referral_order = entry.order_id
+        state.referral_points = entry.points
+    elif rule_id.startswith("promotion:"):
+        # A promotion bonus on a referral: the referee's if it came with the customer's own referral award.
+        if entry.caused_by == state.referral_event and reference == state.referred_by:
+            state.referral_points += entry.points
+        elif reference in state.referees:
+            state.referees[reference] += entry.points
+    elif rule_id == "referral.referrer.reversal":
+        state.referees_reversed.add(reference)
+        if reference in state.referees:
+            state.referees[reference] += entry.points
+    elif rule_id == "referral.referee.reversal":
+        state.referral_reversed = True
+        state.referral_points += entry.points
 
 
 def spend_change(entry: LedgerEntry) -> Decimal:
@@ -183,7 +220,9 @@ def _evolve_purchase(state: CustomerState, entry: LedgerEntry, kind: Kind, refer
         if entry.rule_id in ("purchase.duplicate_order", "purchase.not_qualifying"):
             return
         state.first_order_done = True
-        order = state.orders.setdefault(order_id, OrderRecord())
+        order = state.orders.get(order_id)
+        if order is None:
+            order = state.orders[order_id] = OrderRecord(placed_at=entry.occurred_at)
         pending = kind is Kind.pending
         points = entry.pending_points if pending else entry.points
         if reference.startswith("line:"):
@@ -208,12 +247,16 @@ def _evolve_purchase(state: CustomerState, entry: LedgerEntry, kind: Kind, refer
         order.refund_ids.add(refund_id)
     if entry.event_type == "purchase.cancelled":
         order.cancelled = True
+        if order.closed_at is None:
+            order.closed_at = entry.occurred_at
     if kind is Kind.reversed:
         reversed_points = -(entry.points + entry.pending_points)
         if target in order.lines:
             line = order.lines[target]
             line.points_reversed += reversed_points
             line.quantity_refunded += entry.quantity or 0
+            if order.closed_at is None and order.closed():
+                order.closed_at = entry.occurred_at
         elif target in order.bonuses:
             order.bonuses[target].reversed = True
         if entry.pending_points:

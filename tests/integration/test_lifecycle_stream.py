@@ -1,4 +1,5 @@
-"""Stream == batch with every lifecycle policy on: pending, confirmation, lot expiry, tiers, caps, refunds."""
+"""Stream == batch with every lifecycle policy on: pending, confirmation, lot expiry, tiers, caps, refunds, referrals
+reversed for both sides (the referrer's through a derived event)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ def test_worker_equals_batch_driver_under_the_full_lifecycle_rule_set(broker, tm
     expected = process_lines(events_path.open("rb"), load_ruleset(RULES))
     kinds = collections.Counter(entry.kind.value for entry in expected.ledger)
     assert {"pending", "confirmed", "expired", "tier_changed", "reversed", "redeemed", "adjusted"} <= set(kinds)
+    rules = collections.Counter(entry.rule_id for entry in expected.ledger)
+    # Referrals reversed for both sides: the referrer's side through a derived referral.reversed event.
+    assert rules["referral.referee.reversal"] and rules["referral.referrer.reversal"]
 
     ensure_topics(broker.bootstrap, ALL_TOPICS, PARTITIONS)
     produce_file(events_path, bootstrap=broker.bootstrap)

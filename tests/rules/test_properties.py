@@ -38,6 +38,7 @@ RULES: dict[str, Any] = {
         "minimum_order_total": "1",
     },
     "fixed": {"registration": 30, "review": 12, "social_share": 10, "feedback": 5},
+    "referral": {"referrer_points": 40, "referee_points": 20},
     "promotions": [
         {
             "id": "weekend",
@@ -76,10 +77,18 @@ def event_logs(draw: st.DrawFn) -> list[str]:
         customer = draw(st.sampled_from(CUSTOMERS))
         compact: dict[str, Any] = {"id": f"e{index}", "customer": customer, "at": moment.isoformat()}
         kind = draw(
-            st.sampled_from(("purchase", "purchase", "purchase", "refund", "review", "redeem", "share", "other"))
+            st.sampled_from(
+                ("purchase", "purchase", "purchase", "refund", "review", "redeem", "share", "referral", "other")
+            )
         )
         if kind == "refund" and not orders.get(customer):
             kind = "purchase"
+        if kind == "referral":
+            referee = draw(st.sampled_from(CUSTOMERS))
+            order_id = draw(st.sampled_from(orders.get(referee) or [("o-none", [])]))[0]
+            compact.update(type="referral", referee=referee, order=order_id)
+            lines.append(json.dumps(event_document(compact, index)))
+            continue
         if kind == "purchase":
             order_lines = [
                 [*draw(st.sampled_from(PRODUCTS)), draw(st.integers(1, 3)), draw(st.sampled_from(PRICES))]
@@ -256,3 +265,22 @@ def test_running_balances_are_the_sums_of_the_entries(lines, pending):
     assert {customer: values[0] for customer, values in totals.items()} == {
         customer: balance for customer, balance in result.balances().items() if customer in totals
     }
+
+
+@FAST
+@given(lines=event_logs(), pending=pending_days)
+def test_referral_reversals_never_take_back_more_than_the_referral_earned(lines, pending):
+    """Per customer and other side of a referral, the referral points (awards, bonuses, reversals) stay >= 0;
+    a reversed referral nets to exactly 0 on both sides."""
+    result = run(lines, RULESETS[pending])
+    net: dict[tuple[str, str], int] = {}
+    reversed_pairs = set()
+    for entry in result.ledger:
+        if entry.source.value != "referral" or entry.reference is None:
+            continue
+        pair = (entry.customer_id, entry.reference)
+        net[pair] = net.get(pair, 0) + entry.points
+        assert net[pair] >= 0, entry
+        if entry.rule_id.endswith(".reversal") and entry.points:
+            reversed_pairs.add(pair)
+    assert all(net[pair] == 0 for pair in reversed_pairs)
