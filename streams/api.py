@@ -6,6 +6,10 @@ In embedded mode one process owns the chDB directory, so the CLI's `status`, `ba
 validated and a bad one is answered with 400 and the reason. The dashboard page (`/`, assets under
 `/static/`) carries no data: it asks the API with the token the user gives it. No CORS header is ever
 sent, so a page of another origin cannot read the API.
+
+While ClickHouse is unreachable (a server DSN), every route that needs it answers 503 with
+`{"error": "ClickHouse at http://host:port/db is unavailable: <reason>"}` (never the DSN's password), and
+`/api/status` still answers, with the projection backlog and the last ClickHouse error.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 from aiohttp import web
 
 from projections import queries
+from projections.client import ClickHouseUnavailable
 from streams.rules.ruleset import RuleSet
 from streams.sql_guard import RESULT_ROWS_MAX, run_read_only_sql
 
@@ -135,6 +140,11 @@ def build_app(context: ApiContext) -> web.Application:
             return web.json_response({"error": str(error)}, status=400)
         except queries_errors() as error:
             return web.json_response({"error": str(error)}, status=400)
+        except unavailable_errors() as error:
+            if not _is_unavailable(error):
+                raise
+            log.warning("%s %s: %s", request.method, request.path, error)
+            return web.json_response({"error": unavailable_message(error)}, status=503)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "no-referrer")
         if not request.path.startswith("/api/"):
@@ -270,6 +280,25 @@ def build_app(context: ApiContext) -> web.Application:
     app.router.add_get("/api/settings", settings)
     app.router.add_post("/api/sql", sql)
     return app
+
+
+def unavailable_errors() -> tuple[type[Exception], ...]:
+    """ClickHouse cannot be reached: the ReconnectingClient's error, or a plain client's transport error."""
+    from clickhouse_connect.driver.exceptions import OperationalError
+
+    return (ClickHouseUnavailable, OperationalError)
+
+
+def _is_unavailable(error: Exception) -> bool:
+    from clickhouse_connect.driver.exceptions import StreamFailureError
+
+    return not isinstance(error, StreamFailureError)  # an error inside a streamed result: the server answered
+
+
+def unavailable_message(error: Exception) -> str:
+    if isinstance(error, ClickHouseUnavailable):
+        return f"{error}; the ledger waits in Kafka and is projected once ClickHouse is back"
+    return "ClickHouse is unavailable (the HTTP request to it failed); retry later"
 
 
 def queries_errors() -> tuple[type[Exception], ...]:
@@ -419,11 +448,13 @@ def openapi_document() -> dict[str, Any]:
     error = _reference("Error")
     bad_request = _json_response("a parameter is invalid; `error` says which and why", error)
     unauthorized = _json_response("missing or wrong bearer token", error)
+    unavailable = _json_response("ClickHouse is unreachable; `error` says why (retry later)", error)
 
     def operation(summary: str, ok: dict[str, Any], parameters=(), *, validated: bool = True, **extra) -> dict:
         responses = {"200": ok, "401": unauthorized}
         if validated:
             responses["400"] = bad_request
+            responses["503"] = unavailable
         return {"summary": summary, "parameters": list(parameters), "responses": responses, **extra}
 
     customer_parameter = {

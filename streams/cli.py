@@ -198,6 +198,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     for topic, lag in sorted(document.get("consumer_lag", {}).items()):
         print(f"  lag {topic}: {lag}")
+    print(f"  projection backlog (ledger messages not yet in ClickHouse): {document.get('projection_backlog')}")
+    error = document.get("clickhouse_error") or document.get("projection_error")
+    if error:
+        print(f"  ClickHouse error: {error}")
     return 0
 
 

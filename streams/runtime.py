@@ -3,6 +3,12 @@
 `up` runs the worker as a child process (Faust owns its event loop and signal handling) and, in its own
 process, the projector and the HTTP API: the process that owns the chDB directory. It writes a run file
 (`<data dir>/run.json`, mode 0600) with the API address and token, which the CLI's query commands read.
+
+With a ClickHouse server DSN, `up` starts even while the server is unreachable, and survives it going away
+later: the client connects (and migrates the schema) on first successful use, the worker does not need
+ClickHouse at all, the projector retries with backoff while the ledger waits in Kafka, API queries answer
+503 with the reason, and the status shows the projection backlog and the last ClickHouse error. An
+embedded chDB directory that cannot be opened still stops `up` at start (no retry can help there).
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ cutover_wait_s = 120.0
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Both log every failed request to an unreachable ClickHouse server at WARNING, with nothing that the
+    # projector's own retry message does not say (and with request URLs); keep their errors only.
+    for name in ("urllib3.connectionpool", "clickhouse_connect.driver._backend.http_sync"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def run_file_path(settings: Settings) -> Path:
@@ -174,7 +184,7 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
     from aiohttp import web
 
     from projections.archive import RawArchive
-    from projections.client import connect
+    from projections.client import ClickHouseUnavailable, ReconnectingClient
     from projections.schema import migrate
     from projections.sink import LedgerSink
     from streams.api import ApiContext, build_app
@@ -198,12 +208,27 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
         loop.add_signal_handler(signum, stopping.set)
     try:
         await asyncio.to_thread(ensure_topics, bootstrap, ALL_TOPICS, settings.partitions)
-        client = connect(settings.resolved_clickhouse_dsn())
-        applied = migrate(client)
-        if applied:
-            log.info("applied ClickHouse migrations %s", applied)
+        dsn = settings.resolved_clickhouse_dsn()
+
+        def prepare(connected) -> None:
+            applied = migrate(connected)
+            if applied:
+                log.info("applied ClickHouse migrations %s", applied)
+
+        client = ReconnectingClient(dsn, prepare=prepare)
+        if dsn.startswith("chdb:"):
+            client.ensure()  # the embedded engine: a directory that cannot be opened is a configuration error
+        else:
+            try:
+                await asyncio.to_thread(client.ensure)
+                log.info("connected to ClickHouse at %s", client.target)
+            except ClickHouseUnavailable as error:
+                log.warning(
+                    "%s; starting anyway: the projector retries with backoff and the ledger waits in Kafka", error
+                )
         client_lock = asyncio.Lock()
         sink = LedgerSink(client, batch_rows_max=settings.sink_batch_rows_max)
+        monitor = BrokerMonitor(bootstrap, settings.worker_id, settings.partitions)
         projector = Projector(
             bootstrap=bootstrap,
             sink=sink,
@@ -212,6 +237,7 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
             batch_rows_max=settings.sink_batch_rows_max,
             flush_interval_ms=settings.sink_flush_interval_ms,
             archive=RawArchive(client),
+            highwaters=lambda: monitor.highwaters,
         )
         if settings.run_worker:
             environment = dict(
@@ -229,12 +255,14 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
             start_metrics_server(settings)
             log.info("LOYALTY_RUN_WORKER is false: not starting a worker")
 
-        monitor = BrokerMonitor(bootstrap, settings.worker_id, settings.partitions)
         token = settings.api_token.get_secret_value() if settings.api_token else secrets.token_urlsafe(24)
 
         async def status() -> dict[str, Any]:
             counts = await monitor.counts()
-            projected = await _count_projected(client, client_lock)
+            try:
+                projected = await _count_projected(client, client_lock)
+            except ClickHouseUnavailable:
+                projected = None  # unknown while ClickHouse is down; the backlog says what waits
             return {
                 "consumer_lag": counts["consumer_lag"],
                 "events_processed": counts["input_messages_committed"],
@@ -245,6 +273,8 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
                 "projection_backlog": projector.backlog,
                 "input_messages_archived": projector.messages_archived,
                 "projection_error": projector.last_error,
+                "projection_offsets_known": projector.offsets_known,
+                "clickhouse_error": client.last_error,
                 "worker_running": worker is not None and worker.poll() is None,
                 "ruleset_version": ruleset.version,
             }

@@ -371,3 +371,37 @@ def test_expiring_lists_nothing_when_the_rule_set_has_no_expiry_and_bounds_its_p
         assert await response.json() == {"error": "limit: must be between 1 and 1000"}
 
     api_client_factory(scenario)
+
+
+def test_routes_that_need_clickhouse_answer_503_while_it_is_unreachable_and_status_still_answers():
+    from projections.client import ReconnectingClient
+    from streams.broker import free_port
+
+    port = free_port()
+    client = ReconnectingClient(f"http://analyst:hunter2-secret@127.0.0.1:{port}/loyalty", retry_interval_s=0.0)
+
+    async def status() -> dict[str, Any]:
+        return {"projection_backlog": 7, "clickhouse_error": client.last_error}
+
+    async def main() -> None:
+        context = ApiContext(
+            client=client, client_lock=asyncio.Lock(), ruleset=load_ruleset(), token=TOKEN, status=status
+        )
+        async with TestClient(TestServer(build_app(context), host="127.0.0.1")) as http:
+            for method, path, body in (
+                ("GET", "/api/customers/alice/balance", None),
+                ("GET", "/api/customers/alice/history", None),
+                ("GET", "/api/dashboard", None),
+                ("POST", "/api/sql", {"sql": "SELECT 1"}),
+            ):
+                response = await http.request(method, path, headers=AUTH, json=body)
+                answer = await response.json()
+                assert response.status == 503, (path, answer)
+                assert f"127.0.0.1:{port}/loyalty is unavailable" in answer["error"], answer
+                assert "hunter2" not in answer["error"], answer
+            response = await http.get("/api/status", headers=AUTH)
+            document = await response.json()
+            assert response.status == 200 and document["projection_backlog"] == 7
+            assert "refused" in document["clickhouse_error"].lower() and "hunter2" not in document["clickhouse_error"]
+
+    asyncio.run(main())
