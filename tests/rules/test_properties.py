@@ -206,7 +206,12 @@ def test_an_event_delivered_twice_equals_once(lines, pending, data):
 @FAST
 @given(lines=event_logs(), pending=pending_days, seed=st.integers(0, 2**32 - 1))
 def test_interleaving_other_customers_events_changes_no_customers_result(lines, pending, seed):
-    """Each customer's own events keep their relative order; only the mix with other customers changes."""
+    """Each customer's own events keep their relative order; only the mix with other customers changes.
+
+    Referrals are left out: one referral line concerns two customers, and at equal event times the drivers
+    order a customer's events by log position, so moving the referrer's line moves the referee's event too.
+    """
+    lines = [line for line in lines if '"referral.completed"' not in line]
     queues: dict[str, list[str]] = {}
     for line in lines:
         queues.setdefault(json.loads(line)["customer_id"], []).append(line)
