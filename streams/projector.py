@@ -138,7 +138,9 @@ class Projector:
                             archived.append((tp.topic, tp.partition, record.offset, key, record.value, referee, rank))
                         archive_offsets[(tp.topic, tp.partition)] = records[-1].offset + 1
                 if archived:
-                    await self._archive_with_retry(archived, archive_offsets, stopping)
+                    await self._retry(
+                        "archive insert", self.archive.write, archived, archive_offsets, stopping=stopping
+                    )
                     self.messages_archived += len(archived)
                     archived, archive_offsets = [], {}
                 if pending and not first_pending_at:
@@ -166,9 +168,6 @@ class Projector:
             if highwater is not None:
                 self._highwaters[(tp.topic, tp.partition)] = highwater
         metrics.record_sink_backlog(self.backlog)
-
-    async def _archive_with_retry(self, rows, offsets, stopping: asyncio.Event) -> None:
-        await self._retry("archive insert", self.archive.write, rows, offsets, stopping=stopping)
 
     async def _call(self, function, *args):
         async with self.sink_lock:

@@ -119,12 +119,21 @@ class _Entries:
             )
         )
 
-    def reverse(self, points: int, *, pending: bool, explanation: str, **detail: object) -> None:
+    def reverse(
+        self,
+        points: int,
+        *,
+        pending: bool,
+        explanation: str,
+        source: Source = Source.purchase,
+        rule_id: str = "purchase.reversal",
+        **detail: object,
+    ) -> None:
         """Reverse `points` from the bucket they sit in: the pending balance or the available one."""
         self.add(
             Kind.reversed,
-            Source.purchase,
-            "purchase.reversal",
+            source,
+            rule_id,
             points=0 if pending else -points,
             pending_points=-points if pending else 0,
             explanation=explanation,
@@ -654,12 +663,17 @@ def _referral(entries: _Entries, event: ev.ReferralCompleted, side: Side) -> Non
     )
 
 
+def _inside_referral_window(order: OrderRecord, moment: datetime | None, ruleset: RuleSet) -> bool:
+    """`moment` is within the referral return window of the order (never, when the window is 0)."""
+    window = ruleset.referral_return_window_days
+    if not window or moment is None or order.placed_at is None:
+        return False
+    return moment <= order.placed_at + timedelta(days=window)
+
+
 def _refunded_inside_window(order: OrderRecord, ruleset: RuleSet) -> bool:
     """The order no longer stands, and it stopped standing inside the referral return window."""
-    window = ruleset.referral_return_window_days
-    if not window or order.closed_at is None or order.placed_at is None:
-        return False
-    return order.closed_at <= order.placed_at + timedelta(days=window)
+    return _inside_referral_window(order, order.closed_at, ruleset)
 
 
 def _reverse_referral(entries: _Entries, order_id: str, order: OrderRecord, closed: bool) -> None:
@@ -667,19 +681,19 @@ def _reverse_referral(entries: _Entries, order_id: str, order: OrderRecord, clos
     state, event = entries.state, entries.event
     if not closed or state.referral_order != order_id or state.referral_reversed or state.referred_by is None:
         return
-    window = entries.ruleset.referral_return_window_days
-    if not window or order.placed_at is None or event.occurred_at > order.placed_at + timedelta(days=window):
+    if not _inside_referral_window(order, event.occurred_at, entries.ruleset):
         return
+    window = entries.ruleset.referral_return_window_days
     explanation = f"referral by {state.referred_by} reversed: qualifying order {order_id} refunded within {window} days"
     detail = {"order_id": order_id, "reference": state.referred_by}
     if state.referral_points:
-        entries.add(
-            Kind.reversed,
-            Source.referral,
-            "referral.referee.reversal",
-            points=-state.referral_points,
+        entries.reverse(
+            state.referral_points,
+            pending=False,
             explanation=explanation,
-            **detail,  # type: ignore[arg-type]
+            source=Source.referral,
+            rule_id="referral.referee.reversal",
+            **detail,
         )
     else:
         entries.record(Source.referral, "referral.referee.reversal", explanation, **detail)
@@ -704,13 +718,13 @@ def _referral_reversed(entries: _Entries, event: ev.ReferralReversed) -> None:
             **detail,
         )
         return
-    entries.add(
-        Kind.reversed,
-        Source.referral,
-        "referral.referrer.reversal",
-        points=-awarded,
+    entries.reverse(
+        awarded,
+        pending=False,
         explanation=f"referral of {referee} reversed: their qualifying order {event.order_id} was refunded",
-        **detail,  # type: ignore[arg-type]
+        source=Source.referral,
+        rule_id="referral.referrer.reversal",
+        **detail,
     )
 
 
