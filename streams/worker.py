@@ -22,6 +22,7 @@ from aiokafka.structs import TopicPartition as KafkaTopicPartition
 from schemas.ledger import LedgerEntry
 from schemas.topics import CONTROL_HEADER, DEAD_LETTER, INPUT_TOPICS, LEDGER, REFERRALS, RULESET_CONTROL, RULESETS
 from streams import cutover, metrics
+from streams.acks import InOrderAcks
 from streams.applier import InputMessage, Output, StreamApplier
 from streams.routing import partition_for
 from streams.rules.ruleset import RuleSet, load_ruleset
@@ -200,6 +201,9 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
 
     seen_offsets: dict[tuple[str, int], int] = {}
     in_flight: set[asyncio.Future] = set()
+    acks = InOrderAcks()
+    failed: list[Exception] = []
+    last_finish: list[asyncio.Future] = []  # the latest batch's finish: each batch acks after the one before
 
     async def send(output: Output) -> None:
         if not (output.ledger or output.dead_letters or output.acks or output.derived):
@@ -240,25 +244,34 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
             key, value = cutover.activation_record(topic, partition, offset, version)
             futures.append(await kafka.send(RULESETS, value=value, key=key, partition=0))
             log.info("rule set %s in force on %s/%d after offset %d", version, topic, partition, offset)
-        # The batch's acks wait for its own sends only, in a task: the next batch is decided while this one
-        # is on its way (the worker spent 22% of its time idle waiting for acks). A failed send crashes the
-        # worker before any of its messages is acked, so nothing unacknowledged is ever committed.
-        task = asyncio.ensure_future(finish(futures, output))
+        # The batch's acks wait for its sends in a task: the next batch is decided while this one is on its
+        # way (the worker spent 22% of its time idle waiting for acks). A failed send crashes the worker
+        # before any of its messages is acked; batches ack in order, and each input partition's messages in
+        # offset order (streams/acks.py), so a commit never passes a message whose entries are not written.
+        task = asyncio.ensure_future(finish(futures, output, last_finish[0] if last_finish else None))
+        last_finish[:] = [task]
         in_flight.add(task)
         task.add_done_callback(in_flight.discard)
         while len(in_flight) > in_flight_batches_max:
             await asyncio.wait(set(in_flight), return_when=asyncio.FIRST_COMPLETED)
 
-    async def finish(futures: list, output: Output) -> None:
+    async def finish(futures: list, output: Output, previous: asyncio.Future | None) -> None:
         try:
             if futures:
                 await asyncio.gather(*futures)
         except Exception as error:
             log.exception("a ledger write failed; crashing so that a restart re-delivers the batch")
+            failed.append(error)
             await app.crash(error)
             return
-        for message in output.acks:
-            message.token.ack()
+        if previous is not None:
+            # Acks in batch order: a later batch may hold a duplicate of an event whose entries an earlier
+            # batch is still writing (a re-delivered copy, or the published copy of a derived event).
+            await previous
+        if failed:
+            return  # the worker is crashing: this batch may hold duplicates of the events whose write failed
+        for token in acks.done(((message.topic, message.partition), message.offset) for message in output.acks):
+            token.ack()
         counters.processed += output.applied
         counters.duplicates += output.duplicates
         counters.rejected += len(output.dead_letters)
@@ -285,6 +298,7 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
                             applier.local_partitions.add(raw.partition)
                         tp = (raw.topic, raw.partition)
                         seen_offsets[tp] = max(seen_offsets.get(tp, -1), raw.offset)
+                        acks.received(tp, raw.offset, event)
                         messages.append(
                             InputMessage(
                                 topic=raw.topic,
@@ -358,6 +372,7 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
             for tp in list(seen_offsets):
                 if tp[1] in partitions - still:
                     del seen_offsets[tp]
+                    acks.forget(tp)
 
     @app.on_partitions_assigned.connect
     async def on_assigned(app_: Any, assigned: set, **_: Any) -> None:

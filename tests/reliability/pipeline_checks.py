@@ -103,8 +103,10 @@ def describe_difference(streamed: dict[str, dict], wanted: dict[str, dict]) -> s
             if streamed[entry_id].get(name) != value
         }
         lines.append(f"  {entry_id} {wanted[entry_id]['customer_id']} {wanted[entry_id]['caused_by']}: {changed}")
-    for entry_id in missing[:3]:
-        lines.append(f"  missing {wanted[entry_id]['customer_id']} {wanted[entry_id]['caused_by']}")
+    for entry_id in missing[:10]:
+        entry = wanted[entry_id]
+        what = f"{entry['customer_id']} {entry['caused_by']} {entry.get('kind')} {entry.get('rule_id')}"
+        lines.append(f"  missing {what}")
     for entry_id in extra[:3]:
         lines.append(f"  extra {streamed[entry_id]['customer_id']} {streamed[entry_id]['caused_by']}")
     return "\n".join(lines)

@@ -42,7 +42,9 @@ def kill(process) -> None:
     process.wait()
 
 
-def wait_for_outputs(tail, wanted_entries: int, wanted_dead_letters: int, worker, timeout_s: float) -> None:
+def wait_for_outputs(tail, expected, worker, timeout_s: float) -> None:
+    wanted_entries, wanted_dead_letters = len(expected.ledger), len(expected.rejected)
+
     def complete() -> bool:
         assert worker.poll() is None, f"the worker died on its own:\n{worker.log_path.read_text()[-3000:]}"
         assert tail.error is None, tail.error
@@ -50,7 +52,12 @@ def wait_for_outputs(tail, wanted_entries: int, wanted_dead_letters: int, worker
         letters = dead_letters_by_input(tail.snapshot(DEAD_LETTER))
         return len(entries) >= wanted_entries and len(letters) >= wanted_dead_letters
 
-    wait_until(complete, timeout_s, "the ledger and dead letters of the whole log", interval_s=1.0)
+    try:
+        wait_until(complete, timeout_s, "the ledger and dead letters of the whole log", interval_s=1.0)
+    except AssertionError as timeout:
+        # Say which entries never came: their events tell a lost ack from a stalled consumer.
+        streamed, _ = ledger_by_entry_id(tail.snapshot(LEDGER))
+        pytest.fail(f"{timeout}\n{describe_difference(streamed, expected_ledger(expected))}")
     time.sleep(3)  # more than expected would be a failure the assertions below should see
 
 
@@ -118,7 +125,7 @@ def test_worker_killed_at_random_points_while_the_log_streams_in_loses_and_doubl
             kill_points.append((tail.count(LEDGER), producer.produced_lines))
             kill(worker)
             worker = worker_factory()
-        wait_for_outputs(tail, len(expected.ledger), len(expected.rejected), worker, timeout_s=240)
+        wait_for_outputs(tail, expected, worker, timeout_s=240)
         assert producer.error is None, producer.error
         assert producer.done.is_set()
         assert_outputs_equal_the_batch_driver(tail, lines, expected)
@@ -151,7 +158,7 @@ def test_surviving_worker_takes_over_the_partitions_of_a_killed_one_exactly(
         logs = [worker.log_path.read_text() for worker in (first, second)]
         assert all("assigned input partitions [" in log for log in logs), logs
         kill(second)
-        wait_for_outputs(tail, len(expected.ledger), len(expected.rejected), first, timeout_s=240)
+        wait_for_outputs(tail, expected, first, timeout_s=240)
         assert producer.done.is_set() and producer.error is None
         assert_outputs_equal_the_batch_driver(tail, lines, expected)
         taken_over = first.log_path.read_text().split("assigned input partitions")[-1]
