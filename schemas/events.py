@@ -147,17 +147,21 @@ class ReferralCompleted(Envelope):
 
 
 class ReferralReversed(Envelope):
-    """A referral that no longer stands: its qualifying order was refunded or cancelled inside the return window.
+    """A referral that does not stand, decided on the referee's side; the envelope's customer is the referrer.
 
-    The envelope's customer is the referrer. The engine derives this event on the referee's partition (where the
-    refund is decided) and publishes it keyed by the referrer, so that the referrer's reward is reversed on the
-    referrer's own partition; a store may also send it. `referral_event_id` is the event id of the referral.
+    `reason`: `refunded` (the qualifying order was refunded or cancelled inside the return window: the
+    referrer's reward is reversed and that referee never pays this referrer again), `no_order` (the referee
+    has no recorded order with that id yet: the reward is withdrawn, a later valid referral pays) or
+    `already_referred` (another referrer was first: the reward is withdrawn). The engine derives this event on
+    the referee's partition and publishes it keyed by the referrer, so that the referrer's side is decided on
+    the referrer's own partition; a store may also send it. `referral_event_id` is the referral's event id.
     """
 
     event_type: Literal["referral.reversed"]
     referee_id: Identifier
     order_id: Identifier
     referral_event_id: Identifier
+    reason: Literal["refunded", "no_order", "already_referred"] = "refunded"
 
 
 class CustomerRegistered(Envelope):

@@ -127,6 +127,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         duplicate_share=args.duplicate_share,
         bad_share=args.bad_share,
         mean_gap_seconds=args.mean_gap_seconds,
+        disputed_referral_share=args.disputed_referral_share,
     )
     output = open(args.out, "w") if args.out else sys.stdout
     try:
@@ -498,6 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--duplicate-share", type=float, default=0.02)
     sub.add_argument("--bad-share", type=float, default=0.0)
     sub.add_argument("--mean-gap-seconds", type=float, default=30.0, help="mean event-time gap between events")
+    sub.add_argument(
+        "--disputed-referral-share",
+        type=float,
+        default=0.0,
+        help="share of referrals followed by one the referee's side refuses (already referred, no such order)",
+    )
     sub.add_argument("--out", help="file to write (default: standard output)")
 
     sub = command("broker", cmd_broker, "Run the embedded Kafka-compatible broker (Tansu) in the foreground.")

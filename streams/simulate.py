@@ -31,7 +31,11 @@ What the traffic looks like:
                                     never seen before, whose customer.registered and first
                                     purchase.completed come first and whose order_id it carries;
                                     in 15% the referee then refunds that order in full (a referral
-                                    reversed when inside the return window)
+                                    reversed when inside the return window); with
+                                    `disputed_referral_share` (default 0) that share of referrals
+                                    is followed by one the referee's side refuses: another
+                                    customer claims the same referee, or a new referee's referral
+                                    names an order never placed (the referrer's reward withdrawn)
   blog.commented            5       one of 30 posts (popular posts skewed); 20% the same post again
   social.shared             4       one of six networks
   feedback.submitted        2
@@ -187,8 +191,18 @@ class _Customer:
 
 
 class _Simulation:
-    def __init__(self, *, customers: int, seed: int, stores: int, start: datetime, mean_gap_seconds: float) -> None:
+    def __init__(
+        self,
+        *,
+        customers: int,
+        seed: int,
+        stores: int,
+        start: datetime,
+        mean_gap_seconds: float,
+        disputed_referral_share: float = 0.0,
+    ) -> None:
         self.rng = random.Random(seed)
+        self.disputed_referral_share = disputed_referral_share
         self.seed = seed
         self.stores = [f"s{number}" for number in range(1, stores + 1)]
         self.start = start.astimezone(UTC)
@@ -458,6 +472,26 @@ class _Simulation:
             refund["refund_id"] = self._id("rf")
             referee.orders.remove(order)
             yield self._dump(refund)
+        if self.disputed_referral_share and self.rng.random() < self.disputed_referral_share:
+            yield from self._disputed_referral(referrer, referee, order_id)
+
+    def _disputed_referral(self, referrer: _Customer, referee: _Customer, order_id: str) -> Iterator[str]:
+        """A referral the referee's side refuses, so that the referrer's reward is withdrawn: half the time
+        another customer claims the referee just referred (already referred), otherwise the referrer refers
+        a new customer naming an order that customer never placed (no such order)."""
+        if self.rng.random() < 0.5:
+            claimant = self.known_list[self.rng.randrange(len(self.known_list))]
+            if claimant is referrer or claimant is referee:
+                return
+            event = self._envelope("referral.completed", claimant)
+            event["referee_id"], event["order_id"] = referee.customer_id, order_id
+        else:
+            newcomer = self._new_customer()
+            yield self._registration(newcomer)
+            event = self._envelope("referral.completed", referrer)
+            event["referee_id"], event["order_id"] = newcomer.customer_id, self._id("o")
+        event["referral_id"] = self._id("ref")
+        yield self._dump(event)
 
     def _blog_commented(self) -> Iterator[str]:
         return self._with_customer(self._comment)
@@ -614,14 +648,22 @@ def generate_events(
     bad_share: float = 0.0,
     start: datetime = default_start,
     mean_gap_seconds: float = 30.0,
+    disputed_referral_share: float = 0.0,
 ) -> Iterator[str]:
     """Exactly `events` JSON lines (without newline) of synthetic traffic; see the module docstring.
 
     Arguments are checked when this is called, before any line is produced (ValueError).
     """
     _check_arguments(events, customers, seed, stores, duplicate_share, bad_share, start, mean_gap_seconds)
+    if not 0.0 <= disputed_referral_share <= 1.0:
+        raise ValueError(f"disputed_referral_share must be between 0 and 1, got {disputed_referral_share!r}")
     simulation = _Simulation(
-        customers=customers, seed=seed, stores=stores, start=start, mean_gap_seconds=mean_gap_seconds
+        customers=customers,
+        seed=seed,
+        stores=stores,
+        start=start,
+        mean_gap_seconds=mean_gap_seconds,
+        disputed_referral_share=disputed_referral_share,
     )
     return _lines(simulation, events, duplicate_share, bad_share)
 
@@ -660,6 +702,7 @@ def write_events(
     bad_share: float = 0.0,
     start: datetime = default_start,
     mean_gap_seconds: float = 30.0,
+    disputed_referral_share: float = 0.0,
 ) -> int:
     """Write `generate_events(...)` to `path`, one line each (UTF-8, `\\n`); returns the line count."""
     lines = generate_events(
@@ -671,6 +714,7 @@ def write_events(
         bad_share=bad_share,
         start=start,
         mean_gap_seconds=mean_gap_seconds,
+        disputed_referral_share=disputed_referral_share,
     )
     written = 0
     with open(path, "w", encoding="utf-8", newline="\n") as output:

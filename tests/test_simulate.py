@@ -305,9 +305,30 @@ def test_write_events_writes_the_generated_lines_and_returns_the_count(tmp_path)
         dict(bad_share=-0.1),
         dict(mean_gap_seconds=-1.0),
         dict(start=datetime(2026, 1, 1)),
+        dict(disputed_referral_share=2.0),
     ],
 )
 def test_invalid_arguments_raise_before_any_line_is_produced(arguments: dict) -> None:
     base = dict(events=10, customers=10, seed=1)
     with pytest.raises(ValueError):
         generate_events(**(base | arguments))
+
+
+def test_disputed_referrals_claim_a_referred_customer_again_or_name_an_order_never_placed() -> None:
+    lines = [
+        json.loads(line)
+        for line in generate_events(
+            events=6000, customers=300, seed=8, duplicate_share=0.0, disputed_referral_share=0.5
+        )
+    ]
+    orders = {(line["customer_id"], line["order_id"]) for line in lines if line["event_type"] == "purchase.completed"}
+    referrers: dict[str, set[str]] = {}
+    second_claims = no_order = 0
+    for line in lines:
+        if line["event_type"] != "referral.completed":
+            continue
+        claimed = referrers.setdefault(line["referee_id"], set())
+        second_claims += bool(claimed - {line["customer_id"]})
+        claimed.add(line["customer_id"])
+        no_order += (line["referee_id"], line["order_id"]) not in orders
+    assert second_claims > 10 and no_order > 10

@@ -700,9 +700,28 @@ def _reverse_referral(entries: _Entries, order_id: str, order: OrderRecord, clos
 
 
 def _referral_reversed(entries: _Entries, event: ev.ReferralReversed) -> None:
-    """Referrer side: the referee's qualifying order was refunded; take back what referring them earned."""
+    """Referrer side: the referral does not stand on the referee's side; take back what it earned."""
     state, referee = entries.state, event.referee_id
     detail = {"order_id": event.order_id, "reference": referee}
+    if event.reason != "refunded":
+        why = (
+            f"{referee} has no recorded order {event.order_id} yet"
+            if event.reason == "no_order"
+            else f"{referee} was already referred by another customer"
+        )
+        awarded = state.referees.get(referee, 0) if referee not in state.referees_reversed else 0
+        if awarded:
+            entries.add(
+                Kind.reversed,
+                Source.referral,
+                "referral.referrer.withdrawn",
+                points=-awarded,
+                explanation=f"referral of {referee} withdrawn: {why}",
+                **detail,  # type: ignore[arg-type]
+            )
+        else:
+            entries.record(Source.referral, "referral.referrer.withdrawn", f"nothing to withdraw: {why}", **detail)
+        return
     if referee in state.referees_reversed:
         entries.record(
             Source.referral, "referral.referrer.reversal", f"the referral of {referee} was already reversed", **detail
@@ -728,6 +747,15 @@ def _referral_reversed(entries: _Entries, event: ev.ReferralReversed) -> None:
     )
 
 
+# Referee-side decisions that the referrer's side must follow, and the reason the derived event carries.
+_derived_reasons = {
+    "referral.referee.reversal": "refunded",
+    "referral.referee.order_refunded": "refunded",
+    "referral.referee.no_order": "no_order",
+    "referral.referee.already_referred": "already_referred",
+}
+
+
 def derived_event_id(referral_event_id: str) -> str:
     candidate = f"{referral_event_id}:reversed"
     if len(candidate) <= ev.identifier_length_max:
@@ -744,8 +772,11 @@ def derived_events(state: CustomerState, event: ev.Event, entries: list[LedgerEn
     """
     derived = []
     for entry in entries:
-        if entry.rule_id not in ("referral.referee.reversal", "referral.referee.order_refunded"):
+        reason = _derived_reasons.get(entry.rule_id)
+        if reason is None:
             continue
+        if reason == "already_referred" and entry.reference == state.referred_by:
+            continue  # the same referrer again: its own side already says the referee was rewarded
         referral_event = event.event_id if isinstance(event, ev.ReferralCompleted) else state.referral_event
         assert referral_event is not None and entry.reference and entry.order_id
         derived.append(
@@ -759,6 +790,7 @@ def derived_events(state: CustomerState, event: ev.Event, entries: list[LedgerEn
                 referee_id=state.customer_id,
                 order_id=entry.order_id,
                 referral_event_id=referral_event,
+                reason=reason,
             )
         )
     return derived

@@ -188,6 +188,8 @@ def _evolve_referral(state: CustomerState, entry: LedgerEntry, reference: str) -
             state.referral_points += entry.points
         elif reference in state.referees:
             state.referees[reference] += entry.points
+    elif rule_id == "referral.referrer.withdrawn":
+        state.referees.pop(reference, None)  # not rewarded any more: a later valid referral of them pays
     elif rule_id == "referral.referrer.reversal":
         state.referees_reversed.add(reference)
         if reference in state.referees:

@@ -1,5 +1,5 @@
 """Stream == batch with every lifecycle policy on: pending, confirmation, lot expiry, tiers, caps, refunds, referrals
-reversed for both sides (the referrer's through a derived event)."""
+reversed or withdrawn for both sides (the referrer's through a derived event)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,14 @@ def test_worker_equals_batch_driver_under_the_full_lifecycle_rule_set(broker, tm
     events_path = tmp_path / "events.jsonl"
     # About 290 days of traffic, so return windows end, lots expire and tiers are reached.
     write_events(
-        events_path, events=5000, customers=150, seed=5, mean_gap_seconds=5000, duplicate_share=0.03, bad_share=0.01
+        events_path,
+        events=5000,
+        customers=150,
+        seed=5,
+        mean_gap_seconds=5000,
+        duplicate_share=0.03,
+        bad_share=0.01,
+        disputed_referral_share=0.3,
     )
     expected = process_lines(events_path.open("rb"), load_ruleset(RULES))
     kinds = collections.Counter(entry.kind.value for entry in expected.ledger)
@@ -38,6 +45,9 @@ def test_worker_equals_batch_driver_under_the_full_lifecycle_rule_set(broker, tm
     rules = collections.Counter(entry.rule_id for entry in expected.ledger)
     # Referrals reversed for both sides: the referrer's side through a derived referral.reversed event.
     assert rules["referral.referee.reversal"] and rules["referral.referrer.reversal"]
+    # Referral guards on both sides: a referee already referred, or without the order, withdraws the referrer's.
+    assert rules["referral.referee.already_referred"] and rules["referral.referee.no_order"]
+    assert rules["referral.referrer.withdrawn"]
 
     ensure_topics(broker.bootstrap, ALL_TOPICS, PARTITIONS)
     produce_file(events_path, bootstrap=broker.bootstrap)

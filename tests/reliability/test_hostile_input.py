@@ -197,6 +197,13 @@ def messages_for(lines: list[bytes]) -> list[InputMessage]:
     return messages
 
 
+def stream_applier(**options) -> StreamApplier:
+    """An applier that holds every partition, routing derived events as `messages_for` routes input."""
+    applier = StreamApplier(RULESET, partition_for=lambda key: zlib.crc32(key) % PARTITIONS, **options)
+    applier.local_partitions.update(range(PARTITIONS))
+    return applier
+
+
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -204,7 +211,7 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 @given(lines=hostile_logs(), batch_size=st.integers(1, 50))
 def test_every_hostile_message_ends_in_the_ledger_as_a_duplicate_or_as_a_dead_letter(lines, batch_size):
     messages = messages_for(lines)
-    applier = StreamApplier(RULESET, reorder_wait_ms=60_000)
+    applier = stream_applier(reorder_wait_ms=60_000)
     dead: dict[int, str] = {}
     acked: Counter[int] = Counter()
     ledger = []
@@ -267,7 +274,7 @@ def test_an_event_id_reused_with_other_content_is_dead_lettered_as_a_conflict_an
     conflicting = dict(original, lines=[{"sku": "a", "category": "books", "quantity": 9, "unit_price": "900"}])
     lines = [json.dumps(original).encode(), json.dumps(conflicting).encode(), json.dumps(original).encode()]
     messages = messages_for(lines)
-    applier = StreamApplier(RULESET)
+    applier = stream_applier()
     accepted = applier.accept(messages)
     output = applier.release([], set(), 0.0)
     assert accepted.dead_letters == []
@@ -291,7 +298,7 @@ def test_a_referral_whose_referee_side_conflicts_is_dead_lettered_as_the_batch_d
         (2, "referee side: event_id: conflict: event id x1 was already applied with different content")
     ]
     messages = messages_for(lines)
-    applier = StreamApplier(RULESET)
+    applier = stream_applier()
     applier.accept(messages)
     output = applier.release([], set(), 0.0)
     assert [entry.model_dump() for _, entry, _ in output.ledger] == [entry.model_dump() for entry in batch.ledger]

@@ -275,15 +275,17 @@ def test_running_balances_are_the_sums_of_the_entries(lines, pending):
 @FAST
 @given(lines=event_logs(), pending=pending_days)
 def test_referral_reversals_never_take_back_more_than_the_referral_earned(lines, pending):
-    """Per customer and other side of a referral, the referral points (awards, bonuses, reversals) stay >= 0;
-    a reversed referral nets to exactly 0 on both sides."""
+    """Per customer, other side and role of a referral, the referral points (awards, bonuses, reversals)
+    stay >= 0; a reversed referral nets to exactly 0 on both sides. The role is part of the key: two customers
+    may refer each other, and reversing one referral leaves the other standing."""
     result = run(lines, RULESETS[pending])
-    net: dict[tuple[str, str], int] = {}
+    net: dict[tuple[str, str, str], int] = {}
     reversed_pairs = set()
     for entry in result.ledger:
         if entry.source.value != "referral" or entry.reference is None:
             continue
-        pair = (entry.customer_id, entry.reference)
+        role = entry.rule_id.split(".")[1]  # referrer, referee (or self, which earns nothing)
+        pair = (entry.customer_id, entry.reference, role)
         net[pair] = net.get(pair, 0) + entry.points
         assert net[pair] >= 0, entry
         if entry.rule_id.endswith(".reversal") and entry.points:

@@ -202,3 +202,35 @@ def test_replaying_the_same_log_twice_gives_the_same_ledger():
     second = process_lines(lines + lines, parse_ruleset(RULES))
     assert [entry.entry_id for entry in first.ledger] == [entry.entry_id for entry in second.ledger]
     assert second.duplicates == 4  # the repeated order and refund, and both copies of the repeated referral
+
+
+def test_a_referral_before_the_referees_order_is_withdrawn_for_the_referrer_and_a_later_one_pays_both():
+    result = process_lines(
+        [
+            referral(1, "2026-05-01T09:00:00+00:00"),  # bob has no order b1 yet
+            bob_order(2, "2026-05-02T10:00:00+00:00"),
+            referral(3, "2026-05-02T11:00:00+00:00", referral_id="r2"),
+        ],
+        parse_ruleset(RULES),
+    )
+    assert referral_entries(result, "alice") == [
+        ("referral.referrer", Kind.earned, 200, 200),
+        ("referral.referrer.withdrawn", Kind.reversed, -200, 0),
+        ("referral.referrer", Kind.earned, 200, 200),
+    ]
+    assert referral_entries(result, "bob") == [
+        ("referral.referee.no_order", Kind.recorded, 0, 0),
+        ("referral.referee", Kind.earned, 100, 100),
+    ]
+
+
+def test_one_reward_per_referee_the_second_referrer_is_withdrawn():
+    carol = line(3, "2026-05-03T00:00:00+00:00", "referral.completed", "carol", referral_id="r9", referee_id="bob")
+    carol = carol.replace('"referee_id": "bob"', '"referee_id": "bob", "order_id": "b1"')
+    result = process_lines([bob_order(), referral(2, "2026-05-02T11:00:00+00:00"), carol], parse_ruleset(RULES))
+    assert [rule for rule, *_ in referral_entries(result, "alice")] == ["referral.referrer"]
+    assert referral_entries(result, "carol") == [
+        ("referral.referrer", Kind.earned, 200, 200),
+        ("referral.referrer.withdrawn", Kind.reversed, -200, 0),
+    ]
+    assert result.balances()["bob"] == 100  # the referee is rewarded once (its 60 purchase points are pending)
