@@ -14,7 +14,10 @@ What is measured (see docs/performance.md for the targets and the latest figures
 6. dashboard queries: p50/p95 per section on a synthetic ledger (`projections.bench.fill_ledger`);
 7. end-to-end latency at a steady rate through `loyalty up`: produce -> ledger topic, and
    produce -> balance visible over the HTTP API (sampled `customer.registered` events of new customers);
-8. peak RSS (VmHWM) of the worker process after the drain.
+8. peak RSS (VmHWM) of the worker process after the drain, and of a worker holding the states of
+   `memory_customers` customers (default 1,000,000): on a fresh broker, the batch driver's ledger of two
+   events per customer (a registration and a purchase) is pre-loaded into `loyalty.ledger`, and a worker
+   starts and restores every partition from it, exactly as after a restart.
 
 Everything runs on 127.0.0.1 in temporary directories; every process the bench starts is stopped. Timings
 are printed, never asserted: `tests/test_bench.py` checks the `--small` run for correctness only.
@@ -72,7 +75,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "replay_events_per_s": (">=", 150_000),
     "query_p95_ms_max": ("<=", 50),
     "latency_balance_p99_ms": ("<=", 2000),
-    "worker_peak_rss_mb": ("<=", 500),
+    "worker_memory_peak_rss_mb": ("<=", 500),
 }
 
 
@@ -85,6 +88,7 @@ class BenchOptions:
     ledger_rows: int = 10_000_000
     query_customers: int = 1_000_000
     query_repeats: int = 30
+    memory_customers: int = 1_000_000
     latency_rate: float = 5000.0
     latency_seconds: float = 30.0
     seed: int = 8
@@ -100,6 +104,7 @@ class BenchOptions:
             ledger_rows=20_000,
             query_customers=2_000,
             query_repeats=10,
+            memory_customers=2_000,
             latency_rate=300.0,
             latency_seconds=6.0,
             small=True,
@@ -584,6 +589,122 @@ async def bench_worker(
     }
 
 
+# --- 8. worker memory at many customers ----------------------------------------------------------
+
+memory_chunk_customers = 20_000
+
+
+def customer_lines(first: int, count: int, start: datetime) -> list[bytes]:
+    """Two events per customer (a registration, then a one-line purchase), customer by customer."""
+    lines = []
+    for number in range(first, first + count):
+        customer = f"m{number:07d}"
+        envelope = {
+            "schema_version": 1,
+            "occurred_at": (start + timedelta(seconds=number)).isoformat(),
+            "customer_id": customer,
+            "store_id": f"s{1 + number % 3}",
+        }
+        lines.append(json.dumps({"event_id": f"{customer}-r", "event_type": "customer.registered", **envelope}))
+        purchase = {
+            "event_id": f"{customer}-p",
+            "event_type": "purchase.completed",
+            **envelope,
+            "order_id": f"{customer}-o",
+            "currency": "USD",
+            "lines": [
+                {"sku": f"sku-{number % 300}", "category": "books", "quantity": 1 + number % 3, "unit_price": "12.50"}
+            ],
+        }
+        lines.append(json.dumps(purchase))
+    return [line.encode() for line in lines]
+
+
+def memory_ledger(customers: int, partitions: int, ruleset, counts: dict[str, int]) -> Iterator[tuple]:
+    """The batch driver's ledger for `customer_lines`, as (topic, key, value, headers, partition) items, made
+    chunk by chunk so that the bench itself never holds more than one chunk of entries."""
+    from collections import Counter
+
+    from schemas.topics import LEDGER
+    from streams.batch import process_lines
+    from streams.routing import partition_for
+    from streams.worker import EVENT_ENTRIES_HEADER
+
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    for first in range(0, customers, memory_chunk_customers):
+        result = process_lines(customer_lines(first, min(memory_chunk_customers, customers - first), start), ruleset)
+        assert not result.rejected, result.rejected[:3]
+        per_event = Counter((entry.customer_id, entry.caused_by) for entry in result.ledger)
+        counts["customers"] += len(result.states)
+        counts["entries"] += len(result.ledger)
+        for entry in result.ledger:
+            key = entry.customer_id.encode()
+            headers = ((EVENT_ENTRIES_HEADER, str(per_event[(entry.customer_id, entry.caused_by)]).encode()),)
+            yield LEDGER, key, entry.model_dump_json().encode(), headers, partition_for(key, partitions)
+
+
+async def bench_worker_memory(options: BenchOptions, workdir: Path) -> dict[str, float]:
+    """Peak RSS of a worker that holds `memory_customers` customers' states (restored from the ledger)."""
+    import re
+
+    from schemas.topics import ALL_TOPICS
+    from streams.broker import EmbeddedBroker, ensure_topics
+    from streams.rules.ruleset import load_ruleset
+
+    counts = {"customers": 0, "entries": 0}
+    restored = re.compile(r"restored ledger partitions \[([0-9, ]*)\]: (\d+) entries folded")
+    with EmbeddedBroker(log_path=workdir / "broker-memory.log") as broker:
+        await asyncio.to_thread(ensure_topics, broker.bootstrap, ALL_TOPICS, options.partitions)
+        _log(options, f"memory: pre-loading the ledger of {options.memory_customers} customers")
+        began = time.monotonic()
+        await produce_all(
+            broker.bootstrap, memory_ledger(options.memory_customers, options.partitions, load_ruleset(None), counts)
+        )
+        preload_s = time.monotonic() - began
+        log_path = workdir / "worker-memory.log"
+        environment = _python_env(
+            LOYALTY_KAFKA_BOOTSTRAP=broker.bootstrap,
+            LOYALTY_PARTITIONS=str(options.partitions),
+            LOYALTY_SESSION_TIMEOUT_S=str(WORKER_SESSION_TIMEOUT_S),
+            LOYALTY_WORKER_ID="loyalty-bench-memory",
+            LOYALTY_METRICS_PORT="0",
+            LOYALTY_LOG_LEVEL="INFO",
+        )
+        _log(options, f"memory: {counts['entries']} entries pre-loaded; starting a worker that restores them")
+        with log_path.open("wb") as output:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "streams.cli", "worker"],
+                env=environment,
+                cwd=REPOSITORY,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        started = time.monotonic()
+        try:
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"the memory worker exited: {log_path.read_text()[-2000:]}")
+                if time.monotonic() - started > phase_timeout_s:
+                    raise RuntimeError(f"memory: the worker did not restore within {phase_timeout_s}s")
+                found = restored.findall(log_path.read_text(errors="replace"))
+                partitions = {int(number) for numbers, _ in found for number in numbers.split(",") if number.strip()}
+                if partitions >= set(range(options.partitions)):
+                    break
+                await asyncio.sleep(poll_interval_s)
+            restore_s = time.monotonic() - started
+            rss_mb = peak_rss_mb(process.pid)
+        finally:
+            await asyncio.to_thread(_stop_process, process)
+    return {
+        "memory_customers": counts["customers"],
+        "memory_ledger_entries": counts["entries"],
+        "memory_entries_folded": sum(int(folded) for _, folded in found),
+        "memory_preload_s": preload_s,
+        "memory_restore_s": restore_s,
+        "worker_memory_peak_rss_mb": rss_mb,
+    }
+
+
 # --- 4. projection ingest, 6. queries ------------------------------------------------------------
 
 
@@ -860,6 +981,7 @@ async def _kafka_phases(
         figures.update(await bench_baseline(broker.bootstrap, log, options, workdir))
         figures.update(await bench_worker(broker.bootstrap, log, expected_entry_ids, options, workdir, profile))
     figures.update(await bench_latency(options, workdir))
+    figures.update(await bench_worker_memory(options, workdir))
     return figures
 
 
@@ -917,7 +1039,8 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     *((f"query {section} p50 / p95", f"query_{section}", "ms") for section in QUERY_SECTIONS),
     ("latency produce -> ledger topic p50 / p99", "latency_ledger", "ms"),
     ("latency produce -> balance visible p50 / p99", "latency_balance", "ms"),
-    ("worker peak RSS (VmHWM)", "worker_peak_rss_mb", "MiB"),
+    ("worker peak RSS (VmHWM) after the drain", "worker_peak_rss_mb", "MiB"),
+    ("worker peak RSS holding the memory run's customers", "worker_memory_peak_rss_mb", "MiB"),
 )
 
 
@@ -946,7 +1069,9 @@ def format_table(figures: dict[str, Any]) -> str:
         f"query p95 max {figures['query_p95_ms_max']:.1f} ms, target <= 50: "
         f"{'met' if figures['targets_met']['query_p95_ms_max'] else 'NOT met'}; "
         f"latency target is balance p99 <= 2000 ms: "
-        f"{'met' if figures['targets_met']['latency_balance_p99_ms'] else 'NOT met'})"
+        f"{'met' if figures['targets_met']['latency_balance_p99_ms'] else 'NOT met'}; "
+        f"memory run: {figures['memory_customers']:,} customers, {figures['memory_ledger_entries']:,} entries "
+        f"restored in {figures['memory_restore_s']:.1f} s)"
     )
     return "\n".join(lines)
 

@@ -438,6 +438,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "query_customers": args.query_customers,
         "latency_rate": args.latency_rate,
         "latency_seconds": args.latency_seconds,
+        "memory_customers": args.memory_customers,
     }
     if args.small:
         options = BenchOptions.small_run(**chosen)
@@ -572,6 +573,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--query-customers", type=int, help="customers of the synthetic ledger (default 1M)")
     sub.add_argument("--latency-rate", type=float, help="events/s of the latency run (default 5,000)")
     sub.add_argument("--latency-seconds", type=float, help="length of the latency run (default 30)")
+    sub.add_argument(
+        "--memory-customers",
+        type=int,
+        help="customers whose states a worker restores for the memory figure (default 1,000,000; --small 2,000)",
+    )
     sub.add_argument("--profile", help="write a py-spy raw profile of the worker drain to this file")
     sub.add_argument("--json", action="store_true")
 

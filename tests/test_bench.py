@@ -61,6 +61,9 @@ def test_small_bench_measures_every_figure_and_drains_exactly_the_batch_ledger()
     assert figures["worker_input_messages"] >= options.events
     assert figures["replay_events"] == figures["worker_input_messages"]
     assert figures["latency_balance_lost"] == 0
+    # The memory figure's worker restored every customer's entries (2,000 customers in the small run).
+    assert figures["memory_customers"] == options.memory_customers
+    assert figures["memory_entries_folded"] == figures["memory_ledger_entries"] >= 2 * options.memory_customers
 
     rates = [
         "ceiling_produce_msgs_per_s",
@@ -75,6 +78,7 @@ def test_small_bench_measures_every_figure_and_drains_exactly_the_batch_ledger()
         "latency_balance_p50_ms",
         "latency_balance_p99_ms",
         "worker_peak_rss_mb",
+        "worker_memory_peak_rss_mb",
         "ratio_worker_to_ceiling",
         "ratio_worker_to_baseline",
         *(f"query_{section}_p{p}_ms" for section in QUERY_SECTIONS for p in (50, 95)),

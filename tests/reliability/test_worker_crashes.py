@@ -99,9 +99,21 @@ def assert_outputs_equal_the_batch_driver(tail, lines, expected) -> None:
 def test_worker_killed_at_random_points_while_the_log_streams_in_loses_and_doubles_nothing(
     broker, worker_factory, topic_tail_factory, tmp_path, events, kills, seed, chunk_lines
 ):
-    lines = list(generate_events(events=events, customers=2_000, seed=seed, duplicate_share=0.02, bad_share=0.005))
+    # Disputed referrals make the referee's side derive events for referrers (published, applied in place):
+    # a kill must lose none of those either.
+    lines = list(
+        generate_events(
+            events=events,
+            customers=2_000,
+            seed=seed,
+            duplicate_share=0.02,
+            bad_share=0.005,
+            disputed_referral_share=0.3,
+        )
+    )
     expected = process_lines(lines, load_ruleset())
     assert len(expected.rejected) == round(events * 0.005) and expected.duplicates > 0
+    assert any(entry.rule_id == "referral.referrer.withdrawn" for entry in expected.ledger)
     rng = random.Random(seed)
 
     tail = topic_tail_factory(broker.bootstrap, LEDGER, DEAD_LETTER)
