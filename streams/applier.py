@@ -5,9 +5,10 @@ of I/O lets tests drive it directly and keeps the agent to plumbing.
 
 Ordering: each customer's events are applied in (occurred_at, topic rank, offset) order, as the batch
 driver does. Messages of one customer arrive on several topics whose relative order Kafka does not keep,
-so decoded events wait in a buffer until they are safe to apply: until every assigned partition that is
-not caught up has shown an event at least as late (a per-partition event-time watermark), or the
-partition set is caught up with its high water marks, or the event has waited `reorder_wait_ms`.
+so decoded events wait in a buffer until they are safe to apply: until every assigned partition has shown
+an event at least as late (a per-partition event-time watermark); or, after `caught_up_settle_ms`, until
+every partition that is not caught up with its high water mark has, or all are caught up; or until the
+event has waited `reorder_wait_ms` (docs/architecture.md, "Per-customer order").
 """
 
 from __future__ import annotations
@@ -224,18 +225,31 @@ class StreamApplier:
     def release(self, assigned: Iterable[TopicPartition], caught_up: set[TopicPartition], now_ms: float) -> Output:
         """Apply every held event that is safe to apply now, in order."""
         output = Output()
+        assigned = list(assigned)
         lagging = [tp for tp in assigned if tp not in caught_up]
         everything = not lagging
+        # Two watermarks. Over every assigned partition: each has shown an event at least this late, so no
+        # earlier event can come from any of them (one partition's events are in time order). Over the
+        # lagging ones only: partitions that look caught up are left out, which is right only if they are
+        # (their high water marks come from the last fetch and can be stale right after a producer's flush),
+        # so events it releases have been held `caught_up_settle_ms` first, as for "everything".
+        # A lagging partition that has shown nothing yet could still deliver anything: no watermark.
+        certain = None
+        if assigned and all(tp in self.latest_seen for tp in assigned):
+            certain = min(self.latest_seen[tp] for tp in assigned)
         watermark = None
         if lagging and all(tp in self.latest_seen for tp in lagging):
-            # A lagging partition that has shown nothing yet could still deliver anything: no watermark.
             watermark = min(self.latest_seen[tp] for tp in lagging)
         while self.held:
             key, _, head = self.held[0]
+            held_ms = now_ms - head.message.received_ms
             ready = (
-                (everything and now_ms - head.message.received_ms >= self.caught_up_settle_ms)
-                or (watermark is not None and key[0] < watermark)
-                or now_ms - head.message.received_ms >= self.reorder_wait_ms
+                (certain is not None and key[0] < certain)
+                or (
+                    held_ms >= self.caught_up_settle_ms
+                    and (everything or (watermark is not None and key[0] < watermark))
+                )
+                or held_ms >= self.reorder_wait_ms
                 or len(self.held) > self.held_max
             )
             if not ready:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import time
 from collections import Counter
@@ -34,8 +35,13 @@ restore_poll_ms = 200
 EVENT_ENTRIES_HEADER = "loyalty-event-entries"
 in_flight_batches_max = 4
 # How long an event is held when every partition looks caught up (see StreamApplier): longer than the spread
-# of one producer flush across the input topics; the release timer runs every 250 ms.
+# of one producer flush across the input topics; the release timer runs every `release_interval_s`.
 caught_up_settle_ms = 300
+# How often held events are looked at between batches: the settle above plus at most this much latency.
+release_interval_s = 0.05
+# The worker allocates many short-lived objects per event; with the default thresholds (700, 10, 10) the
+# collector ran so often that applying 51k events in-process took 8.5 CPU-s against 5.1 with these.
+gc_thresholds = (50_000, 20, 100)
 restore_timeout_s = 600.0
 producer_linger_ms = 5
 producer_max_batch_bytes = 1024 * 1024
@@ -65,6 +71,10 @@ def event_entries_of(headers) -> int | None:
         if name == EVENT_ENTRIES_HEADER:
             return int(value)
     return None
+
+
+# Byte-identical to `entry.model_dump_json().encode()` without the str round trip.
+serialize_entry = LedgerEntry.__pydantic_serializer__.to_json
 
 
 def dead_letter_headers(message: InputMessage, reason: str) -> list[tuple[str, bytes]]:
@@ -218,19 +228,21 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
                 for m in output.derived
             ]
             await asyncio.gather(*sent)
-        futures = []
         per_event = Counter((entry.customer_id, entry.caused_by) for _, entry, _ in output.ledger)
-        for partition, entry, message in output.ledger:
-            futures.append(
-                await kafka.send(
+        futures = await send_batches(
+            kafka,
+            (
+                (
                     LEDGER,
-                    value=entry.model_dump_json().encode(),
-                    key=entry.customer_id.encode(),
-                    partition=partition,
-                    headers=ledger_headers(message, per_event[(entry.customer_id, entry.caused_by)]),
+                    partition,
+                    entry.customer_id.encode(),
+                    serialize_entry(entry),
+                    ledger_headers(message, per_event[(entry.customer_id, entry.caused_by)]),
                 )
-            )
-        for dead in output.dead_letters:
+                for partition, entry, message in output.ledger
+            ),
+        )
+        for dead in output.dead_letters:  # one by one: a dead letter can be as large as a whole batch
             futures.append(
                 await kafka.send(
                     DEAD_LETTER,
@@ -254,6 +266,28 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
         task.add_done_callback(in_flight.discard)
         while len(in_flight) > in_flight_batches_max:
             await asyncio.wait(set(in_flight), return_when=asyncio.FIRST_COMPLETED)
+
+    async def send_batches(kafka: AIOKafkaProducer, records) -> list[asyncio.Future]:
+        """Send (topic, partition, key, value, headers) records as one batch per topic partition, in order.
+
+        A `send` per message cost most of the worker's send time; the ceiling measured 8x more messages/s
+        with `send_batch`. Each partition's records keep their order (a full batch is sent before the next).
+        """
+        batches: dict[tuple[str, int], Any] = {}
+        futures = []
+        for topic, partition, key, value, headers in records:
+            batch = batches.get((topic, partition))
+            if batch is None:
+                batch = batches[(topic, partition)] = kafka.create_batch()
+            if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                futures.append(await kafka.send_batch(batch, topic, partition=partition))
+                batch = batches[(topic, partition)] = kafka.create_batch()
+                if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                    raise ValueError(f"a {len(value)}-byte record does not fit in a producer batch")
+        for (topic, partition), batch in batches.items():
+            if batch.record_count():
+                futures.append(await kafka.send_batch(batch, topic, partition=partition))
+        return futures
 
     async def finish(futures: list, output: Output, previous: asyncio.Future | None) -> None:
         try:
@@ -327,7 +361,7 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
                 await app.crash(error)
                 return
 
-    @app.timer(interval=0.25)
+    @app.timer(interval=release_interval_s)
     async def release_waiting() -> None:
         if applier.held_count:
             try:
@@ -395,6 +429,7 @@ def run(settings: Settings) -> int:
     from streams.broker import ensure_topics
 
     assert settings.kafka_bootstrap, "the worker needs LOYALTY_KAFKA_BOOTSTRAP"
+    gc.set_threshold(*gc_thresholds)
     ensure_topics(settings.kafka_bootstrap, ALL_TOPICS, settings.partitions)
     app = create_app(settings)
     # aiokafka's per-message debug logging cost 7.7% of the worker's time in a profile: keep it quiet.

@@ -56,7 +56,9 @@ def live_archive(lines, ruleset) -> list[ArchivedMessage]:
 
 
 def test_replay_under_other_referral_windows_equals_the_batch_driver():
-    lines = [line.encode() for line in generate_events(events=2000, customers=100, seed=5, mean_gap_seconds=5000)]
+    # Disputed referrals add withdrawals (no order, already referred), derived under every window.
+    generated = generate_events(events=2000, customers=100, seed=5, mean_gap_seconds=5000, disputed_referral_share=0.3)
+    lines = [line.encode() for line in generated]
     live_rules = load_ruleset(RULES)
     archive = live_archive(lines, live_rules)
     refetch_calls = []
@@ -76,6 +78,7 @@ def test_replay_under_other_referral_windows_equals_the_batch_driver():
         ),
     }.items():
         expected = process_lines(lines, rules)
+        assert any(entry.rule_id == "referral.referrer.withdrawn" for entry in expected.ledger), name
         shadow = replay_messages(archive, rules, refetch=refetch)
         assert shadow.balances == {c: b for c, b in expected.balances().items()}, name
         assert shadow.entries == len(expected.ledger), name
