@@ -17,6 +17,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING
 
+from streams.processes import stop_process
+
 if TYPE_CHECKING:
     from kafka import KafkaAdminClient
 
@@ -267,13 +269,8 @@ class EmbeddedBroker:
 
     def _terminate(self) -> None:
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=self._stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process is not None:
+            stop_process(process, self._stop_timeout_s)
         if self._log is not None:
             with contextlib.suppress(OSError):
                 self._log.close()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.topics import ALL_TOPICS, DEAD_LETTER, INPUT_TOPICS, LEDGER
+from streams.processes import stop_process
 from streams.settings import Settings
 
 log = logging.getLogger("loyalty")
@@ -315,12 +316,8 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
         run_file_path(settings).unlink(missing_ok=True)
         if runner is not None:
             await runner.cleanup()
-        if worker is not None and worker.poll() is None:
-            worker.terminate()
-            try:
-                await asyncio.to_thread(worker.wait, worker_stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        if worker is not None:
+            await asyncio.to_thread(stop_process, worker, worker_stop_timeout_s)
         if broker is not None:
             broker.stop()
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from streams import processes
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 PARTITIONS = 4
@@ -33,14 +34,7 @@ def worker_environment(bootstrap: str, **extra: str) -> dict[str, str]:
 
 def stop_process(process: subprocess.Popen, timeout_s: float = WORKER_STOP_TIMEOUT_S) -> None:
     """SIGTERM, then SIGKILL after the timeout; a process that already exited is left alone."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    processes.stop_process(process, timeout_s)
 
 
 class TopicTail:
