@@ -64,7 +64,7 @@ poll_interval_s = 0.1
 process_stop_timeout_s = 20.0
 phase_timeout_s = 1800.0
 startup_timeout_s = 120.0
-latency_poll_interval_s = 0.02
+latency_poll_interval_s = 0.05
 latency_sample_interval_s = 0.2
 latency_settle_s = 10.0
 sink_batch_rows = 20_000
@@ -915,7 +915,30 @@ async def bench_latency(options: BenchOptions, workdir: Path) -> dict[str, float
                 if warm is None:
                     raise RuntimeError(f"latency: the pipeline did not answer: {log_path.read_text()[-2000:]}")
                 _log(options, f"latency: {total} events at {options.latency_rate:g}/s")
-                probes: list[asyncio.Task] = []
+                # One prober asks for the oldest sample not yet visible, then at once for the next when it was
+                # (projection follows produce order): about 1 / latency_poll_interval_s queries per second.
+                # A probe per sample polling every 20 ms sent hundreds of balance queries per second, which the
+                # up process answered on the loop the projector runs on: the measurement slowed what it measured.
+                samples: asyncio.Queue = asyncio.Queue()
+                results: list[float | None] = []
+
+                async def prober() -> None:
+                    while True:
+                        sample = await samples.get()
+                        if sample is None:
+                            return
+                        customer_id, produced_at = sample
+                        deadline = produced_at + latency_settle_s + 20
+                        while True:
+                            if await entries_of(customer_id) > 0:
+                                results.append((time.monotonic() - produced_at) * 1000)
+                                break
+                            if time.monotonic() > deadline:
+                                results.append(None)
+                                break
+                            await asyncio.sleep(latency_poll_interval_s)
+
+                probing = asyncio.create_task(prober())
                 began = time.monotonic()
                 last_sample = 0.0
                 for index in range(1, len(lines)):
@@ -932,10 +955,11 @@ async def bench_latency(options: BenchOptions, workdir: Path) -> dict[str, float
                         and now - last_sample >= latency_sample_interval_s
                     ):
                         last_sample = now
-                        probes.append(asyncio.create_task(visible(document["customer_id"], now, latency_settle_s + 20)))
+                        samples.put_nowait((document["customer_id"], now))
                 await producer.flush()
                 produce_s = time.monotonic() - began
-                results = await asyncio.gather(*probes)
+                samples.put_nowait(None)
+                await probing
             deadline = time.monotonic() + latency_settle_s
             while sent_at and time.monotonic() < deadline:
                 await asyncio.sleep(poll_interval_s)
