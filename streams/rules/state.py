@@ -14,6 +14,19 @@ from zoneinfo import ZoneInfo
 
 from schemas.ledger import Kind, LedgerEntry, Source
 
+# The id sets of a state start as this one shared empty frozenset and become a set at their first id: most
+# customers never review, comment, get adjusted or refund, and an empty set costs 216 bytes. With six of them
+# per customer, they were about 30% of a restored state's memory (docs/performance.md).
+NOTHING: frozenset[str] = frozenset()
+
+
+def _with(ids: set[str] | frozenset[str], item: str) -> set[str]:
+    if type(ids) is frozenset:
+        return {item}
+    ids.add(item)  # type: ignore[union-attr]
+    return ids  # type: ignore[return-value]
+
+
 # Cap usage older than this (relative to the customer's latest event) can no longer matter: the longest
 # cap period is a calendar month.
 cap_history_days_max = 62
@@ -46,7 +59,7 @@ class BonusAward:
 class OrderRecord:
     lines: dict[str, LineAward] = field(default_factory=dict)
     bonuses: dict[str, BonusAward] = field(default_factory=dict)
-    refund_ids: set[str] = field(default_factory=set)
+    refund_ids: set[str] | frozenset[str] = NOTHING
     cancelled: bool = False
     placed_at: datetime | None = None  # when the order was completed (its first entry)
     closed_at: datetime | None = None  # when it became fully refunded or cancelled
@@ -89,14 +102,14 @@ class CustomerState:
     registered: bool = False
     segment: str | None = None
     first_order_done: bool = False
-    reviewed_skus: set[str] = field(default_factory=set)
-    commented_posts: set[str] = field(default_factory=set)
-    redemption_ids: set[str] = field(default_factory=set)
-    adjustment_ids: set[str] = field(default_factory=set)
+    reviewed_skus: set[str] | frozenset[str] = NOTHING
+    commented_posts: set[str] | frozenset[str] = NOTHING
+    redemption_ids: set[str] | frozenset[str] = NOTHING
+    adjustment_ids: set[str] | frozenset[str] = NOTHING
     # As a referrer: referee -> points the referral earned (with promotion bonuses); referees whose referral
     # was reversed (their qualifying order was refunded), which can never earn again.
     referees: dict[str, int] = field(default_factory=dict)
-    referees_reversed: set[str] = field(default_factory=set)
+    referees_reversed: set[str] | frozenset[str] = NOTHING
     # As a referee: who referred the customer, with which referral event, qualifying order and points.
     referred_by: str | None = None
     referral_event: str | None = None
@@ -144,7 +157,7 @@ def evolve(state: CustomerState, entry: LedgerEntry, zone: ZoneInfo) -> None:
         state.spend_log.append((entry.occurred_at, spent))
     if kind is Kind.redeemed:
         state.lifetime_redeemed -= entry.points
-        state.redemption_ids.add(reference)
+        state.redemption_ids = _with(state.redemption_ids, reference)
     if kind in _positive_sources_kinds and (entry.points > 0 or entry.pending_points > 0):
         key = (source.value, local_day(entry.occurred_at, zone))
         state.cap_usage[key] = state.cap_usage.get(key, 0) + entry.points + entry.pending_points
@@ -154,19 +167,19 @@ def evolve(state: CustomerState, entry: LedgerEntry, zone: ZoneInfo) -> None:
         _evolve_purchase(state, entry, kind, reference)
     elif source is Source.review:
         if entry.sku:
-            state.reviewed_skus.add(entry.sku)
+            state.reviewed_skus = _with(state.reviewed_skus, entry.sku)
     elif source is Source.blog_comment:
-        state.commented_posts.add(reference)
+        state.commented_posts = _with(state.commented_posts, reference)
     elif source is Source.registration:
         state.registered = True
         if reference.startswith("segment:"):
             state.segment = reference.removeprefix("segment:")
     elif source is Source.redemption and kind is Kind.redemption_rejected:
-        state.redemption_ids.add(reference)
+        state.redemption_ids = _with(state.redemption_ids, reference)
     elif source is Source.adjustment and kind is Kind.adjusted:
         # Only an applied adjustment uses up its id: a refused one (recorded, 0 points) must stay retryable
         # with allow_negative under the same adjustment id, instead of being reported as "already applied".
-        state.adjustment_ids.add(reference)
+        state.adjustment_ids = _with(state.adjustment_ids, reference)
     elif source is Source.referral:
         # Only the decision itself marks a referral; guard records (no order yet, already referred) do not,
         # so a referral that arrives before the referee's order does not block a later, valid one.
@@ -191,7 +204,7 @@ def _evolve_referral(state: CustomerState, entry: LedgerEntry, reference: str) -
     elif rule_id == "referral.referrer.withdrawn":
         state.referees.pop(reference, None)  # not rewarded any more: a later valid referral of them pays
     elif rule_id == "referral.referrer.reversal":
-        state.referees_reversed.add(reference)
+        state.referees_reversed = _with(state.referees_reversed, reference)
         if reference in state.referees:
             state.referees[reference] += entry.points
     elif rule_id == "referral.referee.reversal":
@@ -246,7 +259,7 @@ def _evolve_purchase(state: CustomerState, entry: LedgerEntry, kind: Kind, refer
         return
     target, _, refund_id = reference.partition(";")
     if refund_id:
-        order.refund_ids.add(refund_id)
+        order.refund_ids = _with(order.refund_ids, refund_id)
     if entry.event_type == "purchase.cancelled":
         order.cancelled = True
         if order.closed_at is None:
