@@ -161,7 +161,11 @@ class ReferralReversed(Envelope):
     referee_id: Identifier
     order_id: Identifier
     referral_event_id: Identifier
-    reason: Literal["refunded", "no_order", "already_referred"] = "refunded"
+    # Left out of the JSON when `refunded`, so that an event of the version without `reason` keeps its
+    # fingerprint (a re-delivered copy is a duplicate, not a conflict).
+    reason: Literal["refunded", "no_order", "already_referred"] = Field(
+        "refunded", exclude_if=lambda reason: reason == "refunded"
+    )
 
 
 class CustomerRegistered(Envelope):

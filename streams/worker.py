@@ -298,14 +298,22 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
             failed.append(error)
             await app.crash(error)
             return
-        if previous is not None:
-            # Acks in batch order: a later batch may hold a duplicate of an event whose entries an earlier
-            # batch is still writing (a re-delivered copy, or the published copy of a derived event).
-            await previous
-        if failed:
-            return  # the worker is crashing: this batch may hold duplicates of the events whose write failed
-        for token in acks.done(((message.topic, message.partition), message.offset) for message in output.acks):
-            token.ack()
+        try:
+            if previous is not None:
+                # Acks in batch order: a later batch may hold a duplicate of an event whose entries an earlier
+                # batch is still writing (a re-delivered copy, or the published copy of a derived event).
+                await previous
+            if failed:
+                return  # the worker is crashing: this batch may hold duplicates of events whose write failed
+            for token in acks.done(((message.topic, message.partition), message.offset) for message in output.acks):
+                token.ack()
+        except BaseException as error:
+            # Every later batch waits for this one: a failure here would stop all acks without a word.
+            failed.append(error if isinstance(error, Exception) else RuntimeError("a batch's acks were cancelled"))
+            if isinstance(error, Exception):
+                log.exception("acking a batch failed; crashing so that a restart re-delivers it")
+                await app.crash(error)
+            raise
         counters.processed += output.applied
         counters.duplicates += output.duplicates
         counters.rejected += len(output.dead_letters)
@@ -324,8 +332,13 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
                 async with lock:
                     now_ms = time.monotonic() * 1000
                     messages = []
+                    current = set(assigned_input())
                     for event in batch:
                         raw = event.message
+                        if (raw.topic, raw.partition) not in current:
+                            # Fetched before a rebalance took its partition away: not ours to decide or ack
+                            # (its owner reads it again from the last commit).
+                            continue
                         if raw.partition not in restored:
                             await restore_partitions({raw.partition})
                             restored.add(raw.partition)
@@ -395,24 +408,27 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
             # Let the batches on their way be acked before Faust commits the revoked partitions.
             await asyncio.gather(*list(in_flight), return_exceptions=True)
         async with lock:
-            # A batch decided while this waited for the lock is on its way now: let it land too, before the
-            # states are forgotten (a restore must read its entries) and before Faust commits its acks.
+            # A batch decided while this waited for the lock is on its way now: let it land too, before Faust
+            # commits its acks. The states of partitions that go elsewhere are forgotten in `on_assigned`:
+            # here the consumer still reports the old assignment, and under an eager rebalance every
+            # partition is revoked, including those that come back.
             if in_flight:
                 await asyncio.gather(*list(in_flight), return_exceptions=True)
-            still = {partition for _, partition in assigned_input()}
-            for partition in partitions - still:
-                applier.forget(partition)
-                restored.discard(partition)
-            for tp in list(seen_offsets):
-                if tp[1] in partitions - still:
-                    del seen_offsets[tp]
-                    acks.forget(tp)
+        log.debug("revoked input partitions %s", sorted(partitions))
 
     @app.on_partitions_assigned.connect
     async def on_assigned(app_: Any, assigned: set, **_: Any) -> None:
         partitions = {tp.partition for tp in assigned if tp.topic in INPUT_TOPICS}
         log.info("assigned input partitions %s", sorted(partitions))
         async with lock:
+            # Partitions held before and not assigned now: their states, held events and ack positions go
+            # (another worker decides them now; if one comes back, it is restored from the ledger again).
+            for partition in restored - partitions:
+                applier.forget(partition)
+                restored.discard(partition)
+                for tp in [tp for tp in seen_offsets if tp[1] == partition]:
+                    del seen_offsets[tp]
+                    acks.forget(tp)
             await load_rulesets()
             fresh = partitions - restored
             if fresh:
