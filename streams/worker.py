@@ -116,6 +116,7 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
     counters = WorkerCounters()
     lock = asyncio.Lock()
     restored: set[int] = set()
+    last_assigned: set[int] = set()  # the input partitions of the latest assignment
     producer_box: dict[str, AIOKafkaProducer] = {}
     app.loyalty_applier = applier  # type: ignore[attr-defined]
     app.loyalty_counters = counters  # type: ignore[attr-defined]
@@ -407,10 +408,8 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
             # states are forgotten (a restore must read its entries) and before Faust commits its acks.
             if in_flight:
                 await asyncio.gather(*list(in_flight), return_exceptions=True)
-            # Known limit (docs/architecture.md, "Partitions"): the consumer still reports the old assignment
-            # here, so under Faust's eager rebalance this forgets nothing; a partition that leaves and later
-            # comes back keeps the state it had. Forgetting in on_assigned instead was tried and made the
-            # hand-over test flaky (a fetched message dropped, then re-read behind later events).
+            # The consumer still reports the old assignment here, so under Faust's eager rebalance this
+            # forgets nothing; `on_assigned` does (docs/architecture.md, "Partitions").
             still = {partition for _, partition in assigned_input()}
             for partition in partitions - still:
                 applier.forget(partition)
@@ -425,6 +424,18 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
         partitions = {tp.partition for tp in assigned if tp.topic in INPUT_TOPICS}
         log.info("assigned input partitions %s", sorted(partitions))
         async with lock:
+            # The revocation handler cannot forget (the consumer still reports the old assignment there):
+            # partitions held at the last assignment and not now are forgotten here, and partitions that were
+            # not held at the last assignment are restored again even if a state is left from before (another
+            # worker may have decided their events meanwhile). Messages are never dropped here.
+            for partition in (restored - partitions) | ((partitions & restored) - last_assigned):
+                applier.forget(partition)
+                restored.discard(partition)
+                for tp in [tp for tp in seen_offsets if tp[1] == partition]:
+                    del seen_offsets[tp]
+                    acks.forget(tp)
+            last_assigned.clear()
+            last_assigned.update(partitions)
             await load_rulesets()
             fresh = partitions - restored
             if fresh:
