@@ -117,6 +117,7 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
     lock = asyncio.Lock()
     restored: set[int] = set()
     last_assigned: set[int] = set()  # the input partitions of the latest assignment
+    lost: set[int] = set()  # partitions given to another worker since: restored again if they come back
     producer_box: dict[str, AIOKafkaProducer] = {}
     app.loyalty_applier = applier  # type: ignore[attr-defined]
     app.loyalty_counters = counters  # type: ignore[attr-defined]
@@ -425,15 +426,18 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
         log.info("assigned input partitions %s", sorted(partitions))
         async with lock:
             # The revocation handler cannot forget (the consumer still reports the old assignment there):
-            # partitions held at the last assignment and not now are forgotten here, and partitions that were
-            # not held at the last assignment are restored again even if a state is left from before (another
-            # worker may have decided their events meanwhile). Messages are never dropped here.
-            for partition in (restored - partitions) | ((partitions & restored) - last_assigned):
+            # partitions held before and not now are forgotten here, and a partition given away at an earlier
+            # assignment that comes back is restored again even if a state is left from a stale message
+            # (another worker decided its events meanwhile). Messages are never dropped here.
+            returning = partitions & lost
+            for partition in (restored - partitions) | returning:
                 applier.forget(partition)
                 restored.discard(partition)
                 for tp in [tp for tp in seen_offsets if tp[1] == partition]:
                     del seen_offsets[tp]
                     acks.forget(tp)
+            lost.difference_update(returning)
+            lost.update(last_assigned - partitions)
             last_assigned.clear()
             last_assigned.update(partitions)
             await load_rulesets()
