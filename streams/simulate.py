@@ -620,6 +620,7 @@ def _check_arguments(
     bad_share: float,
     start: datetime,
     mean_gap_seconds: float,
+    disputed_referral_share: float,
 ) -> None:
     if not isinstance(events, int) or events < 0:
         raise ValueError(f"events must be a non-negative integer, got {events!r}")
@@ -629,7 +630,11 @@ def _check_arguments(
         raise ValueError(f"seed must be an integer, got {seed!r}")
     if not isinstance(stores, int) or stores < 1:
         raise ValueError(f"stores must be a positive integer, got {stores!r}")
-    for name, share in (("duplicate_share", duplicate_share), ("bad_share", bad_share)):
+    for name, share in (
+        ("duplicate_share", duplicate_share),
+        ("bad_share", bad_share),
+        ("disputed_referral_share", disputed_referral_share),
+    ):
         if not (0.0 <= share <= 1.0):
             raise ValueError(f"{name} must be between 0 and 1, got {share!r}")
     if start.tzinfo is None or start.utcoffset() is None:
@@ -654,9 +659,9 @@ def generate_events(
 
     Arguments are checked when this is called, before any line is produced (ValueError).
     """
-    _check_arguments(events, customers, seed, stores, duplicate_share, bad_share, start, mean_gap_seconds)
-    if not 0.0 <= disputed_referral_share <= 1.0:
-        raise ValueError(f"disputed_referral_share must be between 0 and 1, got {disputed_referral_share!r}")
+    _check_arguments(
+        events, customers, seed, stores, duplicate_share, bad_share, start, mean_gap_seconds, disputed_referral_share
+    )
     simulation = _Simulation(
         customers=customers,
         seed=seed,
