@@ -200,6 +200,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for topic, lag in sorted(document.get("consumer_lag", {}).items()):
         print(f"  lag {topic}: {lag}")
     print(f"  projection backlog (ledger messages not yet in ClickHouse): {document.get('projection_backlog')}")
+    print(f"  days whose dashboard aggregates wait for a recompute: {document.get('aggregate_days_pending')}")
     error = document.get("clickhouse_error") or document.get("projection_error")
     if error:
         print(f"  ClickHouse error: {error}")

@@ -21,7 +21,6 @@ from collections.abc import Callable, Mapping
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
-from schemas.ledger import LedgerEntry
 from schemas.topics import (
     CONTROL_HEADER,
     DERIVED_SIDE,
@@ -37,6 +36,9 @@ from streams import metrics
 log = logging.getLogger("loyalty.projector")
 
 poll_timeout_ms = 200
+# While draining a backlog (full batches) the daily aggregates are recomputed at most this often; a batch
+# written once the projector is caught up recomputes at once (LedgerSink.write_json, defer_recompute).
+recompute_interval_s = 5.0
 retry_delay_initial_s = 0.5
 retry_delay_max_s = 10.0
 
@@ -109,19 +111,19 @@ class Projector:
                 # the consumer then resets to the earliest offset (auto_offset_reset), and the sink
                 # de-duplicates by entry id, so re-reading counts nothing twice.
                 consumer.seek(tp, stored.get((tp.topic, tp.partition), 0))
-            pending: list[LedgerEntry] = []
+            pending: list[bytes] = []
             archived: list[tuple] = []
             archive_offsets: dict[tuple[str, int], int] = {}
             offsets: dict[tuple[str, int], int] = {}
             first_pending_at = 0.0
+            recomputed_at = time.monotonic()
             while not stopping.is_set():
                 batch = await consumer.getmany(timeout_ms=poll_timeout_ms, max_records=self.batch_rows_max)
                 for tp, records in batch.items():
                     if not records:
                         continue
                     if tp.topic == LEDGER:
-                        for record in records:
-                            pending.append(LedgerEntry.model_validate_json(record.value))
+                        pending.extend(record.value for record in records)
                         offsets[(tp.topic, tp.partition)] = records[-1].offset + 1
                     else:
                         rank = TOPIC_RANK[tp.topic]
@@ -145,14 +147,17 @@ class Projector:
                     archived, archive_offsets = [], {}
                 if pending and not first_pending_at:
                     first_pending_at = time.monotonic()
+                full = len(pending) >= self.batch_rows_max
                 due = pending and (
-                    len(pending) >= self.batch_rows_max
-                    or (time.monotonic() - first_pending_at) * 1000 >= self.flush_interval_ms
-                    or not batch
+                    full or (time.monotonic() - first_pending_at) * 1000 >= self.flush_interval_ms or not batch
                 )
                 if due:
                     write_started = time.monotonic()
-                    await self._retry("projection insert", self.sink.write, pending, offsets, stopping=stopping)
+                    # A full batch means more is waiting: defer the aggregates' recompute to a later batch.
+                    defer = full and write_started - recomputed_at < recompute_interval_s
+                    await self._retry("projection insert", self._write, pending, offsets, defer, stopping=stopping)
+                    if not defer:
+                        recomputed_at = time.monotonic()
                     metrics.record_sink_batch(len(pending), time.monotonic() - write_started)
                     self.rows_projected += len(pending)
                     self._projected.update(offsets)
@@ -168,6 +173,9 @@ class Projector:
             if highwater is not None:
                 self._highwaters[(tp.topic, tp.partition)] = highwater
         metrics.record_sink_backlog(self.backlog)
+
+    def _write(self, values: list[bytes], offsets: dict[tuple[str, int], int], defer: bool) -> int:
+        return self.sink.write_json(values, offsets, defer_recompute=defer)
 
     async def _call(self, function, *args):
         async with self.sink_lock:

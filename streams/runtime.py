@@ -272,6 +272,7 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
                 "ledger_entries_emitted": counts["ledger_entries_emitted"],
                 "ledger_rows_projected": projected,
                 "projection_backlog": projector.backlog,
+                "aggregate_days_pending": sink.dirty_days,
                 "input_messages_archived": projector.messages_archived,
                 "projection_error": projector.last_error,
                 "projection_offsets_known": projector.offsets_known,

@@ -9,7 +9,7 @@ import pytest
 from projections import IdempotencyConflict, LedgerSink, connect, migrate
 from projections.queries import balance, balances, point_sources, points_status, top_earners
 from projections.schema import migrations
-from projections.sink import LEDGER_COLUMNS
+from projections.sink import LEDGER_ARROW_SCHEMA, LEDGER_COLUMNS
 from schemas.ledger import LedgerEntry
 
 TOPIC = "loyalty.ledger"
@@ -123,3 +123,86 @@ def test_ledger_table_has_a_column_for_every_ledger_entry_field(client):
 def test_connect_rejects_unsupported_dsns(dsn):
     with pytest.raises(ValueError):
         connect(dsn)
+
+
+def as_json(entries: list[LedgerEntry]) -> list[bytes]:
+    """The entries as the ledger topic holds them (the worker's serialiser)."""
+    return [LedgerEntry.__pydantic_serializer__.to_json(entry) for entry in entries]
+
+
+def stored_rows(client) -> list[tuple]:
+    columns = ", ".join(LEDGER_COLUMNS)
+    return client.query(f"SELECT {columns} FROM ledger_entries FINAL ORDER BY entry_id").result_rows
+
+
+def test_the_json_path_stores_what_the_model_path_stores(chdb_dsn, tmp_path, scenario):
+    by_models = connect(f"chdb://{tmp_path / 'models'}")
+    try:
+        migrate(by_models)
+        LedgerSink(by_models).write(scenario, {(TOPIC, 0): 15})
+        expected_rows, expected_dashboard = stored_rows(by_models), dashboard(by_models)
+    finally:
+        by_models.close()
+    by_json = connect(chdb_dsn)
+    try:
+        migrate(by_json)
+        sink = LedgerSink(by_json)
+        assert sink.write_json(as_json(scenario), {(TOPIC, 0): 15}) == len(scenario)
+        assert stored_rows(by_json) == expected_rows
+        assert dashboard(by_json) == expected_dashboard
+        assert sink.resume_offsets() == {(TOPIC, 0): 15}
+    finally:
+        by_json.close()
+
+
+def test_the_json_path_compares_a_repeated_entry_id_with_its_first_copy(client, scenario):
+    values = as_json(scenario)
+    assert LedgerSink(client).write_json(values + values[:3]) == len(scenario)
+    changed = as_json([scenario[0].model_copy(update={"points": 999})])
+    with pytest.raises(IdempotencyConflict):
+        LedgerSink(client).write_json(values + changed)
+
+
+@pytest.mark.parametrize(
+    ("broken", "named"),
+    [
+        (b'{"entry_id": "x"}', "customer_id"),
+        (b"not json", "Invalid JSON"),
+        (None, "kind"),  # a kind the ledger does not know
+    ],
+)
+def test_the_json_path_names_a_message_that_is_not_a_ledger_entry(client, scenario, broken, named):
+    values = as_json(scenario)
+    if broken is None:
+        broken = values[2].replace(b'"kind":"', b'"kind":"minted_')
+    with pytest.raises(ValueError, match=f"ledger message 4 of the batch(.|\\n)*{named}"):
+        LedgerSink(client).write_json([*values[:4], broken, *values[4:]])
+    assert balances(client) == {}
+
+
+def test_deferred_recomputes_catch_up_at_the_next_write_and_after_a_crash(chdb_dsn, client, scenario):
+    first, second = scenario[:8], scenario[8:]
+    sink = LedgerSink(client)
+    sink.write_json(as_json(first), {(TOPIC, 0): 8}, defer_recompute=True)
+    assert sink.dirty_days > 0
+    assert points_status(client, date(2024, 1, 1), date(2024, 1, 31), "month").totals.issued == 0
+    assert balances(client) != {}  # the ledger itself is current; only the daily aggregates wait
+    # The crash: the second batch is written with its recompute deferred, and the process dies.
+    sink.write_json(as_json(second), {(TOPIC, 0): 15}, defer_recompute=True)
+    client.close()
+
+    restarted = connect(chdb_dsn)
+    try:
+        sink = LedgerSink(restarted)
+        assert sink.write_json([], {(TOPIC, 0): 15}) == 0  # the first write without deferral catches up
+        assert sink.dirty_days == 0
+        assert points_status(restarted, date(2024, 1, 1), date(2024, 1, 31), "month").totals.issued == 700
+        assert dashboard(restarted)[0] == {"alice": 115, "bob": -130, "carol": 310}
+        assert restarted.query("SELECT count() FROM dirty_days FINAL WHERE dirty = 1").result_rows == [(0,)]
+        assert LedgerSink(restarted).recompute_dirty() == 0
+    finally:
+        restarted.close()
+
+
+def test_the_arrow_schema_follows_the_ledger_entry():
+    assert tuple(LEDGER_ARROW_SCHEMA.names) == LEDGER_COLUMNS

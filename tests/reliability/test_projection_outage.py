@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from schemas.ledger import LedgerEntry
 from schemas.topics import ALL_TOPICS, LEDGER
 from streams.batch import process_lines
 from streams.broker import ensure_topics
@@ -28,6 +29,9 @@ class UnreachableThenHealthySink:
 
     def resume_offsets(self) -> dict[tuple[str, int], int]:
         return dict(self.offsets)
+
+    def write_json(self, values, offsets, *, defer_recompute=False) -> None:
+        self.write([LedgerEntry.model_validate_json(value) for value in values], offsets)
 
     def write(self, entries, offsets) -> None:
         self.attempts.append(([entry.entry_id for entry in entries], dict(offsets)))
