@@ -9,7 +9,8 @@ What is measured (see docs/performance.md for the targets and the latest figures
 3. worker drain: `loyalty worker` draining the pre-loaded mixed log into the ledger, input messages/s from
    the first ledger message until every input offset is committed, checked against `process_lines`; also
    the worker's CPU seconds in that interval and input messages per CPU second (steadier on a shared machine);
-4. projection ingest: `LedgerSink.write` of the batch driver's ledger for the same log, rows/s;
+4. projection ingest: `LedgerSink.write_json` of the batch driver's ledger for the same log, as the ledger
+   topic's JSON messages in full batches, with the projector's deferred recompute, rows/s;
 5. replay: `streams.replay.replay_messages` over the log's messages sorted per customer, events/s;
 6. dashboard queries: p50/p95 per section on a synthetic ledger (`projections.bench.fill_ledger`);
 7. end-to-end latency at a steady rate through `loyalty up`: produce -> ledger topic, and
@@ -1070,7 +1071,7 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("worker drain (mixed log -> ledger, committed)", "worker_drain_events_per_s", "events/s"),
     ("  ours / produce ceiling", "ratio_worker_to_ceiling", "x"),
     ("  ours / Faust baseline", "ratio_worker_to_baseline", "x"),
-    ("projection ingest (LedgerSink.write)", "projection_ingest_rows_per_s", "rows/s"),
+    ("projection ingest (LedgerSink.write_json)", "projection_ingest_rows_per_s", "rows/s"),
     ("replay (replay_messages)", "replay_events_per_s", "events/s"),
     *((f"query {section} p50 / p95", f"query_{section}", "ms") for section in QUERY_SECTIONS),
     ("latency produce -> ledger topic p50 / p99", "latency_ledger", "ms"),
