@@ -6,10 +6,11 @@ Exactly-once effect on at-least-once delivery, without transactions (ClickHouse 
    entry collapses with its first copy (queries read it with FINAL).
 2. The daily aggregates (daily_points, daily_product_points, daily_customer_points) are *recomputed*
    from `ledger_entries FINAL` for every day the batch touched, never incremented, so re-inserting a
-   batch (or any part of it) recomputes the same numbers.
-3. The offsets are written last. A crash before step 3 makes the restarted worker resume from the older
+   batch (or any part of it) recomputes the same numbers. A write that defers the recompute marks its
+   days in `dirty_days` instead, and a later recompute catches them up (see `LedgerSink`).
+3. The offsets are written last. A crash before step 3 makes the restarted projector resume from the older
    offsets and write the same entries again, which steps 1 and 2 make harmless. A crash after step 3
-   loses nothing, since the rows were stored first.
+   loses nothing, since the rows (and the recompute or the dirty marks) were stored first.
 
 Why not insert deduplication tokens on a plain MergeTree plus a SummingMergeTree view: a token dedupes
 only an identical retried block. After a restart the consumer re-reads from the stored offset and the
@@ -39,7 +40,11 @@ __all__ = ["LEDGER_ARROW_SCHEMA", "LEDGER_COLUMNS", "IdempotencyConflict", "Ledg
 LEDGER_COLUMNS: tuple[str, ...] = tuple(LedgerEntry.model_fields)
 
 # The ledger topic's JSON as Arrow reads it (one field per LedgerEntry field, in order; checked by a test).
+# Timestamps are read as text first: Arrow's reader takes a time without a UTC offset as UTC, where
+# LedgerEntry's path refuses it, so the offset is checked before the text is cast.
 _TIMESTAMP = pyarrow.timestamp("us", tz="UTC")
+_TIMESTAMP_COLUMNS = ("occurred_at", "available_at")
+_WITH_OFFSET = r"(Z|[+-]\d\d:\d\d)$"
 LEDGER_ARROW_SCHEMA = pyarrow.schema(
     [
         ("entry_id", pyarrow.string()),
@@ -74,7 +79,13 @@ _REQUIRED_COLUMNS = tuple(
 )
 _KINDS = pyarrow.array([kind.value for kind in Kind])
 _SOURCES = pyarrow.array([source.value for source in Source])
-_JSON_PARSE_OPTIONS = pyarrow.json.ParseOptions(explicit_schema=LEDGER_ARROW_SCHEMA, unexpected_field_behavior="error")
+_JSON_SCHEMA = pyarrow.schema(
+    [
+        pyarrow.field(field.name, pyarrow.string()) if field.name in _TIMESTAMP_COLUMNS else field
+        for field in LEDGER_ARROW_SCHEMA
+    ]
+)
+_JSON_PARSE_OPTIONS = pyarrow.json.ParseOptions(explicit_schema=_JSON_SCHEMA, unexpected_field_behavior="error")
 # A retried or re-emitted entry is deduplicated by entry id (ReplacingMergeTree, read with FINAL); the
 # insert-time dedupe of each block only costs time (inserts ran 250-320k rows/s with it, 450-500k without).
 INSERT_SETTINGS = {"optimize_on_insert": 0}
@@ -148,6 +159,7 @@ class LedgerSink:
         self._batch_rows_max = batch_rows_max
         self._dirty: set[date] = set()
         self._dirty_loaded = False
+        self._last_version = 0
 
     @property
     def dirty_days(self) -> int:
@@ -213,15 +225,12 @@ class LedgerSink:
     def recompute_dirty(self, days: set[date] | None = None) -> int:
         """Recompute the aggregates of `days` and of every dirty day (this sink's, and those a crashed sink
         left); return how many days were recomputed."""
-        if not self._dirty_loaded:
-            rows = self._client.query("SELECT day FROM dirty_days FINAL WHERE dirty = 1").result_rows
-            self._dirty.update(day for (day,) in rows)
-            self._dirty_loaded = True
+        self._load_dirty()
         dirty = set(self._dirty)
         every = dirty | (days or set())
         if not every:
             return 0
-        started_at = time.time_ns()  # a day marked dirty again after this instant stays dirty
+        started_at = self._next_version()  # a day marked dirty again after this point stays dirty
         self._recompute_daily_points(every)
         if dirty:
             self._mark(dirty, dirty=False, version=started_at)
@@ -231,10 +240,26 @@ class LedgerSink:
     def _days_written(self, days: set[date], defer: bool) -> None:
         if defer:
             if days:
-                self._mark(days, dirty=True, version=time.time_ns())
+                self._load_dirty()
+                self._mark(days, dirty=True, version=self._next_version())
                 self._dirty |= days
         else:
             self.recompute_dirty(days)
+
+    def _load_dirty(self) -> None:
+        """Once per sink: the days other sinks left dirty, and the newest mark's version."""
+        if self._dirty_loaded:
+            return
+        rows = self._client.query("SELECT day FROM dirty_days FINAL WHERE dirty = 1").result_rows
+        self._dirty.update(day for (day,) in rows)
+        self._last_version = int(self._client.command("SELECT max(version) FROM dirty_days"))
+        self._dirty_loaded = True
+
+    def _next_version(self) -> int:
+        """Nanoseconds of the clock, but always above every earlier mark, even one made by a sink on another
+        host whose clock was ahead: a later mark must win over an earlier one."""
+        self._last_version = max(time.time_ns(), self._last_version + 1)
+        return self._last_version
 
     def _mark(self, days: set[date], *, dirty: bool, version: int) -> None:
         ordered = sorted(days)
@@ -287,12 +312,30 @@ def _unique_entries(entries: Iterable[LedgerEntry | Mapping[str, Any]]) -> list[
 
 def _arrow_table(values: Sequence[bytes]) -> pyarrow.Table | None:
     """The batch as an Arrow table, or None when a check fails or an entry id repeats (see `write_json`)."""
+    # With no empty message, one row per message proves one document per message.
+    if any(not isinstance(value, bytes) or not value.strip() for value in values):
+        return None
     try:
         table = pyarrow.json.read_json(io.BytesIO(b"\n".join(values)), parse_options=_JSON_PARSE_OPTIONS)
     except pyarrow.ArrowInvalid:
         return None
     if table.num_rows != len(values):
-        return None  # a message holding several documents, or none
+        return None  # a message holding several documents
+    try:
+        table.validate(full=True)  # Arrow's JSON reader does not check UTF-8; this does
+    except pyarrow.ArrowInvalid:
+        return None
+    for name in _TIMESTAMP_COLUMNS:
+        text = table[name]
+        if (
+            text.null_count < len(text)
+            and not pyarrow.compute.all(pyarrow.compute.match_substring_regex(text, _WITH_OFFSET)).as_py()
+        ):
+            return None  # a time without its UTC offset
+        try:
+            table = table.set_column(table.schema.get_field_index(name), name, pyarrow.compute.cast(text, _TIMESTAMP))
+        except pyarrow.ArrowInvalid:
+            return None
     if any(table[name].null_count for name in _REQUIRED_COLUMNS):
         return None
     if not pyarrow.compute.all(pyarrow.compute.is_in(table["kind"], value_set=_KINDS)).as_py():
@@ -309,6 +352,8 @@ def _arrow_table(values: Sequence[bytes]) -> pyarrow.Table | None:
 def _validated(values: Sequence[bytes]) -> list[LedgerEntry]:
     entries = []
     for number, value in enumerate(values):
+        if not isinstance(value, bytes):
+            raise ValueError(f"ledger message {number} of the batch has no value (got {type(value).__name__})")
         try:
             entries.append(LedgerEntry.model_validate_json(value))
         except ValidationError as error:
@@ -317,12 +362,16 @@ def _validated(values: Sequence[bytes]) -> list[LedgerEntry]:
 
 
 def _in_utc(entry: LedgerEntry) -> LedgerEntry:
-    occurred_at = entry.occurred_at
-    if occurred_at.tzinfo is None:
-        raise ValueError(f"entry {entry.entry_id!r}: occurred_at must carry a UTC offset, got {occurred_at}")
-    if occurred_at.utcoffset():
-        return entry.model_copy(update={"occurred_at": occurred_at.astimezone(UTC)})
-    return entry
+    changes = {}
+    for name in _TIMESTAMP_COLUMNS:
+        value = getattr(entry, name)
+        if value is None:
+            continue
+        if value.tzinfo is None:
+            raise ValueError(f"entry {entry.entry_id!r}: {name} must carry a UTC offset, got {value}")
+        if value.utcoffset():
+            changes[name] = value.astimezone(UTC)
+    return entry.model_copy(update=changes) if changes else entry
 
 
 def _columns(entries: list[LedgerEntry]) -> list[list[Any]]:

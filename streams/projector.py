@@ -2,7 +2,10 @@
 
 It assigns every ledger partition to itself (no consumer group: the offsets live in ClickHouse next to the
 rows they describe, so a restart resumes exactly where the last successful insert stopped), takes
-thousands of entries per poll and writes them in one columnar insert.
+thousands of entries per poll and writes their JSON in one Arrow insert (`LedgerSink.write_json`).
+While it drains a backlog (full batches) it defers the daily aggregates' recompute, at most for
+`recompute_interval_s`; it recomputes as soon as a batch is not full, when a poll brings nothing while days
+are dirty, and at start for days an earlier projector left dirty (it stopped or crashed while draining).
 
 ClickHouse unreachable (at start or later) is retried with backoff (0.5 s doubling to 10 s): reading the
 stored offsets at start, and every insert, again and again with the same batch; nothing is skipped, and
@@ -106,6 +109,8 @@ class Projector:
             stored = await self._retry("reading the stored offsets", self.sink.resume_offsets, stopping=stopping)
             self._projected = {key: offset for key, offset in stored.items() if key[0] == LEDGER}
             self.offsets_known = True
+            # Days an earlier projector deferred and never recomputed (it stopped or crashed while draining).
+            await self._retry("aggregate recompute", self._recompute_dirty, stopping=stopping)
             for tp in tps + (input_tps if self.archive is not None else []):
                 # An offset beyond the log's end (an embedded memory broker was restarted) is out of range:
                 # the consumer then resets to the earliest offset (auto_offset_reset), and the sink
@@ -162,6 +167,10 @@ class Projector:
                     self.rows_projected += len(pending)
                     self._projected.update(offsets)
                     pending, offsets, first_pending_at = [], {}, 0.0
+                elif not pending and getattr(self.sink, "dirty_days", 0):
+                    # Caught up after deferred writes (the last batch of a backlog was full): recompute now.
+                    await self._retry("aggregate recompute", self._recompute_dirty, stopping=stopping)
+                    recomputed_at = time.monotonic()
                 self._measure_backlog(consumer, tps)
         finally:
             self._consumer = None
@@ -173,6 +182,10 @@ class Projector:
             if highwater is not None:
                 self._highwaters[(tp.topic, tp.partition)] = highwater
         metrics.record_sink_backlog(self.backlog)
+
+    def _recompute_dirty(self) -> int:
+        recompute = getattr(self.sink, "recompute_dirty", None)
+        return recompute() if recompute is not None else 0
 
     def _write(self, values: list[bytes], offsets: dict[tuple[str, int], int], defer: bool) -> int:
         return self.sink.write_json(values, offsets, defer_recompute=defer)

@@ -3,7 +3,7 @@
 -- batch touched (dirty = 1) before it stores that batch's offsets, and marks it clean (dirty = 0) after
 -- recomputing it. The newest row per day wins (version: nanoseconds of the sink's clock), so a day marked
 -- again after a recompute started stays dirty. A crash between the two leaves the day dirty, and the next
--- recompute (at the latest when the next sink starts) catches it up.
+-- projector recomputes it when it starts.
 CREATE TABLE IF NOT EXISTS dirty_days
 (
     day Date,

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, datetime
 
 import pytest
 
 from projections import IdempotencyConflict, LedgerSink, connect, migrate
 from projections.queries import balance, balances, point_sources, points_status, top_earners
 from projections.schema import migrations
-from projections.sink import LEDGER_ARROW_SCHEMA, LEDGER_COLUMNS
+from projections.sink import LEDGER_ARROW_SCHEMA, LEDGER_COLUMNS, _arrow_table
 from schemas.ledger import LedgerEntry
 
 TOPIC = "loyalty.ledger"
@@ -136,6 +136,7 @@ def stored_rows(client) -> list[tuple]:
 
 
 def test_the_json_path_stores_what_the_model_path_stores(chdb_dsn, tmp_path, scenario):
+    assert _arrow_table(as_json(scenario)) is not None  # the Arrow path, not the per-entry fallback, runs
     by_models = connect(f"chdb://{tmp_path / 'models'}")
     try:
         migrate(by_models)
@@ -169,14 +170,54 @@ def test_the_json_path_compares_a_repeated_entry_id_with_its_first_copy(client, 
         (b'{"entry_id": "x"}', "customer_id"),
         (b"not json", "Invalid JSON"),
         (None, "kind"),  # a kind the ledger does not know
+        ("invalid utf-8", "unicode"),
     ],
 )
 def test_the_json_path_names_a_message_that_is_not_a_ledger_entry(client, scenario, broken, named):
     values = as_json(scenario)
     if broken is None:
         broken = values[2].replace(b'"kind":"', b'"kind":"minted_')
+    elif broken == "invalid utf-8":
+        broken = values[2].replace(b'"explanation":"', b'"explanation":"\xff')
+        assert _arrow_table([broken]) is None
     with pytest.raises(ValueError, match=f"ledger message 4 of the batch(.|\\n)*{named}"):
         LedgerSink(client).write_json([*values[:4], broken, *values[4:]])
+    assert balances(client) == {}
+
+
+def test_the_json_path_refuses_a_time_without_its_utc_offset_as_the_model_path_does(client, scenario):
+    values = as_json(scenario)
+    naive = values[1].replace(b'Z"', b'"', 1)
+    assert naive != values[1]
+    assert _arrow_table([*values[:1], naive]) is None
+    with pytest.raises(ValueError, match="occurred_at must carry a UTC offset"):
+        LedgerSink(client).write_json([*values[:1], naive])
+    pending = scenario[0].model_copy(update={"available_at": datetime(2024, 1, 20, 12, 0)})
+    with pytest.raises(ValueError, match="available_at must carry a UTC offset"):
+        LedgerSink(client).write([pending])
+    assert balances(client) == {}
+
+
+def test_the_json_path_stores_a_time_with_an_offset_in_utc(client, scenario):
+    values = as_json(scenario[:1])
+    shifted = values[0].replace(b'"occurred_at":"2024-01-01T10:00:00Z"', b'"occurred_at":"2024-01-01T12:00:00+02:00"')
+    assert shifted != values[0] and _arrow_table([shifted]) is not None
+    LedgerSink(client).write_json([shifted])
+    stored = client.query("SELECT occurred_at FROM ledger_entries").result_rows
+    assert stored == [(datetime(2024, 1, 1, 10, 0),)]
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        lambda values: [values[0][:-1] + b"}" + values[1], b"", *values[2:]],  # two documents, then none
+        lambda values: [values[0] + b" " + values[1], b"  ", *values[2:]],
+        lambda values: [None, *values[1:]],  # a tombstone
+    ],
+)
+def test_the_json_path_takes_one_document_per_message(client, scenario, messages):
+    with pytest.raises(ValueError, match="ledger message [01] of the batch"):
+        LedgerSink(client).write_json(messages(as_json(scenario)))
     assert balances(client) == {}
 
 
@@ -194,7 +235,8 @@ def test_deferred_recomputes_catch_up_at_the_next_write_and_after_a_crash(chdb_d
     restarted = connect(chdb_dsn)
     try:
         sink = LedgerSink(restarted)
-        assert sink.write_json([], {(TOPIC, 0): 15}) == 0  # the first write without deferral catches up
+        assert sink.dirty_days == 0  # not loaded yet
+        assert sink.recompute_dirty() >= 2  # what a projector does first when it starts
         assert sink.dirty_days == 0
         assert points_status(restarted, date(2024, 1, 1), date(2024, 1, 31), "month").totals.issued == 700
         assert dashboard(restarted)[0] == {"alice": 115, "bob": -130, "carol": 310}
