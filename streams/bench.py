@@ -398,6 +398,7 @@ def baseline_app(bootstrap: str, partitions: int):
         BASELINE_APP_ID,
         broker=f"kafka://{bootstrap}",
         store="memory://",
+        datadir=str(Path(tempfile.gettempdir()) / f"{BASELINE_APP_ID}-data"),
         topic_partitions=partitions,
         topic_disable_leader=True,
         web_enabled=False,

@@ -88,10 +88,14 @@ def dead_letter_headers(message: InputMessage, reason: str) -> list[tuple[str, b
 def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
     """The Faust application of the worker; everything it needs hangs off the app object."""
     ruleset = ruleset or load_ruleset(settings.rules)
+    faust_dir = settings.data_dir / f"{settings.worker_id}-faust"
+    faust_dir.parent.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
     app = faust.App(
         settings.worker_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",
+        # Faust makes a directory even with memory tables; by default `<id>-data` in the working directory.
+        datadir=str(faust_dir),
         topic_partitions=settings.partitions,
         topic_allow_declare=False,
         topic_disable_leader=True,
