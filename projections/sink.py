@@ -206,13 +206,13 @@ class LedgerSink:
         per-entry path of `write`, which names the offending message. Return the number of distinct entries.
         """
         offset_rows = _offset_rows(offsets or {})
-        table = _arrow_table(values) if values else None
-        if table is None and values:
-            return self.write(_validated(values), offsets, defer_recompute=defer_recompute)
-        if table is None:
+        if not values:
             self._days_written(set(), defer_recompute)
             self._store_offsets(offset_rows)
             return 0
+        table = _arrow_table(values)
+        if table is None:
+            return self.write(_validated(values), offsets, defer_recompute=defer_recompute)
         for start in range(0, table.num_rows, self._batch_rows_max):
             self._client.insert_arrow(
                 "ledger_entries", table.slice(start, self._batch_rows_max), settings=INSERT_SETTINGS
@@ -313,7 +313,7 @@ def _unique_entries(entries: Iterable[LedgerEntry | Mapping[str, Any]]) -> list[
 def _arrow_table(values: Sequence[bytes]) -> pyarrow.Table | None:
     """The batch as an Arrow table, or None when a check fails or an entry id repeats (see `write_json`)."""
     # With no empty message, one row per message proves one document per message.
-    if any(not isinstance(value, bytes) or not value.strip() for value in values):
+    if any(not isinstance(value, bytes) or not value or value.isspace() for value in values):
         return None
     try:
         table = pyarrow.json.read_json(io.BytesIO(b"\n".join(values)), parse_options=_JSON_PARSE_OPTIONS)

@@ -702,11 +702,11 @@ async def bench_worker_memory(options: BenchOptions, workdir: Path) -> dict[str,
 
 def bench_projection_ingest(client, ledger: list, options: BenchOptions) -> dict[str, float]:
     """The projector's write path on a backlog: the ledger's JSON messages (as the ledger topic holds them) in
-    full batches through `LedgerSink.write_json`, deferring the aggregates' recompute exactly as the
-    projector does (at most every `recompute_interval_s`, and for the last batch); Kafka is not involved."""
+    full batches through `LedgerSink.write_json`, deferring the aggregates' recompute by the projector's rule
+    (`defers_recompute`; the last batch recomputes); Kafka is not involved."""
     from projections.sink import LedgerSink
     from schemas.ledger import LedgerEntry
-    from streams.projector import recompute_interval_s
+    from streams.projector import defers_recompute
 
     serialize = LedgerEntry.__pydantic_serializer__.to_json
     values = [serialize(entry) for entry in ledger]
@@ -715,8 +715,8 @@ def bench_projection_ingest(client, ledger: list, options: BenchOptions) -> dict
     began = recomputed_at = time.perf_counter()
     written = 0
     for start in range(0, len(values), sink_batch_rows):
-        last = start + sink_batch_rows >= len(values)
-        defer = not last and time.perf_counter() - recomputed_at < recompute_interval_s
+        full = start + sink_batch_rows < len(values)  # the last batch is the one that catches up
+        defer = defers_recompute(full, time.perf_counter() - recomputed_at)
         written += sink.write_json(
             values[start : start + sink_batch_rows],
             {("loyalty.ledger", 0): start + sink_batch_rows},

@@ -42,6 +42,14 @@ poll_timeout_ms = 200
 # While draining a backlog (full batches) the daily aggregates are recomputed at most this often; a batch
 # written once the projector is caught up recomputes at once (LedgerSink.write_json, defer_recompute).
 recompute_interval_s = 5.0
+
+
+def defers_recompute(full: bool, seconds_since_recompute: float) -> bool:
+    """Whether a write defers the daily aggregates' recompute: only a full batch (more is waiting), and only
+    for `recompute_interval_s` after the last recompute."""
+    return full and seconds_since_recompute < recompute_interval_s
+
+
 retry_delay_initial_s = 0.5
 retry_delay_max_s = 10.0
 
@@ -110,7 +118,7 @@ class Projector:
             self._projected = {key: offset for key, offset in stored.items() if key[0] == LEDGER}
             self.offsets_known = True
             # Days an earlier projector deferred and never recomputed (it stopped or crashed while draining).
-            await self._retry("aggregate recompute", self._recompute_dirty, stopping=stopping)
+            await self._retry("aggregate recompute", self.sink.recompute_dirty, stopping=stopping)
             for tp in tps + (input_tps if self.archive is not None else []):
                 # An offset beyond the log's end (an embedded memory broker was restarted) is out of range:
                 # the consumer then resets to the earliest offset (auto_offset_reset), and the sink
@@ -159,7 +167,7 @@ class Projector:
                 if due:
                     write_started = time.monotonic()
                     # A full batch means more is waiting: defer the aggregates' recompute to a later batch.
-                    defer = full and write_started - recomputed_at < recompute_interval_s
+                    defer = defers_recompute(full, write_started - recomputed_at)
                     await self._retry("projection insert", self._write, pending, offsets, defer, stopping=stopping)
                     if not defer:
                         recomputed_at = time.monotonic()
@@ -167,9 +175,9 @@ class Projector:
                     self.rows_projected += len(pending)
                     self._projected.update(offsets)
                     pending, offsets, first_pending_at = [], {}, 0.0
-                elif not pending and getattr(self.sink, "dirty_days", 0):
+                elif not pending and self.sink.dirty_days:
                     # Caught up after deferred writes (the last batch of a backlog was full): recompute now.
-                    await self._retry("aggregate recompute", self._recompute_dirty, stopping=stopping)
+                    await self._retry("aggregate recompute", self.sink.recompute_dirty, stopping=stopping)
                     recomputed_at = time.monotonic()
                 self._measure_backlog(consumer, tps)
         finally:
@@ -182,10 +190,6 @@ class Projector:
             if highwater is not None:
                 self._highwaters[(tp.topic, tp.partition)] = highwater
         metrics.record_sink_backlog(self.backlog)
-
-    def _recompute_dirty(self) -> int:
-        recompute = getattr(self.sink, "recompute_dirty", None)
-        return recompute() if recompute is not None else 0
 
     def _write(self, values: list[bytes], offsets: dict[tuple[str, int], int], defer: bool) -> int:
         return self.sink.write_json(values, offsets, defer_recompute=defer)

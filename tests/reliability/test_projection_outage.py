@@ -27,8 +27,13 @@ class UnreachableThenHealthySink:
         self.written: dict[str, object] = {}
         self.offsets: dict[tuple[str, int], int] = {}
 
+    dirty_days = 0  # it keeps no aggregates
+
     def resume_offsets(self) -> dict[tuple[str, int], int]:
         return dict(self.offsets)
+
+    def recompute_dirty(self) -> int:
+        return 0
 
     def write_json(self, values, offsets, *, defer_recompute=False) -> None:
         self.write([LedgerEntry.model_validate_json(value) for value in values], offsets)
