@@ -11,7 +11,8 @@ What is measured (see docs/performance.md for the targets and the latest figures
    the worker's CPU seconds in that interval and input messages per CPU second (steadier on a shared machine);
 4. projection ingest: `LedgerSink.write_json` of the batch driver's ledger for the same log, as the ledger
    topic's JSON messages in full batches, with the projector's deferred recompute, rows/s;
-5. replay: `streams.replay.replay_messages` over the log's messages sorted per customer, events/s;
+5. replay: `streams.replay.replay_messages` over the log's messages sorted per customer, events/s, in one
+   process and in one process per CPU (`loyalty replay`'s default; both results must be equal);
 6. dashboard queries: p50/p95 per section on a synthetic ledger (`projections.bench.fill_ledger`);
 7. end-to-end latency at a steady rate through `loyalty up`: produce -> ledger topic, and
    produce -> balance visible over the HTTP API (sampled `customer.registered` events of new customers);
@@ -820,15 +821,24 @@ def replay_input(log: Log) -> list:
 
 def bench_replay(log: Log, ruleset, options: BenchOptions) -> dict[str, float]:
     from streams.replay import replay_messages
+    from streams.settings import load_settings
 
     messages = replay_input(log)
-    _log(options, f"replay: {len(messages)} messages through the core")
+    processes = load_settings().resolved_replay_processes()
+    _log(options, f"replay: {len(messages)} messages through the core, in 1 and in {processes} processes")
     began = time.perf_counter()
-    result = replay_messages(messages, ruleset)
+    alone = replay_messages(messages, ruleset)
+    elapsed_alone = time.perf_counter() - began
+    began = time.perf_counter()
+    result = replay_messages(messages, ruleset, processes=processes)  # as `loyalty replay` runs by default
     elapsed = time.perf_counter() - began
+    if (result.balances, result.points_by_rule, result.issued) != (alone.balances, alone.points_by_rule, alone.issued):
+        raise RuntimeError(f"replay in {processes} processes differs from replay in one")
     return {
         "replay_events": result.events,
+        "replay_processes": processes,
         "replay_events_per_s": _rate(result.events, elapsed),
+        "replay_events_per_s_one_process": _rate(alone.events, elapsed_alone),
         # Without a refetch from the archive, derived events are not decided again (0 with the default rules).
         "replay_derived_skipped": result.derived_skipped,
     }
@@ -1073,7 +1083,8 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("  ours / produce ceiling", "ratio_worker_to_ceiling", "x"),
     ("  ours / Faust baseline", "ratio_worker_to_baseline", "x"),
     ("projection ingest (LedgerSink.write_json)", "projection_ingest_rows_per_s", "rows/s"),
-    ("replay (replay_messages)", "replay_events_per_s", "events/s"),
+    ("replay (replay_messages, one process per CPU)", "replay_events_per_s", "events/s"),
+    ("replay in one process", "replay_events_per_s_one_process", "events/s"),
     *((f"query {section} p50 / p95", f"query_{section}", "ms") for section in QUERY_SECTIONS),
     ("latency produce -> ledger topic p50 / p99", "latency_ledger", "ms"),
     ("latency produce -> balance visible p50 / p99", "latency_balance", "ms"),

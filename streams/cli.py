@@ -11,6 +11,8 @@ from typing import Any
 from schemas.decode import EventRejected, decode_event
 from streams.rules.ruleset import RuleSetInvalid, load_ruleset
 
+progress_bar_width = 30  # characters of the replay's progress bar on a terminal
+
 
 def _print_json(document: Any) -> None:
     sys.stdout.write(json.dumps(document, indent=None, separators=(",", ":"), default=str) + "\n")
@@ -359,26 +361,43 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     if args.dry_run == args.apply:
         return _fail("say --dry-run or --apply")
+    if args.processes is not None and not 1 <= args.processes <= replay.processes_max:
+        return _fail(f"--processes must be in 1..{replay.processes_max}, got {args.processes}")
     rules_text = Path(args.rules).read_text()
     new_rules = load_ruleset(args.rules)
     settings = _settings(args)
     since = args.since
     if _running(settings):
-        body = {"rules": rules_text, "apply": args.apply, "since": since, "lag_max": args.lag_max}
+        body = {
+            "rules": rules_text,
+            "apply": args.apply,
+            "since": since,
+            "lag_max": args.lag_max,
+            "processes": args.processes,
+        }
         report = _post(args, "/api/replay", body)
     else:
         from datetime import UTC, datetime
 
+        from projections.archive import RawArchive
         from projections.client import connect
+        from streams.settings import load_settings
 
         if args.apply:
             return _fail("--apply needs the running system (`loyalty up`): it checks the worker's lag first")
-        current = load_ruleset(settings.rules)
+        # The live rule set (LOYALTY_RULES), not --rules: "before" is valued at the point value in force now.
+        current = load_ruleset(load_settings().rules)
         client = connect(settings.resolved_clickhouse_dsn())
 
+        terminal = sys.stderr.isatty()
+        archived = RawArchive(client).count() if terminal else 0  # the bar's 100%: markers included, so about
+
         def progress(count: int) -> None:
-            if sys.stderr.isatty():
-                sys.stderr.write(f"\rreplayed {count:,} events")
+            if terminal:
+                share = min(1.0, count / archived) if archived else 0.0
+                bar = "#" * round(share * progress_bar_width)
+                shown = f"{count:,} of ~{archived:,} events"
+                sys.stderr.write(f"\rreplay [{bar:<{progress_bar_width}}] {share:4.0%}  {shown}")
                 sys.stderr.flush()
 
         report = replay.dry_run(
@@ -387,6 +406,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             current_point_value=current.redemption.point_value,
             since=datetime.fromisoformat(since).replace(tzinfo=UTC) if since else None,
             progress=progress,
+            processes=args.processes or settings.resolved_replay_processes(),
         )
         if sys.stderr.isatty():
             sys.stderr.write("\n")
@@ -538,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--since", help="report only customers active since this date (YYYY-MM-DD)")
     sub.add_argument("--csv", help="also write the per-customer diff to this CSV file")
     sub.add_argument("--lag-max", type=int, default=0, help="refuse --apply when the worker lags more")
+    sub.add_argument(
+        "--processes", type=int, help="processes to decide customers in (default LOYALTY_REPLAY_PROCESSES: one per CPU)"
+    )
     sub.add_argument("--json", action="store_true")
     system_options(sub)
 

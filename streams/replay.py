@@ -5,19 +5,28 @@ and reports what the new rules would change; `--apply` posts, through the worker
 `points.adjusted` event per customer whose balance changes, so that live balances equal the new rules'
 result. Nothing in the ledger is edited or deleted. Memory is bounded by the number of customers: the
 archive is streamed from ClickHouse sorted by customer, and a customer's state is dropped once done.
+
+Customers are independent, so the first pass runs in several processes (`processes`): the archive is cut into
+chunks of whole customers, each chunk is decided in a process of a pool, and the chunks' figures are merged in
+the order they were cut, which gives the same report as one process. The customers who receive derived events
+are decided again in the calling process (a small share of the history).
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import multiprocessing
 import time
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from schemas import events as ev
 from schemas.decode import EventRejected, decode_event
@@ -31,6 +40,11 @@ from streams.rules.state import CustomerState
 progress_every_events = 50_000
 compensation_prefix = "replay:"
 lag_bound_messages = 0  # apply refuses unless the worker and the archive are fully caught up
+# A task of a replay process: at least this many archived messages, cut between two customers. Deciding them takes
+# about half a second, next to which sending them costs little; the pool's queue holds a few megabytes.
+chunk_messages = 5_000
+chunks_in_flight_per_process = 2
+processes_max = 64
 
 
 class ReplayRefused(RuntimeError):
@@ -54,6 +68,7 @@ def replay_messages(
     *,
     progress: Callable[[int], None] | None = None,
     refetch: Callable[[set[str]], Iterable[Any]] | None = None,
+    processes: int = 1,
 ) -> ShadowResult:
     """Run the core over archived messages sorted by (routing key, occurred_at, topic rank, offset).
 
@@ -61,12 +76,19 @@ def replay_messages(
     derived again under `ruleset`, as the batch driver does: after the pass over every customer, the customers
     who receive derived events are decided again with them (`refetch(keys)` gives those customers' archived
     messages again; without it, the derived events are left out and counted in `result.derived_skipped`).
+
+    With `processes` > 1 the first pass runs in that many processes once the archive holds more than one chunk
+    (`chunk_messages`); the result is the same as with one. Chunks are cut where the routing key changes, which
+    is where the customer changes, since producers key every event by its customer (`streams/routing.py`).
     """
+    if not 1 <= processes <= processes_max:
+        raise ValueError(f"processes must be in 1..{processes_max}, got {processes}")
     result = ShadowResult()
     derived: dict[str, list[tuple[tuple, ev.Event]]] = {}
-    for customer_id, items in _customers(messages, result, progress):
-        state = _run_customer(customer_id, items, ruleset, result, +1, derived)
-        result.balances[customer_id] = state.balance
+    if processes == 1:
+        _first_pass(messages, ruleset, result, derived, progress)
+    else:
+        _first_pass_in_processes(messages, ruleset, result, derived, progress, processes)
     if not derived:
         return result
     if refetch is None:
@@ -85,6 +107,109 @@ def replay_messages(
         state = _run_customer(customer_id, [(k, e, "customer") for k, e in events], ruleset, result, +1, None)
         result.balances[customer_id] = state.balance
     return result
+
+
+def _first_pass(
+    messages: Iterable[Any],
+    ruleset: RuleSet,
+    result: ShadowResult,
+    derived: dict[str, list[tuple[tuple, ev.Event]]],
+    progress: Callable[[int], None] | None,
+) -> None:
+    for customer_id, items in _customers(messages, result, progress):
+        state = _run_customer(customer_id, items, ruleset, result, +1, derived)
+        result.balances[customer_id] = state.balance
+
+
+class _Compact(NamedTuple):
+    """What the core needs of an archived message, sent to a replay process (cheaper to pickle)."""
+
+    topic: str
+    offset: int
+    referee_side: int
+    event_id: str
+    value: bytes
+
+
+def _chunks(messages: Iterable[Any], size: int) -> Iterator[list[_Compact]]:
+    """Lists of at least `size` messages (but the last), each ending where the routing key changes."""
+    chunk: list[_Compact] = []
+    key = None
+    for message in messages:
+        if len(chunk) >= size and message.routing_key != key:
+            yield chunk
+            chunk = []
+        key = message.routing_key
+        chunk.append(_Compact(message.topic, message.offset, message.referee_side, message.event_id, message.value))
+    if chunk:
+        yield chunk
+
+
+_process_ruleset: RuleSet | None = None
+
+
+def _start_process(ruleset: RuleSet) -> None:
+    global _process_ruleset
+    _process_ruleset = ruleset
+
+
+def _replay_chunk(chunk: list[_Compact]) -> tuple[ShadowResult, dict[str, list[tuple[tuple, ev.Event]]]]:
+    """In a replay process: the first pass over one chunk of whole customers."""
+    assert _process_ruleset is not None, "replay process started without its rule set"
+    result = ShadowResult()
+    derived: dict[str, list[tuple[tuple, ev.Event]]] = {}
+    _first_pass(chunk, _process_ruleset, result, derived, None)
+    return result, derived
+
+
+def _merge(
+    result: ShadowResult,
+    derived: dict[str, list[tuple[tuple, ev.Event]]],
+    part: ShadowResult,
+    part_derived: dict[str, list[tuple[tuple, ev.Event]]],
+) -> None:
+    result.balances.update(part.balances)  # chunks hold whole customers, merged in the order they were cut
+    for rule_id, points in part.points_by_rule.items():
+        result.points_by_rule[rule_id] = result.points_by_rule.get(rule_id, 0) + points
+    result.issued += part.issued
+    result.events += part.events
+    result.rejected += part.rejected
+    result.entries += part.entries
+    for customer_id, events in part_derived.items():
+        derived.setdefault(customer_id, []).extend(events)
+
+
+def _first_pass_in_processes(
+    messages: Iterable[Any],
+    ruleset: RuleSet,
+    result: ShadowResult,
+    derived: dict[str, list[tuple[tuple, ev.Event]]],
+    progress: Callable[[int], None] | None,
+    processes: int,
+) -> None:
+    chunks = _chunks(messages, chunk_messages)
+    first = next(chunks, None)
+    second = next(chunks, None) if first is not None else None
+    if second is None:  # one chunk at most: starting processes would cost more than it saves
+        _first_pass(first or [], ruleset, result, derived, progress)
+        return
+    # spawn, not fork: replay runs inside `loyalty up`, whose threads (chDB, the event loop's executor) a
+    # forked child would inherit in whatever state they were.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_process, initargs=(ruleset,)) as pool:
+        in_flight: deque = deque()
+
+        def merge_oldest() -> None:
+            _merge(result, derived, *in_flight.popleft().result())
+            if progress is not None:
+                progress(result.events)
+
+        for chunk in itertools.chain((first, second), chunks):
+            in_flight.append(pool.submit(_replay_chunk, chunk))
+            if len(in_flight) >= processes * chunks_in_flight_per_process:
+                merge_oldest()
+        while in_flight:
+            merge_oldest()
 
 
 def _customers(messages: Iterable[Any], result: ShadowResult, progress: Callable[[int], None] | None):
@@ -231,6 +356,7 @@ def dry_run(
     current_point_value: Decimal,
     since: datetime | None = None,
     progress: Callable[[int], None] | None = None,
+    processes: int = 1,
 ) -> dict:
     from projections.archive import RawArchive
 
@@ -241,6 +367,7 @@ def dry_run(
         ruleset,
         progress=progress,
         refetch=lambda keys: archive.stream_for_replay(keys=keys),
+        processes=processes,
     )
     elapsed = time.monotonic() - started
     live = live_figures(client)
@@ -250,6 +377,7 @@ def dry_run(
         report["customers"] = [row for row in report["customers"] if row["customer_id"] in active]
         report["since"] = since.isoformat()
     report["archive_gaps"] = [list(gap) for gap in archive.gaps()]
+    report["processes"] = processes
     report["elapsed_s"] = round(elapsed, 3)
     report["events_per_s"] = round(shadow.events / elapsed) if elapsed > 0 else None
     return report

@@ -284,7 +284,10 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
         context = ApiContext(client=client, client_lock=client_lock, ruleset=ruleset, token=token, status=status)
         application = build_app(context)
         application.router.add_post(
-            "/api/replay", _replay_handler(client, client_lock, ruleset, monitor, projector, bootstrap)
+            "/api/replay",
+            _replay_handler(
+                client, client_lock, ruleset, monitor, projector, bootstrap, settings.resolved_replay_processes()
+            ),
         )
         application.router.add_post("/api/projections/rebuild", _rebuild_handler(client, client_lock))
         runner = web.AppRunner(application, access_log=None)
@@ -323,8 +326,8 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
             broker.stop()
 
 
-def _replay_handler(client, client_lock, ruleset, monitor, projector, bootstrap):
-    """POST /api/replay {"rules": YAML text, "apply": bool, "since": date|null, "lag_max": n}."""
+def _replay_handler(client, client_lock, ruleset, monitor, projector, bootstrap, processes_default):
+    """POST /api/replay {"rules": YAML text, "apply": bool, "since": date|null, "lag_max": n, "processes": n|null}."""
     from aiohttp import web
 
     from streams import replay
@@ -345,7 +348,7 @@ def _replay_handler(client, client_lock, ruleset, monitor, projector, bootstrap)
         )
         return counts, archived
 
-    async def _apply_replay(new_rules, text: str, lag_max: int) -> dict:
+    async def _apply_replay(new_rules, text: str, lag_max: int, processes: int) -> dict:
         from streams.cutover import publish_cutover
 
         await quiet(lag_max)
@@ -370,7 +373,11 @@ def _replay_handler(client, client_lock, ruleset, monitor, projector, bootstrap)
             await asyncio.sleep(0.5)
         async with client_lock:
             report = await asyncio.to_thread(
-                replay.dry_run, client, new_rules, current_point_value=ruleset.redemption.point_value
+                replay.dry_run,
+                client,
+                new_rules,
+                current_point_value=ruleset.redemption.point_value,
+                processes=processes,
             )
         report["applied"] = await asyncio.to_thread(replay.apply_report, report, bootstrap=bootstrap)
         report["applied"]["markers"] = {
@@ -384,16 +391,24 @@ def _replay_handler(client, client_lock, ruleset, monitor, projector, bootstrap)
             new_rules = parse_ruleset(str(body["rules"]), "request")
             since = datetime.fromisoformat(body["since"]).replace(tzinfo=UTC) if body.get("since") else None
             lag_max = int(body.get("lag_max", replay.lag_bound_messages))
+            processes = int(body.get("processes") or processes_default)
+            if not 1 <= processes <= replay.processes_max:
+                raise ValueError(f"processes must be in 1..{replay.processes_max}, got {processes}")
         except (ValueError, KeyError, TypeError, RuleSetInvalid) as error:
             return web.json_response({"error": f"bad replay request: {error}"}, status=400)
         if not body.get("apply"):
             async with client_lock:
                 report = await asyncio.to_thread(
-                    replay.dry_run, client, new_rules, current_point_value=ruleset.redemption.point_value, since=since
+                    replay.dry_run,
+                    client,
+                    new_rules,
+                    current_point_value=ruleset.redemption.point_value,
+                    since=since,
+                    processes=processes,
                 )
             return web.json_response(report)
         try:
-            report = await _apply_replay(new_rules, str(body["rules"]), lag_max)
+            report = await _apply_replay(new_rules, str(body["rules"]), lag_max, processes)
         except replay.ReplayRefused as error:
             return web.json_response({"error": str(error)}, status=409)
         return web.json_response(report)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field, SecretStr
@@ -47,9 +48,18 @@ class Settings(BaseSettings):
     run_worker: bool = Field(
         True, description="`loyalty up` also runs a worker child; false when workers run as their own service."
     )
+    replay_processes: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Processes `loyalty replay` decides customers in (0: one per CPU); the result is the same.",
+    )
     topic_replication_factor: int = Field(
         1, ge=1, le=16, description="Replication factor of the topics created by the topic-creation job."
     )
+
+    def resolved_replay_processes(self) -> int:
+        return self.replay_processes or max(1, min(os.cpu_count() or 1, 64))
 
     def resolved_clickhouse_dsn(self) -> str:
         if self.clickhouse_dsn:

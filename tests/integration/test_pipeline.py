@@ -170,7 +170,9 @@ def test_stream_worker_and_projections_equal_the_batch_driver(broker, system, tm
     while run_cli(environment, "status")["input_messages_archived"] < sum(counts.values()):
         assert time.monotonic() < deadline, "the archive did not catch up"
         time.sleep(1)
-    report = run_cli(environment, "replay", "--rules", str(new_rules_path), "--dry-run")
+    # Two processes: the archive (more than one chunk of 5,000 messages) is decided in a pool started by `up`.
+    report = run_cli(environment, "replay", "--rules", str(new_rules_path), "--dry-run", "--processes", "2")
+    assert report["processes"] == 2
     new_balances = expected_new.balances()
     assert {row["customer_id"]: row["delta"] for row in report["customers"]} == {
         customer: new_balances.get(customer, 0) - balances.get(customer, 0)

@@ -1,0 +1,73 @@
+"""Replay in several processes gives exactly the report of one process, derived events included."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from test_derived_events import RULES
+from test_replay_derived import live_archive
+
+from streams import replay
+from streams.batch import process_lines
+from streams.replay import replay_messages
+from streams.rules.ruleset import load_ruleset
+from streams.simulate import generate_events
+
+
+@pytest.fixture(scope="module")
+def history():
+    generated = generate_events(events=2000, customers=100, seed=5, mean_gap_seconds=5000, disputed_referral_share=0.3)
+    lines = [line.encode() for line in generated]
+    rules = load_ruleset(RULES)
+    return lines, rules, live_archive(lines, rules)
+
+
+def test_replay_in_two_processes_equals_one_process_and_the_batch_driver(history, monkeypatch):
+    lines, rules, archive = history
+
+    def refetch(keys):
+        return [message for message in archive if message.routing_key in keys]
+
+    alone = replay_messages(archive, rules, refetch=refetch)
+    # Small chunks: the 2,000-event history is cut into about 20 chunks, so referrers and their referees are decided
+    # in different chunks (and processes), and the derived withdrawals must still reach the referrers.
+    monkeypatch.setattr(replay, "chunk_messages", 97)
+    seen: list[int] = []
+    together = replay_messages(archive, rules, refetch=refetch, processes=2, progress=seen.append)
+
+    assert dataclasses.asdict(together) == dataclasses.asdict(alone)
+    expected = process_lines(lines, rules)
+    assert any(entry.rule_id == "referral.referrer.withdrawn" for entry in expected.ledger)
+    assert together.balances == expected.balances()
+    assert together.entries == len(expected.ledger)
+    assert seen == sorted(seen) and seen[-1] == together.events  # progress after every merged chunk
+
+
+def test_chunks_end_where_the_routing_key_changes(history):
+    _, _, archive = history
+    chunks = list(replay._chunks(archive, 97))
+    assert sum(len(chunk) for chunk in chunks) == len(archive)
+    assert all(len(chunk) >= 97 for chunk in chunks[:-1])
+    keys = [message.routing_key for message in archive]
+    boundary = 0
+    for chunk in chunks[:-1]:
+        boundary += len(chunk)
+        assert keys[boundary - 1] != keys[boundary]  # no customer is split between two chunks
+
+
+def test_an_archive_of_one_chunk_is_replayed_without_starting_processes(history, monkeypatch):
+    _, rules, archive = history
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a process pool was started for one chunk")
+
+    monkeypatch.setattr(replay, "ProcessPoolExecutor", refuse)
+    alone = replay_messages(archive, rules)
+    assert dataclasses.asdict(replay_messages(archive, rules, processes=4)) == dataclasses.asdict(alone)
+
+
+@pytest.mark.parametrize("processes", [0, -1, replay.processes_max + 1])
+def test_a_process_count_out_of_range_is_refused_before_any_work(processes):
+    with pytest.raises(ValueError, match=f"processes must be in 1..{replay.processes_max}, got {processes}"):
+        replay_messages(iter(()), load_ruleset(), processes=processes)
