@@ -1,7 +1,8 @@
 """Rebuilding every projection derived from the ledger, into new tables swapped in atomically.
 
-The daily tables (`daily_points`, `daily_product_points`, `daily_customer_points`: every table the sink's
-`RECOMPUTE_SQL` writes) are functions of `ledger_entries` alone. `rebuild` recomputes each of them from the
+The daily tables (`daily_points`, `daily_product_points`, `daily_customer_points`, and
+`yearly_customer_points` made from `daily_customer_points`: every table the sink's `RECOMPUTE_SQL` writes)
+are functions of `ledger_entries` alone. `rebuild` recomputes each of them from the
 deduplicated ledger into a new table `<name>__rebuild` of the same structure, with the very statements
 the sink uses (so a rebuilt table cannot disagree with one the sink kept up to date), then swaps each new
 table with the live one in one `EXCHANGE TABLES` statement, and drops the old data. A reader sees either
@@ -50,6 +51,7 @@ def _target(statement: str) -> str:
 
 # Every table the sink derives from the ledger, in the order of its statements.
 REBUILT_TABLES: tuple[str, ...] = tuple(dict.fromkeys(_target(statement) for statement in RECOMPUTE_SQL))
+_READ_SOURCE = re.compile(r"\bFROM (" + "|".join(REBUILT_TABLES) + r")\b")
 
 
 class RebuildFailed(RuntimeError):
@@ -125,11 +127,17 @@ def _recompute(client: Client, days: list[date], *, suffix: str) -> None:
 
 
 def _retargeted(suffix: str) -> list[str]:
-    """The sink's recompute statements, writing into `<table><suffix>` instead of `<table>`."""
-    return [
-        _INSERT_TARGET.sub(f"INSERT INTO {_target(statement)}{suffix} ", statement, count=1)
-        for statement in RECOMPUTE_SQL
-    ]
+    """The sink's recompute statements, writing into `<table><suffix>` instead of `<table>`, and reading
+    `<table><suffix>` where they read a rebuilt table (yearly_customer_points is computed from the
+    daily_customer_points rows just rebuilt, not from the live ones)."""
+    if not suffix:
+        return list(RECOMPUTE_SQL)
+    statements = []
+    for statement in RECOMPUTE_SQL:
+        statement = _INSERT_TARGET.sub(f"INSERT INTO {_target(statement)}{suffix} ", statement, count=1)
+        statement = _READ_SOURCE.sub(lambda match: f"FROM {match.group(1)}{suffix}", statement)
+        statements.append(statement)
+    return statements
 
 
 def _swap(client: Client) -> str:

@@ -5,9 +5,10 @@ Exactly-once effect on at-least-once delivery, without transactions (ClickHouse 
 1. `ledger_entries` is a ReplacingMergeTree whose sorting key ends with `entry_id`, so a re-inserted
    entry collapses with its first copy (queries read it with FINAL).
 2. The daily aggregates (daily_points, daily_product_points, daily_customer_points) are *recomputed*
-   from `ledger_entries FINAL` for every day the batch touched, never incremented, so re-inserting a
-   batch (or any part of it) recomputes the same numbers. A write that defers the recompute marks its
-   days in `dirty_days` instead, and a later recompute catches them up (see `LedgerSink`).
+   from `ledger_entries FINAL` for every day the batch touched (and yearly_customer_points from
+   daily_customer_points), never incremented, so re-inserting a batch (or any part of it) recomputes the
+   same numbers. A write that defers the recompute marks its days in `dirty_days` instead, and a later
+   recompute catches them up (see `LedgerSink`).
 3. The offsets are written last. A crash before step 3 makes the restarted projector resume from the older
    offsets and write the same entries again, which steps 1 and 2 make harmless. A crash after step 3
    loses nothing, since the rows (and the recompute or the dirty marks) were stored first.
@@ -130,7 +131,31 @@ GROUP BY day, customer_id
 SETTINGS do_not_merge_across_partitions_select_final = 1
 """
 
-RECOMPUTE_SQL = (RECOMPUTE_DAILY_POINTS_SQL, RECOMPUTE_DAILY_PRODUCT_POINTS_SQL, RECOMPUTE_DAILY_CUSTOMER_POINTS_SQL)
+# After daily_customer_points, from it: the (year, customer) rows of every customer with a row on a recomputed
+# day, over the whole years of the window (see migration 0006). It reads the table the statement before it
+# wrote, so it must stay after it.
+RECOMPUTE_YEARLY_CUSTOMER_POINTS_SQL = """
+INSERT INTO yearly_customer_points (year, customer_id, points_bound, entries, days, day_points)
+SELECT toYear(day) AS year, customer_id, sum(greatest(points_earned, 0)), sum(entries),
+       arrayMap(pair -> pair.1, arraySort(groupArray((day, points_earned)))),
+       arrayMap(pair -> pair.2, arraySort(groupArray((day, points_earned))))
+FROM daily_customer_points FINAL
+WHERE toYear(day) >= toYear({day_first:Date}) AND toYear(day) <= toYear({day_last:Date})
+  AND (toYear(day), customer_id) IN (
+      SELECT toYear(day), customer_id
+      FROM daily_customer_points
+      WHERE day >= {day_first:Date} AND day <= {day_last:Date} AND day IN {days:Array(Date)}
+  )
+GROUP BY year, customer_id
+SETTINGS do_not_merge_across_partitions_select_final = 1
+"""
+
+RECOMPUTE_SQL = (
+    RECOMPUTE_DAILY_POINTS_SQL,
+    RECOMPUTE_DAILY_PRODUCT_POINTS_SQL,
+    RECOMPUTE_DAILY_CUSTOMER_POINTS_SQL,
+    RECOMPUTE_YEARLY_CUSTOMER_POINTS_SQL,
+)
 
 
 class IdempotencyConflict(ValueError):

@@ -1,0 +1,218 @@
+"""Top earners: whatever plan answers (pruned by yearly bounds, in-year array sums, or the plain GROUP BY over
+`daily_customer_points`), the answer is exactly the plain GROUP BY's, ties ordered by customer id."""
+
+from __future__ import annotations
+
+import random
+from datetime import date, timedelta
+
+import pytest
+
+from projections import queries
+from projections.queries import TOP_EARNERS_SQL, TopEarner, top_earners
+from projections.rebuild import rebuild
+from projections.sink import LedgerSink
+from tests.projections.conftest import LedgerBuilder
+
+RANGES = [
+    (date(2024, 1, 1), date(2024, 12, 31)),  # a calendar year: pruning certifies
+    (date(2024, 1, 1), date(2024, 12, 30)),
+    (date(2024, 2, 1), date(2024, 11, 30)),  # most of a year: pruning tried
+    (date(2024, 1, 1), date(2024, 7, 1)),  # half a year: pruning tried, may fall back
+    (date(2024, 5, 3), date(2024, 6, 2)),  # 31 days: in-year plan
+    (date(2024, 3, 10), date(2024, 3, 10)),  # one day
+    (date(2024, 12, 31), date(2024, 12, 31)),
+    (date(2023, 11, 1), date(2024, 2, 29)),  # across a year end: plain plan
+    (date(2023, 1, 1), date(2024, 12, 31)),
+    (date(2025, 1, 1), date(2025, 12, 31)),  # nobody earned
+]
+
+
+def plain(client, date_from: date, date_to: date, limit: int) -> list[tuple[str, int]]:
+    rows = client.query(TOP_EARNERS_SQL, parameters={"date_from": date_from, "date_to": date_to, "limit": limit})
+    return [(customer_id, points) for customer_id, points in rows.result_rows]
+
+
+def earners(client, date_from: date, date_to: date, limit: int) -> list[tuple[str, int]]:
+    return [(earner.customer_id, earner.points_earned) for earner in top_earners(client, date_from, date_to, limit)]
+
+
+def skewed_ledger(seed: int = 11) -> LedgerBuilder:
+    """120 customers over 2023-2024: Zipf-like earners, many exact ties, redemptions and reversals between."""
+    randomness = random.Random(seed)
+    ledger = LedgerBuilder()
+    moments = []
+    for number in range(120):
+        customer_id = f"c{number:03d}"
+        weight = 1 + 40 // (1 + number)  # a few heavy earners, a long tail
+        for _ in range(randomness.randint(1, 3 * weight)):
+            day = date(2023, 6, 1) + timedelta(days=randomness.randrange(580))
+            kind = randomness.choice(["earned", "earned", "earned", "confirmed", "redeemed", "reversed", "pending"])
+            moments.append((day, customer_id, kind, randomness.choice([10, 20, 50]) * weight))
+    moments.sort()
+    for day, customer_id, kind, points in moments:
+        signed = -points if kind in ("redeemed", "reversed") else 0 if kind == "pending" else points
+        ledger.add(customer_id, kind, f"{day.isoformat()}T12:00:00+00:00", signed)
+    return ledger
+
+
+@pytest.fixture
+def skewed(client):
+    LedgerSink(client).write(skewed_ledger().entries)
+    return client
+
+
+@pytest.mark.parametrize("limit", [1, 3, 10, 200])
+def test_top_earners_equal_the_plain_group_by_for_every_range_and_limit(skewed, limit):
+    for date_from, date_to in RANGES:
+        assert earners(skewed, date_from, date_to, limit) == plain(skewed, date_from, date_to, limit), (
+            date_from,
+            date_to,
+        )
+
+
+def test_top_earners_equal_the_plain_group_by_for_random_ranges(skewed):
+    randomness = random.Random(5)
+    for _ in range(60):
+        date_from = date(2023, 5, 1) + timedelta(days=randomness.randrange(700))
+        date_to = date_from + timedelta(days=randomness.choice([0, 6, 30, 90, 200, 300, 364]))
+        limit = randomness.choice([1, 2, 5, 10])
+        assert earners(skewed, date_from, date_to, limit) == plain(skewed, date_from, date_to, limit), (
+            date_from,
+            date_to,
+            limit,
+        )
+
+
+def test_ties_are_ordered_by_customer_id_when_pruning_certifies(client):
+    ledger = LedgerBuilder()
+    for customer_id in ("dave", "bea", "cleo", "abe", "eve"):
+        ledger.add(customer_id, "earned", "2024-03-01T10:00:00+00:00", 70)
+        ledger.add(customer_id, "confirmed", "2024-09-01T10:00:00+00:00", 30)
+    ledger.add("fay", "earned", "2024-05-01T10:00:00+00:00", 99)
+    LedgerSink(client).write(ledger.entries)
+
+    assert earners(client, date(2024, 1, 1), date(2024, 12, 31), 3) == [("abe", 100), ("bea", 100), ("cleo", 100)]
+    # The bounds tie at 100 too: a customer tied with the third place must not slip in before it.
+    assert earners(client, date(2024, 1, 1), date(2024, 12, 31), 5) == [
+        ("abe", 100),
+        ("bea", 100),
+        ("cleo", 100),
+        ("dave", 100),
+        ("eve", 100),
+    ]
+    assert earners(client, date(2024, 1, 1), date(2024, 12, 31), 6)[-1] == ("fay", 99)
+    assert queries._top_earners_pruned(client, {**_range(2024, 1, 1, 2024, 12, 31), "year": 2024}, 3) == [
+        ("abe", 100),
+        ("bea", 100),
+        ("cleo", 100),
+    ]
+
+
+def test_pruning_falls_back_when_the_best_bounds_were_earned_outside_the_range(client):
+    """40 customers earned 1001 points in 2024, all but 1 of them in December; `winner` earned 50 in March.
+    For January to July the bounds (1001) of the 40 exceed every sum, so no candidate set certifies."""
+    ledger = LedgerBuilder()
+    for number in range(40):
+        ledger.add(f"big{number:02d}", "earned", "2024-03-05T10:00:00+00:00", 1)
+        ledger.add(f"big{number:02d}", "earned", "2024-12-05T10:00:00+00:00", 1000)
+    ledger.add("winner", "earned", "2024-03-06T10:00:00+00:00", 50)
+    LedgerSink(client).write(ledger.entries)
+    january_to_july = _range(2024, 1, 1, 2024, 7, 31)
+
+    assert queries._top_earners_pruned(client, {**january_to_july, "year": 2024}, 1) is None
+    assert earners(client, date(2024, 1, 1), date(2024, 7, 31), 1) == [("winner", 50)]
+    assert earners(client, date(2024, 1, 1), date(2024, 7, 31), 2) == [("winner", 50), ("big00", 1)]
+    assert earners(client, date(2024, 1, 1), date(2024, 12, 31), 2) == [("big00", 1001), ("big01", 1001)]
+
+
+def test_top_earners_keep_their_balance(client):
+    ledger = LedgerBuilder()
+    ledger.add("ann", "earned", "2024-02-01T10:00:00+00:00", 500)
+    ledger.add("ann", "redeemed", "2024-02-02T10:00:00+00:00", -200)
+    ledger.add("ben", "earned", "2024-02-01T10:00:00+00:00", 400)
+    LedgerSink(client).write(ledger.entries)
+
+    assert top_earners(client, date(2024, 1, 1), date(2024, 12, 31), 2) == [
+        TopEarner(customer_id="ann", points_earned=500, balance=300),
+        TopEarner(customer_id="ben", points_earned=400, balance=400),
+    ]
+
+
+def test_projecting_the_ledger_again_in_other_batches_changes_no_top_earner(client):
+    entries = skewed_ledger().entries
+    sink = LedgerSink(client, batch_rows_max=37)
+    sink.write(entries)
+    expected = {(a, b): earners(client, a, b, 10) for a, b in RANGES}
+    yearly = _yearly_rows(client)
+
+    for start in range(0, len(entries), 53):
+        sink.write(entries[start : start + 53])
+    LedgerSink(client).write(list(reversed(entries)))
+
+    assert {(a, b): earners(client, a, b, 10) for a, b in RANGES} == expected
+    assert _yearly_rows(client) == yearly
+
+
+def test_a_crash_between_the_daily_and_the_yearly_recompute_is_repaired_by_the_retry(client, monkeypatch):
+    entries = skewed_ledger().entries
+    half = len(entries) // 2
+    LedgerSink(client).write(entries[:half])
+
+    original = client.command
+
+    def crash_at_yearly(statement, *args, **kwargs):
+        if "INSERT INTO yearly_customer_points" in str(statement):
+            raise ConnectionError("killed")
+        return original(statement, *args, **kwargs)
+
+    monkeypatch.setattr(client, "command", crash_at_yearly)
+    with pytest.raises(ConnectionError):
+        LedgerSink(client).write(entries[half:])
+    monkeypatch.setattr(client, "command", original)
+    LedgerSink(client).write(entries[half:])  # the restarted projector re-reads the batch
+
+    for date_from, date_to in RANGES:
+        assert earners(client, date_from, date_to, 10) == plain(client, date_from, date_to, 10)
+    projected = _yearly_rows(client)
+    rebuild(client)
+    assert _yearly_rows(client) == projected
+
+
+def test_deferred_writes_bring_the_yearly_rows_up_to_date_at_the_recompute(client):
+    entries = skewed_ledger().entries
+    sink = LedgerSink(client)
+    for start in range(0, len(entries), 40):
+        sink.write(entries[start : start + 40], defer_recompute=True)
+    sink.recompute_dirty()
+
+    for date_from, date_to in RANGES:
+        assert earners(client, date_from, date_to, 10) == plain(client, date_from, date_to, 10)
+    projected = _yearly_rows(client)
+    rebuild(client)
+    assert _yearly_rows(client) == projected
+
+
+def test_rebuild_repairs_corrupted_yearly_rows(client):
+    LedgerSink(client).write(skewed_ledger().entries)
+    expected = earners(client, date(2024, 1, 1), date(2024, 12, 31), 10)
+    client.command(
+        "INSERT INTO yearly_customer_points (year, customer_id, points_bound, entries, days, day_points) "
+        "VALUES (2024, 'zed', 1000000, 1000000, ['2024-06-01'], [1000000])"
+    )
+    assert earners(client, date(2024, 1, 1), date(2024, 12, 31), 1) == [("zed", 1000000)]
+
+    rebuild(client)
+
+    assert earners(client, date(2024, 1, 1), date(2024, 12, 31), 10) == expected
+
+
+def _range(year_from: int, month_from: int, day_from: int, year_to: int, month_to: int, day_to: int) -> dict:
+    return {"date_from": date(year_from, month_from, day_from), "date_to": date(year_to, month_to, day_to)}
+
+
+def _yearly_rows(client) -> list[tuple]:
+    return client.query(
+        "SELECT year, customer_id, points_bound, entries, days, day_points "
+        "FROM yearly_customer_points FINAL ORDER BY year, customer_id"
+    ).result_rows
