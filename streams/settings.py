@@ -59,7 +59,11 @@ class Settings(BaseSettings):
     )
 
     def resolved_replay_processes(self) -> int:
-        return self.replay_processes or max(1, min(os.cpu_count() or 1, 64))
+        if self.replay_processes:
+            return self.replay_processes
+        # The CPUs this process may run on (a container's cpuset), not every CPU of the host.
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, min(usable, 64))
 
     def resolved_clickhouse_dsn(self) -> str:
         if self.clickhouse_dsn:

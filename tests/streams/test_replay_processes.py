@@ -71,3 +71,13 @@ def test_an_archive_of_one_chunk_is_replayed_without_starting_processes(history,
 def test_a_process_count_out_of_range_is_refused_before_any_work(processes):
     with pytest.raises(ValueError, match=f"processes must be in 1..{replay.processes_max}, got {processes}"):
         replay_messages(iter(()), load_ruleset(), processes=processes)
+
+
+def test_the_default_process_count_is_the_cpus_this_process_may_use(monkeypatch):
+    from streams.settings import load_settings
+
+    monkeypatch.delenv("LOYALTY_REPLAY_PROCESSES", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert load_settings().resolved_replay_processes() == 3
+    monkeypatch.setenv("LOYALTY_REPLAY_PROCESSES", "5")
+    assert load_settings().resolved_replay_processes() == 5
