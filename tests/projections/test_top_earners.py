@@ -19,7 +19,7 @@ RANGES = [
     (date(2024, 1, 1), date(2024, 12, 30)),
     (date(2024, 2, 1), date(2024, 11, 30)),  # most of a year: pruning tried
     (date(2024, 1, 1), date(2024, 7, 1)),  # half a year: pruning tried, may fall back
-    (date(2024, 5, 3), date(2024, 6, 2)),  # 31 days: in-year plan
+    (date(2024, 5, 3), date(2024, 6, 2)),  # 31 days: plain plan
     (date(2024, 3, 10), date(2024, 3, 10)),  # one day
     (date(2024, 12, 31), date(2024, 12, 31)),
     (date(2023, 11, 1), date(2024, 2, 29)),  # across a year end: plain plan
