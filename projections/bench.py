@@ -93,12 +93,13 @@ GROUP BY day, customer_id
 SETTINGS do_not_merge_across_partitions_select_final = 1
 """
 
-# From daily_customer_points, so after it; the sink's own statement, over every day of the ledger.
+# From daily_customer_points, so after it: the rows the sink's statements arrive at, for a whole year.
 REBUILD_YEARLY_CUSTOMER_POINTS_SQL = """
-INSERT INTO yearly_customer_points (year, customer_id, points_bound, entries, days, day_points)
+INSERT INTO yearly_customer_points (year, customer_id, points_bound, entries, days, day_points, day_entries)
 SELECT toYear(day) AS year, customer_id, sum(greatest(points_earned, 0)), sum(entries),
-       arrayMap(pair -> pair.1, arraySort(groupArray((day, points_earned)))),
-       arrayMap(pair -> pair.2, arraySort(groupArray((day, points_earned))))
+       arraySort(groupArray(day)),
+       arraySort((points, day_of) -> day_of, groupArray(points_earned), groupArray(day)),
+       arraySort((count, day_of) -> day_of, groupArray(entries), groupArray(day))
 FROM daily_customer_points FINAL
 WHERE toYear(day) = {year:UInt16}
 GROUP BY year, customer_id
