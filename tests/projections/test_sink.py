@@ -156,6 +156,43 @@ def test_the_json_path_stores_what_the_model_path_stores(chdb_dsn, tmp_path, sce
         by_json.close()
 
 
+def test_the_json_path_stores_a_batch_the_reader_parses_in_several_blocks(chdb_dsn, tmp_path, scenario):
+    # Several 1 MB blocks of JSON come out of the reader as several chunks; the sink joins them into one before
+    # inserting, and splits the insert by batch_rows_max: every row must arrive once and unchanged.
+    entries = [
+        entry.model_copy(update={"entry_id": f"{entry.entry_id}-{copy}", "customer_id": f"{entry.customer_id}-{copy}"})
+        for copy in range(250)
+        for entry in scenario
+    ]
+    values = as_json(entries)
+    assert _arrow_table(values)["entry_id"].num_chunks > 1
+    by_models = connect(f"chdb://{tmp_path / 'models'}")
+    try:
+        migrate(by_models)
+        LedgerSink(by_models, batch_rows_max=1_000).write(entries)
+        expected_rows = stored_rows(by_models)
+    finally:
+        by_models.close()
+    by_json = connect(chdb_dsn)
+    try:
+        migrate(by_json)
+        sink = LedgerSink(by_json, batch_rows_max=1_000)
+        assert sink.write_json(values, {(TOPIC, 0): len(values)}) == len(entries)
+        assert stored_rows(by_json) == expected_rows
+        assert by_json.command("SELECT count() FROM ledger_entries") == len(entries)
+        assert sink.resume_offsets() == {(TOPIC, 0): len(values)}
+    finally:
+        by_json.close()
+
+
+@pytest.mark.parametrize("value", [lambda value: value.decode(), bytearray], ids=["str", "bytearray"])
+def test_the_json_path_names_a_message_that_is_not_bytes(client, scenario, value):
+    values = as_json(scenario)
+    with pytest.raises(ValueError, match="ledger message 1 of the batch has no value"):
+        LedgerSink(client).write_json([values[0], value(values[1]), *values[2:]])
+    assert balances(client) == {}
+
+
 def test_the_json_path_compares_a_repeated_entry_id_with_its_first_copy(client, scenario):
     values = as_json(scenario)
     assert LedgerSink(client).write_json(values + values[:3]) == len(scenario)
