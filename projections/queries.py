@@ -199,8 +199,8 @@ POINT_SOURCES_SQL: dict[str, str] = {
 
 # Two queries, not one with a CTE: ClickHouse inlines a CTE at every use, so a CTE of the top earners read
 # by both the outer query and the balance subquery ran the whole aggregation twice (274 vs 135 ms for a
-# year at 10M ledger rows, measured 2026-11-23). This is the plain form, for a range spanning two
-# calendar years; a range within one year reads yearly_customer_points (see `top_earners`).
+# year at 10M ledger rows, measured 2026-11-23). This is the plain form, for ranges shorter than half a year;
+# longer ones read yearly_customer_points (see `top_earners`).
 TOP_EARNERS_SQL = f"""
 SELECT customer_id, sum(points_earned) AS points
 FROM daily_customer_points FINAL
@@ -227,6 +227,29 @@ FROM
 )
 WHERE first < past
 ORDER BY points DESC, customer_id
+LIMIT {{limit:UInt32}}
+{FINAL_SETTINGS}
+"""
+
+# A long range across a year end (a rolling twelve months): each year's slice sums, as in TOP_EARNERS_IN_YEAR_SQL,
+# added up per customer. The GROUP BY runs over at most one row per customer and year instead of one per day.
+TOP_EARNERS_ACROSS_YEARS_SQL = f"""
+SELECT customer_id, sum(points) AS total
+FROM
+(
+    SELECT customer_id, arraySum(arraySlice(day_points, first + 1, past - first)) AS points
+    FROM
+    (
+        SELECT customer_id, day_points,
+               arrayCount(day_of -> day_of < {{date_from:Date}}, days) AS first,
+               arrayCount(day_of -> day_of <= {{date_to:Date}}, days) AS past
+        FROM yearly_customer_points FINAL
+        WHERE year >= {{year_from:UInt16}} AND year <= {{year_to:UInt16}}
+    )
+    WHERE first < past
+)
+GROUP BY customer_id
+ORDER BY total DESC, customer_id
 LIMIT {{limit:UInt32}}
 {FINAL_SETTINGS}
 """
@@ -400,7 +423,10 @@ def top_earners(client: Client, date_from: date, date_to: date, limit: int = 10)
 
     Ties are ordered by customer id. The answer is always exactly the plain `GROUP BY customer_id` over
     `daily_customer_points` (TOP_EARNERS_SQL); how it is found depends on the range:
-    - shorter than half a year, or spanning two calendar years: that GROUP BY itself;
+    - shorter than half a year: that GROUP BY itself;
+    - half a year or more across a year end (a rolling twelve months): per customer, the sum of each year's
+      array slice (TOP_EARNERS_ACROSS_YEARS_SQL; 53/69 ms p50/p95 against 82/102 for the GROUP BY at 10M
+      ledger rows over two years, 500k customers; for 31 days across a year end it was 45 against 22);
     - otherwise: threshold pruning over `yearly_customer_points`, and when it cannot certify its answer,
       an array sum per customer row of the year (TOP_EARNERS_IN_YEAR_SQL). That plan is not used for short
       ranges: with an unmerged part in the yearly table its FINAL cost 58 ms for 31 days, the GROUP BY 35.
@@ -409,8 +435,13 @@ def top_earners(client: Client, date_from: date, date_to: date, limit: int = 10)
     if not 1 <= limit <= TOP_EARNERS_LIMIT_MAX:
         raise ValueError(f"limit must be in 1..{TOP_EARNERS_LIMIT_MAX}, got {limit}")
     range_parameters = {"date_from": date_from, "date_to": date_to}
-    if date_from.year != date_to.year or (date_to - date_from).days + 1 < TOP_EARNERS_PRUNE_DAYS_MIN:
+    if (date_to - date_from).days + 1 < TOP_EARNERS_PRUNE_DAYS_MIN:
         earners = client.query(TOP_EARNERS_SQL, parameters={**range_parameters, "limit": limit}).result_rows
+    elif date_from.year != date_to.year:
+        earners = client.query(
+            TOP_EARNERS_ACROSS_YEARS_SQL,
+            parameters={**range_parameters, "year_from": date_from.year, "year_to": date_to.year, "limit": limit},
+        ).result_rows
     else:
         year_parameters = {**range_parameters, "year": date_from.year}
         earners = _top_earners_pruned(client, year_parameters, limit)

@@ -22,7 +22,8 @@ RANGES = [
     (date(2024, 5, 3), date(2024, 6, 2)),  # 31 days: plain plan
     (date(2024, 3, 10), date(2024, 3, 10)),  # one day
     (date(2024, 12, 31), date(2024, 12, 31)),
-    (date(2023, 11, 1), date(2024, 2, 29)),  # across a year end: plain plan
+    (date(2023, 11, 1), date(2024, 2, 29)),  # across a year end, short: plain plan
+    (date(2023, 7, 1), date(2024, 6, 30)),  # a rolling twelve months: per-year slices added up
     (date(2023, 1, 1), date(2024, 12, 31)),
     (date(2025, 1, 1), date(2025, 12, 31)),  # nobody earned
 ]
@@ -205,6 +206,19 @@ def test_rebuild_repairs_corrupted_yearly_rows(client):
     rebuild(client)
 
     assert earners(client, date(2024, 1, 1), date(2024, 12, 31), 10) == expected
+
+
+def test_a_rolling_twelve_months_is_answered_from_the_yearly_rows_of_both_years(client):
+    LedgerSink(client).write(skewed_ledger().entries)
+    rolling = (date(2023, 7, 1), date(2024, 6, 30))
+    expected = plain(client, *rolling, 3)
+    assert earners(client, *rolling, 3) == expected
+    # A row only the yearly table has (the daily table does not): it shows, so that table answered.
+    client.command(
+        "INSERT INTO yearly_customer_points (year, customer_id, points_bound, entries, days, day_points, day_entries) "
+        "VALUES (2024, 'zed', 700, 1000000, ['2024-06-30', '2024-07-01'], [600, 100], [1, 1])"
+    )
+    assert earners(client, *rolling, 3) == sorted([*expected, ("zed", 600)], key=lambda e: (-e[1], e[0]))[:3]
 
 
 def test_a_batch_written_while_keeping_up_patches_only_its_own_customers_yearly_rows(client):
