@@ -17,7 +17,10 @@ Concurrent sink writes: in embedded mode the caller holds the client lock, so th
 sink of another process writes while the rebuild runs (a ClickHouse server), a day it recomputed into the
 old table after the new one was filled would be lost by the swap; so after the swap, every day with ledger
 rows ingested since the rebuild started (minus a margin for clock skew) is recomputed once more into the
-live tables, which is idempotent.
+live tables, which is idempotent. That repairs the daily tables; a `yearly_customer_points` row that the
+other sink and this catch-up patch at the same moment can keep one of the two patches until the customer's
+next entry (both read the same newest row), so on a server run the rebuild through the running system,
+which makes its projector wait (docs/replay.md).
 """
 
 from __future__ import annotations

@@ -255,14 +255,15 @@ class LedgerSink:
         offset_rows = _offset_rows(offsets or {})
         unique = _unique_entries(entries)
         columns = _columns(unique)
+        days = {entry.occurred_at.date() for entry in unique}
+        only = self._mark_written(days, defer_recompute, {entry.customer_id for entry in unique})
         for start in range(0, len(unique), self._batch_rows_max):
             chunk = [column[start : start + self._batch_rows_max] for column in columns]
             self._client.insert(
                 "ledger_entries", chunk, column_names=LEDGER_COLUMNS, column_oriented=True, settings=INSERT_SETTINGS
             )
-        self._days_written(
-            {entry.occurred_at.date() for entry in unique}, defer_recompute, {entry.customer_id for entry in unique}
-        )
+        if not defer_recompute:
+            self._recompute(days, only)
         self._store_offsets(offset_rows)
         return len(unique)
 
@@ -283,7 +284,8 @@ class LedgerSink:
         """
         offset_rows = _offset_rows(offsets or {})
         if not values:
-            self._days_written(set(), defer_recompute, set())
+            if not defer_recompute:
+                self._recompute(set(), None)
             self._store_offsets(offset_rows)
             return 0
         table = _arrow_table(values)
@@ -293,44 +295,57 @@ class LedgerSink:
         # ClickHouse as a dozen record batches that it converts and squashes one by one. One contiguous chunk
         # costs a copy here (about 2 ms for 20,000 rows) and saves about a fifth of the insert's time.
         table = table.combine_chunks()
+        days = set(pyarrow.compute.unique(pyarrow.compute.cast(table["occurred_at"], pyarrow.date32())).to_pylist())
+        customers = set() if defer_recompute else set(pyarrow.compute.unique(table["customer_id"]).to_pylist())
+        only = self._mark_written(days, defer_recompute, customers)
         for start in range(0, table.num_rows, self._batch_rows_max):
             self._client.insert_arrow(
                 "ledger_entries", table.slice(start, self._batch_rows_max), settings=INSERT_SETTINGS
             )
-        days = pyarrow.compute.unique(pyarrow.compute.cast(table["occurred_at"], pyarrow.date32()))
-        customers = pyarrow.compute.unique(table["customer_id"])
-        self._days_written(set(days.to_pylist()), defer_recompute, set(customers.to_pylist()))
+        if not defer_recompute:
+            self._recompute(days, only)
         self._store_offsets(offset_rows)
         return table.num_rows
 
-    def recompute_dirty(self, days: set[date] | None = None, customers: set[str] | None = None) -> int:
+    def recompute_dirty(self, days: set[date] | None = None) -> int:
         """Recompute the aggregates of `days` and of every dirty day (this sink's, and those a crashed sink
-        left); return how many days were recomputed.
+        left); return how many days were recomputed."""
+        return self._recompute(days or set(), None)
 
-        `customers`: the only customers with ledger rows written on `days` since their last recompute (the
-        batch just written). With no dirty day, the yearly rows of those customers alone are patched.
-        """
+    def _recompute(self, days: set[date], only_customers: set[str] | None) -> int:
+        """`recompute_dirty`; `only_customers`: patch the yearly rows of these customers alone (see
+        `_mark_written`), else of every customer with a row on a recomputed day."""
         self._load_dirty()
         dirty = set(self._dirty)
-        every = dirty | (days or set())
+        every = dirty | days
         if not every:
             return 0
         started_at = self._next_version()  # a day marked dirty again after this point stays dirty
-        few = customers is not None and len(customers) <= CUSTOMERS_PER_PATCH_MAX
-        self._recompute_daily_points(every, customers if few and not dirty else None)
+        self._recompute_daily_points(every, only_customers)
         if dirty:
             self._mark(dirty, dirty=False, version=started_at)
         self._dirty -= dirty
         return len(every)
 
-    def _days_written(self, days: set[date], defer: bool, customers: set[str]) -> None:
-        if defer:
-            if days:
-                self._load_dirty()
-                self._mark(days, dirty=True, version=self._next_version())
-                self._dirty |= days
-        else:
-            self.recompute_dirty(days, customers)
+    def _mark_written(self, days: set[date], defer: bool, customers: set[str]) -> set[str] | None:
+        """Before a batch's rows are inserted: mark its days dirty, deferred or not. A crash between the insert
+        and the recompute then leaves them dirty, and the next sink recomputes them for every customer (a
+        restarted projector may never read that batch again: an embedded broker forgets its log).
+
+        Returns the customers whose yearly rows alone the batch's own recompute may patch: the batch's, when
+        it recomputes at once, no day was dirty before it and they are few; else None (every customer of the
+        days).
+        """
+        if not days:
+            return None
+        self._load_dirty()
+        # A day dirty already (a deferred write, a failed attempt) may hold rows of customers not in this batch.
+        dirty_before = bool(self._dirty)
+        self._mark(days, dirty=True, version=self._next_version())
+        self._dirty |= days
+        if defer or dirty_before or len(customers) > CUSTOMERS_PER_PATCH_MAX:
+            return None
+        return customers
 
     def _load_dirty(self) -> None:
         """Once per sink: the days other sinks left dirty, and the newest mark's version."""

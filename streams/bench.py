@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -832,7 +833,7 @@ def bench_replay(log: Log, ruleset, options: BenchOptions) -> dict[str, float]:
     began = time.perf_counter()
     result = replay_messages(messages, ruleset, processes=processes)  # as `loyalty replay` runs by default
     elapsed = time.perf_counter() - began
-    if (result.balances, result.points_by_rule, result.issued) != (alone.balances, alone.points_by_rule, alone.issued):
+    if dataclasses.asdict(result) != dataclasses.asdict(alone):
         raise RuntimeError(f"replay in {processes} processes differs from replay in one")
     return {
         "replay_events": result.events,

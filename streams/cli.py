@@ -400,14 +400,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 sys.stderr.write(f"\rreplay [{bar:<{progress_bar_width}}] {share:4.0%}  {shown}")
                 sys.stderr.flush()
 
-        report = replay.dry_run(
-            client,
-            new_rules,
-            current_point_value=current.redemption.point_value,
-            since=datetime.fromisoformat(since).replace(tzinfo=UTC) if since else None,
-            progress=progress,
-            processes=args.processes or settings.resolved_replay_processes(),
-        )
+        try:
+            report = replay.dry_run(
+                client,
+                new_rules,
+                current_point_value=current.redemption.point_value,
+                since=datetime.fromisoformat(since).replace(tzinfo=UTC) if since else None,
+                progress=progress,
+                processes=args.processes or settings.resolved_replay_processes(),
+            )
+        except replay.ReplayRefused as error:
+            return _fail(f"replay refused: {error}")
         if sys.stderr.isatty():
             sys.stderr.write("\n")
     if args.csv:

@@ -48,7 +48,7 @@ processes_max = 64
 
 
 class ReplayRefused(RuntimeError):
-    """`--apply` cannot run safely now; the message says why."""
+    """The replay cannot run (safely) on this archive or now; the message says why."""
 
 
 @dataclass
@@ -117,8 +117,20 @@ def _first_pass(
     progress: Callable[[int], None] | None,
 ) -> None:
     for customer_id, items in _customers(messages, result, progress):
+        _check_once(customer_id, result.balances)
         state = _run_customer(customer_id, items, ruleset, result, +1, derived)
         result.balances[customer_id] = state.balance
+
+
+def _check_once(customer_id: str, balances: dict[str, int]) -> None:
+    """A customer's events must come as one run (the archive is sorted by routing key): two runs would be decided
+    from two fresh states, and the second would silently replace the first one's balance."""
+    if customer_id in balances:
+        raise ReplayRefused(
+            f"customer {customer_id!r} has archived events under more than one routing key; replay decides a "
+            "customer's events together, so every event must be keyed by its customer (the referee's copy of a "
+            "referral by the referee), as `loyalty produce` does"
+        )
 
 
 class _Compact(NamedTuple):
@@ -168,7 +180,9 @@ def _merge(
     part: ShadowResult,
     part_derived: dict[str, list[tuple[tuple, ev.Event]]],
 ) -> None:
-    result.balances.update(part.balances)  # chunks hold whole customers, merged in the order they were cut
+    for customer_id in part.balances:  # chunks hold whole customers, merged in the order they were cut
+        _check_once(customer_id, result.balances)
+    result.balances.update(part.balances)
     for rule_id, points in part.points_by_rule.items():
         result.points_by_rule[rule_id] = result.points_by_rule.get(rule_id, 0) + points
     result.issued += part.issued

@@ -397,15 +397,18 @@ def _replay_handler(client, client_lock, ruleset, monitor, projector, bootstrap,
         except (ValueError, KeyError, TypeError, RuleSetInvalid) as error:
             return web.json_response({"error": f"bad replay request: {error}"}, status=400)
         if not body.get("apply"):
-            async with client_lock:
-                report = await asyncio.to_thread(
-                    replay.dry_run,
-                    client,
-                    new_rules,
-                    current_point_value=ruleset.redemption.point_value,
-                    since=since,
-                    processes=processes,
-                )
+            try:
+                async with client_lock:
+                    report = await asyncio.to_thread(
+                        replay.dry_run,
+                        client,
+                        new_rules,
+                        current_point_value=ruleset.redemption.point_value,
+                        since=since,
+                        processes=processes,
+                    )
+            except replay.ReplayRefused as error:
+                return web.json_response({"error": str(error)}, status=409)
             return web.json_response(report)
         try:
             report = await _apply_replay(new_rules, str(body["rules"]), lag_max, processes)

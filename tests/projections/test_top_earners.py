@@ -245,7 +245,40 @@ def test_a_batch_written_while_keeping_up_patches_only_its_own_customers_yearly_
     assert _yearly_rows(client) == patched
 
 
-def test_yearly_rows_after_any_mix_of_live_deferred_and_restarted_writes_equal_a_rebuild(client):
+def test_a_crash_after_the_insert_leaves_the_day_for_the_next_sink_to_patch_for_every_customer(client, monkeypatch):
+    ann = LedgerBuilder()
+    ann.add("ann", "earned", "2024-05-01T10:00:00+00:00", 10)
+    LedgerSink(client).write(ann.entries)
+    ann.add("ann", "earned", "2024-05-01T11:00:00+00:00", 500)
+    original = client.command
+
+    def crash_at_recompute(statement, *args, **kwargs):
+        if "INSERT INTO daily_points" in str(statement):
+            raise ConnectionError("killed between the ledger insert and the recompute")
+        return original(statement, *args, **kwargs)
+
+    monkeypatch.setattr(client, "command", crash_at_recompute)
+    with pytest.raises(ConnectionError):
+        LedgerSink(client).write(ann.entries[1:])
+    monkeypatch.setattr(client, "command", original)
+    # The batch is never read again (an embedded broker forgot it); another customer writes on the same day.
+    bob = LedgerBuilder()
+    bob.add("bob", "earned", "2024-05-01T12:00:00+00:00", 20)
+    LedgerSink(client).write(bob.entries)
+
+    assert earners(client, date(2024, 1, 1), date(2024, 12, 31), 2) == [("ann", 510), ("bob", 20)]
+    patched = _yearly_rows(client)
+    rebuild(client)
+    assert _yearly_rows(client) == patched
+
+
+@pytest.mark.parametrize(("days_max", "customers_max"), [(400, 2000), (7, 3)])
+def test_yearly_rows_after_any_mix_of_live_deferred_and_restarted_writes_equal_a_rebuild(
+    client, monkeypatch, days_max, customers_max
+):
+    # (7, 3): recomputes in windows of 7 days, and batches of more than 3 customers patch every customer.
+    monkeypatch.setattr("projections.sink.DAYS_PER_RECOMPUTE_MAX", days_max)
+    monkeypatch.setattr("projections.sink.CUSTOMERS_PER_PATCH_MAX", customers_max)
     entries = skewed_ledger(seed=5).entries
     randomness = random.Random(3)
     sink = LedgerSink(client)

@@ -67,6 +67,26 @@ def test_an_archive_of_one_chunk_is_replayed_without_starting_processes(history,
     assert dataclasses.asdict(replay_messages(archive, rules, processes=4)) == dataclasses.asdict(alone)
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_customer_keyed_under_two_routing_keys_is_refused_not_decided_twice(history, monkeypatch, processes):
+    _, rules, archive = history
+    monkeypatch.setattr(replay, "chunk_messages", 97)
+    customer = max({m.routing_key for m in archive}, key=lambda key: sum(m.routing_key == key for m in archive))
+    # Half of that customer's messages keyed by a foreign producer under another key, which sorts first.
+    own = [m for m in archive if m.routing_key == customer]
+    moved = {id(m) for m in own[len(own) // 2 :]}
+    rekeyed = [dataclasses.replace(m, routing_key="!" + customer) if id(m) in moved else m for m in archive]
+    rekeyed.sort(key=lambda m: (m.routing_key, m.occurred_at, m.topic_rank, m.offset))
+
+    with pytest.raises(replay.ReplayRefused, match=f"customer '{customer}' has archived events under more than one"):
+        replay_messages(rekeyed, rules, processes=processes)
+
+
+def test_an_empty_archive_replays_to_an_empty_report_in_any_number_of_processes():
+    result = replay_messages(iter(()), load_ruleset(), processes=2)
+    assert dataclasses.asdict(result) == dataclasses.asdict(replay.ShadowResult())
+
+
 @pytest.mark.parametrize("processes", [0, -1, replay.processes_max + 1])
 def test_a_process_count_out_of_range_is_refused_before_any_work(processes):
     with pytest.raises(ValueError, match=f"processes must be in 1..{replay.processes_max}, got {processes}"):
