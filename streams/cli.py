@@ -361,8 +361,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     if args.dry_run == args.apply:
         return _fail("say --dry-run or --apply")
-    if args.processes is not None and not 1 <= args.processes <= replay.processes_max:
-        return _fail(f"--processes must be in 1..{replay.processes_max}, got {args.processes}")
+    if args.processes is not None and not 0 <= args.processes <= replay.processes_max:
+        return _fail(f"--processes must be in 0..{replay.processes_max} (0: the default), got {args.processes}")
     rules_text = Path(args.rules).read_text()
     new_rules = load_ruleset(args.rules)
     settings = _settings(args)
@@ -562,7 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--csv", help="also write the per-customer diff to this CSV file")
     sub.add_argument("--lag-max", type=int, default=0, help="refuse --apply when the worker lags more")
     sub.add_argument(
-        "--processes", type=int, help="processes to decide customers in (default LOYALTY_REPLAY_PROCESSES: one per CPU)"
+        "--processes",
+        type=int,
+        help="processes to decide customers in (0 or unset: LOYALTY_REPLAY_PROCESSES, by default one per CPU)",
     )
     sub.add_argument("--json", action="store_true")
     system_options(sub)

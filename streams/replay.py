@@ -18,6 +18,8 @@ import csv
 import itertools
 import json
 import multiprocessing
+import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -45,6 +47,7 @@ lag_bound_messages = 0  # apply refuses unless the worker and the archive are fu
 chunk_messages = 5_000
 chunks_in_flight_per_process = 2
 processes_max = 64
+orphan_check_interval_s = 1.0
 
 
 class ReplayRefused(RuntimeError):
@@ -163,6 +166,16 @@ _process_ruleset: RuleSet | None = None
 def _start_process(ruleset: RuleSet) -> None:
     global _process_ruleset
     _process_ruleset = ruleset
+    # A pool process waits for work on a pipe its parent also holds open; if the parent is killed (SIGKILL, the
+    # OOM killer) the wait never ends. Exit when the parent is gone instead of staying behind.
+    parent = os.getppid()
+
+    def exit_when_orphaned() -> None:
+        while os.getppid() == parent:
+            time.sleep(orphan_check_interval_s)
+        os._exit(1)
+
+    threading.Thread(target=exit_when_orphaned, name="replay-orphan-check", daemon=True).start()
 
 
 def _replay_chunk(chunk: list[_Compact]) -> tuple[ShadowResult, dict[str, list[tuple[tuple, ev.Event]]]]:

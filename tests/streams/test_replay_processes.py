@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from test_derived_events import RULES
@@ -13,6 +19,8 @@ from streams.batch import process_lines
 from streams.replay import replay_messages
 from streams.rules.ruleset import load_ruleset
 from streams.simulate import generate_events
+
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +109,62 @@ def test_the_default_process_count_is_the_cpus_this_process_may_use(monkeypatch)
     assert load_settings().resolved_replay_processes() == 3
     monkeypatch.setenv("LOYALTY_REPLAY_PROCESSES", "5")
     assert load_settings().resolved_replay_processes() == 5
+
+
+ORPHAN_SCRIPT = """
+import sys, time
+from streams import replay
+from streams.bench import build_log, replay_input
+from streams.rules.ruleset import load_ruleset
+
+def archive_then_hang(messages):
+    yield from messages
+    print("submitted", flush=True)
+    time.sleep(3600)  # the caller is stuck reading the archive while the pool waits for work
+
+if __name__ == "__main__":
+    replay.chunk_messages = 100
+    replay.replay_messages(archive_then_hang(replay_input(build_log(1500, 150, 3))), load_ruleset(), processes=2)
+"""
+
+
+def _children(pid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as listing:
+            return {int(child) for child in listing.read().split()}
+    except FileNotFoundError:
+        return set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"), reason="needs /proc")
+def test_replay_processes_exit_when_the_calling_process_is_killed(tmp_path):
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN_SCRIPT)
+    caller = subprocess.Popen(
+        [sys.executable, str(script)], cwd=REPOSITORY, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    children: set[int] = set()
+    try:
+        assert caller.stdout is not None and caller.stdout.readline().strip() == "submitted"
+        children = _children(caller.pid)
+        assert len(children) >= 2  # the two replay processes (and multiprocessing's resource tracker)
+        caller.kill()
+        caller.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while any(_alive(child) for child in children) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [child for child in children if _alive(child)]
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+        for child in children:
+            if _alive(child):
+                os.kill(child, signal.SIGKILL)
