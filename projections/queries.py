@@ -211,17 +211,23 @@ LIMIT {{limit:UInt32}}
 {FINAL_SETTINGS}
 """
 
+# A customer row's sum over the range: `days` is ascending, so the range's days are those between `first` (the
+# count of days before the range) and `past` (of days up to its end); `first < past` when it has one there.
+_RANGE_DAYS = (
+    "arrayCount(day_of -> day_of < {date_from:Date}, days) AS first, "
+    "arrayCount(day_of -> day_of <= {date_to:Date}, days) AS past"
+)
+_RANGE_SUM = "arraySum(arraySlice(day_points, first + 1, past - first))"
+
 # A range within one calendar year, exactly: each customer's row of the year holds its daily earnings, days
 # ascending, so the range's sum is the sum of a slice of `day_points` (no GROUP BY over a string key: over
 # the 6.5M day rows of a year that took 100-200 ms; this reads 650k rows in about 30 ms). FINAL keeps the
 # newest row of each customer; `first < past` keeps the customers with a day in the range, as GROUP BY does.
 TOP_EARNERS_IN_YEAR_SQL = f"""
-SELECT customer_id, arraySum(arraySlice(day_points, first + 1, past - first)) AS points
+SELECT customer_id, {_RANGE_SUM} AS points
 FROM
 (
-    SELECT customer_id, day_points,
-           arrayCount(day_of -> day_of < {{date_from:Date}}, days) AS first,
-           arrayCount(day_of -> day_of <= {{date_to:Date}}, days) AS past
+    SELECT customer_id, day_points, {_RANGE_DAYS}
     FROM yearly_customer_points FINAL
     WHERE year = {{year:UInt16}}
 )
@@ -237,12 +243,10 @@ TOP_EARNERS_ACROSS_YEARS_SQL = f"""
 SELECT customer_id, sum(points) AS total
 FROM
 (
-    SELECT customer_id, arraySum(arraySlice(day_points, first + 1, past - first)) AS points
+    SELECT customer_id, {_RANGE_SUM} AS points
     FROM
     (
-        SELECT customer_id, day_points,
-               arrayCount(day_of -> day_of < {{date_from:Date}}, days) AS first,
-               arrayCount(day_of -> day_of <= {{date_to:Date}}, days) AS past
+        SELECT customer_id, day_points, {_RANGE_DAYS}
         FROM yearly_customer_points FINAL
         WHERE year >= {{year_from:UInt16}} AND year <= {{year_to:UInt16}}
     )
@@ -267,17 +271,13 @@ LIMIT {rows:UInt32}
 
 # The candidates' sums over the range from their newest rows (most entries), and whether they have a day in
 # the range (a customer without one is not in the plain GROUP BY's answer at all).
-TOP_EARNERS_CANDIDATES_SQL = """
-SELECT customer_id,
-       argMax(arraySum(arraySlice(day_points, first + 1, past - first)), entries),
-       argMax(first < past, entries)
+TOP_EARNERS_CANDIDATES_SQL = f"""
+SELECT customer_id, argMax({_RANGE_SUM}, entries), argMax(first < past, entries)
 FROM
 (
-    SELECT customer_id, entries, day_points,
-           arrayCount(day_of -> day_of < {date_from:Date}, days) AS first,
-           arrayCount(day_of -> day_of <= {date_to:Date}, days) AS past
+    SELECT customer_id, entries, day_points, {_RANGE_DAYS}
     FROM yearly_customer_points
-    WHERE year = {year:UInt16} AND customer_id IN {customer_ids:Array(String)}
+    WHERE year = {{year:UInt16}} AND customer_id IN {{customer_ids:Array(String)}}
 )
 GROUP BY customer_id
 """

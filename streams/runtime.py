@@ -348,6 +348,17 @@ def _replay_handler(client, client_lock, ruleset, monitor, projector, bootstrap,
         )
         return counts, archived
 
+    async def dry_run(new_rules, since: datetime | None, processes: int) -> dict:
+        async with client_lock:
+            return await asyncio.to_thread(
+                replay.dry_run,
+                client,
+                new_rules,
+                current_point_value=ruleset.redemption.point_value,
+                since=since,
+                processes=processes,
+            )
+
     async def _apply_replay(new_rules, text: str, lag_max: int, processes: int) -> dict:
         from streams.cutover import publish_cutover
 
@@ -371,14 +382,7 @@ def _replay_handler(client, client_lock, ruleset, monitor, projector, bootstrap,
                     "the new rule set is in force from them, run --apply again to post the compensations"
                 )
             await asyncio.sleep(0.5)
-        async with client_lock:
-            report = await asyncio.to_thread(
-                replay.dry_run,
-                client,
-                new_rules,
-                current_point_value=ruleset.redemption.point_value,
-                processes=processes,
-            )
+        report = await dry_run(new_rules, None, processes)
         report["applied"] = await asyncio.to_thread(replay.apply_report, report, bootstrap=bootstrap)
         report["applied"]["markers"] = {
             f"{topic}/{partition}": offset for (topic, partition), offset in markers.items()
@@ -396,22 +400,11 @@ def _replay_handler(client, client_lock, ruleset, monitor, projector, bootstrap,
                 raise ValueError(f"processes must be in 1..{replay.processes_max}, got {processes}")
         except (ValueError, KeyError, TypeError, RuleSetInvalid) as error:
             return web.json_response({"error": f"bad replay request: {error}"}, status=400)
-        if not body.get("apply"):
-            try:
-                async with client_lock:
-                    report = await asyncio.to_thread(
-                        replay.dry_run,
-                        client,
-                        new_rules,
-                        current_point_value=ruleset.redemption.point_value,
-                        since=since,
-                        processes=processes,
-                    )
-            except replay.ReplayRefused as error:
-                return web.json_response({"error": str(error)}, status=409)
-            return web.json_response(report)
         try:
-            report = await _apply_replay(new_rules, str(body["rules"]), lag_max, processes)
+            if body.get("apply"):
+                report = await _apply_replay(new_rules, str(body["rules"]), lag_max, processes)
+            else:
+                report = await dry_run(new_rules, since, processes)
         except replay.ReplayRefused as error:
             return web.json_response({"error": str(error)}, status=409)
         return web.json_response(report)

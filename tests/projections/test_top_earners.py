@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from datetime import date, timedelta
 
@@ -160,17 +161,8 @@ def test_a_crash_between_the_daily_and_the_yearly_recompute_is_repaired_by_the_r
     half = len(entries) // 2
     LedgerSink(client).write(entries[:half])
 
-    original = client.command
-
-    def crash_at_yearly(statement, *args, **kwargs):
-        if "INSERT INTO yearly_customer_points" in str(statement):
-            raise ConnectionError("killed")
-        return original(statement, *args, **kwargs)
-
-    monkeypatch.setattr(client, "command", crash_at_yearly)
-    with pytest.raises(ConnectionError):
+    with _killed_at(client, monkeypatch, "INSERT INTO yearly_customer_points"), pytest.raises(ConnectionError):
         LedgerSink(client).write(entries[half:])
-    monkeypatch.setattr(client, "command", original)
     LedgerSink(client).write(entries[half:])  # the restarted projector re-reads the batch
 
     for date_from, date_to in RANGES:
@@ -250,17 +242,9 @@ def test_a_crash_after_the_insert_leaves_the_day_for_the_next_sink_to_patch_for_
     ann.add("ann", "earned", "2024-05-01T10:00:00+00:00", 10)
     LedgerSink(client).write(ann.entries)
     ann.add("ann", "earned", "2024-05-01T11:00:00+00:00", 500)
-    original = client.command
-
-    def crash_at_recompute(statement, *args, **kwargs):
-        if "INSERT INTO daily_points" in str(statement):
-            raise ConnectionError("killed between the ledger insert and the recompute")
-        return original(statement, *args, **kwargs)
-
-    monkeypatch.setattr(client, "command", crash_at_recompute)
-    with pytest.raises(ConnectionError):
+    # Killed between the ledger insert and the recompute.
+    with _killed_at(client, monkeypatch, "INSERT INTO daily_points"), pytest.raises(ConnectionError):
         LedgerSink(client).write(ann.entries[1:])
-    monkeypatch.setattr(client, "command", original)
     # The batch is never read again (an embedded broker forgot it); another customer writes on the same day.
     bob = LedgerBuilder()
     bob.add("bob", "earned", "2024-05-01T12:00:00+00:00", 20)
@@ -296,6 +280,23 @@ def test_yearly_rows_after_any_mix_of_live_deferred_and_restarted_writes_equal_a
     patched = _yearly_rows(client)
     rebuild(client)
     assert _yearly_rows(client) == patched
+
+
+@contextlib.contextmanager
+def _killed_at(client, monkeypatch, statement_start: str):
+    """Within the block, the statement that starts so fails as if the process died there."""
+    original = client.command
+
+    def command(statement, *args, **kwargs):
+        if str(statement).lstrip().startswith(statement_start):
+            raise ConnectionError(f"killed at {statement_start}")
+        return original(statement, *args, **kwargs)
+
+    monkeypatch.setattr(client, "command", command)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(client, "command", original)
 
 
 def _range(year_from: int, month_from: int, day_from: int, year_to: int, month_to: int, day_to: int) -> dict:
