@@ -21,7 +21,7 @@ import pyarrow
 from projections import queries
 from projections.client import connect
 from projections.schema import migrate
-from projections.sink import LEDGER_COLUMNS, LedgerSink
+from projections.sink import LEDGER_COLUMNS, RECOMPUTE_YEARLY_CUSTOMER_POINTS_SQL, LedgerSink
 from schemas.ledger import Kind, LedgerEntry, Source
 
 SYNTHETIC_FIRST_DAY = date(2024, 1, 1)
@@ -90,19 +90,6 @@ SELECT toDate(occurred_at) AS day, customer_id, sum(points), count()
 FROM ledger_entries FINAL
 WHERE toYYYYMM(occurred_at) = {month:UInt32} AND kind IN ('earned', 'confirmed')
 GROUP BY day, customer_id
-SETTINGS do_not_merge_across_partitions_select_final = 1
-"""
-
-# From daily_customer_points, so after it: the rows the sink's statements arrive at, for a whole year.
-REBUILD_YEARLY_CUSTOMER_POINTS_SQL = """
-INSERT INTO yearly_customer_points (year, customer_id, points_bound, entries, days, day_points, day_entries)
-SELECT toYear(day) AS year, customer_id, sum(greatest(points_earned, 0)), sum(entries),
-       arraySort(groupArray(day)),
-       arraySort((points, day_of) -> day_of, groupArray(points_earned), groupArray(day)),
-       arraySort((count, day_of) -> day_of, groupArray(entries), groupArray(day))
-FROM daily_customer_points FINAL
-WHERE toYear(day) = {year:UInt16}
-GROUP BY year, customer_id
 SETTINGS do_not_merge_across_partitions_select_final = 1
 """
 
@@ -205,8 +192,19 @@ def build_aggregates(client) -> None:
             REBUILD_DAILY_CUSTOMER_POINTS_SQL,
         ):
             client.command(statement, parameters={"month": month})
+    # The sink's own statement over a whole year at a time (a year fits in one recompute window): the rows it
+    # builds are the rows the projector keeps up to date.
     for year in sorted({month // 100 for month in months}):
-        client.command(REBUILD_YEARLY_CUSTOMER_POINTS_SQL, parameters={"year": year})
+        days = [
+            day
+            for (day,) in client.query(
+                "SELECT DISTINCT day FROM daily_customer_points WHERE toYear(day) = {year:UInt16} ORDER BY day",
+                parameters={"year": year},
+            ).result_rows
+        ]
+        if days:
+            parameters = {"day_first": days[0], "day_last": days[-1], "days": days}
+            client.command(RECOMPUTE_YEARLY_CUSTOMER_POINTS_SQL, parameters=parameters)
     sizes = ", ".join(f"{table} {client.command(f'SELECT count() FROM {table}'):,}" for table in AGGREGATE_TABLES)
     print(f"built the daily aggregates ({sizes} rows) in {time.perf_counter() - began:.1f} s")
 

@@ -5,10 +5,11 @@ Exactly-once effect on at-least-once delivery, without transactions (ClickHouse 
 1. `ledger_entries` is a ReplacingMergeTree whose sorting key ends with `entry_id`, so a re-inserted
    entry collapses with its first copy (queries read it with FINAL).
 2. The daily aggregates (daily_points, daily_product_points, daily_customer_points) are *recomputed*
-   from `ledger_entries FINAL` for every day the batch touched (and yearly_customer_points from
-   daily_customer_points), never incremented, so re-inserting a batch (or any part of it) recomputes the
-   same numbers. A write that defers the recompute marks its days in `dirty_days` instead, and a later
-   recompute catches them up (see `LedgerSink`).
+   from `ledger_entries FINAL` for every day the batch touched (and those days are replaced in the rows of
+   yearly_customer_points by their new daily_customer_points rows), never incremented, so re-inserting a
+   batch (or any part of it) recomputes the same numbers. Every write marks its days in `dirty_days` before
+   inserting its rows; one that recomputes at once marks them clean after, one that defers the recompute
+   leaves them for a later recompute (see `LedgerSink`).
 3. The offsets are written last. A crash before step 3 makes the restarted projector resume from the older
    offsets and write the same entries again, which steps 1 and 2 make harmless. A crash after step 3
    loses nothing, since the rows (and the recompute or the dirty marks) were stored first.
@@ -321,7 +322,7 @@ class LedgerSink:
         if not every:
             return 0
         started_at = self._next_version()  # a day marked dirty again after this point stays dirty
-        self._recompute_daily_points(every, only_customers)
+        self._recompute_aggregates(every, only_customers)
         if dirty:
             self._mark(dirty, dirty=False, version=started_at)
         self._dirty -= dirty
@@ -387,7 +388,7 @@ class LedgerSink:
         )
         return {(topic, partition): next_offset for topic, partition, next_offset in result.result_rows}
 
-    def _recompute_daily_points(self, days: set[date], customers: set[str] | None) -> None:
+    def _recompute_aggregates(self, days: set[date], customers: set[str] | None) -> None:
         # occurred_at is UTC-aware and the column is UTC, so .date() of a UTC-normalised value is the
         # same day that toDate(occurred_at) computes in ClickHouse.
         ordered = sorted(days)

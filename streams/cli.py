@@ -411,7 +411,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             )
         except replay.ReplayRefused as error:
             return _fail(f"replay refused: {error}")
-        if sys.stderr.isatty():
+        if terminal:
             sys.stderr.write("\n")
     if args.csv:
         replay.write_csv(report, Path(args.csv))

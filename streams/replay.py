@@ -38,6 +38,7 @@ from streams.batch import order_key
 from streams.rules.engine import apply, derived_events
 from streams.rules.ruleset import RuleSet
 from streams.rules.state import CustomerState
+from streams.settings import replay_processes_max
 
 progress_every_events = 50_000
 compensation_prefix = "replay:"
@@ -46,7 +47,7 @@ lag_bound_messages = 0  # apply refuses unless the worker and the archive are fu
 # about half a second, next to which sending them costs little; the pool's queue holds a few megabytes.
 chunk_messages = 5_000
 chunks_in_flight_per_process = 2
-processes_max = 64
+processes_max = replay_processes_max
 orphan_check_interval_s = 1.0
 
 

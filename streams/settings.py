@@ -8,6 +8,9 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The most processes a replay may use (`LOYALTY_REPLAY_PROCESSES`, `loyalty replay --processes`).
+replay_processes_max = 64
+
 
 class Settings(BaseSettings):
     """Every option of the engine. Each field is read from the environment variable `LOYALTY_<NAME>`."""
@@ -51,7 +54,7 @@ class Settings(BaseSettings):
     replay_processes: int = Field(
         0,
         ge=0,
-        le=64,
+        le=replay_processes_max,
         description="Processes `loyalty replay` decides customers in (0: one per CPU); the result is the same.",
     )
     topic_replication_factor: int = Field(
@@ -63,7 +66,7 @@ class Settings(BaseSettings):
             return self.replay_processes
         # The CPUs this process may run on (a container's cpuset), not every CPU of the host.
         usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return max(1, min(usable, 64))
+        return max(1, min(usable, replay_processes_max))
 
     def resolved_clickhouse_dsn(self) -> str:
         if self.clickhouse_dsn:

@@ -165,11 +165,7 @@ def test_a_crash_between_the_daily_and_the_yearly_recompute_is_repaired_by_the_r
         LedgerSink(client).write(entries[half:])
     LedgerSink(client).write(entries[half:])  # the restarted projector re-reads the batch
 
-    for date_from, date_to in RANGES:
-        assert earners(client, date_from, date_to, 10) == plain(client, date_from, date_to, 10)
-    projected = _yearly_rows(client)
-    rebuild(client)
-    assert _yearly_rows(client) == projected
+    _assert_exact_and_as_a_rebuild_makes_them(client)
 
 
 def test_deferred_writes_bring_the_yearly_rows_up_to_date_at_the_recompute(client):
@@ -179,11 +175,7 @@ def test_deferred_writes_bring_the_yearly_rows_up_to_date_at_the_recompute(clien
         sink.write(entries[start : start + 40], defer_recompute=True)
     sink.recompute_dirty()
 
-    for date_from, date_to in RANGES:
-        assert earners(client, date_from, date_to, 10) == plain(client, date_from, date_to, 10)
-    projected = _yearly_rows(client)
-    rebuild(client)
-    assert _yearly_rows(client) == projected
+    _assert_exact_and_as_a_rebuild_makes_them(client)
 
 
 def test_rebuild_repairs_corrupted_yearly_rows(client):
@@ -230,11 +222,7 @@ def test_a_batch_written_while_keeping_up_patches_only_its_own_customers_yearly_
 
     # One new version, c007's: the other customers of that day were not rewritten.
     assert client.command("SELECT count() FROM yearly_customer_points") == rows_before + 1
-    for date_from, date_to in RANGES:
-        assert earners(client, date_from, date_to, 10) == plain(client, date_from, date_to, 10)
-    patched = _yearly_rows(client)
-    rebuild(client)
-    assert _yearly_rows(client) == patched
+    _assert_exact_and_as_a_rebuild_makes_them(client)
 
 
 def test_a_crash_after_the_insert_leaves_the_day_for_the_next_sink_to_patch_for_every_customer(client, monkeypatch):
@@ -251,9 +239,7 @@ def test_a_crash_after_the_insert_leaves_the_day_for_the_next_sink_to_patch_for_
     LedgerSink(client).write(bob.entries)
 
     assert earners(client, date(2024, 1, 1), date(2024, 12, 31), 2) == [("ann", 510), ("bob", 20)]
-    patched = _yearly_rows(client)
-    rebuild(client)
-    assert _yearly_rows(client) == patched
+    _assert_exact_and_as_a_rebuild_makes_them(client)
 
 
 @pytest.mark.parametrize(("days_max", "customers_max"), [(400, 2000), (7, 3)])
@@ -275,11 +261,16 @@ def test_yearly_rows_after_any_mix_of_live_deferred_and_restarted_writes_equal_a
         start += size
     sink.recompute_dirty()
 
+    _assert_exact_and_as_a_rebuild_makes_them(client)
+
+
+def _assert_exact_and_as_a_rebuild_makes_them(client) -> None:
+    """Every range's top earners equal the plain GROUP BY's, and the yearly rows equal what a rebuild writes."""
     for date_from, date_to in RANGES:
         assert earners(client, date_from, date_to, 10) == plain(client, date_from, date_to, 10)
-    patched = _yearly_rows(client)
+    projected = _yearly_rows(client)
     rebuild(client)
-    assert _yearly_rows(client) == patched
+    assert _yearly_rows(client) == projected
 
 
 @contextlib.contextmanager
