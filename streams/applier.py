@@ -6,15 +6,20 @@ of I/O lets tests drive it directly and keeps the agent to plumbing.
 Ordering: each customer's events are applied in (occurred_at, topic rank, offset) order, as the batch
 driver does. Messages of one customer arrive on several topics whose relative order Kafka does not keep,
 so decoded events wait in a buffer until they are safe to apply: until every assigned partition has shown
-an event at least as late (a per-partition event-time watermark); or, after `caught_up_settle_ms`, until
-every partition that is not caught up with its high water mark has, or all are caught up; or until the
-event has waited `reorder_wait_ms` (docs/architecture.md, "Per-customer order").
+an event at least as late (a per-partition event-time watermark); or until every partition that has not been
+confirmed caught up, by a fetch made at least the settle after the event arrived, has shown an event at least
+as late (or all are confirmed); or until the event has waited `reorder_wait_ms` (docs/architecture.md,
+"Per-customer order"). The settle adapts: it is at least `caught_up_settle_ms`, and at least twice the largest
+skew seen lately, the skew being how much later than a later event an event reached a partition that looked
+caught up (a producer's topics, or a consumer's fetches, running apart under load).
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -29,6 +34,69 @@ from streams.rules.ruleset import RuleSet
 from streams.rules.state import CustomerState, evolve
 
 TopicPartition = tuple[str, int]
+
+# The settle is at least this many times the largest skew seen within `skew_window_ms`, and at most the
+# reorder wait (beyond which an event is released anyway).
+skew_margin = 2.0
+skew_window_ms = 300_000.0
+
+
+class SkewEstimate:
+    """How much later than a later event an event reached a partition that looked caught up.
+
+    Such an event is the one the caught-up release could have overtaken: a producer whose topics run apart
+    (under load one topic's batch can land seconds after another's). Measured on every applied event (not on
+    re-deliveries, which are old by nature) that reached a partition found caught up by a fetch made after the
+    first arrival of an event later in event time: the skew is the time between the two arrivals (`arrived`
+    keeps the arrivals at which the latest event time grew, for `keep_ms`). So the estimate follows the
+    pipeline before an event is released out of order. Not counted: a partition whose last fetch is older than
+    that arrival (it never counted as caught up for it), and skews over `limit_ms` (the reorder wait: late data
+    that no settle would wait for). The current value is the largest skew within `window_ms`.
+    """
+
+    def __init__(self, limit_ms: float, window_ms: float = skew_window_ms) -> None:
+        self.limit_ms = limit_ms
+        self.keep_ms = 2 * limit_ms
+        self.window_ms = window_ms
+        self._times: list[datetime] = []  # event times at which the latest event time grew, increasing
+        self._arrivals: list[float] = []  # and when each arrived
+        self._start = 0  # entries before it are older than keep_ms
+        self._largest: deque[tuple[float, float]] = deque()  # (arrival, skew), skews decreasing
+
+    def arrived(self, occurred_at: datetime, arrival_ms: float) -> None:
+        if not self._times or occurred_at > self._times[-1]:
+            self._times.append(occurred_at)
+            self._arrivals.append(arrival_ms)
+            self._prune(arrival_ms)
+
+    def late(self, occurred_at: datetime, arrival_ms: float, fetched_caught_up_ms: float | None) -> float:
+        """Measure one event's skew in ms (0: it was not late); `fetched_caught_up_ms`: when, before it arrived,
+        a fetch last found its partition caught up (None: it was not)."""
+        if fetched_caught_up_ms is None:
+            return 0.0
+        index = bisect_right(self._times, occurred_at, lo=self._start)
+        if index >= len(self._times) or fetched_caught_up_ms < self._arrivals[index]:
+            return 0.0
+        skew = arrival_ms - self._arrivals[index]
+        if not 0 < skew <= self.limit_ms:
+            return 0.0
+        while self._largest and self._largest[-1][1] <= skew:
+            self._largest.pop()
+        self._largest.append((arrival_ms, skew))
+        return skew
+
+    def current(self, now_ms: float) -> float:
+        while self._largest and self._largest[0][0] < now_ms - self.window_ms:
+            self._largest.popleft()
+        return self._largest[0][1] if self._largest else 0.0
+
+    def _prune(self, now_ms: float) -> None:
+        while self._start < len(self._times) - 1 and self._arrivals[self._start] < now_ms - self.keep_ms:
+            self._start += 1
+        if self._start > 4096 and self._start * 2 > len(self._times):
+            del self._times[: self._start]
+            del self._arrivals[: self._start]
+            self._start = 0
 
 
 class UnknownRuleset(RuntimeError):
@@ -72,12 +140,16 @@ class Output:
     derived: list[InputMessage] = field(default_factory=list)
 
 
+_EVERYTHING: Any = object()  # a watermark: every assigned partition is confirmed caught up
+
+
 @dataclass(slots=True)
 class _Held:
     message: InputMessage
     event: ev.Event
     side: Side
     ruleset: RuleSet
+    fetched_caught_up_ms: float | None = None  # when a fetch had last found its partition caught up, if it had
 
 
 class StreamApplier:
@@ -96,10 +168,17 @@ class StreamApplier:
         # partitions whose states this applier holds (restored), where a derived event is applied in place.
         self.partition_for = partition_for
         self.local_partitions: set[int] = set()
-        # When every partition looks caught up, held events are released once they have been held this long:
-        # a producer's messages of one moment reach the five topics a few milliseconds apart, and a fetch can
-        # see one topic's part before the others' (the high water marks the worker knows are then stale).
+        # A partition counts as caught up for a held event only once a fetch made at least the settle after the
+        # event arrived found nothing more on it: a producer's messages of one moment reach the five topics a
+        # few milliseconds apart (seconds under load), and the high water marks a worker knows are as old as
+        # its last fetch of each partition (a paused partition is not fetched at all). The settle is this
+        # floor, raised by the skew the worker measures (`SkewEstimate`), and never above the reorder wait.
         self.caught_up_settle_ms = caught_up_settle_ms
+        self.skew = SkewEstimate(limit_ms=max(float(reorder_wait_ms), caught_up_settle_ms))
+        self._looked_caught_up: Mapping[TopicPartition, float] = {}  # as of the last release, with fetch times
+        # Events applied although their customer had already had a later event applied (out of event-time order:
+        # they came after the settle, or after the reorder wait). Re-deliveries of applied events do not count.
+        self.late_events = 0
         self.ruleset = ruleset  # the configured rule set: in force until a cut-over marker says otherwise
         self.rulesets: dict[str, RuleSet] = {ruleset.version: ruleset}
         # Per input partition, the cut-overs read so far: (marker offset, rule set), in offset order.
@@ -215,45 +294,64 @@ class StreamApplier:
             seen = self.latest_seen.get(tp)
             if seen is None or event.occurred_at > seen:
                 self.latest_seen[tp] = event.occurred_at
+            self.skew.arrived(event.occurred_at, message.received_ms)
             ruleset = self.ruleset_for(message.topic, message.partition, message.offset)
             self._arrivals += 1
-            heapq.heappush(
-                self.held, (order_key(event, message.offset), self._arrivals, _Held(message, event, side, ruleset))
-            )
+            held = _Held(message, event, side, ruleset, self._looked_caught_up.get(tp))
+            heapq.heappush(self.held, (order_key(event, message.offset), self._arrivals, held))
         return output
 
-    def release(self, assigned: Iterable[TopicPartition], caught_up: set[TopicPartition], now_ms: float) -> Output:
-        """Apply every held event that is safe to apply now, in order."""
+    def settle_ms(self, now_ms: float) -> float:
+        """How long after an event's arrival a fetch must find a partition caught up for it to count as such."""
+        settle = max(self.caught_up_settle_ms, skew_margin * self.skew.current(now_ms))
+        return min(settle, float(self.reorder_wait_ms))
+
+    def release(
+        self,
+        assigned: Iterable[TopicPartition],
+        caught_up: Mapping[TopicPartition, float] | Iterable[TopicPartition],
+        now_ms: float,
+    ) -> Output:
+        """Apply every held event that is safe to apply now, in order.
+
+        `caught_up`: the partitions whose last fetch found nothing beyond what was received, each with the time
+        of that fetch (on the clock of `now_ms`); a plain set means fetched just now.
+        """
         output = Output()
         assigned = list(assigned)
-        lagging = [tp for tp in assigned if tp not in caught_up]
-        everything = not lagging
-        # Two watermarks. Over every assigned partition: each has shown an event at least this late, so no
-        # earlier event can come from any of them (one partition's events are in time order). Over the
-        # lagging ones only: partitions that look caught up are left out, which is right only if they are
-        # (their high water marks come from the last fetch and can be stale right after a producer's flush),
-        # so events it releases have been held `caught_up_settle_ms` first, as for "everything".
-        # A lagging partition that has shown nothing yet could still deliver anything: no watermark.
+        if not isinstance(caught_up, Mapping):
+            caught_up = dict.fromkeys(caught_up, now_ms)
+        self._looked_caught_up = caught_up
+        settle = self.settle_ms(now_ms)
+        # Over every assigned partition: each has shown an event at least this late, so no earlier event can
+        # come from any of them (one partition's events are in time order).
         certain = None
         if assigned and all(tp in self.latest_seen for tp in assigned):
             certain = min(self.latest_seen[tp] for tp in assigned)
-        watermark = None
-        if lagging and all(tp in self.latest_seen for tp in lagging):
-            watermark = min(self.latest_seen[tp] for tp in lagging)
+        # Over the partitions not confirmed caught up for an event that arrived at `arrival`: a partition fetched
+        # at least the settle after the arrival and found caught up is left out. None: one of the others has
+        # shown nothing yet (it could still deliver anything); `_EVERYTHING`: every partition is confirmed.
+        watermarks: dict[float, Any] = {}
+
+        def watermark(arrival: float) -> Any:
+            if arrival not in watermarks:
+                confirmed_after = arrival + settle
+                others = [tp for tp in assigned if caught_up.get(tp, -1.0) < confirmed_after]
+                if not others:
+                    watermarks[arrival] = _EVERYTHING
+                elif all(tp in self.latest_seen for tp in others):
+                    watermarks[arrival] = min(self.latest_seen[tp] for tp in others)
+                else:
+                    watermarks[arrival] = None
+            return watermarks[arrival]
+
         while self.held:
             key, _, head = self.held[0]
-            held_ms = now_ms - head.message.received_ms
-            ready = (
-                (certain is not None and key[0] < certain)
-                or (
-                    held_ms >= self.caught_up_settle_ms
-                    and (everything or (watermark is not None and key[0] < watermark))
-                )
-                or held_ms >= self.reorder_wait_ms
-                or len(self.held) > self.held_max
-            )
-            if not ready:
-                break
+            if certain is None or not key[0] < certain:
+                if len(self.held) <= self.held_max and now_ms - head.message.received_ms < self.reorder_wait_ms:
+                    mark = watermark(head.message.received_ms)
+                    if mark is None or not (mark is _EVERYTHING or key[0] < mark):
+                        break
             heapq.heappop(self.held)
             self._apply(head, output)
         return output
@@ -265,6 +363,8 @@ class StreamApplier:
         state = states.get(customer_id)
         if state is None:
             state = states[customer_id] = CustomerState(customer_id)
+        fresh = event.event_id not in state.applied  # not a re-delivery
+        late = fresh and state.last_event_at is not None and event.occurred_at < state.last_event_at
         try:
             entries = apply(state, event, held.ruleset, side=held.side)
         except EventRejected as error:
@@ -275,6 +375,9 @@ class StreamApplier:
             if message.offset >= 0:
                 output.acks.append(message)
             return
+        self.late_events += late
+        if fresh and message.offset >= 0:
+            self.skew.late(event.occurred_at, message.received_ms, held.fetched_caught_up_ms)
         for derived in derived_events(state, event, entries):
             self._derive(derived, held, output)
         output.ledger.extend((message.partition, entry, message) for entry in entries)

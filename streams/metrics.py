@@ -59,6 +59,16 @@ worker_consumer_lag = Gauge(
 worker_events_waiting = Gauge(
     "loyalty_worker_events_waiting", "Decoded events held in the event-time reorder buffer, not yet applied."
 )
+worker_events_late = Gauge(
+    "loyalty_worker_events_late",
+    "Events applied out of event-time order: their customer already had a later event applied (they arrived "
+    "after the settle or the reorder wait). Re-deliveries do not count. Since start.",
+)
+worker_reorder_settle_ms = Gauge(
+    "loyalty_worker_reorder_settle_ms",
+    "The reorder buffer's settle: how long after an event's arrival a fetch must find a partition caught up "
+    "(the floor, raised by the skew measured between the input topics).",
+)
 worker_ruleset = Info("loyalty_worker_ruleset", "The rule set this worker applies.")
 
 sink_batch_seconds = Histogram(
@@ -115,8 +125,11 @@ def record_consumer_lag(
     highwater: Callable[[str, int], int | None],
     seen_offsets: Mapping[tuple[str, int], int],
     waiting: int,
+    late: int = 0,
+    settle_ms: float = 0.0,
 ) -> None:
-    """Set the lag gauge of every input topic (0 for topics with no assigned partition)."""
+    """Set the lag gauge of every input topic (0 for topics with no assigned partition), and the reorder
+    buffer's gauges."""
     lag = dict.fromkeys(INPUT_TOPICS, 0)
     for topic, partition in assigned:
         try:
@@ -128,6 +141,8 @@ def record_consumer_lag(
     for topic, value in lag.items():
         worker_consumer_lag.labels(topic=topic).set(value)
     worker_events_waiting.set(waiting)
+    worker_events_late.set(late)
+    worker_reorder_settle_ms.set(settle_ms)
 
 
 def record_ruleset(version: str) -> None:

@@ -202,19 +202,40 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
     def assigned_input() -> list[tuple[str, int]]:
         return sorted((tp.topic, tp.partition) for tp in app.consumer.assignment() if tp.topic in INPUT_TOPICS)
 
-    def caught_up(seen: dict[tuple[str, int], int]) -> set[tuple[str, int]]:
-        done = set()
+    def caught_up(seen: dict[tuple[str, int], int]) -> dict[tuple[str, int], float]:
+        """The assigned input partitions whose last fetch found nothing beyond what the agent received, each with
+        the time of that fetch on the monotonic clock (aiokafka records it on the wall clock)."""
+        done = {}
+        shift_ms = time.monotonic() * 1000 - time.time() * 1000
         for topic, partition in assigned_input():
+            tp = faust.types.TP(topic, partition)
             try:
-                highwater = app.consumer.highwater(faust.types.TP(topic, partition))
+                highwater = app.consumer.highwater(tp)
+                fetched_ms = last_fetch_ms(tp)
             except Exception:  # no fetch yet for this partition
                 continue
-            if highwater is None:
+            if highwater is None or fetched_ms is None:
                 continue
             if seen.get((topic, partition), -1) + 1 >= highwater:
-                done.add((topic, partition))
+                done[(topic, partition)] = fetched_ms + shift_ms
         return done
 
+    def last_fetch_ms(tp: faust.types.TP) -> float | None:
+        """When the consumer last had a fetch response for `tp` (the time its high water mark is from), wall ms.
+
+        Faust does not expose it; its aiokafka driver's consumer does (`last_poll_timestamp`). A paused partition
+        is not fetched, so its time stays old and the partition is not taken for caught up on a stale mark."""
+        try:
+            consumer = app.consumer._thread._ensure_consumer()
+        except AttributeError:  # another Faust driver: trust the mark as fresh (the settle still applies)
+            if not fetch_time_unknown:
+                fetch_time_unknown.append(True)
+                log.warning("the consumer does not say when it fetched; high water marks are taken as fresh")
+            return time.time() * 1000
+        return consumer.last_poll_timestamp(tp)
+
+    fetch_time_unknown: list[bool] = []
+    late_reported = [0]
     seen_offsets: dict[tuple[str, int], int] = {}
     in_flight: set[asyncio.Future] = set()
     acks = InOrderAcks()
@@ -388,19 +409,34 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
     @app.timer(interval=metrics.lag_interval_s)
     async def export_lag() -> None:
         metrics.record_consumer_lag(
-            assigned_input(), lambda *tp: app.consumer.highwater(faust.types.TP(*tp)), seen_offsets, applier.held_count
+            assigned_input(),
+            lambda *tp: app.consumer.highwater(faust.types.TP(*tp)),
+            seen_offsets,
+            applier.held_count,
+            late=applier.late_events,
+            settle_ms=applier.settle_ms(time.monotonic() * 1000),
         )
 
     @app.timer(interval=10.0)
     async def report() -> None:
         log.info(
-            "processed %d, duplicates %d, rejected %d, ledger entries %d, waiting %d",
+            "processed %d, duplicates %d, rejected %d, ledger entries %d, waiting %d, late %d, settle %d ms",
             counters.processed,
             counters.duplicates,
             counters.rejected,
             counters.ledger_entries,
             applier.held_count,
+            applier.late_events,
+            applier.settle_ms(time.monotonic() * 1000),
         )
+        if applier.late_events > late_reported[0]:
+            log.warning(
+                "%d events were applied out of event-time order (their customer already had a later event "
+                "applied: they arrived too late); the settle is now %d ms (LOYALTY_REORDER_WAIT_MS bounds it)",
+                applier.late_events - late_reported[0],
+                applier.settle_ms(time.monotonic() * 1000),
+            )
+            late_reported[0] = applier.late_events
 
     @app.on_partitions_revoked.connect
     async def on_revoked(app_: Any, revoked: set, **_: Any) -> None:
