@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
+
+from schemas.events import constructed
 
 
 class Kind(StrEnum):
@@ -79,3 +81,17 @@ class LedgerEntry(BaseModel):
     available_at: datetime | None = None  # for pending entries: when they become available
     explanation: str = ""
     schema_version: Literal[1] = 1
+
+
+_entry_fields = tuple(LedgerEntry.model_fields)
+_entry_fields_given = frozenset(_entry_fields) - {"schema_version"}
+
+
+def ledger_entry_trusted(values: dict[str, Any]) -> LedgerEntry:
+    """The `LedgerEntry(**values)` of values that are already of the field types (the rules core's), unvalidated.
+
+    `values` holds every field but `schema_version`, in declaration order; the entry is equal to the validated
+    one, field by field and type by type (tests/rules/test_engine.py checks it over the packaged rule sets).
+    """
+    values["schema_version"] = 1
+    return constructed(LedgerEntry, values, set(_entry_fields_given))

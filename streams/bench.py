@@ -845,6 +845,48 @@ def bench_replay(log: Log, ruleset, options: BenchOptions) -> dict[str, float]:
     }
 
 
+def replay_digest(result) -> str:
+    """A short hash of every figure of a replay result: equal digests, equal results (to compare code versions)."""
+    import hashlib
+
+    document = json.dumps(dataclasses.asdict(result), sort_keys=True).encode()
+    return hashlib.sha256(document).hexdigest()[:16]
+
+
+def replay_only(args: argparse.Namespace) -> dict[str, Any]:
+    """`python -m streams.bench replay`: the replay section alone, repeated, for comparing code versions quickly.
+
+    The log is simulated as in the bench (seed 8 by default), its messages are turned into `ArchivedMessage`s
+    once, and `replay_messages` is timed `--repeats` times per process count (best and median events/s). The
+    result's digest must be the same for every run and process count, and across code versions that must not
+    change results."""
+    from streams.replay import replay_messages
+    from streams.rules.ruleset import load_ruleset
+
+    ruleset = load_ruleset(args.rules)
+    messages = replay_input(build_log(args.events, args.customers, args.seed))
+    figures: dict[str, Any] = {"messages": len(messages), "ruleset": ruleset.version, "runs": {}}
+    digests = set()
+    for processes in args.processes:
+        seconds = []
+        for _ in range(args.repeats):
+            began = time.perf_counter()
+            result = replay_messages(messages, ruleset, processes=processes)
+            seconds.append(time.perf_counter() - began)
+            digests.add(replay_digest(result))
+        figures["events"] = result.events
+        figures["runs"][processes] = {
+            "events_per_s_best": round(result.events / min(seconds)),
+            "events_per_s_median": round(result.events / statistics.median(seconds)),
+            "seconds": [round(value, 3) for value in seconds],
+        }
+        print(f"replay in {processes} process(es): {figures['runs'][processes]}", file=sys.stderr, flush=True)
+    if len(digests) != 1:
+        raise RuntimeError(f"replay results differ between runs or process counts: {sorted(digests)}")
+    figures["digest"] = digests.pop()
+    return figures
+
+
 # --- 7. end-to-end latency -----------------------------------------------------------------------
 
 
@@ -1127,13 +1169,24 @@ def format_table(figures: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m streams.bench baseline --bootstrap HOST:PORT --partitions N` runs the baseline Faust worker."""
+    """`python -m streams.bench baseline --bootstrap HOST:PORT --partitions N` runs the baseline Faust worker;
+    `python -m streams.bench replay [--events N --processes 1,2 --repeats R]` times the replay section alone."""
     parser = argparse.ArgumentParser(prog="python -m streams.bench")
     commands = parser.add_subparsers(dest="command", required=True)
     baseline = commands.add_parser("baseline", help="run the canonical Faust baseline worker (used by the bench)")
     baseline.add_argument("--bootstrap", required=True)
     baseline.add_argument("--partitions", type=int, required=True)
+    replay = commands.add_parser("replay", help="time the replay section alone (replay_messages on a simulated log)")
+    replay.add_argument("--events", type=int, default=100_000)
+    replay.add_argument("--customers", type=int, default=100_000)
+    replay.add_argument("--seed", type=int, default=8)
+    replay.add_argument("--rules", default=None, help="rule set file (default: the packaged one)")
+    replay.add_argument("--processes", type=lambda text: [int(part) for part in text.split(",")], default=[1, 2])
+    replay.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
+    if args.command == "replay":
+        print(json.dumps(replay_only(args)))
+        return 0
     if not args.bootstrap.startswith("127.0.0.1:"):
         parser.error("the baseline worker only talks to a loopback broker")
     run_baseline_worker(args.bootstrap, args.partitions)

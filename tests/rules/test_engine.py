@@ -388,16 +388,26 @@ def test_state_is_the_fold_of_its_ledger():
     assert rebuilt == live
 
 
-def test_entries_built_without_validation_are_valid_ledger_entries():
+@pytest.mark.parametrize("ruleset_file", ["default", "full-lifecycle", "advanced-coupons", "seasonal-promotion"])
+def test_entries_built_without_validation_are_valid_ledger_entries(ruleset_file):
+    """The core builds entries without validating them (ledger_entry_trusted): each must be the validated entry,
+    value by value and type by type (an int, not a bool or a Decimal; a Kind, not a str), with the same given
+    fields, so that every driver's ledger stays byte-identical."""
     from pathlib import Path
 
     from schemas.ledger import LedgerEntry
     from streams.batch import process_lines
     from streams.simulate import generate_events
 
-    ruleset = parse_ruleset(Path("streams/rules/rulesets/full-lifecycle.yaml").read_text())
+    ruleset = parse_ruleset(Path(f"streams/rules/rulesets/{ruleset_file}.yaml").read_text())
     result = process_lines(generate_events(events=3000, customers=100, seed=3, mean_gap_seconds=5000), ruleset)
     assert len(result.ledger) > 3000
     for entry in result.ledger:
+        validated = LedgerEntry(**{name: value for name, value in entry.__dict__.items() if name != "schema_version"})
+        assert validated == entry
+        assert list(entry.__dict__) == list(validated.__dict__)
+        assert [type(value) for value in entry.__dict__.values()] == [type(v) for v in validated.__dict__.values()]
+        assert entry.model_fields_set == validated.model_fields_set
+        assert entry.model_dump_json() == validated.model_dump_json()
         assert LedgerEntry.model_validate(entry.model_dump()) == entry
         assert LedgerEntry.model_validate_json(entry.model_dump_json()) == entry
