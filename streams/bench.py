@@ -853,6 +853,13 @@ def replay_digest(result) -> str:
     return hashlib.sha256(document).hexdigest()[:16]
 
 
+def _cpu_of_self_and_children() -> float:
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def replay_only(args: argparse.Namespace) -> dict[str, Any]:
     """`python -m streams.bench replay`: the replay section alone, repeated, for comparing code versions quickly.
 
@@ -868,17 +875,21 @@ def replay_only(args: argparse.Namespace) -> dict[str, Any]:
     figures: dict[str, Any] = {"messages": len(messages), "ruleset": ruleset.version, "runs": {}}
     digests = set()
     for processes in args.processes:
-        seconds = []
+        seconds, cpu_seconds = [], []
         for _ in range(args.repeats):
+            cpu_began = _cpu_of_self_and_children()
             began = time.perf_counter()
             result = replay_messages(messages, ruleset, processes=processes)
             seconds.append(time.perf_counter() - began)
+            cpu_seconds.append(_cpu_of_self_and_children() - cpu_began)  # the pool's processes are joined by now
             digests.add(replay_digest(result))
         figures["events"] = result.events
         figures["runs"][processes] = {
             "events_per_s_best": round(result.events / min(seconds)),
             "events_per_s_median": round(result.events / statistics.median(seconds)),
             "seconds": [round(value, 3) for value in seconds],
+            # Steadier than events/s on a shared host: CPU seconds of this process and its replay processes.
+            "events_per_cpu_s_best": round(result.events / min(cpu_seconds)),
         }
         print(f"replay in {processes} process(es): {figures['runs'][processes]}", file=sys.stderr, flush=True)
     if len(digests) != 1:

@@ -24,6 +24,7 @@ Side = Literal["customer", "referee"]
 _rounding_modes = {Rounding.floor: ROUND_FLOOR, Rounding.nearest: ROUND_HALF_UP, Rounding.ceil: ROUND_CEILING}
 _zero = Decimal(0)
 _micro = Decimal("0.000001")
+_cap_kinds = (Kind.earned, Kind.pending)
 
 
 def event_fingerprint(event: ev.Event) -> str:
@@ -174,19 +175,18 @@ def _cap_room(state: CustomerState, entries: _Entries, source: Source, ruleset: 
     room: int | None = None
     description = ""
     moment = entries.event.occurred_at
+    value = source._value_  # the value without enum's `value` property (a Python call per access)
     for cap in ruleset.caps:
-        if cap.source != source.value:
+        if cap.source != value:
             continue
         days = set(_period_days(cap, moment, ruleset))
         used = sum(
-            points
-            for (used_source, day), points in state.cap_usage.items()
-            if used_source == source.value and day in days
+            points for (used_source, day), points in state.cap_usage.items() if used_source == value and day in days
         )
         used += sum(
             entry.points + entry.pending_points
             for entry in entries.entries
-            if entry.source is source and entry.kind in (Kind.earned, Kind.pending)
+            if entry.source is source and entry.kind in _cap_kinds
         )
         left = max(0, cap.points_max - used)
         if room is None or left < room:
@@ -203,7 +203,10 @@ def _capped(state: CustomerState, entries: _Entries, source: Source, points: int
 
 
 def _promotions(ruleset: RuleSet, source: Source, moment: datetime) -> list:
-    return [p for p in ruleset.promotions if source.value in p.sources and p.active_at(moment)]
+    if not ruleset.promotions:
+        return []
+    value = source._value_
+    return [p for p in ruleset.promotions if value in p.sources and p.active_at(moment)]
 
 
 def _eligible(state: CustomerState, event: ev.Event, ruleset: RuleSet) -> tuple[bool, str]:

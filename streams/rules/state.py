@@ -126,10 +126,23 @@ class CustomerState:
 
 
 _positive_sources_kinds = (Kind.earned, Kind.pending)
+_earning_kinds = (Kind.earned, Kind.confirmed)
+_activity_kinds = (Kind.earned, Kind.confirmed, Kind.redeemed)
+_spend_kinds = (Kind.earned, Kind.pending, Kind.recorded)
+_no_spend = Decimal(0)
+# The last day asked for: an event's entries (and its cap checks) ask for the same moment, one datetime object, again
+# and again, and a time zone conversion costs about a microsecond.
+_last_local_day: tuple[datetime | None, ZoneInfo | None, date | None] = (None, None, None)
 
 
 def local_day(moment: datetime, zone: ZoneInfo) -> date:
-    return moment.astimezone(zone).date()
+    global _last_local_day
+    last_moment, last_zone, day = _last_local_day
+    if moment is last_moment and zone is last_zone:
+        return day  # type: ignore[return-value]
+    day = moment.astimezone(zone).date()
+    _last_local_day = (moment, zone, day)
+    return day
 
 
 def evolve(state: CustomerState, entry: LedgerEntry, zone: ZoneInfo) -> None:
@@ -145,9 +158,9 @@ def evolve(state: CustomerState, entry: LedgerEntry, zone: ZoneInfo) -> None:
         state.last_event_at = entry.occurred_at
     kind, source, reference = entry.kind, entry.source, entry.reference or ""
 
-    if kind in (Kind.earned, Kind.confirmed) and entry.points > 0:
+    if kind in _earning_kinds and entry.points > 0:
         state.lifetime_earned += entry.points
-    if kind in (Kind.earned, Kind.confirmed, Kind.redeemed) and entry.points != 0:
+    if kind in _activity_kinds and entry.points != 0:
         state.last_activity_at = entry.occurred_at
     _evolve_lots(state, entry, kind)
     if kind is Kind.tier_changed:
@@ -159,7 +172,7 @@ def evolve(state: CustomerState, entry: LedgerEntry, zone: ZoneInfo) -> None:
         state.lifetime_redeemed -= entry.points
         state.redemption_ids = _with(state.redemption_ids, reference)
     if kind in _positive_sources_kinds and (entry.points > 0 or entry.pending_points > 0):
-        key = (source.value, local_day(entry.occurred_at, zone))
+        key = (source._value_, local_day(entry.occurred_at, zone))  # _value_: the value without enum's property
         state.cap_usage[key] = state.cap_usage.get(key, 0) + entry.points + entry.pending_points
         _forget_old_cap_usage(state, zone)
 
@@ -218,12 +231,12 @@ def spend_change(entry: LedgerEntry) -> Decimal:
     Purchase line entries carry their goods amount; reversals of a line carry the refunded share.
     """
     if entry.source is not Source.purchase or not entry.amount or not entry.sku:
-        return Decimal(0)
-    if entry.kind in (Kind.earned, Kind.pending, Kind.recorded) and entry.event_type == "purchase.completed":
+        return _no_spend
+    if entry.kind in _spend_kinds and entry.event_type == "purchase.completed":
         return Decimal(entry.amount)
     if entry.kind is Kind.reversed:
         return -Decimal(entry.amount)
-    return Decimal(0)
+    return _no_spend
 
 
 def _evolve_purchase(state: CustomerState, entry: LedgerEntry, kind: Kind, reference: str) -> None:
