@@ -6,12 +6,12 @@ of I/O lets tests drive it directly and keeps the agent to plumbing.
 Ordering: each customer's events are applied in (occurred_at, topic rank, offset) order, as the batch
 driver does. Messages of one customer arrive on several topics whose relative order Kafka does not keep,
 so decoded events wait in a buffer until they are safe to apply: until every assigned partition has shown
-an event at least as late (a per-partition event-time watermark); or until every partition that has not been
-confirmed caught up, by a fetch made at least the settle after the event arrived, has shown an event at least
-as late (or all are confirmed); or until the event has waited `reorder_wait_ms` (docs/architecture.md,
-"Per-customer order"). The settle adapts: it is at least `caught_up_settle_ms`, and at least twice the largest
-skew seen lately, the skew being how much later than a later event an event reached a partition that looked
-caught up (a producer's topics, or a consumer's fetches, running apart under load).
+an event at least as late (a per-partition event-time watermark); or, once the event has been held the
+settle, until every partition that a fetch as new as the event's own did not find caught up has shown an
+event at least as late (or none is left); or until the event has waited `reorder_wait_ms`
+(docs/architecture.md, "Per-customer order"). The settle adapts: it is at least `caught_up_settle_ms`, and
+at least twice the largest skew seen lately, the skew being how much later than a later event an event
+reached a partition that had been found caught up (a producer's topics running apart under load).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ TopicPartition = tuple[str, int]
 # reorder wait (beyond which an event is released anyway).
 skew_margin = 2.0
 skew_window_ms = 300_000.0
+late_examples_max = 5
 
 
 class SkewEstimate:
@@ -46,12 +47,13 @@ class SkewEstimate:
 
     Such an event is the one the caught-up release could have overtaken: a producer whose topics run apart
     (under load one topic's batch can land seconds after another's). Measured on every applied event (not on
-    re-deliveries, which are old by nature) that reached a partition found caught up by a fetch made after the
-    first arrival of an event later in event time: the skew is the time between the two arrivals (`arrived`
-    keeps the arrivals at which the latest event time grew, for `keep_ms`). So the estimate follows the
-    pipeline before an event is released out of order. Not counted: a partition whose last fetch is older than
-    that arrival (it never counted as caught up for it), and skews over `limit_ms` (the reorder wait: late data
-    that no settle would wait for). The current value is the largest skew within `window_ms`.
+    re-deliveries, which are old by nature) that reached a partition found caught up by a fetch at least as
+    new as the one that brought the first event later in event time: the skew is the time between the two
+    fetches (`arrived` keeps the fetch times at which the latest event time grew, for `keep_ms`). So the
+    estimate follows the pipeline before an event is released out of order. Not counted: a partition whose
+    last fetch is older (it never counted as caught up for that event), and skews over `limit_ms` (the
+    reorder wait: late data that no settle would wait for). The current value is the largest skew within
+    `window_ms`. Times are the fetch times of messages (`InputMessage.fetched_ms`).
     """
 
     def __init__(self, limit_ms: float, window_ms: float = skew_window_ms) -> None:
@@ -116,7 +118,14 @@ class InputMessage:
     value: bytes
     headers: tuple[tuple[str, bytes], ...] = ()
     token: Any = None  # what the driver needs to ack the message (a Faust event)
-    received_ms: float = 0.0
+    received_ms: float = 0.0  # when the driver took it (the hold time counts from here)
+    # When the consumer's fetch that brought it was answered, on the clock of `received_ms` (the consumer's
+    # last fetch of its partition as the driver took it); None: the same as `received_ms`.
+    fetched_ms: float | None = None
+
+    @property
+    def fetch_time(self) -> float:
+        return self.received_ms if self.fetched_ms is None else self.fetched_ms
 
 
 @dataclass(slots=True)
@@ -168,17 +177,19 @@ class StreamApplier:
         # partitions whose states this applier holds (restored), where a derived event is applied in place.
         self.partition_for = partition_for
         self.local_partitions: set[int] = set()
-        # A partition counts as caught up for a held event only once a fetch made at least the settle after the
-        # event arrived found nothing more on it: a producer's messages of one moment reach the five topics a
-        # few milliseconds apart (seconds under load), and the high water marks a worker knows are as old as
-        # its last fetch of each partition (a paused partition is not fetched at all). The settle is this
-        # floor, raised by the skew the worker measures (`SkewEstimate`), and never above the reorder wait.
+        # Partitions found caught up are left out of a held event's watermark only once it has been held the
+        # settle (a producer's messages of one moment reach the five topics a few milliseconds apart, seconds
+        # under load), and only if the fetch that found them so is at least as new as the event's own (a high
+        # water mark is as old as the last fetch of its partition; a paused partition is not fetched at all).
+        # The settle is this floor, raised by the skew the worker measures (`SkewEstimate`), at most the
+        # reorder wait.
         self.caught_up_settle_ms = caught_up_settle_ms
         self.skew = SkewEstimate(limit_ms=max(float(reorder_wait_ms), caught_up_settle_ms))
         self._looked_caught_up: Mapping[TopicPartition, float] = {}  # as of the last release, with fetch times
         # Events applied although their customer had already had a later event applied (out of event-time order:
         # they came after the settle, or after the reorder wait). Re-deliveries of applied events do not count.
         self.late_events = 0
+        self.late_examples: list[str] = []  # the first few since the driver last took them, for its log
         self.ruleset = ruleset  # the configured rule set: in force until a cut-over marker says otherwise
         self.rulesets: dict[str, RuleSet] = {ruleset.version: ruleset}
         # Per input partition, the cut-overs read so far: (marker offset, rule set), in offset order.
@@ -294,7 +305,7 @@ class StreamApplier:
             seen = self.latest_seen.get(tp)
             if seen is None or event.occurred_at > seen:
                 self.latest_seen[tp] = event.occurred_at
-            self.skew.arrived(event.occurred_at, message.received_ms)
+            self.skew.arrived(event.occurred_at, message.fetch_time)
             ruleset = self.ruleset_for(message.topic, message.partition, message.offset)
             self._arrivals += 1
             held = _Held(message, event, side, ruleset, self._looked_caught_up.get(tp))
@@ -302,7 +313,7 @@ class StreamApplier:
         return output
 
     def settle_ms(self, now_ms: float) -> float:
-        """How long after an event's arrival a fetch must find a partition caught up for it to count as such."""
+        """How long an event is held before partitions found caught up may be left out of its watermark."""
         settle = max(self.caught_up_settle_ms, skew_margin * self.skew.current(now_ms))
         return min(settle, float(self.reorder_wait_ms))
 
@@ -328,28 +339,31 @@ class StreamApplier:
         certain = None
         if assigned and all(tp in self.latest_seen for tp in assigned):
             certain = min(self.latest_seen[tp] for tp in assigned)
-        # Over the partitions not confirmed caught up for an event that arrived at `arrival`: a partition fetched
-        # at least the settle after the arrival and found caught up is left out. None: one of the others has
-        # shown nothing yet (it could still deliver anything); `_EVERYTHING`: every partition is confirmed.
+        # For an event fetched at `fetched`, over the partitions not found caught up by a fetch at least as new
+        # (the same fetch response answers for every partition of a broker; a paused partition is not fetched,
+        # so its old high water mark does not count). None: one of them has shown nothing yet (it could still
+        # deliver anything); `_EVERYTHING`: none is left.
         watermarks: dict[float, Any] = {}
 
-        def watermark(arrival: float) -> Any:
-            if arrival not in watermarks:
-                confirmed_after = arrival + settle
-                others = [tp for tp in assigned if caught_up.get(tp, -1.0) < confirmed_after]
+        def watermark(fetched: float) -> Any:
+            if fetched not in watermarks:
+                others = [tp for tp in assigned if caught_up.get(tp, -1.0) < fetched]
                 if not others:
-                    watermarks[arrival] = _EVERYTHING
+                    watermarks[fetched] = _EVERYTHING
                 elif all(tp in self.latest_seen for tp in others):
-                    watermarks[arrival] = min(self.latest_seen[tp] for tp in others)
+                    watermarks[fetched] = min(self.latest_seen[tp] for tp in others)
                 else:
-                    watermarks[arrival] = None
-            return watermarks[arrival]
+                    watermarks[fetched] = None
+            return watermarks[fetched]
 
         while self.held:
             key, _, head = self.held[0]
             if certain is None or not key[0] < certain:
-                if len(self.held) <= self.held_max and now_ms - head.message.received_ms < self.reorder_wait_ms:
-                    mark = watermark(head.message.received_ms)
+                held_ms = now_ms - head.message.received_ms
+                if len(self.held) <= self.held_max and held_ms < self.reorder_wait_ms:
+                    if held_ms < settle:
+                        break
+                    mark = watermark(head.message.fetch_time)
                     if mark is None or not (mark is _EVERYTHING or key[0] < mark):
                         break
             heapq.heappop(self.held)
@@ -375,9 +389,16 @@ class StreamApplier:
             if message.offset >= 0:
                 output.acks.append(message)
             return
-        self.late_events += late
+        if late:
+            self.late_events += 1
+            if len(self.late_examples) < late_examples_max:
+                self.late_examples.append(
+                    f"{event.event_type} {event.event_id} of {customer_id} at {event.occurred_at.isoformat()} "
+                    f"(offset {message.offset} of {message.topic}/{message.partition}) after an event at "
+                    f"{state.last_event_at.isoformat()}"  # type: ignore[union-attr]
+                )
         if fresh and message.offset >= 0:
-            self.skew.late(event.occurred_at, message.received_ms, held.fetched_caught_up_ms)
+            self.skew.late(event.occurred_at, message.fetch_time, held.fetched_caught_up_ms)
         for derived in derived_events(state, event, entries):
             self._derive(derived, held, output)
         output.ledger.extend((message.partition, entry, message) for entry in entries)

@@ -232,7 +232,10 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
                 fetch_time_unknown.append(True)
                 log.warning("the consumer does not say when it fetched; high water marks are taken as fresh")
             return time.time() * 1000
-        return consumer.last_poll_timestamp(tp)
+        try:
+            return consumer.last_poll_timestamp(tp)
+        except (AssertionError, KeyError):  # not assigned (any more), or no fetch state yet
+            return None
 
     fetch_time_unknown: list[bool] = []
     late_reported = [0]
@@ -358,6 +361,8 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
             try:
                 async with lock:
                     now_ms = time.monotonic() * 1000
+                    shift_ms = now_ms - time.time() * 1000
+                    fetched: dict[tuple[str, int], float | None] = {}
                     messages = []
                     for event in batch:
                         raw = event.message
@@ -366,6 +371,9 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
                             restored.add(raw.partition)
                             applier.local_partitions.add(raw.partition)
                         tp = (raw.topic, raw.partition)
+                        if tp not in fetched:
+                            fetched_wall_ms = last_fetch_ms(faust.types.TP(*tp))
+                            fetched[tp] = None if fetched_wall_ms is None else fetched_wall_ms + shift_ms
                         seen_offsets[tp] = max(seen_offsets.get(tp, -1), raw.offset)
                         acks.received(tp, raw.offset, event)
                         messages.append(
@@ -378,6 +386,7 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
                                 headers=tuple((name, bytes(value)) for name, value in (raw.headers or [])),
                                 token=event,
                                 received_ms=now_ms,
+                                fetched_ms=fetched[tp],
                             )
                         )
                     markers = {
@@ -436,6 +445,9 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
                 applier.late_events - late_reported[0],
                 applier.settle_ms(time.monotonic() * 1000),
             )
+            for example in applier.late_examples:
+                log.warning("applied late: %s", example)
+            applier.late_examples.clear()
             late_reported[0] = applier.late_events
 
     @app.on_partitions_revoked.connect

@@ -73,25 +73,28 @@ def share(event_id: str, minute: int, customer: str = "c1") -> dict:
     return event(event_id, "social.shared", minute, customer=customer, share_id=f"sh-{event_id}", network="x")
 
 
-def test_a_partition_counts_as_caught_up_only_by_a_fetch_made_the_settle_after_the_event_arrived():
-    # The worker's high water marks are as old as its last fetch of each partition: a paused partition is not
-    # fetched at all. Before, a partition whose offsets matched a stale mark released a later event of another
-    # topic once it had waited the settle, however old that mark was.
+def test_a_partition_found_caught_up_by_a_fetch_older_than_the_events_own_is_not_left_out():
+    # The worker's high water marks are as old as its last fetch of each partition: a partition Faust has
+    # paused is not fetched at all. Before, a partition whose offsets matched such a stale mark was left out of
+    # the watermark once an event had waited the settle, however old that mark was.
     applier = StreamApplier(load_ruleset(None), reorder_wait_ms=60_000, caught_up_settle_ms=SETTLE_MS)
     first = message(share("s0", 0), 0, 0.0)
     applier.accept([first])
-    bought = message(purchase("p1", 5), 0, 0.0)
+    bought = message(purchase("p1", 5), 0, 1_000.0)
+    bought.fetched_ms = 900.0  # the fetch that brought the purchase
     applier.accept([bought])
     assigned = [(first.topic, 0), (bought.topic, 0)]
-    # Both partitions look caught up, but the engagement partition was last fetched before the purchase came.
-    output = applier.release(assigned, {(first.topic, 0): -10.0, (bought.topic, 0): 1_000.0}, now_ms=1_000.0)
-    assert output.ledger == []  # the engagement partition may still deliver anything from 10:00 on
+    # Both partitions look caught up, but the engagement partition was last fetched before the purchase's fetch.
+    caught_up = {(first.topic, 0): 500.0, (bought.topic, 0): 900.0}
+    output = applier.release(assigned, caught_up, now_ms=1_000.0 + SETTLE_MS + 500)
+    assert caused(output) == ["s0"]  # s0 itself came before that fetch: its watermark leaves both out
     # The stale partition had a share at 10:03 on its way: it arrives, and comes first.
-    late_share = message(share("s1", 3), 1, 1_100.0)
+    late_share = message(share("s1", 3), 1, 1_900.0)
+    late_share.fetched_ms = 1_850.0
     applier.accept([late_share])
-    fresh = {(first.topic, 0): 1_100.0 + SETTLE_MS, (bought.topic, 0): 1_100.0 + SETTLE_MS}
-    output = applier.release(assigned, fresh, now_ms=1_100.0 + SETTLE_MS)
-    assert caused(output) == ["s0", "s1", "p1"]
+    caught_up = {(first.topic, 0): 1_850.0, (bought.topic, 0): 1_850.0}
+    assert caused(applier.release(assigned, caught_up, now_ms=1_900.0 + SETTLE_MS - 1)) == []  # s1's settle
+    assert caused(applier.release(assigned, caught_up, now_ms=1_900.0 + SETTLE_MS)) == ["s1", "p1"]
     assert applier.late_events == 0  # nothing was released ahead of it
 
 
@@ -111,6 +114,10 @@ def test_the_settle_grows_with_the_skew_seen_between_topics_and_then_keeps_order
     applier.accept([message(share("s1", 10), 1, 1_800.0)])
     assert caused(applier.release(tps, dict.fromkeys(tps, 2_100.0), now_ms=2_100.0)) == ["s1"]
     assert applier.late_events == 1  # c1's share at 10:10 after its purchase at 10:20
+    assert applier.late_examples == [
+        "social.shared s1 of c1 at 2026-03-01T10:10:00+00:00 (offset 1 of loyalty.engagement/0) after an event at "
+        "2026-03-01T10:20:00+00:00"
+    ]
     assert applier.settle_ms(2_100.0) == 2 * 800.0  # twice the skew seen
     # The same skew again, for c2: now the purchase waits for a fetch 1,600 ms after it arrived, and the share
     # that lands 800 ms after it comes first.
