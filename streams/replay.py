@@ -200,16 +200,16 @@ def _chunks(messages: Iterable[Any], size: int) -> Iterator[list[_Compact]]:
 _process_ruleset: RuleSet | None = None
 
 
-def _start_process(ruleset: RuleSet) -> None:
+def _start_process(ruleset: RuleSet, caller: int) -> None:
     global _process_ruleset
     _process_ruleset = ruleset
     gc.set_threshold(*gc_thresholds)
-    # A pool process waits for work on a pipe its parent also holds open; if the parent is killed (SIGKILL, the
-    # OOM killer) the wait never ends. Exit when the parent is gone instead of staying behind.
-    parent = os.getppid()
 
+    # A pool process waits for work on a pipe its parent also holds open; if the parent is killed (SIGKILL, the
+    # OOM killer) the wait never ends. Exit when the parent is gone instead of staying behind. The caller's pid
+    # comes from the caller: a parent killed while this process was still starting is gone already here.
     def exit_when_orphaned() -> None:
-        while os.getppid() == parent:
+        while os.getppid() == caller:
             time.sleep(orphan_check_interval_s)
         os._exit(1)
 
@@ -261,7 +261,8 @@ def _first_pass_in_processes(
     # spawn, not fork: replay runs inside `loyalty up`, whose threads (chDB, the event loop's executor) a
     # forked child would inherit in whatever state they were.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_process, initargs=(ruleset,)) as pool:
+    setup = {"initializer": _start_process, "initargs": (ruleset, os.getpid())}
+    with ProcessPoolExecutor(processes, mp_context=context, **setup) as pool:
         in_flight: deque = deque()
 
         def merge_oldest() -> None:

@@ -168,3 +168,23 @@ def test_replay_processes_exit_when_the_calling_process_is_killed(tmp_path):
         for child in children:
             if _alive(child):
                 os.kill(child, signal.SIGKILL)
+
+
+def test_a_replay_process_whose_caller_died_before_it_started_exits():
+    # The caller can be killed while a spawned pool process is still importing: by the time its initializer
+    # runs, its parent is already the reaper. The caller's pid must come from the caller (it was read in the
+    # child, as its parent, which then never changed: the process stayed behind; the full suite hit it).
+    code = (
+        "import time\n"
+        "from streams import replay\n"
+        "from streams.rules.ruleset import load_ruleset\n"
+        "replay._start_process(load_ruleset(), caller=-1)\n"
+        "time.sleep(60)\n"
+    )
+    started = subprocess.Popen([sys.executable, "-c", code], cwd=REPOSITORY)
+    try:
+        assert started.wait(timeout=30) == 1
+    finally:
+        if started.poll() is None:
+            started.kill()
+            started.wait()
