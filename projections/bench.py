@@ -93,7 +93,7 @@ GROUP BY day, customer_id
 SETTINGS do_not_merge_across_partitions_select_final = 1
 """
 
-AGGREGATE_TABLES = ("daily_points", "daily_product_points", "daily_customer_points", "yearly_customer_points")
+AGGREGATE_TABLES = ("daily_points", "daily_product_points", "daily_customer_points", "two_year_customer_points")
 
 
 def synthetic_entries(rows: int, customers: int) -> list[LedgerEntry]:
@@ -182,7 +182,7 @@ def fill_ledger(client, rows: int, customers: int, chunk_rows: int = 2_000_000) 
 
 
 def build_aggregates(client) -> None:
-    """Every aggregate table from the ledger, by month (and by year for yearly_customer_points)."""
+    """Every aggregate table from the ledger, by month (and by year for two_year_customer_points)."""
     began = time.perf_counter()
     months = [row[0] for row in client.query("SELECT DISTINCT toYYYYMM(occurred_at) FROM ledger_entries").result_rows]
     for month in months:
@@ -230,6 +230,14 @@ def bench_queries(dsn: str, rows: int, customers: int, repeats: int) -> None:
         first = SYNTHETIC_FIRST_DAY + timedelta(days=randomness.randrange(SYNTHETIC_DAYS - 31))
         return first, first + timedelta(days=30)
 
+    def some_days(days: int) -> tuple[date, date]:
+        first = SYNTHETIC_FIRST_DAY + timedelta(days=randomness.randrange(SYNTHETIC_DAYS - days))
+        return first, first + timedelta(days=days - 1)
+
+    def across_year_end(days: int) -> tuple[date, date]:
+        first = date(SYNTHETIC_FIRST_DAY.year, 12, 31) - timedelta(days=randomness.randrange(1, days - 1))
+        return first, first + timedelta(days=days - 1)
+
     year = (SYNTHETIC_FIRST_DAY, SYNTHETIC_FIRST_DAY + timedelta(days=SYNTHETIC_DAYS - 1))
     rolling_year = (date(2024, 7, 1), date(2025, 6, 30))
     cases: list[tuple[str, Callable[[], object]]] = [
@@ -240,7 +248,10 @@ def bench_queries(dsn: str, rows: int, customers: int, repeats: int) -> None:
         ("points_status year by month, store", lambda: queries.points_status(client, *year, "month", "store-1")),
         ("point_sources 31 days by source", lambda: queries.point_sources(client, *some_month(), "source")),
         ("point_sources year by product", lambda: queries.point_sources(client, *year, "product")),
+        ("top_earners 7 days", lambda: queries.top_earners(client, *some_days(7))),
         ("top_earners 31 days", lambda: queries.top_earners(client, *some_month())),
+        ("top_earners 31 days across a year end", lambda: queries.top_earners(client, *across_year_end(31))),
+        ("top_earners 90 days", lambda: queries.top_earners(client, *some_days(90))),
         ("top_earners year", lambda: queries.top_earners(client, *year)),
         # Across the year end: with --customers 500000 the synthetic ledger spans two years (20 entries each).
         ("top_earners rolling 12 months", lambda: queries.top_earners(client, *rolling_year)),

@@ -199,8 +199,8 @@ POINT_SOURCES_SQL: dict[str, str] = {
 
 # Two queries, not one with a CTE: ClickHouse inlines a CTE at every use, so a CTE of the top earners read
 # by both the outer query and the balance subquery ran the whole aggregation twice (274 vs 135 ms for a
-# year at 10M ledger rows, measured 2026-11-23). This is the plain form, for ranges shorter than half a year;
-# longer ones read yearly_customer_points (see `top_earners`).
+# year at 10M ledger rows, measured 2026-11-23). This is the plain form, the definition of the answer: `top_earners`
+# reads two_year_customer_points instead (see there) and answers exactly what this query answers.
 TOP_EARNERS_SQL = f"""
 SELECT customer_id, sum(points_earned) AS points
 FROM daily_customer_points FINAL
@@ -219,16 +219,32 @@ _RANGE_DAYS = (
 )
 _RANGE_SUM = "arraySum(arraySlice(day_points, first + 1, past - first))"
 
-# A range within one calendar year, exactly: each customer's row of the year holds its daily earnings, days
-# ascending, so the range's sum is the sum of a slice of `day_points` (no GROUP BY over a string key: over
-# the 6.5M day rows of a year that took 100-200 ms; this reads 650k rows in about 30 ms). FINAL keeps the
-# newest row of each customer; `first < past` keeps the customers with a day in the range, as GROUP BY does.
-TOP_EARNERS_IN_YEAR_SQL = f"""
+# A range within the two years of one row (any range of at most 366 days): each customer's row holds its daily
+# earnings, days ascending, so the range's sum is the sum of a slice of `day_points`, with no GROUP BY over a
+# string key (over the 550k day rows of 31 days that took 35-40 ms at 10M ledger rows, 1M customers). Without
+# FINAL: a customer may have several rows (versions not merged yet), and the first `rows` rows in this order are
+# only the candidates that `_top_earners_scanned` certifies (FINAL merged every part with the small parts that
+# the sink's patches leave: 52 against 27 ms for 31 days with four of them).
+TOP_EARNERS_SCAN_SQL = f"""
 SELECT customer_id, {_RANGE_SUM} AS points
 FROM
 (
     SELECT customer_id, day_points, {_RANGE_DAYS}
-    FROM yearly_customer_points FINAL
+    FROM two_year_customer_points
+    WHERE year = {{year:UInt16}}
+)
+WHERE first < past
+ORDER BY points DESC, customer_id
+LIMIT {{rows:UInt32}}
+"""
+
+# The same with FINAL, the answer itself: what a scan that its candidates cannot certify falls back to.
+TOP_EARNERS_IN_ROW_SQL = f"""
+SELECT customer_id, {_RANGE_SUM} AS points
+FROM
+(
+    SELECT customer_id, day_points, {_RANGE_DAYS}
+    FROM two_year_customer_points FINAL
     WHERE year = {{year:UInt16}}
 )
 WHERE first < past
@@ -237,9 +253,9 @@ LIMIT {{limit:UInt32}}
 {FINAL_SETTINGS}
 """
 
-# A long range across a year end (a rolling twelve months): each year's slice sums, as in TOP_EARNERS_IN_YEAR_SQL,
-# added up per customer. The GROUP BY runs over at most one row per customer and year instead of one per day.
-TOP_EARNERS_ACROSS_YEARS_SQL = f"""
+# A range longer than one row's two years: the rows of every other year from its first (their two years do not
+# overlap), each row's slice summed, added up per customer.
+TOP_EARNERS_ACROSS_ROWS_SQL = f"""
 SELECT customer_id, sum(points) AS total
 FROM
 (
@@ -247,8 +263,8 @@ FROM
     FROM
     (
         SELECT customer_id, day_points, {_RANGE_DAYS}
-        FROM yearly_customer_points FINAL
-        WHERE year >= {{year_from:UInt16}} AND year <= {{year_to:UInt16}}
+        FROM two_year_customer_points FINAL
+        WHERE year >= {{year_from:UInt16}} AND year <= {{year_to:UInt16}} AND (year - {{year_from:UInt16}}) % 2 = 0
     )
     WHERE first < past
 )
@@ -258,38 +274,61 @@ LIMIT {{limit:UInt32}}
 {FINAL_SETTINGS}
 """
 
-# The customers with the highest bounds, in the order that certification relies on. Without FINAL: a
-# customer may appear in several rows (versions not merged yet), and its first row in this order has the
-# highest of its bounds, which is at least the bound of its newest row.
+# The customers with the highest bounds (earnings of `year` alone), in the order that certification relies on.
+# Without FINAL: a customer may appear in several rows (versions not merged yet), and its first row in this order
+# has the highest of its bounds, which is at least the bound of its newest row.
 TOP_EARNERS_BOUNDS_SQL = """
 SELECT customer_id, points_bound
-FROM yearly_customer_points
+FROM two_year_customer_points
 WHERE year = {year:UInt16}
 ORDER BY points_bound DESC, customer_id
 LIMIT {rows:UInt32}
 """
 
-# The candidates' sums over the range from their newest rows (most entries), and whether they have a day in
-# the range (a customer without one is not in the plain GROUP BY's answer at all).
+# The candidates' sums over the range from their newest rows (most entries), whether they have a day in the range
+# (a customer without one is not in the plain GROUP BY's answer at all), and the balances of `balance_ids` (those
+# likely to be the answer: a NULL balance is one not asked for, or of a customer without ledger entries), in one
+# statement: every statement costs about 3 ms before it reads anything (chDB, 2 CPUs).
 TOP_EARNERS_CANDIDATES_SQL = f"""
-SELECT customer_id, argMax({_RANGE_SUM}, entries), argMax(first < past, entries)
+SELECT customer_id, points, has_day, balance
 FROM
 (
-    SELECT customer_id, entries, day_points, {_RANGE_DAYS}
-    FROM yearly_customer_points
-    WHERE year = {{year:UInt16}} AND customer_id IN {{customer_ids:Array(String)}}
-)
-GROUP BY customer_id
+    SELECT customer_id, argMax({_RANGE_SUM}, entries) AS points, argMax(first < past, entries) AS has_day
+    FROM
+    (
+        SELECT customer_id, entries, day_points, {_RANGE_DAYS}
+        FROM two_year_customer_points
+        WHERE year = {{year:UInt16}} AND customer_id IN {{customer_ids:Array(String)}}
+    )
+    GROUP BY customer_id
+) AS exact
+LEFT JOIN
+(
+    SELECT customer_id, argMax(balance_after, sequence) AS balance
+    FROM ledger_entries
+    WHERE customer_id IN {{balance_ids:Array(String)}}
+    GROUP BY customer_id
+) AS balances USING (customer_id)
+SETTINGS join_use_nulls = 1
 """
 
-# Candidates tried per limit, before the in-year plan: certification needs the limit-th best sum among the
-# candidates to beat the next bound, so a few more than `limit` are taken, then many more.
+# Candidates tried per limit by bound pruning, before the scan: certification needs the limit-th best sum among
+# the candidates to beat the next bound, so a few more than `limit` are taken, then many more.
 TOP_EARNERS_CANDIDATES_PER_LIMIT = (4, 32)
-# Pruning is tried for ranges of at least half a year. A bound is a customer's whole year, so for shorter
-# ranges it certifies only when the top earners earned nearly all of their year in the range (measured: on
-# 1M customers earning evenly through the year it never did for 31 days), and a failed attempt only adds
-# its cost (about 15 ms) to the in-year plan.
+# Pruning is tried for ranges of at least half a year within one calendar year. A bound is a customer's whole
+# year, so for shorter ranges it certifies only when the top earners earned nearly all of their year in the range
+# (measured: on 1M customers earning evenly through the year it never did for 31 days), and a failed attempt only
+# adds its cost (about 15 ms) to the scan.
 TOP_EARNERS_PRUNE_DAYS_MIN = 183
+# Ranges of at most this many days take the plain GROUP BY: it reads the range's day rows, where the scan reads a
+# row per customer of the year whatever the range. Measured on the bench's ledger (10M rows, 1M customers, 650k
+# of them earning in the year, 18k a day): 14 days 58 against 84 CPU ms (top_earners with the balances, machine
+# loaded), 21 days 65 against 73, 31 days 88 against 85; from about two months on the scan wins (90 days:
+# 41-50 against 72-84 ms p50 wall). The fewer customers a day has against a year, the later the scan wins.
+TOP_EARNERS_GROUP_BY_DAYS_MAX = 35
+# Rows the scan reads before certifying: (per limit, more). Unmerged versions of a customer take rows without
+# adding a candidate; a second, larger read, then the FINAL query, if the first does not certify.
+TOP_EARNERS_SCAN_ROWS = ((2, 16), (8, 64))
 
 
 def balance(client: Client, customer_id: str) -> Balance | None:
@@ -422,46 +461,99 @@ def top_earners(client: Client, date_from: date, date_to: date, limit: int = 10)
     """The customers who earned most (earned + confirmed points) in the range, with their current balance.
 
     Ties are ordered by customer id. The answer is always exactly the plain `GROUP BY customer_id` over
-    `daily_customer_points` (TOP_EARNERS_SQL); how it is found depends on the range:
-    - shorter than half a year: that GROUP BY itself;
-    - half a year or more across a year end (a rolling twelve months): per customer, the sum of each year's
-      array slice (TOP_EARNERS_ACROSS_YEARS_SQL; 53/69 ms p50/p95 against 82/102 for the GROUP BY at 10M
-      ledger rows over two years, 500k customers; for 31 days across a year end it was 45 against 22);
-    - otherwise: threshold pruning over `yearly_customer_points`, and when it cannot certify its answer,
-      an array sum per customer row of the year (TOP_EARNERS_IN_YEAR_SQL). That plan is not used for short
-      ranges: with an unmerged part in the yearly table its FINAL cost 58 ms for 31 days, the GROUP BY 35.
+    `daily_customer_points` (TOP_EARNERS_SQL); it is found in `two_year_customer_points`, whose row of year y
+    holds a customer's days of y and y + 1:
+    - a range within one row's two years (every range of at most 366 days: a week, a month across a year end,
+      a rolling twelve months): one slice sum per customer row of the range's first year, no GROUP BY. The
+      first rows of that scan, without FINAL, are candidates, certified exact (`_top_earners_scanned`). For
+      half a year or more within one calendar year, threshold pruning by the rows' bounds comes first
+      (`_top_earners_pruned`), which reads fewer columns. At 10M ledger rows, 1M customers (2 CPUs, shared):
+      31 days 35 -> 23 ms (p50, query alone) against the GROUP BY; a rolling twelve months over two years at
+      500k customers 81 -> 25 ms against per-year slices added up by customer;
+    - a longer range: the rows of every other year, sliced and added up per customer.
     """
     _days(date_from, date_to)
     if not 1 <= limit <= TOP_EARNERS_LIMIT_MAX:
         raise ValueError(f"limit must be in 1..{TOP_EARNERS_LIMIT_MAX}, got {limit}")
     range_parameters = {"date_from": date_from, "date_to": date_to}
-    if (date_to - date_from).days + 1 < TOP_EARNERS_PRUNE_DAYS_MIN:
-        earners = client.query(TOP_EARNERS_SQL, parameters={**range_parameters, "limit": limit}).result_rows
-    elif date_from.year != date_to.year:
+    balances: dict[str, int] = {}
+    if date_to.year > date_from.year + 1:
         earners = client.query(
-            TOP_EARNERS_ACROSS_YEARS_SQL,
+            TOP_EARNERS_ACROSS_ROWS_SQL,
             parameters={**range_parameters, "year_from": date_from.year, "year_to": date_to.year, "limit": limit},
         ).result_rows
     else:
-        year_parameters = {**range_parameters, "year": date_from.year}
-        earners = _top_earners_pruned(client, year_parameters, limit)
-        if earners is None:
-            earners = client.query(TOP_EARNERS_IN_YEAR_SQL, parameters={**year_parameters, "limit": limit}).result_rows
+        row_parameters = {**range_parameters, "year": date_from.year}
+        found = None
+        if (date_to - date_from).days + 1 <= TOP_EARNERS_GROUP_BY_DAYS_MAX:
+            found = (client.query(TOP_EARNERS_SQL, parameters={**range_parameters, "limit": limit}).result_rows, {})
+        elif date_to.year == date_from.year and (date_to - date_from).days + 1 >= TOP_EARNERS_PRUNE_DAYS_MIN:
+            found = _top_earners_pruned(client, row_parameters, limit)
+        if found is None:
+            found = _top_earners_scanned(client, row_parameters, limit)
+        if found is None:
+            earners = client.query(TOP_EARNERS_IN_ROW_SQL, parameters={**row_parameters, "limit": limit}).result_rows
+        else:
+            earners, balances = found
     if not earners:
         return []
-    balances = dict(
-        client.query(
-            BALANCES_SOME_SQL, parameters={"customer_ids": [customer_id for customer_id, _ in earners]}
-        ).result_rows
-    )
+    missing = [customer_id for customer_id, _ in earners if customer_id not in balances]
+    if missing:
+        balances.update(client.query(BALANCES_SOME_SQL, parameters={"customer_ids": missing}).result_rows)
     return [
         TopEarner(customer_id=customer_id, points_earned=points, balance=balances.get(customer_id, 0))
         for customer_id, points in earners
     ]
 
 
-def _top_earners_pruned(client: Client, parameters: dict[str, Any], limit: int) -> list[tuple[str, int]] | None:
-    """The top `limit` earners of a range within one year, certified exact, or None when not certified.
+# What a certified plan finds: the top earners (customer id, points), and the balances it read on the way.
+_Found = tuple[list[tuple[str, int]], dict[str, int]]
+
+
+def _top_earners_scanned(client: Client, parameters: dict[str, Any], limit: int) -> _Found | None:
+    """The top `limit` earners of a range within the two years of the rows of `parameters["year"]`, certified
+    exact, or None when not certified.
+
+    Read without FINAL, every version of a customer's row is a row of the scan, its newest (which gives the
+    customer's exact sum) among them. Take the first n rows in (sum descending, customer id) order, compute
+    their customers' exact sums from their newest rows, and let (S, c) be the n-th row: every other customer's
+    rows, the newest included, come after it, so its exact sum is below S, or equal to S with an id above c.
+    When the limit-th best candidate ranks no later than (S, c), the top `limit` candidates are the answer; when
+    the scan returned fewer than n rows, every customer with a day in the range is a candidate.
+    """
+    for per_limit, more in TOP_EARNERS_SCAN_ROWS:
+        wanted = limit * per_limit + more
+        rows = client.query(TOP_EARNERS_SCAN_SQL, parameters={**parameters, "rows": wanted}).result_rows
+        ranked, balances = _exact_candidates(client, parameters, list(dict.fromkeys(row[0] for row in rows)), limit)
+        if len(rows) < wanted:
+            return ranked[:limit], balances
+        last_customer_id, last_points = rows[-1]
+        if len(ranked) >= limit and _rank(ranked[limit - 1]) <= (-last_points, last_customer_id):
+            return ranked[:limit], balances
+    return None
+
+
+def _exact_candidates(client: Client, parameters: dict[str, Any], customer_ids: list[str], limit: int) -> _Found:
+    """The candidates' exact sums over the range (from their newest rows), those with a day in it, best first;
+    and the balances of the first `limit` candidates (the likely answer, in the order given)."""
+    if not customer_ids:
+        return [], {}
+    rows = client.query(
+        TOP_EARNERS_CANDIDATES_SQL,
+        parameters={**parameters, "customer_ids": customer_ids, "balance_ids": customer_ids[:limit]},
+    ).result_rows
+    ranked = sorted(((customer_id, int(points)) for customer_id, points, has_day, _ in rows if has_day), key=_rank)
+    balances = {customer_id: balance for customer_id, _, _, balance in rows if balance is not None}
+    return ranked, balances
+
+
+def _rank(earner: tuple[str, int]) -> tuple[int, str]:
+    return (-earner[1], earner[0])
+
+
+def _top_earners_pruned(client: Client, parameters: dict[str, Any], limit: int) -> _Found | None:
+    """The top `limit` earners of a range within the calendar year `parameters["year"]`, certified exact, or
+    None when not certified.
 
     A customer's sum over any days of the year is at most its `points_bound` (the sum of its positive daily
     earnings of the year). Take the first n customers in (bound descending, customer id) order, compute
@@ -487,21 +579,15 @@ def _top_earners_pruned(client: Client, parameters: dict[str, Any], limit: int) 
             # Every row read belongs to a candidate: customers not read come after the last row read.
             threshold = (rows[-1][1], rows[-1][0])
         if not candidates:
-            return []  # no customer earned in this year
-        sums = client.query(
-            TOP_EARNERS_CANDIDATES_SQL, parameters={**parameters, "customer_ids": list(candidates)}
-        ).result_rows
-        ranked = sorted(
-            ((customer_id, int(points)) for customer_id, points, has_day in sums if has_day),
-            key=lambda earner: (-earner[1], earner[0]),
-        )
+            return [], {}  # no customer has a row of this year
+        ranked, balances = _exact_candidates(client, parameters, list(candidates), limit)
         if threshold is None:
-            return ranked[:limit]  # every customer of the year is a candidate
+            return ranked[:limit], balances  # every customer of the year is a candidate
         if len(ranked) >= limit:
             customer_id, points = ranked[limit - 1]
             bound, bound_customer_id = threshold
             if (-points, customer_id) < (-bound, bound_customer_id):
-                return ranked[:limit]
+                return ranked[:limit], balances
     return None
 
 

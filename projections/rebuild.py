@@ -1,7 +1,7 @@
 """Rebuilding every projection derived from the ledger, into new tables swapped in atomically.
 
 The daily tables (`daily_points`, `daily_product_points`, `daily_customer_points`, and
-`yearly_customer_points` made from `daily_customer_points`: every table the sink's `RECOMPUTE_SQL` writes)
+`two_year_customer_points` made from `daily_customer_points`: every table the sink's `RECOMPUTE_SQL` writes)
 are functions of `ledger_entries` alone. `rebuild` recomputes each of them from the
 deduplicated ledger into a new table `<name>__rebuild` of the same structure, with the very statements
 the sink uses (so a rebuilt table cannot disagree with one the sink kept up to date), then swaps each new
@@ -17,7 +17,7 @@ Concurrent sink writes: in embedded mode the caller holds the client lock, so th
 sink of another process writes while the rebuild runs (a ClickHouse server), a day it recomputed into the
 old table after the new one was filled would be lost by the swap; so after the swap, every day with ledger
 rows ingested since the rebuild started (minus a margin for clock skew) is recomputed once more into the
-live tables, which is idempotent. That repairs the daily tables; a `yearly_customer_points` row that the
+live tables, which is idempotent. That repairs the daily tables; a `two_year_customer_points` row that the
 other sink and this catch-up patch at the same moment can keep one of the two patches until the customer's
 next entry (both read the same newest row), so on a server run the rebuild through the running system,
 which makes its projector wait (docs/replay.md).
@@ -131,7 +131,7 @@ def _recompute(client: Client, days: list[date], *, suffix: str) -> None:
 
 def _retargeted(suffix: str) -> list[str]:
     """The sink's recompute statements, writing into `<table><suffix>` instead of `<table>`, and reading
-    `<table><suffix>` where they read a rebuilt table (yearly_customer_points is computed from the
+    `<table><suffix>` where they read a rebuilt table (two_year_customer_points is computed from the
     daily_customer_points rows just rebuilt, not from the live ones)."""
     if not suffix:
         return list(RECOMPUTE_SQL)

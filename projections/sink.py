@@ -6,7 +6,7 @@ Exactly-once effect on at-least-once delivery, without transactions (ClickHouse 
    entry collapses with its first copy (queries read it with FINAL).
 2. The daily aggregates (daily_points, daily_product_points, daily_customer_points) are *recomputed*
    from `ledger_entries FINAL` for every day the batch touched (and those days are replaced in the rows of
-   yearly_customer_points by their new daily_customer_points rows), never incremented, so re-inserting a
+   two_year_customer_points by their new daily_customer_points rows), never incremented, so re-inserting a
    batch (or any part of it) recomputes the same numbers. Every write marks its days in `dirty_days` before
    inserting its rows; one that recomputes at once marks them clean after, one that defers the recompute
    leaves them for a later recompute (see `LedgerSink`).
@@ -93,7 +93,7 @@ _JSON_PARSE_OPTIONS = pyarrow.json.ParseOptions(explicit_schema=_JSON_SCHEMA, un
 INSERT_SETTINGS = {"optimize_on_insert": 0}
 BATCH_ROWS_MAX_LIMIT = 1_000_000
 DAYS_PER_RECOMPUTE_MAX = 400
-# A batch of at most this many customers patches only their yearly rows (their ids are a query parameter, which
+# A batch of at most this many customers patches only their two-year rows (their ids are a query parameter, which
 # a ClickHouse server receives in the URL); a larger one patches every customer of its days.
 CUSTOMERS_PER_PATCH_MAX = 2_000
 
@@ -135,19 +135,21 @@ GROUP BY day, customer_id
 SETTINGS do_not_merge_across_partitions_select_final = 1
 """
 
-# After daily_customer_points, from it: the (year, customer) rows of the customers with a row on a recomputed day
-# (see migration 0006). Each such row is patched, not recomputed from the whole year: the recomputed days of its
-# newest version are replaced by their rows just written to daily_customer_points (the newest version by
-# argMax, not FINAL, which was twice as slow with a few unmerged parts). So the cost follows the customers
-# touched: reading their whole year from daily_customer_points, which is ordered by day, scanned every day row
-# of the year (200-300 ms per recompute at 10M ledger rows, 1M customers), where patching the rows of the 50
-# or 500 customers of a batch took 30 or 50-65 ms, insert included. A patch writes the same row however often
-# it is repeated, and days of a customer's row are never removed (daily rows only grow with the ledger). It
-# reads the table the statement before it wrote, so it must stay after it. `{customers}` restricts it to some
-# customers (see below).
+# After daily_customer_points, from it: the (year, customer) rows of two_year_customer_points of the customers with a
+# row on a recomputed day (see migration 0007; a day is in the rows of its year and of the year before). Each such
+# row is patched, not recomputed from its two years: the recomputed days of its newest version are replaced by their
+# rows just written to daily_customer_points (the newest version by argMax, not FINAL, which was twice as slow with
+# a few unmerged parts). So the cost follows the customers touched: reading their whole year from
+# daily_customer_points, which is ordered by day, scanned every day row of the year (200-300 ms per recompute at
+# 10M ledger rows, 1M customers), where patching the one-year rows of the 50 or 500 customers of a batch took 30 or
+# 50-65 ms, insert included. A patch writes the same row however often it is repeated, and days of a customer's
+# row are never removed (daily rows only grow with the ledger). It reads the table the statement before it wrote,
+# so it must stay after it. `{customers}` restricts it to some customers (see below).
 _YEARLY_PATCH_SQL = """
-INSERT INTO yearly_customer_points (year, customer_id, points_bound, entries, days, day_points, day_entries)
-SELECT year, customer_id, arraySum(points -> greatest(points, 0), all_points), arraySum(all_entries),
+INSERT INTO two_year_customer_points (year, customer_id, points_bound, entries, days, day_points, day_entries)
+SELECT year, customer_id,
+       arraySum((points, day_of) -> if(toYear(day_of) = year, greatest(points, 0), 0), all_points, all_days),
+       arraySum(all_entries),
        arraySort(all_days),
        arraySort((points, day_of) -> day_of, all_points, all_days),
        arraySort((count, day_of) -> day_of, all_entries, all_days)
@@ -165,10 +167,14 @@ FROM
            ) AS all_entries
     FROM
     (
-        SELECT toYear(day) AS year, customer_id,
+        SELECT year, customer_id,
                groupArray(day) AS days, groupArray(points_earned) AS day_points, groupArray(entries) AS day_entries
-        FROM daily_customer_points FINAL
-        WHERE day >= {{day_first:Date}} AND day <= {{day_last:Date}} AND day IN {{days:Array(Date)}}{customers}
+        FROM
+        (
+            SELECT arrayJoin([toUInt16(toYear(day) - 1), toYear(day)]) AS year, customer_id, day, points_earned, entries
+            FROM daily_customer_points FINAL
+            WHERE day >= {{day_first:Date}} AND day <= {{day_last:Date}} AND day IN {{days:Array(Date)}}{customers}
+        )
         GROUP BY year, customer_id
     ) AS fresh
     LEFT JOIN
@@ -176,8 +182,8 @@ FROM
         SELECT year, customer_id,
                argMax(days, entries) AS days, argMax(day_points, entries) AS day_points,
                argMax(day_entries, entries) AS day_entries
-        FROM yearly_customer_points
-        WHERE year >= toYear({{day_first:Date}}) AND year <= toYear({{day_last:Date}})
+        FROM two_year_customer_points
+        WHERE year >= toYear({{day_first:Date}}) - 1 AND year <= toYear({{day_last:Date}})
           AND customer_id IN {touched}
         GROUP BY year, customer_id
     ) AS old ON old.year = fresh.year AND old.customer_id = fresh.customer_id
@@ -314,7 +320,7 @@ class LedgerSink:
         return self._recompute(days or set(), None)
 
     def _recompute(self, days: set[date], only_customers: set[str] | None) -> int:
-        """`recompute_dirty`; `only_customers`: patch the yearly rows of these customers alone (see
+        """`recompute_dirty`; `only_customers`: patch the two-year rows of these customers alone (see
         `_mark_written`), else of every customer with a row on a recomputed day."""
         self._load_dirty()
         dirty = set(self._dirty)
@@ -333,7 +339,7 @@ class LedgerSink:
         and the recompute then leaves them dirty, and the next sink recomputes them for every customer (a
         restarted projector may never read that batch again: an embedded broker forgets its log).
 
-        Returns the customers whose yearly rows alone the batch's own recompute may patch: the batch's, when
+        Returns the customers whose two-year rows alone the batch's own recompute may patch: the batch's, when
         it recomputes at once, no day was dirty before it and they are few; else None (every customer of the
         days).
         """

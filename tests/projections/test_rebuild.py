@@ -50,7 +50,12 @@ def dashboard(client: Client) -> dict:
 
 
 def test_the_derived_tables_are_the_ones_the_sink_writes():
-    assert REBUILT_TABLES == ("daily_points", "daily_product_points", "daily_customer_points", "yearly_customer_points")
+    assert REBUILT_TABLES == (
+        "daily_points",
+        "daily_product_points",
+        "daily_customer_points",
+        "two_year_customer_points",
+    )
 
 
 def test_rebuild_restores_every_dashboard_figure_after_corruption(client):

@@ -25,7 +25,9 @@ RANGES = [
     (date(2024, 12, 31), date(2024, 12, 31)),
     (date(2023, 11, 1), date(2024, 2, 29)),  # across a year end, short: plain plan
     (date(2023, 7, 1), date(2024, 6, 30)),  # a rolling twelve months: per-year slices added up
-    (date(2023, 1, 1), date(2024, 12, 31)),
+    (date(2023, 1, 1), date(2024, 12, 31)),  # two whole years: the rows of 2023
+    (date(2023, 12, 20), date(2024, 1, 9)),  # three weeks across a year end
+    (date(2022, 3, 1), date(2024, 12, 31)),  # longer than a row's two years: the rows of 2022 and 2024 added up
     (date(2025, 1, 1), date(2025, 12, 31)),  # nobody earned
 ]
 
@@ -64,8 +66,15 @@ def skewed(client):
     return client
 
 
+@pytest.fixture(params=[queries.TOP_EARNERS_GROUP_BY_DAYS_MAX, 0], ids=["as-configured", "scan-for-short-ranges-too"])
+def group_by_days_max(request, monkeypatch):
+    """The plans as configured, and with the scan (not the GROUP BY) for short ranges too."""
+    monkeypatch.setattr(queries, "TOP_EARNERS_GROUP_BY_DAYS_MAX", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("limit", [1, 3, 10, 200])
-def test_top_earners_equal_the_plain_group_by_for_every_range_and_limit(skewed, limit):
+def test_top_earners_equal_the_plain_group_by_for_every_range_and_limit(skewed, limit, group_by_days_max):
     for date_from, date_to in RANGES:
         assert earners(skewed, date_from, date_to, limit) == plain(skewed, date_from, date_to, limit), (
             date_from,
@@ -73,7 +82,7 @@ def test_top_earners_equal_the_plain_group_by_for_every_range_and_limit(skewed, 
         )
 
 
-def test_top_earners_equal_the_plain_group_by_for_random_ranges(skewed):
+def test_top_earners_equal_the_plain_group_by_for_random_ranges(skewed, group_by_days_max):
     randomness = random.Random(5)
     for _ in range(60):
         date_from = date(2023, 5, 1) + timedelta(days=randomness.randrange(700))
@@ -84,6 +93,58 @@ def test_top_earners_equal_the_plain_group_by_for_random_ranges(skewed):
             date_to,
             limit,
         )
+
+
+def test_a_stale_version_that_summed_more_does_not_show(skewed):
+    """A row version older than the newest (fewer entries) whose days sum to more: the scan, without FINAL, ranks
+    it first, and certification must answer from the newest row."""
+    range_ = (date(2024, 3, 1), date(2024, 4, 30))  # long enough for the scan (TOP_EARNERS_GROUP_BY_DAYS_MAX)
+    assert (range_[1] - range_[0]).days + 1 > queries.TOP_EARNERS_GROUP_BY_DAYS_MAX
+    expected = plain(skewed, *range_, 3)
+    loser = expected[0][0]
+    skewed.command("SYSTEM STOP MERGES two_year_customer_points")  # a merge would drop the old version
+    skewed.command(
+        "INSERT INTO two_year_customer_points (year, customer_id, points_bound, entries, days, day_points, "
+        "day_entries) VALUES (2024, {customer_id:String}, 10000000, 0, ['2024-03-15'], [10000000], [0])",
+        parameters={"customer_id": loser},
+    )
+    scan = {**_range(2024, 3, 1, 2024, 4, 30), "year": 2024, "rows": 1}
+    assert skewed.query(queries.TOP_EARNERS_SCAN_SQL, parameters=scan).result_rows == [(loser, 10_000_000)]
+
+    assert earners(skewed, *range_, 3) == expected
+
+
+@pytest.mark.parametrize(("stale", "final_query"), [(20, False), (80, True)])
+def test_the_scan_reads_more_rows_then_falls_back_to_final_when_stale_versions_fill_them(
+    skewed, monkeypatch, stale, final_query
+):
+    """`stale` customers get an old version with a huge sum. With limit 1, the first read takes 18 rows and the
+    second 72: 20 stale rows fill the first read (its last row sums more than every customer's exact sum), the second
+    certifies; 80 fill both reads, and the FINAL query answers."""
+    range_ = (date(2023, 12, 1), date(2024, 5, 31))  # answered from the rows of 2023 (2023 and 2024)
+    expected = plain(skewed, *range_, 1)
+    # Customers with a row of 2023 (the stale version must be older than a newest one).
+    customers = skewed.query(
+        "SELECT DISTINCT customer_id FROM two_year_customer_points WHERE year = 2023 AND entries > 0 ORDER BY 1"
+    ).result_rows
+    assert len(customers) >= stale
+    skewed.command("SYSTEM STOP MERGES two_year_customer_points")  # a merge would drop the old versions
+    for (customer_id,) in customers[:stale]:
+        skewed.command(
+            "INSERT INTO two_year_customer_points (year, customer_id, points_bound, entries, days, day_points, "
+            "day_entries) VALUES (2023, {customer_id:String}, 0, 0, ['2024-04-01'], [10000000], [0])",
+            parameters={"customer_id": customer_id},
+        )
+    statements = []
+    original = skewed.query
+    monkeypatch.setattr(skewed, "query", lambda sql, *a, **k: statements.append(sql) or original(sql, *a, **k))
+
+    found = top_earners(skewed, *range_, 1)
+    assert [(earner.customer_id, earner.points_earned) for earner in found] == expected
+    # The balance is the winner's, though the plan read those of the stale rows' customers on the way.
+    assert found[0].balance == queries.balances(skewed, [expected[0][0]])[expected[0][0]]
+    assert statements.count(queries.TOP_EARNERS_SCAN_SQL) == 2
+    assert (queries.TOP_EARNERS_IN_ROW_SQL in statements) == final_query
 
 
 def test_ties_are_ordered_by_customer_id_when_pruning_certifies(client):
@@ -104,7 +165,7 @@ def test_ties_are_ordered_by_customer_id_when_pruning_certifies(client):
         ("eve", 100),
     ]
     assert earners(client, date(2024, 1, 1), date(2024, 12, 31), 6)[-1] == ("fay", 99)
-    assert queries._top_earners_pruned(client, {**_range(2024, 1, 1, 2024, 12, 31), "year": 2024}, 3) == [
+    assert queries._top_earners_pruned(client, {**_range(2024, 1, 1, 2024, 12, 31), "year": 2024}, 3)[0] == [
         ("abe", 100),
         ("bea", 100),
         ("cleo", 100),
@@ -161,7 +222,7 @@ def test_a_crash_between_the_daily_and_the_yearly_recompute_is_repaired_by_the_r
     half = len(entries) // 2
     LedgerSink(client).write(entries[:half])
 
-    with _killed_at(client, monkeypatch, "INSERT INTO yearly_customer_points"), pytest.raises(ConnectionError):
+    with _killed_at(client, monkeypatch, "INSERT INTO two_year_customer_points"), pytest.raises(ConnectionError):
         LedgerSink(client).write(entries[half:])
     LedgerSink(client).write(entries[half:])  # the restarted projector re-reads the batch
 
@@ -182,7 +243,7 @@ def test_rebuild_repairs_corrupted_yearly_rows(client):
     LedgerSink(client).write(skewed_ledger().entries)
     expected = earners(client, date(2024, 1, 1), date(2024, 12, 31), 10)
     client.command(
-        "INSERT INTO yearly_customer_points (year, customer_id, points_bound, entries, days, day_points) "
+        "INSERT INTO two_year_customer_points (year, customer_id, points_bound, entries, days, day_points) "
         "VALUES (2024, 'zed', 1000000, 1000000, ['2024-06-01'], [1000000])"
     )
     assert earners(client, date(2024, 1, 1), date(2024, 12, 31), 1) == [("zed", 1000000)]
@@ -192,20 +253,20 @@ def test_rebuild_repairs_corrupted_yearly_rows(client):
     assert earners(client, date(2024, 1, 1), date(2024, 12, 31), 10) == expected
 
 
-def test_a_rolling_twelve_months_is_answered_from_the_yearly_rows_of_both_years(client):
+def test_a_rolling_twelve_months_is_answered_from_the_two_year_rows_of_its_first_year(client):
     LedgerSink(client).write(skewed_ledger().entries)
     rolling = (date(2023, 7, 1), date(2024, 6, 30))
     expected = plain(client, *rolling, 3)
     assert earners(client, *rolling, 3) == expected
-    # A row only the yearly table has (the daily table does not): it shows, so that table answered.
+    # A row only the two-year table has (the daily table does not): it shows, so that table answered.
     client.command(
-        "INSERT INTO yearly_customer_points (year, customer_id, points_bound, entries, days, day_points, day_entries) "
-        "VALUES (2024, 'zed', 700, 1000000, ['2024-06-30', '2024-07-01'], [600, 100], [1, 1])"
+        "INSERT INTO two_year_customer_points (year, customer_id, points_bound, entries, days, day_points, "
+        "day_entries) VALUES (2023, 'zed', 0, 1000000, ['2024-06-30', '2024-07-01'], [600, 100], [1, 1])"
     )
     assert earners(client, *rolling, 3) == sorted([*expected, ("zed", 600)], key=lambda e: (-e[1], e[0]))[:3]
 
 
-def test_a_batch_written_while_keeping_up_patches_only_its_own_customers_yearly_rows(client):
+def test_a_batch_written_while_keeping_up_patches_only_its_own_customers_rows(client):
     entries = skewed_ledger().entries
     LedgerSink(client).write(entries)
     busiest_day, customers_that_day = client.query(
@@ -213,15 +274,16 @@ def test_a_batch_written_while_keeping_up_patches_only_its_own_customers_yearly_
         "GROUP BY day ORDER BY customers DESC, day LIMIT 1"
     ).result_rows[0]
     assert customers_that_day >= 2
-    rows_before = client.command("SELECT count() FROM yearly_customer_points")
+    rows_before = client.command("SELECT count() FROM two_year_customer_points")
     late = LedgerBuilder()
     late.add("c007", "earned", f"{busiest_day.isoformat()}T23:00:00+00:00", 5)
     late.entries[0] = late.entries[0].model_copy(update={"sequence": 1_000, "entry_id": "late-c007"})
 
     LedgerSink(client).write(late.entries)
 
-    # One new version, c007's: the other customers of that day were not rewritten.
-    assert client.command("SELECT count() FROM yearly_customer_points") == rows_before + 1
+    # One new version of c007's two rows with that day (of its year and of the year before): the other customers
+    # of that day were not rewritten.
+    assert client.command("SELECT count() FROM two_year_customer_points") == rows_before + 2
     _assert_exact_and_as_a_rebuild_makes_them(client)
 
 
@@ -297,5 +359,5 @@ def _range(year_from: int, month_from: int, day_from: int, year_to: int, month_t
 def _yearly_rows(client) -> list[tuple]:
     return client.query(
         "SELECT year, customer_id, points_bound, entries, days, day_points, day_entries "
-        "FROM yearly_customer_points FINAL ORDER BY year, customer_id"
+        "FROM two_year_customer_points FINAL ORDER BY year, customer_id"
     ).result_rows
