@@ -60,6 +60,9 @@ gc_thresholds = (50_000, 20, 100)  # the worker's (streams/worker.py), for the s
 _lazy_fingerprint = "<replay: not computed>"
 
 
+_issuing_kinds = (Kind.earned, Kind.confirmed)
+
+
 class ReplayRefused(RuntimeError):
     """The replay cannot run (safely) on this archive or now; the message says why."""
 
@@ -324,6 +327,7 @@ def _run_customer(
     the core compares fingerprints only between events of the same id, so the figures are the same.
     """
     state = CustomerState(customer_id)
+    points_by_rule = result.points_by_rule
     first_of_id: dict[str, ev.Event] = {}  # event id -> the event whose entries recorded it in state.applied
     for _, event, side in items:
         event_id = event.event_id
@@ -341,11 +345,12 @@ def _run_customer(
             continue
         if entries and event_id not in first_of_id:
             first_of_id[event_id] = event
+        result.entries += sign * len(entries)
         for entry in entries:
-            result.entries += sign
-            result.points_by_rule[entry.rule_id] = result.points_by_rule.get(entry.rule_id, 0) + sign * entry.points
-            if entry.kind in (Kind.earned, Kind.confirmed) and entry.points > 0:
-                result.issued += sign * entry.points
+            points = entry.points
+            points_by_rule[entry.rule_id] = points_by_rule.get(entry.rule_id, 0) + sign * points
+            if points > 0 and entry.kind in _issuing_kinds:
+                result.issued += sign * points
         if derived is not None:
             for extra in derived_events(state, event, entries):
                 # Position: after the referrer's own events of the same instant (as in the drivers).

@@ -23,6 +23,7 @@ Side = Literal["customer", "referee"]
 
 _rounding_modes = {Rounding.floor: ROUND_FLOOR, Rounding.nearest: ROUND_HALF_UP, Rounding.ceil: ROUND_CEILING}
 _zero = Decimal(0)
+_one = Decimal(1)
 _micro = Decimal("0.000001")
 _cap_kinds = (Kind.earned, Kind.pending)
 
@@ -40,7 +41,7 @@ def entry_id_for(event_id: str, customer_id: str, rule_id: str, ruleset_version:
 
 
 def round_points(value: Decimal, rounding: Rounding) -> int:
-    return int(value.quantize(Decimal(1), rounding=_rounding_modes[rounding]))
+    return int(value.quantize(_one, rounding=_rounding_modes[rounding]))
 
 
 def _shown(amount: Decimal) -> str:
@@ -299,8 +300,8 @@ def _purchase_completed(entries: _Entries, event: ev.PurchaseCompleted) -> None:
 
     promotions = _promotions(ruleset, Source.purchase, event.occurred_at)
     tier = _current_tier(state, ruleset)
-    tier_multiplier = tier.multiplier if tier is not None else Decimal(1)
-    promotion_multiplier = Decimal(1)
+    tier_multiplier = tier.multiplier if tier is not None else _one
+    promotion_multiplier = _one
     for promotion in promotions:
         promotion_multiplier *= promotion.multiplier
     pending = rules.pending_days > 0
@@ -355,7 +356,7 @@ def _purchase_completed(entries: _Entries, event: ev.PurchaseCompleted) -> None:
         if promotion_multiplier != 1 and raw:
             arithmetic += f" x promotions {promotion_multiplier.normalize():f} ({', '.join(p.id for p in promotions)})"
         points = round_points(raw, ruleset.rounding)
-        arithmetic += f" = {_shown(raw)} -> {ruleset.rounding.value} {points}"
+        arithmetic += f" = {_shown(raw)} -> {ruleset.rounding._value_} {points}"
         if room is not None and points > room:
             arithmetic += f"; order maximum leaves {room}"
             points = room
