@@ -187,7 +187,9 @@ class StreamApplier:
         self.skew = SkewEstimate(limit_ms=max(float(reorder_wait_ms), caught_up_settle_ms))
         self._looked_caught_up: Mapping[TopicPartition, float] = {}  # as of the last release, with fetch times
         # Events applied although their customer had already had a later event applied (out of event-time order:
-        # they came after the settle, or after the reorder wait). Re-deliveries of applied events do not count.
+        # they came after the settle, or after the reorder wait), that wrote entries or were rejected.
+        # Re-deliveries of applied events do not count, nor events that changed nothing (a clock tick that
+        # expired nothing leaves no trace in the ledger, so its re-delivery after a restart looks new).
         self.late_events = 0
         self.late_examples: list[str] = []  # the first few since the driver last took them, for its log
         self.ruleset = ruleset  # the configured rule set: in force until a cut-over marker says otherwise
@@ -384,19 +386,15 @@ class StreamApplier:
         except EventRejected as error:
             # A conflict is decided per customer, so each copy of a referral that conflicts on its own
             # customer's state is dead-lettered (the batch driver lists it once per side too).
+            if late:
+                self._count_late(held, customer_id, state)
             reason = error.reason if held.side == "customer" else f"referee side: {error.reason}"
             output.dead_letters.append(DeadLetter(message, reason))
             if message.offset >= 0:
                 output.acks.append(message)
             return
-        if late:
-            self.late_events += 1
-            if len(self.late_examples) < late_examples_max:
-                self.late_examples.append(
-                    f"{event.event_type} {event.event_id} of {customer_id} at {event.occurred_at.isoformat()} "
-                    f"(offset {message.offset} of {message.topic}/{message.partition}) after an event at "
-                    f"{state.last_event_at.isoformat()}"  # type: ignore[union-attr]
-                )
+        if late and entries:  # an event that changed nothing (a clock tick) leaves no trace to disorder
+            self._count_late(held, customer_id, state)
         if fresh and message.offset >= 0:
             self.skew.late(event.occurred_at, message.fetch_time, held.fetched_caught_up_ms)
         for derived in derived_events(state, event, entries):
@@ -409,6 +407,16 @@ class StreamApplier:
         else:
             output.applied += 1
         output.acks.append(message)
+
+    def _count_late(self, held: _Held, customer_id: str, state: CustomerState) -> None:
+        self.late_events += 1
+        if len(self.late_examples) < late_examples_max:
+            event, message = held.event, held.message
+            self.late_examples.append(
+                f"{event.event_type} {event.event_id} of {customer_id} at {event.occurred_at.isoformat()} "
+                f"(offset {message.offset} of {message.topic}/{message.partition}) after an event at "
+                f"{state.last_event_at.isoformat()}"  # type: ignore[union-attr]
+            )
 
     def _derive(self, event: ev.Event, cause: _Held, output: Output) -> None:
         """Publish a derived event to its customer's partition and, when this applier holds that partition,

@@ -62,7 +62,8 @@ worker_events_waiting = Gauge(
 worker_events_late = Gauge(
     "loyalty_worker_events_late",
     "Events applied out of event-time order: their customer already had a later event applied (they arrived "
-    "after the settle or the reorder wait). Re-deliveries do not count. Since start.",
+    "after the settle or the reorder wait) that wrote entries or were rejected. Re-deliveries do not count. "
+    "Since start.",
 )
 worker_reorder_settle_ms = Gauge(
     "loyalty_worker_reorder_settle_ms",

@@ -41,6 +41,13 @@ class Settings(BaseSettings):
     reorder_wait_ms: int = Field(
         2000, ge=0, le=600_000, description="How long events may wait to be applied in event-time order."
     )
+    reorder_settle_ms: int = Field(
+        300,
+        ge=0,
+        le=600_000,
+        description="Least time an event is held before input partitions found caught up stop holding it back; "
+        "raised by the skew measured between the input topics, never above reorder_wait_ms.",
+    )
     sink_batch_rows_max: int = Field(20_000, ge=1, description="Ledger rows per ClickHouse insert.")
     sink_flush_interval_ms: int = Field(500, ge=10, description="Longest a ledger row waits before insert.")
     log_level: str = Field("INFO", description="Python logging level.")

@@ -34,10 +34,8 @@ log = logging.getLogger("loyalty.worker")
 restore_poll_ms = 200
 EVENT_ENTRIES_HEADER = "loyalty-event-entries"
 in_flight_batches_max = 4
-# How long an event is held when every partition looks caught up (see StreamApplier): longer than the spread
-# of one producer flush across the input topics; the release timer runs every `release_interval_s`.
-caught_up_settle_ms = 300
-# How often held events are looked at between batches: the settle above plus at most this much latency.
+# How often held events are looked at between batches: the settle (LOYALTY_REORDER_SETTLE_MS, see
+# StreamApplier) plus at most this much latency.
 release_interval_s = 0.05
 # The worker allocates many short-lived objects per event; with the default thresholds (700, 10, 10) the
 # collector ran so often that applying 51k events in-process took 8.5 CPU-s against 5.1 with these.
@@ -115,7 +113,7 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
         ruleset,
         reorder_wait_ms=settings.reorder_wait_ms,
         partition_for=functools.partial(partition_for, partitions=settings.partitions),
-        caught_up_settle_ms=min(caught_up_settle_ms, settings.reorder_wait_ms),
+        caught_up_settle_ms=min(settings.reorder_settle_ms, settings.reorder_wait_ms),
     )
     counters = WorkerCounters()
     lock = asyncio.Lock()

@@ -13,6 +13,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from reliability_support import REORDER_SETTLE_MS
+
 from streams.batch import ProcessResult
 from streams.routing import routes_for
 
@@ -154,6 +156,7 @@ def projected_balances(bootstrap: str, data_dir: Path, log_path: Path, ledger_ro
         LOYALTY_HTTP_PORT="0",
         LOYALTY_SESSION_TIMEOUT_S="2",
         LOYALTY_REORDER_WAIT_MS="60000",
+        LOYALTY_REORDER_SETTLE_MS=str(REORDER_SETTLE_MS),  # see reliability_support
     )
     with log_path.open("wb") as log:
         process = subprocess.Popen(

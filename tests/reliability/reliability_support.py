@@ -17,6 +17,13 @@ PARTITIONS = 4
 # docs/architecture.md) must never fire, or the stream could apply an event before an earlier one of the
 # same customer that is still on its way, and the ledger would legitimately differ from the batch driver's.
 REORDER_WAIT_MS = 60_000
+# These tests compare a worker's ledger with the batch driver's, so event-time order must hold exactly. On a
+# loaded host the test producer's topics land up to seconds apart; the worker raises its settle once it has
+# measured such a skew, but not before the first one (docs/architecture.md, "Per-customer order"). A floor of
+# 1.5 s keeps that first one out of tests about crashes and hand-overs; tests/streams/test_release_order.py
+# tests the settle itself. (Measured: 3 of 4 scale-out runs beside a CPU-burning process failed on the code
+# before the adaptive settle, 0 of 4 after; a full suite beside two other agents still failed 2 tests.)
+REORDER_SETTLE_MS = 1_500
 WORKER_STOP_TIMEOUT_S = 20.0
 
 
@@ -27,6 +34,7 @@ def worker_environment(bootstrap: str, **extra: str) -> dict[str, str]:
         LOYALTY_PARTITIONS=str(PARTITIONS),
         LOYALTY_SESSION_TIMEOUT_S="2",
         LOYALTY_REORDER_WAIT_MS=str(REORDER_WAIT_MS),
+        LOYALTY_REORDER_SETTLE_MS=str(REORDER_SETTLE_MS),
         LOYALTY_METRICS_PORT="0",
         **extra,
     )
