@@ -285,14 +285,9 @@ ORDER BY points_bound DESC, customer_id
 LIMIT {rows:UInt32}
 """
 
-# The candidates' sums over the range from their newest rows (most entries), whether they have a day in the range
-# (a customer without one is not in the plain GROUP BY's answer at all), and the balances of `balance_ids` (those
-# likely to be the answer: a NULL balance is one not asked for, or of a customer without ledger entries), in one
-# statement: every statement costs about 3 ms before it reads anything (chDB, 2 CPUs).
-TOP_EARNERS_CANDIDATES_SQL = f"""
-SELECT customer_id, points, has_day, balance
-FROM
-(
+# The candidates' sums over the range from their newest rows (most entries), and whether they have a day in the
+# range (a customer without one is not in the plain GROUP BY's answer at all).
+_CANDIDATES = f"""
     SELECT customer_id, argMax({_RANGE_SUM}, entries) AS points, argMax(first < past, entries) AS has_day
     FROM
     (
@@ -301,16 +296,8 @@ FROM
         WHERE year = {{year:UInt16}} AND customer_id IN {{customer_ids:Array(String)}}
     )
     GROUP BY customer_id
-) AS exact
-LEFT JOIN
-(
-    SELECT customer_id, argMax(balance_after, sequence) AS balance
-    FROM ledger_entries
-    WHERE customer_id IN {{balance_ids:Array(String)}}
-    GROUP BY customer_id
-) AS balances USING (customer_id)
-SETTINGS join_use_nulls = 1
 """
+TOP_EARNERS_CANDIDATES_SQL = f"SELECT customer_id, points, has_day FROM ({_CANDIDATES})"
 
 # Candidates tried per limit by bound pruning, before the scan: certification needs the limit-th best sum among
 # the candidates to beat the next bound, so a few more than `limit` are taken, then many more.
@@ -461,22 +448,21 @@ def top_earners(client: Client, date_from: date, date_to: date, limit: int = 10)
     """The customers who earned most (earned + confirmed points) in the range, with their current balance.
 
     Ties are ordered by customer id. The answer is always exactly the plain `GROUP BY customer_id` over
-    `daily_customer_points` (TOP_EARNERS_SQL); it is found in `two_year_customer_points`, whose row of year y
-    holds a customer's days of y and y + 1:
-    - a range within one row's two years (every range of at most 366 days: a week, a month across a year end,
-      a rolling twelve months): one slice sum per customer row of the range's first year, no GROUP BY. The
-      first rows of that scan, without FINAL, are candidates, certified exact (`_top_earners_scanned`). For
-      half a year or more within one calendar year, threshold pruning by the rows' bounds comes first
-      (`_top_earners_pruned`), which reads fewer columns. At 10M ledger rows, 1M customers (2 CPUs, shared):
-      31 days 35 -> 23 ms (p50, query alone) against the GROUP BY; a rolling twelve months over two years at
-      500k customers 81 -> 25 ms against per-year slices added up by customer;
-    - a longer range: the rows of every other year, sliced and added up per customer.
+    `daily_customer_points` (TOP_EARNERS_SQL); the plan depends on the range (`two_year_customer_points`' row of
+    year y holds a customer's days of y and y + 1):
+    - at most TOP_EARNERS_GROUP_BY_DAYS_MAX (35) days: that GROUP BY, which reads only the range's day rows;
+    - half a year or more within one calendar year: threshold pruning by the rows' bounds (`_top_earners_pruned`);
+    - otherwise, and when pruning cannot certify, up to 366 days: one slice sum per customer row of the range's
+      first year, no GROUP BY; the first rows of that scan, without FINAL, are candidates, certified exact
+      (`_top_earners_scanned`), else the same query with FINAL. Paired runs on 2 shared CPUs (with the balances,
+      p50/p95 ms): a rolling twelve months over a two-year ledger of 10M rows, 500k customers 121/136 -> 41/44;
+      90 days 64/80 -> 41/44;
+    - longer: the rows of every other year, sliced and added up per customer.
     """
     _days(date_from, date_to)
     if not 1 <= limit <= TOP_EARNERS_LIMIT_MAX:
         raise ValueError(f"limit must be in 1..{TOP_EARNERS_LIMIT_MAX}, got {limit}")
     range_parameters = {"date_from": date_from, "date_to": date_to}
-    balances: dict[str, int] = {}
     if date_to.year > date_from.year + 1:
         earners = client.query(
             TOP_EARNERS_ACROSS_ROWS_SQL,
@@ -486,31 +472,28 @@ def top_earners(client: Client, date_from: date, date_to: date, limit: int = 10)
         row_parameters = {**range_parameters, "year": date_from.year}
         found = None
         if (date_to - date_from).days + 1 <= TOP_EARNERS_GROUP_BY_DAYS_MAX:
-            found = (client.query(TOP_EARNERS_SQL, parameters={**range_parameters, "limit": limit}).result_rows, {})
+            found = client.query(TOP_EARNERS_SQL, parameters={**range_parameters, "limit": limit}).result_rows
         elif date_to.year == date_from.year and (date_to - date_from).days + 1 >= TOP_EARNERS_PRUNE_DAYS_MIN:
             found = _top_earners_pruned(client, row_parameters, limit)
         if found is None:
             found = _top_earners_scanned(client, row_parameters, limit)
         if found is None:
-            earners = client.query(TOP_EARNERS_IN_ROW_SQL, parameters={**row_parameters, "limit": limit}).result_rows
-        else:
-            earners, balances = found
+            found = client.query(TOP_EARNERS_IN_ROW_SQL, parameters={**row_parameters, "limit": limit}).result_rows
+        earners = found
     if not earners:
         return []
-    missing = [customer_id for customer_id, _ in earners if customer_id not in balances]
-    if missing:
-        balances.update(client.query(BALANCES_SOME_SQL, parameters={"customer_ids": missing}).result_rows)
+    balances = dict(
+        client.query(
+            BALANCES_SOME_SQL, parameters={"customer_ids": [customer_id for customer_id, _ in earners]}
+        ).result_rows
+    )
     return [
         TopEarner(customer_id=customer_id, points_earned=points, balance=balances.get(customer_id, 0))
         for customer_id, points in earners
     ]
 
 
-# What a certified plan finds: the top earners (customer id, points), and the balances it read on the way.
-_Found = tuple[list[tuple[str, int]], dict[str, int]]
-
-
-def _top_earners_scanned(client: Client, parameters: dict[str, Any], limit: int) -> _Found | None:
+def _top_earners_scanned(client: Client, parameters: dict[str, Any], limit: int) -> list[tuple[str, int]] | None:
     """The top `limit` earners of a range within the two years of the rows of `parameters["year"]`, certified
     exact, or None when not certified.
 
@@ -524,34 +507,28 @@ def _top_earners_scanned(client: Client, parameters: dict[str, Any], limit: int)
     for per_limit, more in TOP_EARNERS_SCAN_ROWS:
         wanted = limit * per_limit + more
         rows = client.query(TOP_EARNERS_SCAN_SQL, parameters={**parameters, "rows": wanted}).result_rows
-        ranked, balances = _exact_candidates(client, parameters, list(dict.fromkeys(row[0] for row in rows)), limit)
+        ranked = _exact_candidates(client, parameters, list(dict.fromkeys(customer_id for customer_id, _ in rows)))
         if len(rows) < wanted:
-            return ranked[:limit], balances
+            return ranked[:limit]
         last_customer_id, last_points = rows[-1]
         if len(ranked) >= limit and _rank(ranked[limit - 1]) <= (-last_points, last_customer_id):
-            return ranked[:limit], balances
+            return ranked[:limit]
     return None
 
 
-def _exact_candidates(client: Client, parameters: dict[str, Any], customer_ids: list[str], limit: int) -> _Found:
-    """The candidates' exact sums over the range (from their newest rows), those with a day in it, best first;
-    and the balances of the first `limit` candidates (the likely answer, in the order given)."""
+def _exact_candidates(client: Client, parameters: dict[str, Any], customer_ids: list[str]) -> list[tuple[str, int]]:
+    """The candidates' exact sums over the range (from their newest rows), those with a day in it, best first."""
     if not customer_ids:
-        return [], {}
-    rows = client.query(
-        TOP_EARNERS_CANDIDATES_SQL,
-        parameters={**parameters, "customer_ids": customer_ids, "balance_ids": customer_ids[:limit]},
-    ).result_rows
-    ranked = sorted(((customer_id, int(points)) for customer_id, points, has_day, _ in rows if has_day), key=_rank)
-    balances = {customer_id: balance for customer_id, _, _, balance in rows if balance is not None}
-    return ranked, balances
+        return []
+    sums = client.query(TOP_EARNERS_CANDIDATES_SQL, parameters={**parameters, "customer_ids": customer_ids}).result_rows
+    return sorted(((customer_id, int(points)) for customer_id, points, has_day in sums if has_day), key=_rank)
 
 
 def _rank(earner: tuple[str, int]) -> tuple[int, str]:
     return (-earner[1], earner[0])
 
 
-def _top_earners_pruned(client: Client, parameters: dict[str, Any], limit: int) -> _Found | None:
+def _top_earners_pruned(client: Client, parameters: dict[str, Any], limit: int) -> list[tuple[str, int]] | None:
     """The top `limit` earners of a range within the calendar year `parameters["year"]`, certified exact, or
     None when not certified.
 
@@ -579,15 +556,15 @@ def _top_earners_pruned(client: Client, parameters: dict[str, Any], limit: int) 
             # Every row read belongs to a candidate: customers not read come after the last row read.
             threshold = (rows[-1][1], rows[-1][0])
         if not candidates:
-            return [], {}  # no customer has a row of this year
-        ranked, balances = _exact_candidates(client, parameters, list(candidates), limit)
+            return []  # no customer has a row of this year
+        ranked = _exact_candidates(client, parameters, list(candidates))
         if threshold is None:
-            return ranked[:limit], balances  # every customer of the year is a candidate
+            return ranked[:limit]  # every customer of the year is a candidate
         if len(ranked) >= limit:
             customer_id, points = ranked[limit - 1]
             bound, bound_customer_id = threshold
             if (-points, customer_id) < (-bound, bound_customer_id):
-                return ranked[:limit], balances
+                return ranked[:limit]
     return None
 
 

@@ -141,7 +141,6 @@ def test_the_scan_reads_more_rows_then_falls_back_to_final_when_stale_versions_f
 
     found = top_earners(skewed, *range_, 1)
     assert [(earner.customer_id, earner.points_earned) for earner in found] == expected
-    # The balance is the winner's, though the plan read those of the stale rows' customers on the way.
     assert found[0].balance == queries.balances(skewed, [expected[0][0]])[expected[0][0]]
     assert statements.count(queries.TOP_EARNERS_SCAN_SQL) == 2
     assert (queries.TOP_EARNERS_IN_ROW_SQL in statements) == final_query
@@ -165,7 +164,7 @@ def test_ties_are_ordered_by_customer_id_when_pruning_certifies(client):
         ("eve", 100),
     ]
     assert earners(client, date(2024, 1, 1), date(2024, 12, 31), 6)[-1] == ("fay", 99)
-    assert queries._top_earners_pruned(client, {**_range(2024, 1, 1, 2024, 12, 31), "year": 2024}, 3)[0] == [
+    assert queries._top_earners_pruned(client, {**_range(2024, 1, 1, 2024, 12, 31), "year": 2024}, 3) == [
         ("abe", 100),
         ("bea", 100),
         ("cleo", 100),
