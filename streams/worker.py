@@ -202,9 +202,8 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
 
     def caught_up(seen: dict[tuple[str, int], int]) -> dict[tuple[str, int], float]:
         """The assigned input partitions whose last fetch found nothing beyond what the agent received, each with
-        the time of that fetch on the monotonic clock (aiokafka records it on the wall clock)."""
+        the time of that fetch (`last_fetch_ms`)."""
         done = {}
-        shift_ms = time.monotonic() * 1000 - time.time() * 1000
         for topic, partition in assigned_input():
             tp = faust.types.TP(topic, partition)
             try:
@@ -215,11 +214,12 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
             if highwater is None or fetched_ms is None:
                 continue
             if seen.get((topic, partition), -1) + 1 >= highwater:
-                done[(topic, partition)] = fetched_ms + shift_ms
+                done[(topic, partition)] = fetched_ms
         return done
 
     def last_fetch_ms(tp: faust.types.TP) -> float | None:
-        """When the consumer last had a fetch response for `tp` (the time its high water mark is from), wall ms.
+        """When the consumer last had a fetch response for `tp` (the time its high water mark is from), in ms on
+        the monotonic clock of `received_ms` (aiokafka records it on the wall clock).
 
         Faust does not expose it; its aiokafka driver's consumer does (`last_poll_timestamp`). A paused partition
         is not fetched, so its time stays old and the partition is not taken for caught up on a stale mark."""
@@ -229,11 +229,14 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
             if not fetch_time_unknown:
                 fetch_time_unknown.append(True)
                 log.warning("the consumer does not say when it fetched; high water marks are taken as fresh")
-            return time.time() * 1000
+            return time.monotonic() * 1000
         try:
-            return consumer.last_poll_timestamp(tp)
+            fetched_wall_ms = consumer.last_poll_timestamp(tp)
         except (AssertionError, KeyError):  # not assigned (any more), or no fetch state yet
             return None
+        if fetched_wall_ms is None:
+            return None
+        return fetched_wall_ms + time.monotonic() * 1000 - time.time() * 1000
 
     fetch_time_unknown: list[bool] = []
     late_reported = [0]
@@ -359,7 +362,6 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
             try:
                 async with lock:
                     now_ms = time.monotonic() * 1000
-                    shift_ms = now_ms - time.time() * 1000
                     fetched: dict[tuple[str, int], float | None] = {}
                     messages = []
                     for event in batch:
@@ -370,8 +372,7 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
                             applier.local_partitions.add(raw.partition)
                         tp = (raw.topic, raw.partition)
                         if tp not in fetched:
-                            fetched_wall_ms = last_fetch_ms(faust.types.TP(*tp))
-                            fetched[tp] = None if fetched_wall_ms is None else fetched_wall_ms + shift_ms
+                            fetched[tp] = last_fetch_ms(faust.types.TP(*tp))
                         seen_offsets[tp] = max(seen_offsets.get(tp, -1), raw.offset)
                         acks.received(tp, raw.offset, event)
                         messages.append(
@@ -426,6 +427,7 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
 
     @app.timer(interval=10.0)
     async def report() -> None:
+        settle_ms = applier.settle_ms(time.monotonic() * 1000)
         log.info(
             "processed %d, duplicates %d, rejected %d, ledger entries %d, waiting %d, late %d, settle %d ms",
             counters.processed,
@@ -434,14 +436,14 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
             counters.ledger_entries,
             applier.held_count,
             applier.late_events,
-            applier.settle_ms(time.monotonic() * 1000),
+            settle_ms,
         )
         if applier.late_events > late_reported[0]:
             log.warning(
                 "%d events were applied out of event-time order (their customer already had a later event "
                 "applied: they arrived too late); the settle is now %d ms (LOYALTY_REORDER_WAIT_MS bounds it)",
                 applier.late_events - late_reported[0],
-                applier.settle_ms(time.monotonic() * 1000),
+                settle_ms,
             )
             for example in applier.late_examples:
                 log.warning("applied late: %s", example)
