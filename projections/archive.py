@@ -104,6 +104,11 @@ class RawArchive:
     def count(self) -> int:
         return int(self._client.query("SELECT uniqExact(topic, partition, offset) FROM raw_events").result_rows[0][0])
 
+    def estimate(self) -> int:
+        """About how many messages are archived, read from the parts' row counts without a scan (copies of one
+        message not yet merged away count twice): a progress bar's 100%, where `count` scanned every offset."""
+        return int(self._client.query("SELECT count() FROM raw_events").result_rows[0][0])
+
     def stream_for_replay(
         self, since: datetime | None = None, keys: Iterable[str] | None = None
     ) -> Iterator[ArchivedMessage]:

@@ -390,7 +390,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         client = connect(settings.resolved_clickhouse_dsn())
 
         terminal = sys.stderr.isatty()
-        archived = RawArchive(client).count() if terminal else 0  # the bar's 100%: markers included, so about
+        archived = RawArchive(client).estimate() if terminal else 0  # the bar's 100%: markers included, so about
 
         def progress(count: int) -> None:
             if terminal:
