@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from documents import event_document
 
 from projections import LedgerSink, queries
 from schemas.ledger import Kind
@@ -17,16 +18,7 @@ BASE = "version: expiring-1\npurchase: {points_per_unit: '1'}\nredemption: {mini
 
 
 def line(event_type: str, event_id: str, at: str, customer: str, **fields) -> str:
-    document = {
-        "event_id": event_id,
-        "event_type": event_type,
-        "schema_version": 1,
-        "occurred_at": at,
-        "customer_id": customer,
-        "store_id": "s1",
-        **fields,
-    }
-    return json.dumps(document)
+    return json.dumps(event_document(event_id, event_type, customer, at, **fields))
 
 
 def buy(event_id: str, at: str, customer: str, price: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from documents import event_document
 
 from schemas import decode_event
 from schemas.decode import EventRejected
@@ -26,16 +27,7 @@ def rules(extra: str = "", base: str = BASE):
 
 
 def event(event_type: str, event_id: str, at: str = "2026-03-01T10:00:00+00:00", customer: str = "c1", **fields):
-    document = {
-        "event_id": event_id,
-        "event_type": event_type,
-        "schema_version": 1,
-        "occurred_at": at,
-        "customer_id": customer,
-        "store_id": "s1",
-        **fields,
-    }
-    return decode_event(json.dumps(document))
+    return decode_event(json.dumps(event_document(event_id, event_type, customer, at, **fields)))
 
 
 def purchase(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+from documents import event_document
+
 from streams.applier import InputMessage, SkewEstimate, StreamApplier, skew_window_ms
 from streams.routing import routes_for
 from streams.rules.ruleset import load_ruleset
@@ -19,8 +21,7 @@ def message(document: dict, offset: int, received_ms: float) -> InputMessage:
 
 
 def event(event_id: str, event_type: str, minute: int, customer: str = "c1", **fields) -> dict:
-    envelope = {"event_id": event_id, "event_type": event_type, "schema_version": 1, "customer_id": customer}
-    return envelope | {"occurred_at": f"2026-03-01T10:{minute:02d}:00+00:00", "store_id": "s1"} | fields
+    return event_document(event_id, event_type, customer, f"2026-03-01T10:{minute:02d}:00+00:00", **fields)
 
 
 def test_a_partition_that_only_looks_caught_up_cannot_release_a_later_event_before_the_settle():

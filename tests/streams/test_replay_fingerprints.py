@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from documents import event_document
+
 from streams import replay
 from streams.batch import process_lines
 from streams.bench import Log, replay_input
@@ -11,17 +13,7 @@ from streams.replay import replay_messages
 from streams.routing import routes_for
 from streams.rules.ruleset import load_ruleset
 
-
-def _event(event_id: str, event_type: str, customer: str, at: str, **fields) -> dict:
-    return {
-        "event_id": event_id,
-        "event_type": event_type,
-        "schema_version": 1,
-        "occurred_at": at,
-        "customer_id": customer,
-        "store_id": "s1",
-        **fields,
-    }
+_event = event_document
 
 
 def _archive(lines: list[bytes]):
