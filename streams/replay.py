@@ -129,7 +129,7 @@ def _replay(
     result = ShadowResult()
     derived: dict[str, list[tuple[tuple, ev.Event]]] = {}
     if processes == 1:
-        _first_pass(messages, ruleset, result, derived, progress)
+        _first_pass(_fields(messages), ruleset, result, derived, progress)
     else:
         _first_pass_in_processes(messages, ruleset, result, derived, progress, processes)
     if not derived:
@@ -138,7 +138,7 @@ def _replay(
         result.derived_skipped = sum(len(events) for events in derived.values())
         return result
     ignored = ShadowResult()
-    for customer_id, items in _customers(refetch(set(derived)), ignored, None):
+    for customer_id, items in _customers(_fields(refetch(set(derived))), ignored, None):
         if customer_id not in derived:
             continue
         _run_customer(customer_id, items, ruleset, result, -1, None)  # take back the first pass's figures
@@ -153,7 +153,7 @@ def _replay(
 
 
 def _first_pass(
-    messages: Iterable[Any],
+    messages: Iterable[_Fields],
     ruleset: RuleSet,
     result: ShadowResult,
     derived: dict[str, list[tuple[tuple, ev.Event]]],
@@ -176,27 +176,45 @@ def _check_once(customer_id: str, balances: dict[str, int]) -> None:
         )
 
 
-class _Compact(NamedTuple):
-    """What the core needs of an archived message, sent to a replay process (cheaper to pickle)."""
-
-    topic: str
-    offset: int
-    referee_side: int
-    event_id: str
-    value: bytes
+# What the core needs of an archived message: (topic, offset, referee side, event id, value).
+_Fields = tuple[str, int, int, str, bytes]
 
 
-def _chunks(messages: Iterable[Any], size: int) -> Iterator[list[_Compact]]:
-    """Lists of at least `size` messages (but the last), each ending where the routing key changes."""
-    chunk: list[_Compact] = []
+def _fields(messages: Iterable[Any]) -> Iterator[_Fields]:
+    for message in messages:
+        yield message.topic, message.offset, message.referee_side, message.event_id, message.value
+
+
+class _Chunk(NamedTuple):
+    """Whole customers' messages for a replay process, as five columns: lists of plain values pickle at about a
+    quarter of the cost of a tuple per message (2.3 vs 8.2 us per message, measured on the bench's log), and the
+    calling process, which shares the CPUs with the pool, does that for every message."""
+
+    topics: list[str]
+    offsets: list[int]
+    referee_sides: list[int]
+    event_ids: list[str]
+    values: list[bytes]
+
+    def fields(self) -> Iterator[_Fields]:
+        return zip(self.topics, self.offsets, self.referee_sides, self.event_ids, self.values, strict=True)
+
+
+def _chunks(messages: Iterable[Any], size: int) -> Iterator[_Chunk]:
+    """Chunks of at least `size` messages (but the last), each ending where the routing key changes."""
+    chunk = _Chunk([], [], [], [], [])
     key = None
     for message in messages:
-        if len(chunk) >= size and message.routing_key != key:
+        if len(chunk.values) >= size and message.routing_key != key:
             yield chunk
-            chunk = []
+            chunk = _Chunk([], [], [], [], [])
         key = message.routing_key
-        chunk.append(_Compact(message.topic, message.offset, message.referee_side, message.event_id, message.value))
-    if chunk:
+        chunk.topics.append(message.topic)
+        chunk.offsets.append(message.offset)
+        chunk.referee_sides.append(message.referee_side)
+        chunk.event_ids.append(message.event_id)
+        chunk.values.append(message.value)
+    if chunk.values:
         yield chunk
 
 
@@ -219,12 +237,12 @@ def _start_process(ruleset: RuleSet, caller: int) -> None:
     threading.Thread(target=exit_when_orphaned, name="replay-orphan-check", daemon=True).start()
 
 
-def _replay_chunk(chunk: list[_Compact]) -> tuple[ShadowResult, dict[str, list[tuple[tuple, ev.Event]]]]:
+def _replay_chunk(chunk: _Chunk) -> tuple[ShadowResult, dict[str, list[tuple[tuple, ev.Event]]]]:
     """In a replay process: the first pass over one chunk of whole customers."""
     assert _process_ruleset is not None, "replay process started without its rule set"
     result = ShadowResult()
     derived: dict[str, list[tuple[tuple, ev.Event]]] = {}
-    _first_pass(chunk, _process_ruleset, result, derived, None)
+    _first_pass(chunk.fields(), _process_ruleset, result, derived, None)
     return result, derived
 
 
@@ -259,7 +277,7 @@ def _first_pass_in_processes(
     first = next(chunks, None)
     second = next(chunks, None) if first is not None else None
     if second is None:  # one chunk at most: starting processes would cost more than it saves
-        _first_pass(first or [], ruleset, result, derived, progress)
+        _first_pass(first.fields() if first else iter(()), ruleset, result, derived, progress)
         return
     # spawn, not fork: replay runs inside `loyalty up`, whose threads (chDB, the event loop's executor) a
     # forked child would inherit in whatever state they were.
@@ -281,33 +299,33 @@ def _first_pass_in_processes(
             merge_oldest()
 
 
-def _customers(messages: Iterable[Any], result: ShadowResult, progress: Callable[[int], None] | None):
+def _customers(messages: Iterable[_Fields], result: ShadowResult, progress: Callable[[int], None] | None):
     """(customer id, [(order key, event, side)]) per customer, from messages sorted by routing key."""
     current: str | None = None
     items: list[tuple[tuple, ev.Event, str]] = []
-    for message in messages:
-        if message.referee_side == 2:
+    for topic, offset, referee_side, event_id, value in messages:
+        if referee_side == 2:
             continue  # a cut-over marker, not an event
-        if message.referee_side == 3:
+        if referee_side == 3:
             continue  # an event the live engine derived: derived again under the replayed rules
-        if message.event_id.startswith(compensation_prefix):
+        if event_id.startswith(compensation_prefix):
             continue  # a compensation posted by an earlier apply: part of the live ledger, not of the history
         result.events += 1
         if progress is not None and result.events % progress_every_events == 0:
             progress(result.events)
         try:
-            event = decode_event(message.value, message.topic)
+            event = decode_event(value, topic)
         except EventRejected:
             result.rejected += 1
             continue
-        side = "referee" if message.referee_side == 1 and isinstance(event, ev.ReferralCompleted) else "customer"
+        side = "referee" if referee_side == 1 and isinstance(event, ev.ReferralCompleted) else "customer"
         customer_id = event.referee_id if side == "referee" else event.customer_id  # type: ignore[union-attr]
         if customer_id != current:
             if current is not None:
                 items.sort(key=lambda item: item[0])  # already in order but for the rank of referral.reversed
                 yield current, items
             current, items = customer_id, []
-        items.append((order_key(event, message.offset), event, side))
+        items.append((order_key(event, offset), event, side))
     if current is not None:
         items.sort(key=lambda item: item[0])
         yield current, items

@@ -55,13 +55,15 @@ def test_replay_in_two_processes_equals_one_process_and_the_batch_driver(history
 def test_chunks_end_where_the_routing_key_changes(history):
     _, _, archive = history
     chunks = list(replay._chunks(archive, 97))
-    assert sum(len(chunk) for chunk in chunks) == len(archive)
-    assert all(len(chunk) >= 97 for chunk in chunks[:-1])
+    assert [value for chunk in chunks for value in chunk.values] == [message.value for message in archive]
+    assert all(len(chunk.values) >= 97 for chunk in chunks[:-1])
     keys = [message.routing_key for message in archive]
     boundary = 0
     for chunk in chunks[:-1]:
-        boundary += len(chunk)
+        boundary += len(chunk.values)
         assert keys[boundary - 1] != keys[boundary]  # no customer is split between two chunks
+    fields = [field for chunk in chunks for field in chunk.fields()]
+    assert fields == [(m.topic, m.offset, m.referee_side, m.event_id, m.value) for m in archive]
 
 
 def test_an_archive_of_one_chunk_is_replayed_without_starting_processes(history, monkeypatch):
