@@ -361,12 +361,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     if args.dry_run == args.apply:
         return _fail("say --dry-run or --apply")
+    if args.customer is not None and (args.apply or args.since or args.csv):
+        return _fail("--customer previews one customer: it goes with --dry-run alone (not --apply, --since, --csv)")
     if args.processes is not None and not 0 <= args.processes <= replay.processes_max:
         return _fail(f"--processes must be in 0..{replay.processes_max} (0: the default), got {args.processes}")
     rules_text = Path(args.rules).read_text()
     new_rules = load_ruleset(args.rules)
     settings = _settings(args)
     since = args.since
+    if args.customer is not None:
+        return _replay_customer(args, settings, rules_text, new_rules)
     if _running(settings):
         body = {
             "rules": rules_text,
@@ -436,6 +440,39 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(
             f"applied: {report['applied']['compensations_published']} compensating adjustments at "
             f"{report['applied']['cut_over']}"
+        )
+    return 0
+
+
+def _replay_customer(args: argparse.Namespace, settings, rules_text: str, new_rules) -> int:
+    """`loyalty replay --rules NEW --dry-run --customer C`: the customer's history, event by event, before/after."""
+    from streams import replay
+
+    if _running(settings):
+        preview = _post(args, "/api/replay", {"rules": rules_text, "customer": args.customer})
+    else:
+        from projections.client import connect
+
+        client = connect(settings.resolved_clickhouse_dsn())
+        try:
+            preview = replay.preview_customer(client, new_rules, args.customer)
+        finally:
+            client.close()
+    if args.json:
+        _print_json(preview)
+        return 0
+    print(
+        f"customer {preview['customer_id']} under {preview['ruleset_version_new']} "
+        f"(live: {', '.join(preview['ruleset_versions_live']) or 'no entries'}): balance "
+        f"{preview['balance_before']:,} -> {preview['balance_after']:,} ({preview['delta']:+,}), "
+        f"{preview['events_replayed']:,} events replayed"
+    )
+    print(f"  {'occurred at (UTC)':<19} {'event':<24} {'live':>7} {'new':>7} {'delta':>7} {'pending':>15}  rules (new)")
+    for row in preview["events"]:
+        pending = f"{row['pending_points_before']:,}/{row['pending_points_after']:,}"
+        print(
+            f"  {row['occurred_at'][:19].replace('T', ' '):<19} {row['event_type']:<24} {row['points_before']:>7,} "
+            f"{row['points_after']:>7,} {row['delta']:>+7,} {pending:>15}  {', '.join(row['rules_after'])}"
         )
     return 0
 
@@ -560,6 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--apply", action="store_true", help="post compensating adjustments through the worker")
     sub.add_argument("--since", help="report only customers active since this date (YYYY-MM-DD)")
     sub.add_argument("--csv", help="also write the per-customer diff to this CSV file")
+    sub.add_argument("--customer", help="preview one customer: their history event by event, live and new")
     sub.add_argument("--lag-max", type=int, default=0, help="refuse --apply when the worker lags more")
     sub.add_argument(
         "--processes",

@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 from schemas import events as ev
 from schemas.decode import EventRejected, decode_event
 from schemas.ledger import Kind
-from schemas.topics import REDEMPTIONS
+from schemas.topics import REDEMPTIONS, REFERRALS
 from streams.batch import order_key
 from streams.rules.engine import apply, derived_events, event_fingerprint
 from streams.rules.ruleset import RuleSet
@@ -304,12 +304,8 @@ def _customers(messages: Iterable[_Fields], result: ShadowResult, progress: Call
     current: str | None = None
     items: list[tuple[tuple, ev.Event, str]] = []
     for topic, offset, referee_side, event_id, value in messages:
-        if referee_side == 2:
-            continue  # a cut-over marker, not an event
-        if referee_side == 3:
-            continue  # an event the live engine derived: derived again under the replayed rules
-        if event_id.startswith(compensation_prefix):
-            continue  # a compensation posted by an earlier apply: part of the live ledger, not of the history
+        if not _is_history(referee_side, event_id):
+            continue
         result.events += 1
         if progress is not None and result.events % progress_every_events == 0:
             progress(result.events)
@@ -329,6 +325,16 @@ def _customers(messages: Iterable[_Fields], result: ShadowResult, progress: Call
     if current is not None:
         items.sort(key=lambda item: item[0])
         yield current, items
+
+
+def _is_history(referee_side: int, event_id: str) -> bool:
+    """Whether an archived message is part of the history a replay decides again."""
+    if referee_side == 2:
+        return False  # a cut-over marker, not an event
+    if referee_side == 3:
+        return False  # an event the live engine derived: derived again under the replayed rules
+    # A compensation posted by an earlier apply is part of the live ledger, not of the history.
+    return not event_id.startswith(compensation_prefix)
 
 
 def _run_customer(
@@ -483,6 +489,111 @@ def dry_run(
     report["elapsed_s"] = round(elapsed, 3)
     report["events_per_s"] = round(shadow.events / elapsed) if elapsed > 0 else None
     return report
+
+
+def preview_customer(client, ruleset: RuleSet, customer_id: str) -> dict:
+    """One customer's history under `ruleset`, entry by entry and event by event, beside their live ledger.
+
+    The customer's archived events are decided by the batch driver (`loyalty process`) together with those of the
+    customers they referred: a referee's refund derives the `referral.reversed` that takes the referrer's award
+    back, and that depends on the referee's own events alone. The entries are then exactly the customer's entries
+    in a replay of the whole archive, and the balance is the dry-run report's `balance_after`.
+    """
+    from projections import queries
+    from projections.archive import RawArchive
+    from streams.batch import process_lines
+
+    archive = RawArchive(client)
+    own = [m for m in archive.stream_for_replay(keys=[customer_id]) if _is_history(m.referee_side, m.event_id)]
+    referees = sorted(_referees_of(customer_id, own))
+    theirs = [m for m in archive.stream_for_replay(keys=referees) if _is_history(m.referee_side, m.event_id)]
+    lines: list[bytes] = []
+    seen: set[bytes] = set()
+    for message in itertools.chain(own, theirs):
+        if message.value not in seen:  # a referral archived on both sides, a re-sent message: one line
+            seen.add(message.value)
+            lines.append(message.value)
+    own_lines = len({message.value for message in own})
+    shadow = process_lines(lines, ruleset)
+    after = [entry for entry in shadow.ledger if entry.customer_id == customer_id]
+    before = []
+    while True:  # the live ledger, de-duplicated by entry id, in sequence order
+        page = queries.history(client, customer_id, limit=queries.HISTORY_LIMIT_MAX, offset=len(before))
+        before.extend(page)
+        if len(page) < queries.HISTORY_LIMIT_MAX:
+            break
+    balance_before = before[-1].balance_after if before else 0
+    balance_after = after[-1].balance_after if after else 0
+    return {
+        "customer_id": customer_id,
+        "ruleset_versions_live": sorted({entry.ruleset_version for entry in before}),
+        "ruleset_version_new": ruleset.version,
+        "events_replayed": own_lines,
+        "referees_decided": len(referees),
+        "balance_before": balance_before,
+        "balance_after": balance_after,
+        "delta": balance_after - balance_before,
+        "events": _events_side_by_side(before, after),
+        "per_rule": _per_rule(before, after),
+        "entries_before": [entry.model_dump(mode="json") for entry in before],
+        "entries_after": [entry.model_dump(mode="json") for entry in after],
+    }
+
+
+def _referees_of(customer_id: str, messages: list) -> set[str]:
+    """The customers `customer_id` referred, from the referrals archived under their key (the referrer's side)."""
+    referees = set()
+    for message in messages:
+        if message.referee_side != 0 or message.topic != REFERRALS:
+            continue
+        try:
+            event = decode_event(message.value, message.topic)
+        except EventRejected:
+            continue
+        if isinstance(event, ev.ReferralCompleted) and event.customer_id == customer_id:
+            referees.add(event.referee_id)
+    return referees - {customer_id}
+
+
+def _events_side_by_side(before: list, after: list) -> list[dict]:
+    """Per causing event: the points (available, and pending) it added live and under the new rules, and the rules
+    of its new entries. A pending award shows as pending on its purchase and as points on the event that confirmed
+    it."""
+    events: dict[str, dict] = {}
+    for side, entries in (("before", before), ("after", after)):
+        for entry in entries:
+            row = events.setdefault(
+                entry.caused_by,
+                {
+                    "event_id": entry.caused_by,
+                    "event_type": entry.event_type,
+                    "occurred_at": entry.occurred_at.isoformat(),
+                    "points_before": 0,
+                    "points_after": 0,
+                    "pending_points_before": 0,
+                    "pending_points_after": 0,
+                    "rules_after": [],
+                },
+            )
+            row[f"points_{side}"] += entry.points
+            row[f"pending_points_{side}"] += entry.pending_points
+            if side == "after" and entry.rule_id not in row["rules_after"]:
+                row["rules_after"].append(entry.rule_id)
+    rows = sorted(events.values(), key=lambda row: (row["occurred_at"], row["event_id"]))
+    for row in rows:
+        row["delta"] = row["points_after"] - row["points_before"]
+    return rows
+
+
+def _per_rule(before: list, after: list) -> list[dict]:
+    points: dict[str, list[int]] = {}
+    for index, entries in enumerate((before, after)):
+        for entry in entries:
+            points.setdefault(entry.rule_id, [0, 0])[index] += entry.points
+    return [
+        {"rule_id": rule_id, "points_before": was, "points_after": now, "delta": now - was}
+        for rule_id, (was, now) in sorted(points.items())
+    ]
 
 
 def _customers_active_since(client, since: datetime) -> set[str]:

@@ -327,7 +327,8 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
 
 
 def _replay_handler(client, client_lock, ruleset, monitor, projector, bootstrap, processes_default):
-    """POST /api/replay {"rules": YAML text, "apply": bool, "since": date|null, "lag_max": n, "processes": n|null}."""
+    """POST /api/replay {"rules": YAML text, "apply": bool, "since": date|null, "lag_max": n, "processes": n|null};
+    with "customer": id instead, that customer's preview (`replay.preview_customer`)."""
     from aiohttp import web
 
     from streams import replay
@@ -401,7 +402,12 @@ def _replay_handler(client, client_lock, ruleset, monitor, projector, bootstrap,
         except (ValueError, KeyError, TypeError, RuleSetInvalid) as error:
             return web.json_response({"error": f"bad replay request: {error}"}, status=400)
         try:
-            if body.get("apply"):
+            if body.get("customer") is not None:
+                if body.get("apply"):
+                    return web.json_response({"error": "bad replay request: customer goes without apply"}, status=400)
+                async with client_lock:
+                    report = await asyncio.to_thread(replay.preview_customer, client, new_rules, str(body["customer"]))
+            elif body.get("apply"):
                 report = await _apply_replay(new_rules, str(body["rules"]), lag_max, processes)
             else:
                 report = await dry_run(new_rules, since, processes)

@@ -180,6 +180,12 @@ def test_stream_worker_and_projections_equal_the_batch_driver(broker, system, tm
     }
     assert report["totals"]["after"]["outstanding"] == sum(new_balances.values())
     assert report["events_rejected"] == len(expected_new.rejected)
+    # One customer's preview through the running system: their entries under the new rules, beside the live ones.
+    preview = run_cli(environment, "replay", "--rules", str(new_rules_path), "--dry-run", "--customer", heavy)
+    assert (preview["balance_before"], preview["balance_after"]) == (balances[heavy], new_balances[heavy])
+    assert preview["entries_before"] == expected_history
+    new_history = [entry.model_dump(mode="json") for entry in expected_new.ledger if entry.customer_id == heavy]
+    assert preview["entries_after"] == new_history
 
     # Apply: compensating adjustments make every live balance equal the new rules' result; twice = once.
     applied = run_cli(environment, "replay", "--rules", str(new_rules_path), "--apply")
