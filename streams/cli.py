@@ -74,7 +74,8 @@ def cmd_rules_validate(args: argparse.Namespace) -> int:
             )
         else:
             for path, reason in error.problems:
-                sys.stderr.write(f"{args.file}: {path}: {reason}\n")
+                # A problem of the whole file (it cannot be read) has no key path.
+                sys.stderr.write(f"{args.file}: {path}: {reason}\n" if path else f"{args.file}: {reason}\n")
         return 1
     if args.json:
         _print_json({"valid": True, "file": str(args.file), "version": ruleset.version})
@@ -235,7 +236,13 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    params = {"from": args.date_from, "to": args.date_to, "granularity": args.granularity}
+    params = {
+        "from": args.date_from,
+        "to": args.date_to,
+        "granularity": args.granularity,
+        "by": args.by,
+        "limit": args.limit,
+    }
     document = _query(args, "/api/dashboard", {key: value for key, value in params.items() if value})
     if args.json:
         _print_json(document)
@@ -303,6 +310,14 @@ def cmd_expiring(args: argparse.Namespace) -> int:
     if args.within_days < 0:
         return _fail("--within-days must be 0 or more")
     if _running(settings):
+        # The running system counts from now under the rule set it runs: an option it cannot honour is refused,
+        # not silently dropped (a reminder list "as of next month" must not come back as of today).
+        offline_only = [name for name, value in (("--as-of", args.as_of), ("--rules", args.rules)) if value]
+        if offline_only:
+            return _fail(
+                f"{' and '.join(offline_only)}: offline only; the running system counts from now under its own "
+                "rule set (stop `loyalty up`, or use another --data-dir)"
+            )
         if args.customer:
             document = _query(args, f"/api/customers/{args.customer}/expiring", {"within_days": args.within_days})
         else:
@@ -527,8 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     def system_options(sub: argparse.ArgumentParser) -> None:
+        # The running system is found through <data dir>/run.json (its address and token), so the data
+        # directory is the only option a client command needs; the API's port is an option of `up` alone.
         sub.add_argument("--data-dir", type=Path, help="data directory (LOYALTY_DATA_DIR)")
-        sub.add_argument("--port", type=int, help="HTTP port of the running system (LOYALTY_HTTP_PORT)")
 
     sub = command("process", cmd_process, "Apply a JSONL event log offline (the batch driver).")
     sub.add_argument("events", help="JSONL file of events")
@@ -584,6 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--rules", type=Path)
     sub.add_argument("--partitions", type=int)
     system_options(sub)
+    sub.add_argument(
+        "--port", type=int, help="port the API and dashboard serve on (LOYALTY_HTTP_PORT, default 8787; 0: a free one)"
+    )
 
     sub = command("produce", cmd_produce, "Publish a JSONL file, each line routed by event_type, keyed by customer.")
     sub.add_argument("file")
@@ -627,6 +646,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--from", dest="date_from")
     sub.add_argument("--to", dest="date_to")
     sub.add_argument("--granularity", choices=["day", "week", "month"], default="day")
+    sub.add_argument(
+        "--by", choices=["source", "rule", "product", "category"], default="source", help="point sources grouped by"
+    )
+    sub.add_argument("--limit", type=int, default=10, help="top earning customers shown (at most 100)")
     sub.add_argument("--json", action="store_true")
     system_options(sub)
 
@@ -670,10 +693,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("expiring", cmd_expiring, "Customers with points expiring within N days (reminder e-mails).")
     sub.add_argument("--within-days", type=int, required=True, help="the horizon, in days from --as-of")
-    sub.add_argument("--customer", help="only this customer (required while the system runs)")
+    sub.add_argument("--customer", help="only this customer")
     sub.add_argument("--as-of", help="the moment to count from (ISO 8601, default: now; offline only)")
-    sub.add_argument("--limit", type=int, default=1000, help="at most this many customers (offline only)")
-    sub.add_argument("--rules", type=Path, help="rule set YAML whose expiry settings apply (LOYALTY_RULES)")
+    sub.add_argument("--limit", type=int, default=1000, help="at most this many customers (at most 1000 while running)")
+    sub.add_argument(
+        "--rules", type=Path, help="rule set YAML whose expiry settings apply (LOYALTY_RULES; offline only)"
+    )
     sub.add_argument("--clickhouse-dsn", help="ClickHouse DSN (LOYALTY_CLICKHOUSE_DSN)")
     sub.add_argument("--json", action="store_true")
     system_options(sub)

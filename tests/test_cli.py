@@ -1,0 +1,47 @@
+"""The `loyalty` command's options for the running system, without starting one (docs/cli.md)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from streams import client as client_module
+from streams.cli import _settings, build_parser, main
+
+
+@pytest.mark.parametrize("command", [["status"], ["balance", "c1"], ["history", "c1"], ["dashboard"]])
+def test_client_commands_have_no_port_option_that_they_would_ignore(command, capsys):
+    # They find the running system through <data dir>/run.json; a --port would be silently ignored.
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*command, "--port", "9999"])
+    assert "unrecognized arguments: --port" in capsys.readouterr().err
+
+
+def test_up_takes_the_port_of_its_api():
+    assert _settings(build_parser().parse_args(["up", "--port", "0"])).http_port == 0
+
+
+def test_dashboard_passes_grouping_and_top_earners_limit_to_the_api(monkeypatch, capsys):
+    asked = []
+
+    def fake_query(settings, path, params):
+        asked.append((path, params))
+        return {"from": "2026-01-01", "to": "2026-01-31", "by": params["by"], "point_sources": []}
+
+    monkeypatch.setattr(client_module, "query_running_system", fake_query)
+    assert main(["dashboard", "--by", "category", "--limit", "5", "--json"]) == 0
+    assert asked == [("/api/dashboard", {"granularity": "day", "by": "category", "limit": 5})]
+    assert json.loads(capsys.readouterr().out)["by"] == "category"
+
+
+@pytest.mark.parametrize("option", [["--as-of", "2027-01-01"], ["--rules", "some.yaml"]])
+def test_expiring_refuses_offline_only_options_while_the_system_runs(option, tmp_path, monkeypatch, capsys):
+    (tmp_path / "run.json").write_text(json.dumps({"url": "http://127.0.0.1:9", "token": "t"}))
+
+    def fake_query(settings, path, params):
+        raise AssertionError("no query: the option cannot be honoured by the running system")
+
+    monkeypatch.setattr(client_module, "query_running_system", fake_query)
+    assert main(["expiring", "--within-days", "30", "--data-dir", str(tmp_path), *option]) == 2
+    assert f"{option[0]}: offline only" in capsys.readouterr().err
