@@ -113,7 +113,14 @@ class RawArchive:
         self, since: datetime | None = None, keys: Iterable[str] | None = None
     ) -> Iterator[ArchivedMessage]:
         """Every archived message once (or those of the routing `keys`), per routing key in (occurred_at,
-        topic rank, offset) order."""
+        topic rank, offset) order.
+
+        The whole archive is read with FINAL. The messages of some keys are read without it, and a message
+        archived twice (a retried write: the same topic, partition and offset, the same bytes) is dropped here:
+        FINAL merges every part of the table for any filter (about 400 ms on a 1M-message archive, against 13 ms
+        without it, for two customers), and those reads serve one customer's preview and the derived events'
+        customers of every replay.
+        """
         conditions, parameters = [], {}
         if since is not None:
             conditions.append("occurred_at >= {since:DateTime64(6, 'UTC')}")
@@ -122,10 +129,12 @@ class RawArchive:
             conditions.append("routing_key IN {keys:Array(String)}")
             parameters["keys"] = sorted(keys)
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        final = "" if keys is not None else "FINAL"
         query = (
-            f"SELECT {', '.join(ARCHIVE_COLUMNS)} FROM raw_events FINAL {where} "
+            f"SELECT {', '.join(ARCHIVE_COLUMNS)} FROM raw_events {final} {where} "
             "ORDER BY routing_key, occurred_at, topic_rank, offset"
         )
+        seen: set[tuple[str, int, int]] | None = set() if keys is not None else None
         with self._client.query_row_block_stream(
             query,
             parameters=parameters,
@@ -134,6 +143,11 @@ class RawArchive:
         ) as stream:
             for block in stream:
                 for row in block:
+                    if seen is not None:
+                        position = (row[0], int(row[1]), int(row[2]))
+                        if position in seen:
+                            continue
+                        seen.add(position)
                     moment = row[8] if row[8].tzinfo else row[8].replace(tzinfo=UTC)
                     value = row[4] if isinstance(row[4], bytes) else row[4].encode()
                     yield ArchivedMessage(
