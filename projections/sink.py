@@ -23,7 +23,6 @@ on how entries were batched.
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, date
@@ -348,8 +347,15 @@ class LedgerSink:
         self._load_dirty()
         # A day dirty already (a deferred write, a failed attempt) may hold rows of customers not in this batch.
         dirty_before = bool(self._dirty)
-        self._mark(days, dirty=True, version=self._next_version())
-        self._dirty |= days
+        # A day this sink holds dirty is dirty in the table too (marked by this sink, or left by an earlier one and
+        # loaded), and stays so until this sink's own recompute marks it clean: the projector is the only writer
+        # (docs/operations.md). So only the days not dirty yet are marked: on a backlog, where every batch touches
+        # the same days, that is one small INSERT (a part of its own, 5-10 ms here) for the first batch instead
+        # of one per batch.
+        fresh = days - self._dirty
+        if fresh:
+            self._mark(fresh, dirty=True, version=self._next_version())
+            self._dirty |= fresh
         if defer or dirty_before or len(customers) > CUSTOMERS_PER_PATCH_MAX:
             return None
         return customers
@@ -430,20 +436,29 @@ def _arrow_table(values: Sequence[bytes]) -> pyarrow.Table | None:
             return None
     except TypeError:
         return None
+    joined = b"\n".join(values)
     try:
-        table = pyarrow.json.read_json(io.BytesIO(b"\n".join(values)), parse_options=_JSON_PARSE_OPTIONS)
+        # A BufferReader lets the reader slice the joined bytes in place; a BytesIO is read through Python calls.
+        table = pyarrow.json.read_json(pyarrow.BufferReader(joined), parse_options=_JSON_PARSE_OPTIONS)
     except pyarrow.ArrowInvalid:
         return None
     if table.num_rows != len(values):
         return None  # a message holding several documents
-    try:
-        table.validate(full=True)  # Arrow's JSON reader does not check UTF-8; this does
-    except pyarrow.ArrowInvalid:
-        return None
+    # Arrow's JSON reader does not check UTF-8; `validate(full=True)` does. Every string it read is a piece of
+    # the input, or made from one by an escape: so when the input is ASCII and holds no backslash at all (the
+    # ledger as the worker writes it), every string is ASCII, which is valid UTF-8. Both tests run in C at
+    # memory speed (well under 1 ms for 20,000 messages), against about 2 ms for the validation.
+    if not (joined.isascii() and joined.find(b"\\") < 0):
+        try:
+            table.validate(full=True)
+        except pyarrow.ArrowInvalid:
+            return None
     for name in _TIMESTAMP_COLUMNS:
         text = table[name]
         if (
             text.null_count < len(text)
+            # The worker writes UTC times with a Z (pydantic); a suffix test is 10 times cheaper than the regex.
+            and not pyarrow.compute.all(pyarrow.compute.ends_with(text, "Z")).as_py()
             and not pyarrow.compute.all(pyarrow.compute.match_substring_regex(text, _WITH_OFFSET)).as_py()
         ):
             return None  # a time without its UTC offset

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 
 import pytest
 
@@ -130,6 +130,11 @@ def as_json(entries: list[LedgerEntry]) -> list[bytes]:
     return [LedgerEntry.__pydantic_serializer__.to_json(entry) for entry in entries]
 
 
+def utc_day(entry: LedgerEntry) -> date:
+    """The day the sink files the entry under (its UTC date)."""
+    return entry.occurred_at.astimezone(UTC).date()
+
+
 def stored_rows(client) -> list[tuple]:
     columns = ", ".join(LEDGER_COLUMNS)
     return client.query(f"SELECT {columns} FROM ledger_entries FINAL ORDER BY entry_id").result_rows
@@ -220,6 +225,56 @@ def test_the_json_path_names_a_message_that_is_not_a_ledger_entry(client, scenar
     with pytest.raises(ValueError, match=f"ledger message 4 of the batch(.|\\n)*{named}"):
         LedgerSink(client).write_json([*values[:4], broken, *values[4:]])
     assert balances(client) == {}
+
+
+@pytest.mark.parametrize(
+    "explanation",
+    [b'"caf\xc3\xa9 \xe2\x82\xac"', b'"caf\\u00e9 \\u20ac"', b'"tab\\tand \\"quote\\""', b'"nul \\u0000"'],
+    ids=["utf-8", "escaped", "escapes", "nul"],
+)
+def test_the_json_path_stores_non_ascii_and_escaped_text_as_the_model_path_does(client, scenario, explanation):
+    # Input that is ASCII without a backslash skips Arrow's UTF-8 validation; anything else takes it.
+    values = as_json(scenario)
+    text = values[2].replace(b'"explanation":""', b'"explanation":' + explanation)
+    assert text != values[2]
+    assert _arrow_table([*values[:2], text, *values[3:]]) is not None
+    LedgerSink(client).write_json([*values[:2], text, *values[3:]])
+    stored = client.query(
+        "SELECT explanation FROM ledger_entries WHERE entry_id = {id:String}", parameters={"id": scenario[2].entry_id}
+    ).result_rows
+    assert stored == [(LedgerEntry.model_validate_json(text).explanation,)]
+
+
+def test_the_json_path_refuses_a_lone_surrogate_escape_as_the_model_path_does(client, scenario):
+    values = as_json(scenario)
+    broken = values[2].replace(b'"explanation":""', b'"explanation":"\\ud800"')
+    assert broken != values[2] and _arrow_table([broken]) is None
+    with pytest.raises(ValueError, match="ledger message 2 of the batch is not a valid ledger entry"):
+        LedgerSink(client).write_json([*values[:2], broken, *values[3:]])
+    assert balances(client) == {}
+
+
+def test_a_backlog_marks_each_day_dirty_once_and_every_day_is_recomputed(client, scenario):
+    # Deferred writes over the same days mark them once: a day this sink holds dirty is dirty in the table until
+    # its own recompute. A day first touched by a later write is marked then.
+    sink = LedgerSink(client)
+    january = [entry for entry in scenario if utc_day(entry).month == 1]
+    rest = [entry for entry in scenario if utc_day(entry).month != 1]
+    january_days = {utc_day(entry) for entry in january}
+    sink.write_json(as_json(january), {(TOPIC, 0): 1}, defer_recompute=True)
+    sink.write_json(as_json(january[::-1]), {(TOPIC, 0): 2}, defer_recompute=True)
+    marks = client.query("SELECT day, count() FROM dirty_days WHERE dirty = 1 GROUP BY day ORDER BY day").result_rows
+    assert marks == [(day, 1) for day in sorted(january_days)]
+    sink.write_json(as_json(rest), {(TOPIC, 0): 3}, defer_recompute=True)
+    marked = {day for (day,) in client.query("SELECT day FROM dirty_days FINAL WHERE dirty = 1").result_rows}
+    assert marked == {utc_day(entry) for entry in scenario}
+    assert sink.recompute_dirty() == len(marked)
+    assert client.query("SELECT count() FROM dirty_days FINAL WHERE dirty = 1").result_rows == [(0,)]
+    assert dashboard(client)[0] == {"alice": 115, "bob": -130, "carol": 310}
+    assert points_status(client, date(2024, 1, 1), date(2024, 1, 31), "month").totals.issued == 700
+    # After the recompute the days are clean: the next deferred write marks its days again.
+    sink.write_json(as_json(january[:1]), {(TOPIC, 0): 4}, defer_recompute=True)
+    assert client.query("SELECT day FROM dirty_days FINAL WHERE dirty = 1").result_rows == [(utc_day(january[0]),)]
 
 
 def test_the_json_path_refuses_a_time_without_its_utc_offset_as_the_model_path_does(client, scenario):
