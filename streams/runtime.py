@@ -173,6 +173,34 @@ class BrokerMonitor:
         }
 
 
+class ForgottenLog(RuntimeError):
+    """The data directory's projections were read from a broker log that the embedded broker no longer has."""
+
+
+def refuse_a_forgotten_log(sink, data_dir: Path) -> None:
+    """Refuse to start an embedded broker's `loyalty up` on a data directory that an earlier one filled.
+
+    The embedded broker keeps its log in memory, so it starts empty, while ClickHouse keeps the positions the
+    projector had read to. Going on would lose data silently: the projector would wait for the new log to pass
+    those positions and skip everything before them, the archive likewise, and the worker, which rebuilds
+    customers from the ledger topic, would start every customer from zero next to their old history.
+    """
+    ahead = {key: offset for key, offset in sink.resume_offsets().items() if offset > 0}
+    if not ahead:
+        return
+    shown = ", ".join(
+        f"{topic}/{partition} up to offset {offset}" for (topic, partition), offset in sorted(ahead.items())[:4]
+    )
+    if len(ahead) > 4:
+        shown += f" and {len(ahead) - 4} more partitions"
+    raise ForgottenLog(
+        f"the data directory {data_dir} holds what an earlier `loyalty up` projected from its embedded broker "
+        f"({shown}), and that broker's log is gone (the embedded broker keeps it in memory). Continuing would skip "
+        "new messages below those offsets and start every customer from zero. Start with a new data directory "
+        "(LOYALTY_DATA_DIR or --data-dir), or set LOYALTY_KAFKA_BOOTSTRAP to a broker that kept its log."
+    )
+
+
 def run_up(settings: Settings, *, demo: bool = False, demo_rate: float = 200.0) -> int:
     configure_logging(settings.log_level)
     try:
@@ -229,6 +257,8 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
                 )
         client_lock = asyncio.Lock()
         sink = LedgerSink(client, batch_rows_max=settings.sink_batch_rows_max)
+        if broker is not None and client.connected:
+            await asyncio.to_thread(refuse_a_forgotten_log, sink, settings.data_dir)
         monitor = BrokerMonitor(bootstrap, settings.worker_id, settings.partitions)
         projector = Projector(
             bootstrap=bootstrap,
