@@ -308,15 +308,22 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
                 "projection_offsets_known": projector.offsets_known,
                 "clickhouse_error": client.last_error,
                 "worker_running": worker is not None and worker.poll() is None,
-                "ruleset_version": ruleset.version,
+                "ruleset_version": context.ruleset.version,
             }
 
-        context = ApiContext(client=client, client_lock=client_lock, ruleset=ruleset, token=token, status=status)
+        # The rule set in force: the last one `loyalty replay --apply` activated (recorded in loyalty.rulesets),
+        # else the configured one. It values liability, expiry and a replay's "before"; an apply replaces it.
+        in_force = await ruleset_in_force(bootstrap, ruleset)
+        if in_force is not ruleset:
+            log.info(
+                "rule set in force: %s (activated by replay --apply; configured: %s)", in_force.version, ruleset.version
+            )
+        context = ApiContext(client=client, client_lock=client_lock, ruleset=in_force, token=token, status=status)
         application = build_app(context)
         application.router.add_post(
             "/api/replay",
             _replay_handler(
-                client, client_lock, ruleset, monitor, projector, bootstrap, settings.resolved_replay_processes()
+                client, client_lock, context, monitor, projector, bootstrap, settings.resolved_replay_processes()
             ),
         )
         application.router.add_post("/api/projections/rebuild", _rebuild_handler(client, client_lock))
@@ -356,7 +363,18 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
             broker.stop()
 
 
-def _replay_handler(client, client_lock, ruleset, monitor, projector, bootstrap, processes_default):
+async def ruleset_in_force(bootstrap: str, configured):
+    """The rule set new events are decided by: the last one activated by `loyalty replay --apply` (its cut-over
+    recorded in loyalty.rulesets by the worker), else `configured`."""
+    from streams import cutover
+
+    rulesets, activations = await cutover.read_rulesets(bootstrap)
+    if activations and activations[-1][3] in rulesets:
+        return rulesets[activations[-1][3]]
+    return configured
+
+
+def _replay_handler(client, client_lock, context, monitor, projector, bootstrap, processes_default):
     """POST /api/replay {"rules": YAML text, "apply": bool, "since": date|null, "lag_max": n, "processes": n|null};
     with "customer": id instead, that customer's preview (`replay.preview_customer`)."""
     from aiohttp import web
@@ -385,7 +403,7 @@ def _replay_handler(client, client_lock, ruleset, monitor, projector, bootstrap,
                 replay.dry_run,
                 client,
                 new_rules,
-                current_point_value=ruleset.redemption.point_value,
+                current_point_value=context.ruleset.redemption.point_value,
                 since=since,
                 processes=processes,
             )
@@ -415,6 +433,7 @@ def _replay_handler(client, client_lock, ruleset, monitor, projector, bootstrap,
             await asyncio.sleep(0.5)
         report = await dry_run(new_rules, None, processes)
         report["applied"] = await asyncio.to_thread(replay.apply_report, report, bootstrap=bootstrap)
+        context.ruleset = new_rules  # the worker decides with it past the markers: value and expire by it too
         report["applied"]["markers"] = {
             f"{topic}/{partition}": offset for (topic, partition), offset in markers.items()
         }

@@ -148,6 +148,8 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
         for topic, partition, offset, version in activations:
             if version in applier.rulesets:
                 applier.activate(topic, partition, offset, version)
+        if activations and activations[-1][3] in applier.rulesets:
+            metrics.record_ruleset(activations[-1][3])  # the newest cut-over's rule set decides new events
 
     async def restore_partitions(partitions: set[int]) -> None:
         """Fold the ledger partitions into the states of their customers, reading each to its high water mark.
@@ -287,6 +289,7 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
             key, value = cutover.activation_record(topic, partition, offset, version)
             futures.append(await kafka.send(RULESETS, value=value, key=key, partition=0))
             log.info("rule set %s in force on %s/%d after offset %d", version, topic, partition, offset)
+            metrics.record_ruleset(version)
         # The batch's acks wait for its sends in a task: the next batch is decided while this one is on its
         # way (the worker spent 22% of its time idle waiting for acks). A failed send crashes the worker
         # before any of its messages is acked; batches ack in order, and each input partition's messages in

@@ -190,6 +190,8 @@ def test_stream_worker_and_projections_equal_the_batch_driver(broker, system, tm
     # Apply: compensating adjustments make every live balance equal the new rules' result; twice = once.
     applied = run_cli(environment, "replay", "--rules", str(new_rules_path), "--apply")
     assert applied["applied"]["compensations_published"] == report["customers_changed"] > 0
+    # The running system values and reports by the rule set it now decides with.
+    assert run_cli(environment, "status")["ruleset_version"] == load_ruleset(new_rules_path).version
     deadline = time.monotonic() + WAIT_S
     while run_cli(environment, "status")["ledger_rows_projected"] < len(expected.ledger) + report["customers_changed"]:
         assert time.monotonic() < deadline, "the compensations were not projected"
