@@ -89,7 +89,8 @@ def rebuild(client: Client, *, progress: Callable[[str], None] | None = None) ->
         for table in REBUILT_TABLES:
             client.command(f"DROP TABLE IF EXISTS {table}{REBUILD_SUFFIX} SYNC")
             client.command(f"CREATE TABLE {table}{REBUILD_SUFFIX} AS {table}")
-        say(f"recomputing {len(days)} days into {', '.join(t + REBUILD_SUFFIX for t in REBUILT_TABLES)}")
+        tables = ", ".join(table + REBUILD_SUFFIX for table in REBUILT_TABLES)
+        say(f"recomputing {len(days)} {'day' if len(days) == 1 else 'days'} into {tables}")
         _recompute(client, days, suffix=REBUILD_SUFFIX)
     except ClickHouseError as error:
         _drop_new_tables(client)
