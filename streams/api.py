@@ -435,6 +435,30 @@ def openapi_document() -> dict[str, Any]:
                 "additionalProperties": True,
             },
             "SqlRequest": _object({"sql": {"type": "string", "description": "one SELECT (or WITH ... SELECT)"}}),
+            "ReplayRequest": {
+                "type": "object",
+                "required": ["rules"],
+                "properties": {
+                    "rules": {"type": "string", "description": "the new rule set, YAML text"},
+                    "apply": {"type": "boolean", "default": False, "description": "post the compensations"},
+                    "customer": {"type": "string", "description": "preview this customer alone (not with apply)"},
+                    "since": {**date_schema, "description": "report only customers active since this day"},
+                    "lag_max": {
+                        "type": "integer",
+                        "minimum": 0,
+                        "default": 0,
+                        "description": "apply: worker lag bound",
+                    },
+                    "processes": {"type": "integer", "minimum": 1, "description": "default: one per CPU"},
+                },
+                "additionalProperties": False,
+            },
+            "Report": {
+                "type": "object",
+                "description": "the replay or rebuild report; see docs/replay.md (`loyalty replay --json`, "
+                "`loyalty projections rebuild --json`)",
+                "additionalProperties": True,
+            },
             "SqlResult": _object(
                 {
                     "columns": {"type": "array", "items": {"type": "string"}},
@@ -449,12 +473,16 @@ def openapi_document() -> dict[str, Any]:
     bad_request = _json_response("a parameter is invalid; `error` says which and why", error)
     unauthorized = _json_response("missing or wrong bearer token", error)
     unavailable = _json_response("ClickHouse is unreachable; `error` says why (retry later)", error)
+    refused = _json_response("refused now (worker lag, archive gaps, a failed swap); `error` says why", error)
 
-    def operation(summary: str, ok: dict[str, Any], parameters=(), *, validated: bool = True, **extra) -> dict:
+    def operation(
+        summary: str, ok: dict[str, Any], parameters=(), *, validated: bool = True, responses_extra=None, **extra
+    ) -> dict:
         responses = {"200": ok, "401": unauthorized}
         if validated:
             responses["400"] = bad_request
             responses["503"] = unavailable
+        responses.update(responses_extra or {})
         return {"summary": summary, "parameters": list(parameters), "responses": responses, **extra}
 
     customer_parameter = {
@@ -475,7 +503,8 @@ def openapi_document() -> dict[str, Any]:
             "version": "1",
             "description": (
                 "Read API of the running loyalty engine (`loyalty up`): status, balances, history, the dashboard "
-                "sections, the rule set and read-only SQL. Every route except this document needs "
+                "sections, the rule set and read-only SQL; and the operators' replay and projection rebuild, "
+                "which `loyalty up` adds. Every route except this document needs "
                 "`Authorization: Bearer <token>` (the token is in `<data dir>/run.json`). No CORS headers are sent."
             ),
         },
@@ -596,6 +625,28 @@ def openapi_document() -> dict[str, Any]:
                     "The active rule set (read-only)",
                     _json_response("the rule set and its version", _reference("Settings")),
                     validated=False,
+                )
+            },
+            "/api/replay": {
+                "post": operation(
+                    "Preview a new rule set on the archived history, one customer's history, or apply it",
+                    _json_response(
+                        "the dry-run report, the customer's preview, or the apply report", _reference("Report")
+                    ),
+                    validated=False,
+                    requestBody={
+                        "required": True,
+                        "content": {"application/json": {"schema": _reference("ReplayRequest")}},
+                    },
+                    responses_extra={"400": bad_request, "409": refused},
+                )
+            },
+            "/api/projections/rebuild": {
+                "post": operation(
+                    "Rebuild every derived projection from the ledger and swap it in",
+                    _json_response("tables, rows before and after, days, seconds", _reference("Report")),
+                    validated=False,
+                    responses_extra={"409": refused},
                 )
             },
             "/api/sql": {

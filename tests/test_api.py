@@ -295,8 +295,10 @@ def test_openapi_document_is_public_and_describes_every_api_route(api_client_fac
             if route.resource is not None and route.resource.canonical.startswith("/api/") and route.method != "HEAD"
         }
         documented = {(path, method) for path, operations in document["paths"].items() for method in operations}
-        assert registered == documented
-        for path, method in registered - {("/api/openapi.json", "get")}:
+        # `loyalty up` adds the operators' routes to this app (streams/runtime.py); the document describes them too.
+        assert documented - registered == {("/api/replay", "post"), ("/api/projections/rebuild", "post")}
+        assert registered <= documented
+        for path, method in documented - {("/api/openapi.json", "get")}:
             responses = document["paths"][path][method]["responses"]
             assert {"200", "401"} <= set(responses), (path, method)
         for path in ("/api/dashboard", "/api/customers/{customer_id}/history", "/api/sql"):
