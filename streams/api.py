@@ -266,10 +266,18 @@ def build_app(context: ApiContext) -> web.Application:
     async def page(request: web.Request) -> web.FileResponse:
         return web.FileResponse(WEB_DIRECTORY / "index.html")
 
+    async def metrics_page(request: web.Request) -> web.Response:
+        """This process's Prometheus metrics: under `loyalty up` the projector's and sink's, which the worker
+        child's LOYALTY_METRICS_PORT does not serve. No token, like /healthz."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     app = web.Application(middlewares=[guard], client_max_size=1024 * 1024)
     app.router.add_get("/", page)
     app.router.add_static("/static/", WEB_DIRECTORY, show_index=False, follow_symlinks=False)
     app.router.add_get("/healthz", health)
+    app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/api/openapi.json", openapi)
     app.router.add_get("/api/status", status)
     app.router.add_get("/api/customers/{customer_id}/balance", balance)

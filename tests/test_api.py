@@ -407,3 +407,18 @@ def test_routes_that_need_clickhouse_answer_503_while_it_is_unreachable_and_stat
             assert "refused" in document["clickhouse_error"].lower() and "hunter2" not in document["clickhouse_error"]
 
     asyncio.run(main())
+
+
+def test_metrics_of_the_serving_process_are_served_without_a_token(api_client_factory):
+    from streams import metrics
+
+    async def scenario(http: TestClient) -> None:
+        metrics.record_sink_batch(7, 0.01)
+        response = await http.get("/metrics")
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = await response.text()
+        rows = [line for line in text.splitlines() if line.startswith("loyalty_projector_sink_rows_total ")]
+        assert len(rows) == 1 and float(rows[0].split()[1]) >= 7
+
+    api_client_factory(scenario)
