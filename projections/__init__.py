@@ -5,6 +5,6 @@ Depends on `schemas/` only; the caller passes the DSN, the settings and the batc
 
 from projections.client import connect
 from projections.schema import migrate
-from projections.sink import IdempotencyConflict, LedgerSink
+from projections.sink import IdempotencyConflict, LedgerSink, PreparedJson
 
-__all__ = ["IdempotencyConflict", "LedgerSink", "connect", "migrate"]
+__all__ = ["IdempotencyConflict", "LedgerSink", "PreparedJson", "connect", "migrate"]

@@ -36,7 +36,7 @@ from pydantic import ValidationError
 
 from schemas.ledger import Kind, LedgerEntry, Source
 
-__all__ = ["LEDGER_ARROW_SCHEMA", "LEDGER_COLUMNS", "IdempotencyConflict", "LedgerSink"]
+__all__ = ["LEDGER_ARROW_SCHEMA", "LEDGER_COLUMNS", "IdempotencyConflict", "LedgerSink", "PreparedJson"]
 
 LEDGER_COLUMNS: tuple[str, ...] = tuple(LedgerEntry.model_fields)
 
@@ -217,6 +217,24 @@ class IdempotencyConflict(ValueError):
     """One batch holds two different entries under the same entry id (the rules engine broke its contract)."""
 
 
+class PreparedJson(Sequence[bytes]):
+    """Ledger messages (a sequence of their bytes) with the Arrow table `LedgerSink.prepare_json` parsed and checked
+    from them; `table` is None when a check failed (the write then takes the per-entry path, which names the
+    message). Made without I/O and without the sink, so a caller can prepare one batch while another is written."""
+
+    __slots__ = ("_values", "table")
+
+    def __init__(self, values: Sequence[bytes], table: pyarrow.Table | None) -> None:
+        self._values = values
+        self.table = table
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self._values[index]
+
+
 class LedgerSink:
     """Writes batches of ledger entries and the offsets they came from; see the module docstring.
 
@@ -273,6 +291,20 @@ class LedgerSink:
         self._store_offsets(offset_rows)
         return len(unique)
 
+    @staticmethod
+    def prepare_json(values: Sequence[bytes]) -> PreparedJson:
+        """Parse and check ledger messages for `write_json`, without I/O (see `write_json`).
+
+        The projector prepares the next batch in a thread while the previous one is being written: parsing is
+        about half the CPU of a write, and the insert runs in ClickHouse's threads meanwhile. Nothing of a batch
+        is written before all of it is checked.
+        """
+        table = _arrow_table(values) if values else None
+        # The reader returns one chunk per 1 MB block it parsed (on both cores); sent as they are, they reach
+        # ClickHouse as a dozen record batches that it converts and squashes one by one. One contiguous chunk
+        # costs a copy here (about 2 ms for 20,000 rows) and saves about a fifth of the insert's time.
+        return PreparedJson(values, None if table is None else table.combine_chunks())
+
     def write_json(
         self,
         values: Sequence[bytes],
@@ -286,7 +318,8 @@ class LedgerSink:
         Python object is made per entry. The columns are checked as `LedgerEntry` would check them (types,
         required fields, kind and source values, schema version); a batch that fails a check, or that holds
         one entry id twice (a re-emitted entry, which must be compared with its first copy), takes the
-        per-entry path of `write`, which names the offending message. Return the number of distinct entries.
+        per-entry path of `write`, which names the offending message. `values` may be a batch `prepare_json`
+        made (parsed and checked already). Return the number of distinct entries.
         """
         offset_rows = _offset_rows(offsets or {})
         if not values:
@@ -294,13 +327,10 @@ class LedgerSink:
                 self._recompute(set(), None)
             self._store_offsets(offset_rows)
             return 0
-        table = _arrow_table(values)
+        prepared = values if isinstance(values, PreparedJson) else self.prepare_json(values)
+        table = prepared.table
         if table is None:
-            return self.write(_validated(values), offsets, defer_recompute=defer_recompute)
-        # The reader returns one chunk per 1 MB block it parsed (on both cores); sent as they are, they reach
-        # ClickHouse as a dozen record batches that it converts and squashes one by one. One contiguous chunk
-        # costs a copy here (about 2 ms for 20,000 rows) and saves about a fifth of the insert's time.
-        table = table.combine_chunks()
+            return self.write(_validated(prepared), offsets, defer_recompute=defer_recompute)
         days = set(pyarrow.compute.unique(pyarrow.compute.cast(table["occurred_at"], pyarrow.date32())).to_pylist())
         customers = set() if defer_recompute else set(pyarrow.compute.unique(table["customer_id"]).to_pylist())
         only = self._mark_written(days, defer_recompute, customers)

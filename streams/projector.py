@@ -2,7 +2,9 @@
 
 It assigns every ledger partition to itself (no consumer group: the offsets live in ClickHouse next to the
 rows they describe, so a restart resumes exactly where the last successful insert stopped), takes
-thousands of entries per poll and writes their JSON in one Arrow insert (`LedgerSink.write_json`).
+thousands of entries per poll and writes their JSON in one Arrow insert (`LedgerSink.write_json`). Each batch is
+parsed and checked (`LedgerSink.prepare_json`, no I/O) while the batch before it is still being written, so the
+two overlap on two cores; the writes themselves stay one after the other, in offset order.
 While it drains a backlog (full batches) it defers the daily aggregates' recompute, at most for
 `recompute_interval_s`; it recomputes as soon as a batch is not full, when a poll brings nothing while days
 are dirty, and at start for days an earlier projector left dirty (it stopped or crashed while draining).
@@ -19,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
@@ -110,6 +112,9 @@ class Projector:
         )
         await consumer.start()
         self._consumer = consumer
+        # The batch being written while the loop polls and prepares the next one; it returns whether it recomputed
+        # the aggregates. Writes still happen one after the other, in offset order.
+        in_flight: asyncio.Task[bool] | None = None
         try:
             tps = [TopicPartition(LEDGER, partition) for partition in range(self.partitions)]
             input_tps = [TopicPartition(topic, p) for topic in INPUT_TOPICS for p in range(self.partitions)]
@@ -165,24 +170,56 @@ class Projector:
                     full or (time.monotonic() - first_pending_at) * 1000 >= self.flush_interval_ms or not batch
                 )
                 if due:
-                    write_started = time.monotonic()
+                    # Parsed and checked (no I/O) while the batch before it is still being written.
+                    prepared = await self._prepare(pending)
+                    if in_flight is not None:
+                        if await in_flight:
+                            recomputed_at = time.monotonic()
+                        in_flight = None
                     # A full batch means more is waiting: defer the aggregates' recompute to a later batch.
-                    defer = defers_recompute(full, write_started - recomputed_at)
-                    await self._retry("projection insert", self._write, pending, offsets, defer, stopping=stopping)
-                    if not defer:
-                        recomputed_at = time.monotonic()
-                    metrics.record_sink_batch(len(pending), time.monotonic() - write_started)
-                    self.rows_projected += len(pending)
-                    self._projected.update(offsets)
+                    defer = defers_recompute(full, time.monotonic() - recomputed_at)
+                    in_flight = asyncio.create_task(self._write_batch(prepared, offsets, defer, stopping))
                     pending, offsets, first_pending_at = [], {}, 0.0
-                elif not pending and self.sink.dirty_days:
-                    # Caught up after deferred writes (the last batch of a backlog was full): recompute now.
-                    await self._retry("aggregate recompute", self.sink.recompute_dirty, stopping=stopping)
-                    recomputed_at = time.monotonic()
+                elif not pending and (in_flight is not None or self.sink.dirty_days):
+                    if in_flight is not None:
+                        if await in_flight:
+                            recomputed_at = time.monotonic()
+                        in_flight = None
+                    if self.sink.dirty_days:
+                        # Caught up after deferred writes (the last batch of a backlog was full): recompute now.
+                        await self._retry("aggregate recompute", self.sink.recompute_dirty, stopping=stopping)
+                        recomputed_at = time.monotonic()
                 self._measure_backlog(consumer, tps)
+            if in_flight is not None:
+                await in_flight  # the last write ends (or, failing while stopping, raises) before the consumer stops
         finally:
+            if in_flight is not None and not in_flight.done():
+                in_flight.cancel()
             self._consumer = None
             await consumer.stop()
+
+    async def _prepare(self, values: list[bytes]) -> Sequence[bytes]:
+        """The sink's `prepare_json` of a batch, in a thread and outside the sink lock (it does no I/O); the values as
+        they are for a sink without it, or if it fails (the write then parses them itself, and is retried)."""
+        prepare = getattr(self.sink, "prepare_json", None)
+        if prepare is None:
+            return values
+        try:
+            return await asyncio.to_thread(prepare, values)
+        except Exception:
+            log.exception("preparing a ledger batch failed; the write parses it again")
+            return values
+
+    async def _write_batch(
+        self, values: Sequence[bytes], offsets: dict[tuple[str, int], int], defer: bool, stopping: asyncio.Event
+    ) -> bool:
+        """Write one batch (retried until it succeeds), then count it; return whether it recomputed."""
+        write_started = time.monotonic()
+        await self._retry("projection insert", self._write, values, offsets, defer, stopping=stopping)
+        metrics.record_sink_batch(len(values), time.monotonic() - write_started)
+        self.rows_projected += len(values)
+        self._projected.update(offsets)
+        return not defer
 
     def _measure_backlog(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
         for tp in tps:
@@ -191,7 +228,7 @@ class Projector:
                 self._highwaters[(tp.topic, tp.partition)] = highwater
         metrics.record_sink_backlog(self.backlog)
 
-    def _write(self, values: list[bytes], offsets: dict[tuple[str, int], int], defer: bool) -> int:
+    def _write(self, values: Sequence[bytes], offsets: dict[tuple[str, int], int], defer: bool) -> int:
         return self.sink.write_json(values, offsets, defer_recompute=defer)
 
     async def _call(self, function, *args):

@@ -277,6 +277,40 @@ def test_a_backlog_marks_each_day_dirty_once_and_every_day_is_recomputed(client,
     assert client.query("SELECT day FROM dirty_days FINAL WHERE dirty = 1").result_rows == [(utc_day(january[0]),)]
 
 
+def test_a_prepared_batch_stores_what_its_messages_store_and_a_retry_changes_no_number(chdb_dsn, tmp_path, scenario):
+    values = as_json(scenario)
+    prepared = LedgerSink.prepare_json(values)
+    assert prepared.table is not None and list(prepared) == values
+    by_values = connect(f"chdb://{tmp_path / 'values'}")
+    try:
+        migrate(by_values)
+        LedgerSink(by_values).write_json(values, {(TOPIC, 0): 15})
+        expected_rows, expected_dashboard = stored_rows(by_values), dashboard(by_values)
+    finally:
+        by_values.close()
+    by_prepared = connect(chdb_dsn)
+    try:
+        migrate(by_prepared)
+        sink = LedgerSink(by_prepared)
+        assert sink.write_json(prepared, {(TOPIC, 0): 15}) == len(scenario)
+        assert sink.write_json(prepared, {(TOPIC, 0): 15}) == len(scenario)  # the projector's retry
+        assert stored_rows(by_prepared) == expected_rows
+        assert dashboard(by_prepared) == expected_dashboard
+    finally:
+        by_prepared.close()
+
+
+def test_a_prepared_batch_with_a_bad_message_is_refused_and_named_before_any_row_is_written(client, scenario):
+    values = as_json(scenario)
+    broken = values[6].replace(b'"kind":"', b'"kind":"minted_')
+    prepared = LedgerSink.prepare_json([*values[:6], broken, *values[7:]])
+    assert prepared.table is None
+    with pytest.raises(ValueError, match="ledger message 6 of the batch is not a valid ledger entry"):
+        LedgerSink(client).write_json(prepared, {(TOPIC, 0): 15})
+    assert balances(client) == {}
+    assert LedgerSink(client).resume_offsets() == {}
+
+
 def test_the_json_path_refuses_a_time_without_its_utc_offset_as_the_model_path_does(client, scenario):
     values = as_json(scenario)
     naive = values[1].replace(b'Z"', b'"', 1)
