@@ -326,23 +326,23 @@ def cmd_expiring(args: argparse.Namespace) -> int:
         from projections import connect, queries
 
         ruleset = load_ruleset(settings.rules)
-        if ruleset.expiry.mode == "none":
-            return _fail(f"rule set {ruleset.version} has no expiry (expiry.mode: none)", 1)
         as_of = datetime.fromisoformat(args.as_of) if args.as_of else datetime.now(UTC)
         as_of = as_of if as_of.tzinfo else as_of.replace(tzinfo=UTC)
-        client = connect(settings.resolved_clickhouse_dsn())
-        try:
-            found = queries.expiring_soon(
-                client,
-                as_of=as_of,
-                within_days=args.within_days,
-                mode=ruleset.expiry.mode,
-                days=ruleset.expiry.days,
-                limit=args.limit,
-                customer_id=args.customer,
-            )
-        finally:
-            client.close()
+        found = []
+        if ruleset.expiry.mode != "none":  # no expiry: nothing expires, as the running system answers
+            client = connect(settings.resolved_clickhouse_dsn())
+            try:
+                found = queries.expiring_soon(
+                    client,
+                    as_of=as_of,
+                    within_days=args.within_days,
+                    mode=ruleset.expiry.mode,
+                    days=ruleset.expiry.days,
+                    limit=args.limit,
+                    customer_id=args.customer,
+                )
+            finally:
+                client.close()
         document = {
             "as_of": as_of.isoformat(),
             "within_days": args.within_days,
@@ -361,6 +361,9 @@ def cmd_expiring(args: argparse.Namespace) -> int:
         }
     if args.json:
         _print_json(document)
+        return 0
+    if document["mode"] == "none":
+        print(f"rule set {document.get('ruleset_version', '')} has no expiry (expiry.mode: none): nothing expires")
         return 0
     print(
         f"{len(document['customers'])} customers with points expiring within {document['within_days']} days "

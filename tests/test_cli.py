@@ -45,3 +45,14 @@ def test_expiring_refuses_offline_only_options_while_the_system_runs(option, tmp
     monkeypatch.setattr(client_module, "query_running_system", fake_query)
     assert main(["expiring", "--within-days", "30", "--data-dir", str(tmp_path), *option]) == 2
     assert f"{option[0]}: offline only" in capsys.readouterr().err
+
+
+def test_expiring_offline_under_a_rule_set_without_expiry_answers_as_the_running_system(tmp_path, monkeypatch, capsys):
+    # The running system answers {"mode": "none", "customers": []} with exit 0; offline used to exit 1.
+    monkeypatch.delenv("LOYALTY_RULES", raising=False)
+    assert main(["expiring", "--within-days", "30", "--json", "--data-dir", str(tmp_path)]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert (document["mode"], document["customers"], document["ruleset_version"]) == ("none", [], "default-1")
+    assert main(["expiring", "--within-days", "30", "--data-dir", str(tmp_path)]) == 0
+    assert "has no expiry (expiry.mode: none): nothing expires" in capsys.readouterr().out
+    assert not (tmp_path / "clickhouse").exists()  # nothing to read: no database opened or created
