@@ -177,27 +177,35 @@ class ForgottenLog(RuntimeError):
     """The data directory's projections were read from a broker log that the embedded broker no longer has."""
 
 
-def refuse_a_forgotten_log(sink, data_dir: Path) -> None:
-    """Refuse to start an embedded broker's `loyalty up` on a data directory that an earlier one filled.
+def continue_data_directory(client, bootstrap: str, settings: Settings) -> None:
+    """Before an embedded broker's `loyalty up` starts its worker and projector on a data directory that an
+    earlier run filled: rebuild the broker's topics from ClickHouse (`streams.restore`), or refuse to start.
 
-    The embedded broker keeps its log in memory, so it starts empty, while ClickHouse keeps the positions the
-    projector had read to. Going on would lose data silently: the projector would wait for the new log to pass
-    those positions and skip everything before them, the archive likewise, and the worker, which rebuilds
-    customers from the ledger topic, would start every customer from zero next to their old history.
+    The embedded broker keeps its log in memory, so it starts empty, while ClickHouse keeps the archive, the
+    ledger and the positions the projector had read to. Going on without the topics would lose data silently:
+    the projector would wait for the new log to pass those positions, and the worker, which rebuilds customers
+    from the ledger topic, would start every customer from zero next to their old history.
     """
-    ahead = {key: offset for key, offset in sink.resume_offsets().items() if offset > 0}
-    if not ahead:
+    from streams.restore import RestoreRefused, needs_restore, restore_topics
+
+    if not needs_restore(client):
         return
-    shown = ", ".join(
-        f"{topic}/{partition} up to offset {offset}" for (topic, partition), offset in sorted(ahead.items())[:4]
-    )
-    if len(ahead) > 4:
-        shown += f" and {len(ahead) - 4} more partitions"
-    raise ForgottenLog(
-        f"the data directory {data_dir} holds what an earlier `loyalty up` projected from its embedded broker "
-        f"({shown}), and that broker's log is gone (the embedded broker keeps it in memory). Continuing would skip "
-        "new messages below those offsets and start every customer from zero. Start with a new data directory "
-        "(LOYALTY_DATA_DIR or --data-dir), or set LOYALTY_KAFKA_BOOTSTRAP to a broker that kept its log."
+    try:
+        figures = restore_topics(client, bootstrap, settings.partitions)
+    except RestoreRefused as error:
+        raise ForgottenLog(
+            f"the data directory {settings.data_dir} holds what an earlier `loyalty up` projected from its embedded "
+            f"broker, whose log is gone (the embedded broker keeps it in memory), and it cannot be rebuilt: {error}. "
+            "Start with a new data directory (LOYALTY_DATA_DIR or --data-dir), or set LOYALTY_KAFKA_BOOTSTRAP to a "
+            "broker that kept its log."
+        ) from None
+    log.info(
+        "continued the data directory %s: %d input messages, %d ledger entries and %d rule sets written back to "
+        "the embedded broker; the worker reads the inputs again and recognises what it had applied",
+        settings.data_dir,
+        figures["input_messages"],
+        figures["ledger_entries"],
+        figures["rulesets"],
     )
 
 
@@ -258,7 +266,7 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
         client_lock = asyncio.Lock()
         sink = LedgerSink(client, batch_rows_max=settings.sink_batch_rows_max)
         if broker is not None and client.connected:
-            await asyncio.to_thread(refuse_a_forgotten_log, sink, settings.data_dir)
+            await asyncio.to_thread(continue_data_directory, client, bootstrap, settings)
         monitor = BrokerMonitor(bootstrap, settings.worker_id, settings.partitions)
         projector = Projector(
             bootstrap=bootstrap,
@@ -412,6 +420,14 @@ def _replay_handler(client, client_lock, context, monitor, projector, bootstrap,
         from streams.cutover import publish_cutover
 
         await quiet(lag_max)
+        async with client_lock:  # kept in ClickHouse too: a fresh embedded broker is rebuilt from there
+            await asyncio.to_thread(
+                client.insert,
+                "rulesets",
+                [[new_rules.version], [text]],
+                column_names=("version", "text"),
+                column_oriented=True,
+            )
         markers = await asyncio.to_thread(publish_cutover, bootstrap, new_rules, text, projector.partitions)
         # Wait until the worker has passed every marker and everything before them is archived and projected:
         # then the live ledger and the archive cover exactly the same messages.

@@ -1,16 +1,27 @@
-"""A second embedded `loyalty up` on a data directory an earlier one filled refuses to start, instead of losing data."""
+"""A second embedded `loyalty up` on a data directory continues the first: its topics are rebuilt from ClickHouse.
+
+The embedded broker keeps its log in memory. Without the rebuild the projector waited at its old offsets and the
+worker started every customer from zero; where the rebuild is impossible, `up` refuses to start.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from projections import LedgerSink, connect, migrate
 from schemas.topics import LEDGER
+from streams.batch import process_lines
+from streams.rules.ruleset import load_ruleset
+from streams.simulate import generate_events
 
 REPOSITORY = Path(__file__).resolve().parents[2]
+WAIT_S = 120
 
 
 def _broker_processes() -> set[int]:
@@ -28,20 +39,131 @@ def _broker_processes() -> set[int]:
     return found
 
 
-def test_up_with_the_embedded_broker_refuses_a_data_directory_with_projected_positions(tmp_path):
+def _environment(data_dir: Path) -> dict[str, str]:
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("LOYALTY_")}
+    environment.update(
+        LOYALTY_DATA_DIR=str(data_dir),
+        LOYALTY_HTTP_PORT="0",
+        LOYALTY_BROKER_PORT="0",
+        LOYALTY_PARTITIONS="2",
+        LOYALTY_SESSION_TIMEOUT_S="2",
+        # Release by watermark and caught-up partitions with a settle that covers a loaded CI host, so that the
+        # worker's order equals the batch driver's (as in tests/reliability).
+        LOYALTY_REORDER_WAIT_MS="120000",
+        LOYALTY_REORDER_SETTLE_MS="1500",
+    )
+    return environment
+
+
+def _cli(environment: dict[str, str], *arguments: str) -> dict:
+    completed = subprocess.run(
+        [sys.executable, "-m", "streams.cli", *arguments, "--json"],
+        env=environment,
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert completed.returncode == 0, completed.stderr
+    return json.loads(completed.stdout)
+
+
+class _Up:
+    """`loyalty up` with the embedded broker; stopped with SIGTERM (as Ctrl-C) and waited for."""
+
+    def __init__(self, environment: dict[str, str], log_path: Path) -> None:
+        self.data_dir = Path(environment["LOYALTY_DATA_DIR"])
+        self.log_path = log_path
+        self.log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "up"],
+            env=environment,
+            cwd=REPOSITORY,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + WAIT_S
+        while not (self.data_dir / "run.json").exists():
+            assert self.process.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "loyalty up did not start"
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def _wait_for(environment: dict[str, str], archived: int, projected: int, up: _Up) -> dict:
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        status = _cli(environment, "status")
+        caught_up = not any(status["consumer_lag"].values())  # the worker has committed every input
+        if caught_up and status["input_messages_archived"] >= archived and status["ledger_rows_projected"] == projected:
+            return status
+        assert up.process.poll() is None, up.log_path.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"not caught up: {status}"
+        time.sleep(1)
+
+
+def test_a_second_embedded_up_continues_the_first_from_its_data_directory(tmp_path):
+    lines = list(generate_events(events=1200, customers=60, seed=23))
+    times = [json.loads(line)["occurred_at"] for line in lines]
+    # Cut where every later event is at least as late as every earlier one, so that the batch driver's order
+    # over the whole log is the order the two runs see.
+    cut = next(index for index in range(len(lines) // 2, len(lines)) if min(times[index:]) >= max(times[:index]))
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text("".join(line + "\n" for line in lines[:cut]))
+    second.write_text("".join(line + "\n" for line in lines[cut:]))
+    ruleset = load_ruleset()
+    expected_first = process_lines([line.encode() for line in lines[:cut]], ruleset)
+    expected = process_lines([line.encode() for line in lines], ruleset)
+    environment = _environment(tmp_path / "data")
+    log_path = tmp_path / "up.log"
+    brokers_before = _broker_processes()
+
+    up = _Up(environment, log_path)
+    try:
+        produced = sum(_cli(environment, "produce", str(first)).values())
+        _wait_for(environment, produced, len(expected_first.ledger), up)
+    finally:
+        up.stop()
+
+    up = _Up(environment, log_path)
+    try:
+        assert "continued the data directory" in log_path.read_text()
+        more = sum(_cli(environment, "produce", str(second)).values())
+        # input_messages_archived counts this run's archiving: the second file's messages.
+        status = _wait_for(environment, more, len(expected.ledger), up)
+        assert status["ledger_entries_emitted"] == len(expected.ledger)  # the rebuilt ledger and no entry twice
+        balances = expected.balances()
+        for customer in sorted(balances)[:: max(1, len(balances) // 12)]:
+            assert _cli(environment, "balance", customer)["balance"] == balances[customer], customer
+        heavy = max(balances, key=lambda customer: sum(e.customer_id == customer for e in expected.ledger))
+        history = _cli(environment, "history", heavy, "--limit", "1000")["entries"]
+        assert history == [e.model_dump(mode="json") for e in expected.ledger if e.customer_id == heavy]
+    finally:
+        up.stop()
+    assert not _broker_processes() - brokers_before
+
+
+def test_up_refuses_a_data_directory_it_cannot_rebuild_the_topics_of(tmp_path):
     data_dir = tmp_path / "data"
-    # What an earlier embedded run leaves: the projector's stored positions in the data directory's chDB.
+    # Positions the projector had read to, with no archived message behind them: the inputs cannot be rebuilt.
     client = connect(f"chdb://{data_dir / 'clickhouse'}")
     migrate(client)
     LedgerSink(client).write([], {(LEDGER, 0): 898, ("loyalty.purchases", 1): 40})
     client.close()
 
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("LOYALTY_")}
-    environment.update(LOYALTY_DATA_DIR=str(data_dir), LOYALTY_HTTP_PORT="0", LOYALTY_BROKER_PORT="0")
     brokers_before = _broker_processes()
     process = subprocess.Popen(
         [sys.executable, "-m", "streams.cli", "up"],
-        env=environment,
+        env=_environment(data_dir),
         cwd=REPOSITORY,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -55,6 +177,6 @@ def test_up_with_the_embedded_broker_refuses_a_data_directory_with_projected_pos
             process.communicate()
     assert process.returncode == 2, stderr[-3000:]
     assert "holds what an earlier `loyalty up` projected from its embedded broker" in stderr
-    assert "loyalty.ledger/0 up to offset 898" in stderr and "loyalty.purchases/1 up to offset 40" in stderr
+    assert "loyalty.purchases/1: archived up to 0, read up to 40" in stderr
     assert not (data_dir / "run.json").exists()  # nothing was started for clients to find
     assert not _broker_processes() - brokers_before  # the embedded broker it started is stopped

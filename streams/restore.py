@@ -1,0 +1,232 @@
+"""Continue a data directory on a fresh embedded broker: its topics rebuilt from what ClickHouse kept.
+
+The embedded broker keeps its log in memory, so a restarted `loyalty up` finds empty topics next to a data
+directory whose ClickHouse holds the raw archive (every input message with its topic, partition and offset),
+the ledger, the rule sets `loyalty replay --apply` put in force, and the positions the projector had reached.
+Before the worker and the projector start, `restore_topics` writes back:
+
+- every archived input message to its own topic and partition, in offset order, with its key and the header
+  that told its side (referee copy, cut-over marker, derived event), so it lands at the offset it had: the
+  archive's stored positions stay true, and the worker, which finds no committed offset, reads every input
+  again and recognises each event it had applied (state remembers applied event ids) or decides it now if its
+  entries never reached ClickHouse (the same entry ids, which the sink de-duplicates);
+- the ledger, per customer in sequence order to the customer's partition, with the number of entries of each
+  event (the header a worker's restore needs), so the worker rebuilds every customer's state by folding it;
+- the rule-set documents and one activation per archived cut-over marker, in the order they were archived;
+- and the projector's ledger positions set to the rebuilt ledger's end (everything in it is projected).
+
+It refuses, with the reason, when the archive cannot give the inputs back at their offsets (gaps), or when
+the stored partitions do not fit the configured partition count.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from datetime import UTC
+from typing import Any
+
+from projections.sink import LEDGER_COLUMNS
+from schemas.ledger import LedgerEntry
+from schemas.topics import (
+    CONTROL_HEADER,
+    DERIVED_SIDE,
+    INPUT_TOPICS,
+    LEDGER,
+    REFEREE_SIDE,
+    RULESET_CONTROL,
+    RULESETS,
+    SIDE_HEADER,
+)
+from streams.cutover import activation_record, ruleset_record
+from streams.routing import partition_for
+
+log = logging.getLogger("loyalty")
+
+_SIDE_HEADERS: dict[int, list[tuple[str, bytes]]] = {
+    0: [],
+    1: [(SIDE_HEADER, REFEREE_SIDE)],
+    2: [(CONTROL_HEADER, RULESET_CONTROL)],
+    3: [(SIDE_HEADER, DERIVED_SIDE)],
+}
+_block_rows = 20_000
+
+
+class RestoreRefused(RuntimeError):
+    """The topics cannot be rebuilt from this data directory; the message says why."""
+
+
+def needs_restore(client: Any) -> bool:
+    """Whether the data directory holds anything a broker log carried: stored positions or ledger rows."""
+    positions = client.query("SELECT count() FROM sink_offsets WHERE next_offset > 0").result_rows[0][0]
+    entries = client.query("SELECT count() FROM ledger_entries").result_rows[0][0]
+    return bool(positions or entries)
+
+
+def restore_topics(client: Any, bootstrap: str, partitions: int) -> dict[str, int]:
+    """Rebuild the input, ledger and rule-set topics of an empty broker from ClickHouse (see the module doc)."""
+    from kafka import KafkaProducer
+
+    started = time.monotonic()
+    _check(client, partitions)
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=1 << 20)
+    try:
+        rulesets = _restore_rulesets(client, producer)
+        inputs = _restore_inputs(client, producer, partitions)
+        ledger_ends, entries = _restore_ledger(client, producer, partitions)
+        producer.flush()
+    finally:
+        producer.close()
+    client.command(f"ALTER TABLE sink_offsets DELETE WHERE topic = '{LEDGER}' SETTINGS mutations_sync = 2")
+    rows = sorted(ledger_ends.items())
+    if rows:
+        client.insert(
+            "sink_offsets",
+            [[LEDGER] * len(rows), [partition for partition, _ in rows], [end for _, end in rows]],
+            column_names=("topic", "partition", "next_offset"),
+            column_oriented=True,
+        )
+    figures = {"input_messages": inputs, "ledger_entries": entries, "rulesets": rulesets}
+    log.info("restored the topics from ClickHouse in %.1fs: %s", time.monotonic() - started, figures)
+    return figures
+
+
+def _check(client: Any, partitions: int) -> None:
+    gaps = client.query(
+        "SELECT topic, partition, uniqExact(offset), max(offset) + 1 FROM raw_events "
+        "GROUP BY topic, partition HAVING uniqExact(offset) != max(offset) + 1"
+    ).result_rows
+    if gaps:
+        listed = ", ".join(f"{topic}/{partition}: {have} of {want}" for topic, partition, have, want in gaps)
+        raise RestoreRefused(f"the raw archive has gaps ({listed}), so the input topics cannot be rebuilt")
+    archived_ends = {
+        (topic, int(partition)): int(end)
+        for topic, partition, end in client.query(
+            "SELECT topic, partition, max(offset) + 1 FROM raw_events GROUP BY topic, partition"
+        ).result_rows
+    }
+    positions = client.query(
+        "SELECT topic, partition, max(next_offset) FROM sink_offsets WHERE topic IN {topics:Array(String)} "
+        "GROUP BY topic, partition",
+        parameters={"topics": list(INPUT_TOPICS)},
+    ).result_rows
+    behind = [
+        f"{topic}/{partition}: archived up to {archived_ends.get((topic, int(partition)), 0)}, read up to {position}"
+        for topic, partition, position in positions
+        if int(position) > archived_ends.get((topic, int(partition)), 0)
+    ]
+    if behind:
+        raise RestoreRefused(
+            f"input messages the projector read are missing from the raw archive ({', '.join(behind)})"
+        )
+    stored = client.query("SELECT max(partition) FROM sink_offsets").result_rows[0][0]
+    archived = client.query("SELECT max(partition) FROM raw_events").result_rows[0][0]
+    widest = max(int(stored or 0), int(archived or 0))
+    if widest >= partitions:
+        raise RestoreRefused(
+            f"the data directory holds partition {widest}, more than LOYALTY_PARTITIONS={partitions} allows"
+        )
+    markers = client.query("SELECT DISTINCT value FROM raw_events WHERE referee_side = 2").result_rows
+    known = {row[0] for row in client.query("SELECT version FROM rulesets").result_rows}
+    missing = sorted({_text(row[0]) for row in markers} - known)
+    if missing:
+        raise RestoreRefused(
+            f"the archive has cut-over markers to rule sets {missing} whose documents were not stored in "
+            "ClickHouse (applied before this version), so the worker could not decide the events after them"
+        )
+
+
+def _restore_rulesets(client: Any, producer: Any) -> int:
+    documents = client.query("SELECT version, argMax(text, recorded_at) FROM rulesets GROUP BY version").result_rows
+    for version, text in documents:
+        key, value = ruleset_record(version, text)
+        producer.send(RULESETS, key=key, value=value, partition=0)
+    markers = client.query(
+        "SELECT topic, partition, offset, value FROM raw_events FINAL WHERE referee_side = 2 "
+        "ORDER BY archived_at, topic, partition, offset"
+    ).result_rows
+    for topic, partition, offset, version in markers:
+        key, value = activation_record(topic, int(partition), int(offset), _text(version))
+        producer.send(RULESETS, key=key, value=value, partition=0)
+    producer.flush()
+    return len(documents)
+
+
+def _restore_inputs(client: Any, producer: Any, partitions: int) -> int:
+    count = 0
+    for topic in INPUT_TOPICS:
+        for partition in range(partitions):
+            futures = []
+            with client.query_row_block_stream(
+                "SELECT offset, routing_key, value, referee_side FROM raw_events FINAL "
+                "WHERE topic = {topic:String} AND partition = {partition:UInt32} ORDER BY offset",
+                parameters={"topic": topic, "partition": partition},
+                settings={"max_block_size": _block_rows},
+                column_formats={"value": "bytes"},
+            ) as stream:
+                for block in stream:
+                    for offset, routing_key, value, side in block:
+                        future = producer.send(
+                            topic,
+                            value=value if isinstance(value, bytes) else value.encode(),
+                            key=routing_key.encode() if routing_key else None,
+                            partition=partition,
+                            headers=_SIDE_HEADERS.get(int(side), []),
+                        )
+                        futures.append((int(offset), future))
+            producer.flush()
+            for offset, future in futures:
+                landed = future.get(timeout=30).offset
+                if landed != offset:
+                    raise RestoreRefused(
+                        f"{topic}/{partition}: archived offset {offset} landed at {landed}; the broker was not empty"
+                    )
+            count += len(futures)
+    return count
+
+
+def _restore_ledger(client: Any, producer: Any, partitions: int) -> tuple[dict[int, int], int]:
+    counts = Counter(
+        {
+            (customer, caused_by): int(entries)
+            for customer, caused_by, entries in client.query(
+                "SELECT customer_id, caused_by, count() FROM ledger_entries FINAL GROUP BY customer_id, caused_by"
+            ).result_rows
+        }
+    )
+    from streams.worker import EVENT_ENTRIES_HEADER, serialize_entry
+
+    ends: dict[int, int] = {}
+    written = 0
+
+    def landed(metadata: Any) -> None:
+        ends[metadata.partition] = max(ends.get(metadata.partition, 0), metadata.offset + 1)
+
+    with client.query_row_block_stream(
+        f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger_entries FINAL ORDER BY customer_id, sequence",
+        settings={"max_block_size": _block_rows},
+    ) as stream:
+        for block in stream:
+            for row in block:
+                fields = dict(zip(LEDGER_COLUMNS, row, strict=True))
+                for name in ("occurred_at", "available_at"):
+                    if fields[name] is not None and fields[name].tzinfo is None:
+                        fields[name] = fields[name].replace(tzinfo=UTC)
+                entry = LedgerEntry.model_validate(fields)
+                key = entry.customer_id.encode()
+                partition = partition_for(key, partitions)
+                headers = [
+                    ("loyalty-input", b"restored"),
+                    (EVENT_ENTRIES_HEADER, str(counts[(entry.customer_id, entry.caused_by)]).encode()),
+                ]
+                value = serialize_entry(entry)
+                future = producer.send(LEDGER, value=value, key=key, partition=partition, headers=headers)
+                future.add_callback(landed)
+                written += 1
+    producer.flush()
+    return ends, written
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
