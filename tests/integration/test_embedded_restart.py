@@ -103,7 +103,11 @@ def _wait_for(environment: dict[str, str], archived: int, projected: int, up: _U
     deadline = time.monotonic() + WAIT_S
     while True:
         status = _cli(environment, "status")
-        caught_up = not any(status["consumer_lag"].values())  # the worker has committed every input
+        # The worker has committed every input, and every entry emitted is projected (once: an entry emitted twice
+        # would keep the two counts apart).
+        caught_up = not any(status["consumer_lag"].values()) and (
+            status["ledger_entries_emitted"] == status["ledger_rows_projected"]
+        )
         if caught_up and status["input_messages_archived"] >= archived and status["ledger_rows_projected"] == projected:
             return status
         assert up.process.poll() is None, up.log_path.read_text()[-3000:]
@@ -180,3 +184,55 @@ def test_up_refuses_a_data_directory_it_cannot_rebuild_the_topics_of(tmp_path):
     assert "loyalty.purchases/1: archived up to 0, read up to 40" in stderr
     assert not (data_dir / "run.json").exists()  # nothing was started for clients to find
     assert not _broker_processes() - brokers_before  # the embedded broker it started is stopped
+
+
+def test_a_rule_set_applied_before_the_restart_stays_in_force_after_it(tmp_path):
+    lines = list(generate_events(events=600, customers=40, seed=29))
+    times = [json.loads(line)["occurred_at"] for line in lines]
+    cut = next(index for index in range(len(lines) // 2, len(lines)) if min(times[index:]) >= max(times[:index]))
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text("".join(line + "\n" for line in lines[:cut]))
+    second.write_text("".join(line + "\n" for line in lines[cut:]))
+    new_rules = REPOSITORY / "streams/rules/rulesets/seasonal-promotion.yaml"
+    new_version = load_ruleset(new_rules).version
+    expected_first = process_lines([line.encode() for line in lines[:cut]], load_ruleset())
+    environment = _environment(tmp_path / "data")
+    log_path = tmp_path / "up.log"
+
+    up = _Up(environment, log_path)
+    try:
+        produced = sum(_cli(environment, "produce", str(first)).values())
+        _wait_for(environment, produced, len(expected_first.ledger), up)
+        applied = _cli(environment, "replay", "--rules", str(new_rules), "--apply")
+        compensations = applied["applied"]["compensations_published"]
+        assert compensations > 0
+        _wait_for(environment, 0, len(expected_first.ledger) + compensations, up)
+    finally:
+        up.stop()
+
+    up = _Up(environment, log_path)
+    try:
+        assert _cli(environment, "status")["ruleset_version"] == new_version  # from the rebuilt activations
+        more = sum(_cli(environment, "produce", str(second)).values())
+        deadline = time.monotonic() + WAIT_S
+        later = {json.loads(line)["event_id"] for line in lines[cut:]}
+        customer = json.loads(lines[-1])["customer_id"]
+        while True:
+            status = _cli(environment, "status")
+            entries = _cli(environment, "history", customer, "--limit", "1000")["entries"]
+            decided = [entry for entry in entries if entry["caused_by"] in later]
+            mine = sum(json.loads(line)["customer_id"] == customer for line in lines[cut:])
+            # Every entry emitted is projected once: an entry emitted twice would keep the two counts apart.
+            settled = (
+                status["projection_backlog"] == 0
+                and status["ledger_entries_emitted"] == status["ledger_rows_projected"]
+            )
+            if status["input_messages_archived"] >= more and not any(status["consumer_lag"].values()) and settled:
+                if len({entry["caused_by"] for entry in decided}) >= mine:
+                    break
+            assert up.process.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"not caught up: {status}"
+            time.sleep(1)
+        assert {entry["ruleset_version"] for entry in decided} == {new_version}
+    finally:
+        up.stop()
