@@ -7,9 +7,10 @@ Exactly-once effect on at-least-once delivery, without transactions (ClickHouse 
 2. The daily aggregates (daily_points, daily_product_points, daily_customer_points) are *recomputed*
    from `ledger_entries FINAL` for every day the batch touched (and those days are replaced in the rows of
    two_year_customer_points by their new daily_customer_points rows), never incremented, so re-inserting a
-   batch (or any part of it) recomputes the same numbers. Every write marks its days in `dirty_days` before
-   inserting its rows; one that recomputes at once marks them clean after, one that defers the recompute
-   leaves them for a later recompute (see `LedgerSink`).
+   batch (or any part of it) recomputes the same numbers. Every write has its days marked in `dirty_days`
+   before inserting its rows (a day its sink holds dirty already is not marked again); one that recomputes at
+   once marks them clean after, one that defers the recompute leaves them for a later recompute (see
+   `LedgerSink`).
 3. The offsets are written last. A crash before step 3 makes the restarted projector resume from the older
    offsets and write the same entries again, which steps 1 and 2 make harmless. A crash after step 3
    loses nothing, since the rows (and the recompute or the dirty marks) were stored first.
@@ -364,7 +365,7 @@ class LedgerSink:
         return len(every)
 
     def _mark_written(self, days: set[date], defer: bool, customers: set[str]) -> set[str] | None:
-        """Before a batch's rows are inserted: mark its days dirty, deferred or not. A crash between the insert
+        """Before a batch's rows are inserted: have its days marked dirty, deferred or not. A crash between the insert
         and the recompute then leaves them dirty, and the next sink recomputes them for every customer (a
         restarted projector may never read that batch again: an embedded broker forgets its log).
 
