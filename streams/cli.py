@@ -589,8 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--out", help="file to write (default: standard output)")
 
     sub = command("broker", cmd_broker, "Run the embedded Kafka-compatible broker (Tansu) in the foreground.")
-    sub.add_argument("--partitions", type=int)
-    sub.add_argument("--data-dir", type=Path)
+    sub.add_argument("--partitions", type=int)  # no --data-dir: the broker keeps its log in memory
 
     sub = command("worker", cmd_worker, "Run the stream worker (needs LOYALTY_KAFKA_BOOTSTRAP).")
     sub.add_argument("--rules", type=Path)

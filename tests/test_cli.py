@@ -56,3 +56,10 @@ def test_expiring_offline_under_a_rule_set_without_expiry_answers_as_the_running
     assert main(["expiring", "--within-days", "30", "--data-dir", str(tmp_path)]) == 0
     assert "has no expiry (expiry.mode: none): nothing expires" in capsys.readouterr().out
     assert not (tmp_path / "clickhouse").exists()  # nothing to read: no database opened or created
+
+
+def test_the_broker_has_no_data_directory_option_that_it_would_ignore(capsys):
+    # It keeps its log in memory and writes no file: a --data-dir was accepted and silently did nothing.
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["broker", "--data-dir", "/tmp/anywhere"])
+    assert "unrecognized arguments: --data-dir" in capsys.readouterr().err
