@@ -12,11 +12,14 @@ Before the worker and the projector start, `restore_topics` writes back:
   entries never reached ClickHouse (the same entry ids, which the sink de-duplicates);
 - the ledger, per customer in sequence order to the customer's partition, with the number of entries of each
   event (the header a worker's restore needs), so the worker rebuilds every customer's state by folding it;
+  a customer's last event is left out when its input is archived, since it may be only partly projected
+  (`_LEDGER_SQL`): the worker decides it again;
 - the rule-set documents and one activation per archived cut-over marker, in the order they were archived;
 - and the projector's ledger positions set to the rebuilt ledger's end (everything in it is projected).
 
-It refuses, with the reason, when the archive cannot give the inputs back at their offsets (gaps), or when
-the stored partitions do not fit the configured partition count.
+It refuses, with the reason, when the archive cannot give the inputs back at their offsets (gaps, positions the
+projector read past the archive), when the partition count is not the first run's (a customer's key would land on
+another partition), or when the archive has cut-over markers whose rule set was not stored.
 """
 
 from __future__ import annotations
@@ -120,6 +123,20 @@ def _check(client: Any, partitions: int) -> None:
         raise RestoreRefused(
             f"input messages the projector read are missing from the raw archive ({', '.join(behind)})"
         )
+    moved = [
+        (key, int(partition))
+        for key, partition in client.query(
+            "SELECT DISTINCT routing_key, partition FROM raw_events WHERE routing_key != ''"
+        ).result_rows
+        if partition_for(key.encode(), partitions) != int(partition)
+    ]
+    if moved:
+        key, partition = moved[0]
+        raise RestoreRefused(
+            f"the partition count changed: customer key {key!r} was archived on partition {partition}, and "
+            f"LOYALTY_PARTITIONS={partitions} puts it on {partition_for(key.encode(), partitions)} "
+            f"({len(moved)} keys moved); start with the partition count of the first run"
+        )
     stored = client.query("SELECT max(partition) FROM sink_offsets").result_rows[0][0]
     archived = client.query("SELECT max(partition) FROM raw_events").result_rows[0][0]
     widest = max(int(stored or 0), int(archived or 0))
@@ -139,17 +156,20 @@ def _check(client: Any, partitions: int) -> None:
 
 def _restore_rulesets(client: Any, producer: Any) -> int:
     documents = client.query("SELECT version, argMax(text, recorded_at) FROM rulesets GROUP BY version").result_rows
+    futures = []
     for version, text in documents:
         key, value = ruleset_record(version, text)
-        producer.send(RULESETS, key=key, value=value, partition=0)
+        futures.append(producer.send(RULESETS, key=key, value=value, partition=0))
     markers = client.query(
         "SELECT topic, partition, offset, value FROM raw_events FINAL WHERE referee_side = 2 "
         "ORDER BY archived_at, topic, partition, offset"
     ).result_rows
     for topic, partition, offset, version in markers:
         key, value = activation_record(topic, int(partition), int(offset), _text(version))
-        producer.send(RULESETS, key=key, value=value, partition=0)
+        futures.append(producer.send(RULESETS, key=key, value=value, partition=0))
     producer.flush()
+    for future in futures:
+        future.get(timeout=30)  # raises if a document or an activation was not written
     return len(documents)
 
 
@@ -186,27 +206,49 @@ def _restore_inputs(client: Any, producer: Any, partitions: int) -> int:
     return count
 
 
+# A customer's last event in ClickHouse may be only partly projected: the projector writes batches of records,
+# and a batch (or a stop) can end inside one event's entries. Earlier events of the customer are complete (their
+# later entries are at lower offsets of the same partition, all projected before). ClickHouse does not keep how
+# many entries an event produced, so that last event is left out of the rebuilt ledger whenever its input is
+# archived: the worker then decides it again when it re-reads the inputs (the same entries, the same ids, which
+# the sink de-duplicates). Left in, a partial event would be folded as whole and its missing entries never written.
+_LEDGER_SQL = f"""
+SELECT {", ".join(LEDGER_COLUMNS)}
+FROM ledger_entries FINAL
+WHERE (customer_id, caused_by) NOT IN (
+    SELECT customer_id, last_event
+    FROM (SELECT customer_id, argMax(caused_by, sequence) AS last_event FROM ledger_entries FINAL GROUP BY customer_id)
+    WHERE last_event IN (SELECT event_id FROM raw_events)
+)
+ORDER BY customer_id, sequence
+"""
+
+
 def _restore_ledger(client: Any, producer: Any, partitions: int) -> tuple[dict[int, int], int]:
-    counts = Counter(
-        {
-            (customer, caused_by): int(entries)
-            for customer, caused_by, entries in client.query(
-                "SELECT customer_id, caused_by, count() FROM ledger_entries FINAL GROUP BY customer_id, caused_by"
-            ).result_rows
-        }
-    )
     from streams.worker import EVENT_ENTRIES_HEADER, serialize_entry
 
     ends: dict[int, int] = {}
+    failures: list[BaseException] = []
     written = 0
 
     def landed(metadata: Any) -> None:
         ends[metadata.partition] = max(ends.get(metadata.partition, 0), metadata.offset + 1)
 
-    with client.query_row_block_stream(
-        f"SELECT {', '.join(LEDGER_COLUMNS)} FROM ledger_entries FINAL ORDER BY customer_id, sequence",
-        settings={"max_block_size": _block_rows},
-    ) as stream:
+    def send_customer(entries: list[LedgerEntry]) -> None:
+        per_event = Counter(entry.caused_by for entry in entries)  # the entries of each (complete) event
+        key = entries[0].customer_id.encode()
+        partition = partition_for(key, partitions)
+        for entry in entries:
+            headers = [
+                ("loyalty-input", b"restored"),
+                (EVENT_ENTRIES_HEADER, str(per_event[entry.caused_by]).encode()),
+            ]
+            future = producer.send(LEDGER, value=serialize_entry(entry), key=key, partition=partition, headers=headers)
+            future.add_callback(landed)
+            future.add_errback(failures.append)
+
+    customer: list[LedgerEntry] = []
+    with client.query_row_block_stream(_LEDGER_SQL, settings={"max_block_size": _block_rows}) as stream:
         for block in stream:
             for row in block:
                 fields = dict(zip(LEDGER_COLUMNS, row, strict=True))
@@ -214,17 +256,16 @@ def _restore_ledger(client: Any, producer: Any, partitions: int) -> tuple[dict[i
                     if fields[name] is not None and fields[name].tzinfo is None:
                         fields[name] = fields[name].replace(tzinfo=UTC)
                 entry = LedgerEntry.model_validate(fields)
-                key = entry.customer_id.encode()
-                partition = partition_for(key, partitions)
-                headers = [
-                    ("loyalty-input", b"restored"),
-                    (EVENT_ENTRIES_HEADER, str(counts[(entry.customer_id, entry.caused_by)]).encode()),
-                ]
-                value = serialize_entry(entry)
-                future = producer.send(LEDGER, value=value, key=key, partition=partition, headers=headers)
-                future.add_callback(landed)
+                if customer and customer[0].customer_id != entry.customer_id:
+                    send_customer(customer)
+                    customer = []
+                customer.append(entry)
                 written += 1
+    if customer:
+        send_customer(customer)
     producer.flush()
+    if failures:
+        raise RuntimeError(f"rebuilding the ledger topic failed: {failures[0]!r} ({len(failures)} entries not written)")
     return ends, written
 
 

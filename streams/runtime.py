@@ -265,7 +265,13 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
                 )
         client_lock = asyncio.Lock()
         sink = LedgerSink(client, batch_rows_max=settings.sink_batch_rows_max)
-        if broker is not None and client.connected:
+        if broker is not None:
+            if not client.connected:
+                raise ForgottenLog(
+                    f"{client.last_error}; with the embedded broker, `loyalty up` needs ClickHouse at start to rebuild "
+                    "the topics of a data directory an earlier run filled (without them it would start every customer "
+                    "from zero): start again once ClickHouse answers"
+                )
             await asyncio.to_thread(continue_data_directory, client, bootstrap, settings)
         monitor = BrokerMonitor(bootstrap, settings.worker_id, settings.partitions)
         projector = Projector(
@@ -405,13 +411,14 @@ def _replay_handler(client, client_lock, context, monitor, projector, bootstrap,
         )
         return counts, archived
 
-    async def dry_run(new_rules, since: datetime | None, processes: int) -> dict:
+    async def dry_run(new_rules, since: datetime | None, processes: int, current=None) -> dict:
+        """`current`: the rule set the live balances were valued by, when not the one in force now (an apply's)."""
         async with client_lock:
             return await asyncio.to_thread(
                 replay.dry_run,
                 client,
                 new_rules,
-                current_point_value=context.ruleset.redemption.point_value,
+                current_point_value=(current or context.ruleset).redemption.point_value,
                 since=since,
                 processes=processes,
             )
@@ -429,6 +436,8 @@ def _replay_handler(client, client_lock, context, monitor, projector, bootstrap,
                 column_oriented=True,
             )
         markers = await asyncio.to_thread(publish_cutover, bootstrap, new_rules, text, projector.partitions)
+        # From its markers on, the worker decides with the new rule set, whatever happens to this request.
+        previous, context.ruleset = context.ruleset, new_rules
         # Wait until the worker has passed every marker and everything before them is archived and projected:
         # then the live ledger and the archive cover exactly the same messages.
         deadline = time.monotonic() + cutover_wait_s
@@ -447,9 +456,8 @@ def _replay_handler(client, client_lock, context, monitor, projector, bootstrap,
                     "the new rule set is in force from them, run --apply again to post the compensations"
                 )
             await asyncio.sleep(0.5)
-        report = await dry_run(new_rules, None, processes)
+        report = await dry_run(new_rules, None, processes, current=previous)
         report["applied"] = await asyncio.to_thread(replay.apply_report, report, bootstrap=bootstrap)
-        context.ruleset = new_rules  # the worker decides with it past the markers: value and expire by it too
         report["applied"]["markers"] = {
             f"{topic}/{partition}": offset for (topic, partition), offset in markers.items()
         }

@@ -236,3 +236,28 @@ def test_a_rule_set_applied_before_the_restart_stays_in_force_after_it(tmp_path)
         assert {entry["ruleset_version"] for entry in decided} == {new_version}
     finally:
         up.stop()
+
+
+def test_up_with_the_embedded_broker_refuses_to_start_without_clickhouse(tmp_path):
+    from streams.broker import free_port
+
+    environment = _environment(tmp_path / "data")
+    environment["LOYALTY_CLICKHOUSE_DSN"] = f"http://127.0.0.1:{free_port()}/loyalty"  # nothing listens there
+    brokers_before = _broker_processes()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streams.cli", "up"],
+        env=environment,
+        cwd=REPOSITORY,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _, stderr = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 2, stderr[-3000:]
+    assert "with the embedded broker, `loyalty up` needs ClickHouse at start" in stderr
+    assert not _broker_processes() - brokers_before
