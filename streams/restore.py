@@ -64,7 +64,8 @@ def needs_restore(client: Any) -> bool:
     """Whether the data directory holds anything a broker log carried: stored positions or ledger rows."""
     positions = client.query("SELECT count() FROM sink_offsets WHERE next_offset > 0").result_rows[0][0]
     entries = client.query("SELECT count() FROM ledger_entries").result_rows[0][0]
-    return bool(positions or entries)
+    archived = client.query("SELECT count() FROM raw_events").result_rows[0][0]  # archived before any position
+    return bool(positions or entries or archived)
 
 
 def restore_topics(client: Any, bootstrap: str, partitions: int) -> dict[str, int]:
@@ -160,11 +161,12 @@ def _restore_rulesets(client: Any, producer: Any) -> int:
     for version, text in documents:
         key, value = ruleset_record(version, text)
         futures.append(producer.send(RULESETS, key=key, value=value, partition=0))
+    # In the order the markers were first archived (a marker archived again after a crash keeps its place).
     markers = client.query(
-        "SELECT topic, partition, offset, value FROM raw_events FINAL WHERE referee_side = 2 "
-        "ORDER BY archived_at, topic, partition, offset"
+        "SELECT topic, partition, offset, any(value), min(archived_at) AS first FROM raw_events "
+        "WHERE referee_side = 2 GROUP BY topic, partition, offset ORDER BY first, topic, partition, offset"
     ).result_rows
-    for topic, partition, offset, version in markers:
+    for topic, partition, offset, version, _ in markers:
         key, value = activation_record(topic, int(partition), int(offset), _text(version))
         futures.append(producer.send(RULESETS, key=key, value=value, partition=0))
     producer.flush()
