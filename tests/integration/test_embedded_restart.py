@@ -115,6 +115,26 @@ def _wait_for(environment: dict[str, str], archived: int, projected: int, up: _U
         time.sleep(1)
 
 
+def _refused(environment: dict[str, str]) -> str:
+    """Run `loyalty up`, which must exit with code 2 on its own; return what it printed on stderr."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streams.cli", "up"],
+        env=environment,
+        cwd=REPOSITORY,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _, stderr = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 2, stderr[-3000:]
+    return stderr
+
+
 def test_a_second_embedded_up_continues_the_first_from_its_data_directory(tmp_path):
     lines = list(generate_events(events=1200, customers=60, seed=23))
     times = [json.loads(line)["occurred_at"] for line in lines]
@@ -165,21 +185,7 @@ def test_up_refuses_a_data_directory_it_cannot_rebuild_the_topics_of(tmp_path):
     client.close()
 
     brokers_before = _broker_processes()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streams.cli", "up"],
-        env=_environment(data_dir),
-        cwd=REPOSITORY,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        _, stderr = process.communicate(timeout=90)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 2, stderr[-3000:]
+    stderr = _refused(_environment(data_dir))
     assert "holds what an earlier `loyalty up` projected from its embedded broker" in stderr
     assert "loyalty.purchases/1: archived up to 0, read up to 40" in stderr
     assert not (data_dir / "run.json").exists()  # nothing was started for clients to find
@@ -244,20 +250,6 @@ def test_up_with_the_embedded_broker_refuses_to_start_without_clickhouse(tmp_pat
     environment = _environment(tmp_path / "data")
     environment["LOYALTY_CLICKHOUSE_DSN"] = f"http://127.0.0.1:{free_port()}/loyalty"  # nothing listens there
     brokers_before = _broker_processes()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "streams.cli", "up"],
-        env=environment,
-        cwd=REPOSITORY,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        _, stderr = process.communicate(timeout=90)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 2, stderr[-3000:]
+    stderr = _refused(environment)
     assert "with the embedded broker, `loyalty up` needs ClickHouse at start" in stderr
     assert not _broker_processes() - brokers_before
