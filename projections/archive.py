@@ -55,6 +55,11 @@ def _peek(value: bytes) -> tuple[str, datetime]:
     return (event_id if isinstance(event_id, str) else "")[:128], moment
 
 
+def describe_gaps(gaps: Iterable[tuple[str, int, int, int]]) -> str:
+    """`RawArchive.gaps` for a message: "topic/partition: archived of expected, ..."."""
+    return ", ".join(f"{topic}/{partition}: {have} of {want}" for topic, partition, have, want in gaps)
+
+
 class RawArchive:
     def __init__(self, client: Client) -> None:
         self._client = client
@@ -93,13 +98,16 @@ class RawArchive:
             )
         return len(rows)
 
-    def gaps(self) -> list[tuple[str, int, int, int]]:
-        """(topic, partition, offsets archived, offsets expected) for partitions with holes below their end."""
+    def extents(self) -> list[tuple[str, int, int, int]]:
+        """(topic, partition, offsets archived, offsets expected: the last one + 1) of every archived partition."""
         result = self._client.query(
-            "SELECT topic, partition, uniqExact(offset), max(offset) + 1 FROM raw_events "
-            "GROUP BY topic, partition HAVING uniqExact(offset) != max(offset) + 1"
+            "SELECT topic, partition, uniqExact(offset), max(offset) + 1 FROM raw_events GROUP BY topic, partition"
         )
         return [(row[0], int(row[1]), int(row[2]), int(row[3])) for row in result.result_rows]
+
+    def gaps(self) -> list[tuple[str, int, int, int]]:
+        """The `extents` of the partitions with holes below their end."""
+        return [extent for extent in self.extents() if extent[2] != extent[3]]
 
     def count(self) -> int:
         return int(self._client.query("SELECT uniqExact(topic, partition, offset) FROM raw_events").result_rows[0][0])

@@ -11,7 +11,7 @@ Days are UTC days of `occurred_at`; a date range includes both ends.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -359,14 +359,16 @@ def history(client: Client, customer_id: str, *, limit: int = 100, offset: int =
     if offset < 0:
         raise ValueError(f"offset must be >= 0, got {offset}")
     result = client.query(HISTORY_SQL, parameters={"customer_id": customer_id, "limit": limit, "offset": offset})
-    entries = []
-    for row in result.result_rows:
-        fields = dict(zip(LEDGER_COLUMNS, row, strict=True))
-        fields["occurred_at"] = _utc(fields["occurred_at"])
-        if fields["available_at"] is not None:
-            fields["available_at"] = _utc(fields["available_at"])
-        entries.append(LedgerEntry.model_validate(fields))
-    return entries
+    return [entry_of_row(row) for row in result.result_rows]
+
+
+def entry_of_row(row: Sequence[Any]) -> LedgerEntry:
+    """A `ledger_entries` row (the columns `LEDGER_COLUMNS`, in that order) as the entry it stores."""
+    fields = dict(zip(LEDGER_COLUMNS, row, strict=True))
+    fields["occurred_at"] = _utc(fields["occurred_at"])
+    if fields["available_at"] is not None:
+        fields["available_at"] = _utc(fields["available_at"])
+    return LedgerEntry.model_validate(fields)
 
 
 def points_status(

@@ -424,7 +424,6 @@ def compare(live: LiveFigures, shadow: ShadowResult, ruleset: RuleSet, current_p
         )
     outstanding_before = sum(live.balances.values())
     outstanding_after = sum(shadow.balances.values())
-    rules = sorted(set(live.points_by_rule) | set(shadow.points_by_rule))
     return {
         "ruleset_versions_live": live.versions,
         "ruleset_version_new": ruleset.version,
@@ -445,16 +444,21 @@ def compare(live: LiveFigures, shadow: ShadowResult, ruleset: RuleSet, current_p
                 "liability": format(outstanding_after * ruleset.redemption.point_value, "f"),
             },
         },
-        "per_rule": [
-            {
-                "rule_id": rule_id,
-                "points_before": live.points_by_rule.get(rule_id, 0),
-                "points_after": shadow.points_by_rule.get(rule_id, 0),
-                "delta": shadow.points_by_rule.get(rule_id, 0) - live.points_by_rule.get(rule_id, 0),
-            }
-            for rule_id in rules
-        ],
+        "per_rule": _per_rule_rows(live.points_by_rule, shadow.points_by_rule),
     }
+
+
+def _per_rule_rows(before: dict[str, int], after: dict[str, int]) -> list[dict]:
+    """Points per rule before and after, with the change, for every rule of either side (sorted by rule id)."""
+    return [
+        {
+            "rule_id": rule_id,
+            "points_before": before.get(rule_id, 0),
+            "points_after": after.get(rule_id, 0),
+            "delta": after.get(rule_id, 0) - before.get(rule_id, 0),
+        }
+        for rule_id in sorted(set(before) | set(after))
+    ]
 
 
 def dry_run(
@@ -509,11 +513,16 @@ def preview_customer(client, ruleset: RuleSet, customer_id: str) -> dict:
     theirs = [m for m in archive.stream_for_replay(keys=referees) if _is_history(m.referee_side, m.event_id)]
     lines: list[bytes] = []
     seen: set[bytes] = set()
-    for message in itertools.chain(own, theirs):
-        if message.value not in seen:  # a referral archived on both sides, a re-sent message: one line
-            seen.add(message.value)
-            lines.append(message.value)
-    own_lines = len({message.value for message in own})
+
+    def add(messages: list) -> None:
+        for message in messages:
+            if message.value not in seen:  # a referral archived on both sides, a re-sent message: one line
+                seen.add(message.value)
+                lines.append(message.value)
+
+    add(own)
+    own_lines = len(lines)
+    add(theirs)
     shadow = process_lines(lines, ruleset)
     after = [entry for entry in shadow.ledger if entry.customer_id == customer_id]
     before = []
@@ -534,7 +543,7 @@ def preview_customer(client, ruleset: RuleSet, customer_id: str) -> dict:
         "balance_after": balance_after,
         "delta": balance_after - balance_before,
         "events": _events_side_by_side(before, after),
-        "per_rule": _per_rule(before, after),
+        "per_rule": _per_rule_rows(_points_by_rule(before), _points_by_rule(after)),
         "entries_before": [entry.model_dump(mode="json") for entry in before],
         "entries_after": [entry.model_dump(mode="json") for entry in after],
     }
@@ -585,15 +594,11 @@ def _events_side_by_side(before: list, after: list) -> list[dict]:
     return rows
 
 
-def _per_rule(before: list, after: list) -> list[dict]:
-    points: dict[str, list[int]] = {}
-    for index, entries in enumerate((before, after)):
-        for entry in entries:
-            points.setdefault(entry.rule_id, [0, 0])[index] += entry.points
-    return [
-        {"rule_id": rule_id, "points_before": was, "points_after": now, "delta": now - was}
-        for rule_id, (was, now) in sorted(points.items())
-    ]
+def _points_by_rule(entries: list) -> dict[str, int]:
+    points: dict[str, int] = {}
+    for entry in entries:
+        points[entry.rule_id] = points.get(entry.rule_id, 0) + entry.points
+    return points
 
 
 def _customers_active_since(client, since: datetime) -> set[str]:
@@ -659,8 +664,9 @@ def check_apply_allowed(
     """Refuse `--apply` while the history is incomplete: an event not yet archived, processed or projected
     would be missing from one side of the comparison."""
     if gaps:
-        listed = ", ".join(f"{topic}/{partition}: {have} of {want}" for topic, partition, have, want in gaps)
-        raise ReplayRefused(f"the raw archive has gaps ({listed}); wait until the projector completes it")
+        from projections.archive import describe_gaps
+
+        raise ReplayRefused(f"the raw archive has gaps ({describe_gaps(gaps)}); wait until the projector completes it")
     if lag > lag_max:
         raise ReplayRefused(f"the worker lags by {lag} messages (bound {lag_max}); wait until it catches up")
     if archived < input_messages or ledger_backlog:

@@ -27,9 +27,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from datetime import UTC
 from typing import Any
 
+from projections.archive import RawArchive, describe_gaps
+from projections.queries import entry_of_row
 from projections.sink import LEDGER_COLUMNS
 from schemas.ledger import LedgerEntry
 from schemas.topics import (
@@ -77,7 +78,7 @@ def restore_topics(client: Any, bootstrap: str, partitions: int) -> dict[str, in
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=1 << 20)
     try:
         rulesets = _restore_rulesets(client, producer)
-        inputs = _restore_inputs(client, producer, partitions)
+        inputs = _restore_inputs(client, producer)
         ledger_ends, entries = _restore_ledger(client, producer, partitions)
         producer.flush()
     finally:
@@ -97,19 +98,11 @@ def restore_topics(client: Any, bootstrap: str, partitions: int) -> dict[str, in
 
 
 def _check(client: Any, partitions: int) -> None:
-    gaps = client.query(
-        "SELECT topic, partition, uniqExact(offset), max(offset) + 1 FROM raw_events "
-        "GROUP BY topic, partition HAVING uniqExact(offset) != max(offset) + 1"
-    ).result_rows
+    extents = RawArchive(client).extents()
+    gaps = [extent for extent in extents if extent[2] != extent[3]]
     if gaps:
-        listed = ", ".join(f"{topic}/{partition}: {have} of {want}" for topic, partition, have, want in gaps)
-        raise RestoreRefused(f"the raw archive has gaps ({listed}), so the input topics cannot be rebuilt")
-    archived_ends = {
-        (topic, int(partition)): int(end)
-        for topic, partition, end in client.query(
-            "SELECT topic, partition, max(offset) + 1 FROM raw_events GROUP BY topic, partition"
-        ).result_rows
-    }
+        raise RestoreRefused(f"the raw archive has gaps ({describe_gaps(gaps)}), so the input topics cannot be rebuilt")
+    archived_ends = {(topic, partition): end for topic, partition, _, end in extents}
     positions = client.query(
         "SELECT topic, partition, max(next_offset) FROM sink_offsets WHERE topic IN {topics:Array(String)} "
         "GROUP BY topic, partition",
@@ -175,36 +168,45 @@ def _restore_rulesets(client: Any, producer: Any) -> int:
     return len(documents)
 
 
-def _restore_inputs(client: Any, producer: Any, partitions: int) -> int:
+def _restore_inputs(client: Any, producer: Any) -> int:
+    """Every archived message back to its topic and partition, read in one pass in the table's own order (one
+    FINAL read: each costs a merge of every part, whatever its filter); a partition's sends are checked to have
+    landed at their archived offsets before the next partition's begin."""
     count = 0
-    for topic in INPUT_TOPICS:
-        for partition in range(partitions):
-            futures = []
-            with client.query_row_block_stream(
-                "SELECT offset, routing_key, value, referee_side FROM raw_events FINAL "
-                "WHERE topic = {topic:String} AND partition = {partition:UInt32} ORDER BY offset",
-                parameters={"topic": topic, "partition": partition},
-                settings={"max_block_size": _block_rows},
-                column_formats={"value": "bytes"},
-            ) as stream:
-                for block in stream:
-                    for offset, routing_key, value, side in block:
-                        future = producer.send(
-                            topic,
-                            value=value if isinstance(value, bytes) else value.encode(),
-                            key=routing_key.encode() if routing_key else None,
-                            partition=partition,
-                            headers=_SIDE_HEADERS.get(int(side), []),
-                        )
-                        futures.append((int(offset), future))
-            producer.flush()
-            for offset, future in futures:
-                landed = future.get(timeout=30).offset
-                if landed != offset:
-                    raise RestoreRefused(
-                        f"{topic}/{partition}: archived offset {offset} landed at {landed}; the broker was not empty"
-                    )
-            count += len(futures)
+    current: tuple[str, int] | None = None
+    futures: list = []
+
+    def check_landed() -> None:
+        producer.flush()
+        for offset, future in futures:
+            landed = future.get(timeout=30).offset
+            if landed != offset:
+                raise RestoreRefused(
+                    f"{current[0]}/{current[1]}: archived offset {offset} landed at {landed}; the broker was not empty"
+                )
+        futures.clear()
+
+    with client.query_row_block_stream(
+        "SELECT topic, partition, offset, routing_key, value, referee_side FROM raw_events FINAL "
+        "ORDER BY topic, partition, offset",
+        settings={"max_block_size": _block_rows},
+        column_formats={"value": "bytes"},
+    ) as stream:
+        for block in stream:
+            for topic, partition, offset, routing_key, value, side in block:
+                if (topic, partition) != current:
+                    check_landed()
+                    current = (topic, partition)
+                future = producer.send(
+                    topic,
+                    value=value if isinstance(value, bytes) else value.encode(),
+                    key=routing_key.encode() if routing_key else None,
+                    partition=int(partition),
+                    headers=_SIDE_HEADERS.get(int(side), []),
+                )
+                futures.append((int(offset), future))
+                count += 1
+    check_landed()
     return count
 
 
@@ -227,7 +229,7 @@ ORDER BY customer_id, sequence
 
 
 def _restore_ledger(client: Any, producer: Any, partitions: int) -> tuple[dict[int, int], int]:
-    from streams.worker import EVENT_ENTRIES_HEADER, serialize_entry
+    from streams.worker import EVENT_ENTRIES_HEADER, INPUT_HEADER, serialize_entry
 
     ends: dict[int, int] = {}
     failures: list[BaseException] = []
@@ -242,7 +244,7 @@ def _restore_ledger(client: Any, producer: Any, partitions: int) -> tuple[dict[i
         partition = partition_for(key, partitions)
         for entry in entries:
             headers = [
-                ("loyalty-input", b"restored"),
+                (INPUT_HEADER, b"restored"),
                 (EVENT_ENTRIES_HEADER, str(per_event[entry.caused_by]).encode()),
             ]
             future = producer.send(LEDGER, value=serialize_entry(entry), key=key, partition=partition, headers=headers)
@@ -253,11 +255,7 @@ def _restore_ledger(client: Any, producer: Any, partitions: int) -> tuple[dict[i
     with client.query_row_block_stream(_LEDGER_SQL, settings={"max_block_size": _block_rows}) as stream:
         for block in stream:
             for row in block:
-                fields = dict(zip(LEDGER_COLUMNS, row, strict=True))
-                for name in ("occurred_at", "available_at"):
-                    if fields[name] is not None and fields[name].tzinfo is None:
-                        fields[name] = fields[name].replace(tzinfo=UTC)
-                entry = LedgerEntry.model_validate(fields)
+                entry = entry_of_row(row)
                 if customer and customer[0].customer_id != entry.customer_id:
                     send_customer(customer)
                     customer = []

@@ -33,6 +33,7 @@ log = logging.getLogger("loyalty.worker")
 
 restore_poll_ms = 200
 EVENT_ENTRIES_HEADER = "loyalty-event-entries"
+INPUT_HEADER = "loyalty-input"  # on ledger and dead-letter messages: the input message they came from
 in_flight_batches_max = 4
 # How often held events are looked at between batches: the settle (LOYALTY_REORDER_SETTLE_MS, see
 # StreamApplier) plus at most this much latency.
@@ -59,7 +60,7 @@ def ledger_headers(message: InputMessage, event_entries: int) -> list[tuple[str,
     """Where the entry came from, and how many entries its event produced (so a restore can tell a complete
     event from one whose writing was interrupted by a crash)."""
     return [
-        ("loyalty-input", f"{message.topic}/{message.partition}/{message.offset}".encode()),
+        (INPUT_HEADER, f"{message.topic}/{message.partition}/{message.offset}".encode()),
         (EVENT_ENTRIES_HEADER, str(event_entries).encode()),
     ]
 
@@ -78,7 +79,7 @@ serialize_entry = LedgerEntry.__pydantic_serializer__.to_json
 def dead_letter_headers(message: InputMessage, reason: str) -> list[tuple[str, bytes]]:
     return [
         ("loyalty-reason", reason.encode()[:2000]),
-        ("loyalty-input", f"{message.topic}/{message.partition}/{message.offset}".encode()),
+        (INPUT_HEADER, f"{message.topic}/{message.partition}/{message.offset}".encode()),
         *[(name, value) for name, value in message.headers],
     ]
 
