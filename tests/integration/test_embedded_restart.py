@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from test_pipeline import run_cli
+
 from projections import LedgerSink, connect, migrate
 from schemas.topics import LEDGER
 from streams.batch import process_lines
@@ -55,19 +57,6 @@ def _environment(data_dir: Path) -> dict[str, str]:
     return environment
 
 
-def _cli(environment: dict[str, str], *arguments: str) -> dict:
-    completed = subprocess.run(
-        [sys.executable, "-m", "streams.cli", *arguments, "--json"],
-        env=environment,
-        cwd=REPOSITORY,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert completed.returncode == 0, completed.stderr
-    return json.loads(completed.stdout)
-
-
 class _Up:
     """`loyalty up` with the embedded broker; stopped with SIGTERM (as Ctrl-C) and waited for."""
 
@@ -102,7 +91,7 @@ class _Up:
 def _wait_for(environment: dict[str, str], archived: int, projected: int, up: _Up) -> dict:
     deadline = time.monotonic() + WAIT_S
     while True:
-        status = _cli(environment, "status")
+        status = run_cli(environment, "status")
         # The worker has committed every input, and every entry emitted is projected (once: an entry emitted twice
         # would keep the two counts apart).
         caught_up = not any(status["consumer_lag"].values()) and (
@@ -135,15 +124,20 @@ def _refused(environment: dict[str, str]) -> str:
     return stderr
 
 
-def test_a_second_embedded_up_continues_the_first_from_its_data_directory(tmp_path):
-    lines = list(generate_events(events=1200, customers=60, seed=23))
+def _two_runs(lines: list[str], directory: Path) -> tuple[int, Path, Path]:
+    """The log cut in two files, one per run, where every later event is at least as late as every earlier one,
+    so that the batch driver's order over the whole log is the order the two runs see."""
     times = [json.loads(line)["occurred_at"] for line in lines]
-    # Cut where every later event is at least as late as every earlier one, so that the batch driver's order
-    # over the whole log is the order the two runs see.
     cut = next(index for index in range(len(lines) // 2, len(lines)) if min(times[index:]) >= max(times[:index]))
-    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first, second = directory / "first.jsonl", directory / "second.jsonl"
     first.write_text("".join(line + "\n" for line in lines[:cut]))
     second.write_text("".join(line + "\n" for line in lines[cut:]))
+    return cut, first, second
+
+
+def test_a_second_embedded_up_continues_the_first_from_its_data_directory(tmp_path):
+    lines = list(generate_events(events=1200, customers=60, seed=23))
+    cut, first, second = _two_runs(lines, tmp_path)
     ruleset = load_ruleset()
     expected_first = process_lines([line.encode() for line in lines[:cut]], ruleset)
     expected = process_lines([line.encode() for line in lines], ruleset)
@@ -153,7 +147,7 @@ def test_a_second_embedded_up_continues_the_first_from_its_data_directory(tmp_pa
 
     up = _Up(environment, log_path)
     try:
-        produced = sum(_cli(environment, "produce", str(first)).values())
+        produced = sum(run_cli(environment, "produce", str(first)).values())
         _wait_for(environment, produced, len(expected_first.ledger), up)
     finally:
         up.stop()
@@ -161,15 +155,15 @@ def test_a_second_embedded_up_continues_the_first_from_its_data_directory(tmp_pa
     up = _Up(environment, log_path)
     try:
         assert "continued the data directory" in log_path.read_text()
-        more = sum(_cli(environment, "produce", str(second)).values())
+        more = sum(run_cli(environment, "produce", str(second)).values())
         # input_messages_archived counts this run's archiving: the second file's messages.
         status = _wait_for(environment, more, len(expected.ledger), up)
         assert status["ledger_entries_emitted"] == len(expected.ledger)  # the rebuilt ledger and no entry twice
         balances = expected.balances()
         for customer in sorted(balances)[:: max(1, len(balances) // 12)]:
-            assert _cli(environment, "balance", customer)["balance"] == balances[customer], customer
+            assert run_cli(environment, "balance", customer)["balance"] == balances[customer], customer
         heavy = max(balances, key=lambda customer: sum(e.customer_id == customer for e in expected.ledger))
-        history = _cli(environment, "history", heavy, "--limit", "1000")["entries"]
+        history = run_cli(environment, "history", heavy, "--limit", "1000")["entries"]
         assert history == [e.model_dump(mode="json") for e in expected.ledger if e.customer_id == heavy]
     finally:
         up.stop()
@@ -194,11 +188,7 @@ def test_up_refuses_a_data_directory_it_cannot_rebuild_the_topics_of(tmp_path):
 
 def test_a_rule_set_applied_before_the_restart_stays_in_force_after_it(tmp_path):
     lines = list(generate_events(events=600, customers=40, seed=29))
-    times = [json.loads(line)["occurred_at"] for line in lines]
-    cut = next(index for index in range(len(lines) // 2, len(lines)) if min(times[index:]) >= max(times[:index]))
-    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
-    first.write_text("".join(line + "\n" for line in lines[:cut]))
-    second.write_text("".join(line + "\n" for line in lines[cut:]))
+    cut, first, second = _two_runs(lines, tmp_path)
     new_rules = REPOSITORY / "streams/rules/rulesets/seasonal-promotion.yaml"
     new_version = load_ruleset(new_rules).version
     expected_first = process_lines([line.encode() for line in lines[:cut]], load_ruleset())
@@ -207,9 +197,9 @@ def test_a_rule_set_applied_before_the_restart_stays_in_force_after_it(tmp_path)
 
     up = _Up(environment, log_path)
     try:
-        produced = sum(_cli(environment, "produce", str(first)).values())
+        produced = sum(run_cli(environment, "produce", str(first)).values())
         _wait_for(environment, produced, len(expected_first.ledger), up)
-        applied = _cli(environment, "replay", "--rules", str(new_rules), "--apply")
+        applied = run_cli(environment, "replay", "--rules", str(new_rules), "--apply")
         compensations = applied["applied"]["compensations_published"]
         assert compensations > 0
         _wait_for(environment, 0, len(expected_first.ledger) + compensations, up)
@@ -218,14 +208,14 @@ def test_a_rule_set_applied_before_the_restart_stays_in_force_after_it(tmp_path)
 
     up = _Up(environment, log_path)
     try:
-        assert _cli(environment, "status")["ruleset_version"] == new_version  # from the rebuilt activations
-        more = sum(_cli(environment, "produce", str(second)).values())
+        assert run_cli(environment, "status")["ruleset_version"] == new_version  # from the rebuilt activations
+        more = sum(run_cli(environment, "produce", str(second)).values())
         deadline = time.monotonic() + WAIT_S
         later = {json.loads(line)["event_id"] for line in lines[cut:]}
         customer = json.loads(lines[-1])["customer_id"]
         while True:
-            status = _cli(environment, "status")
-            entries = _cli(environment, "history", customer, "--limit", "1000")["entries"]
+            status = run_cli(environment, "status")
+            entries = run_cli(environment, "history", customer, "--limit", "1000")["entries"]
             decided = [entry for entry in entries if entry["caused_by"] in later]
             mine = sum(json.loads(line)["customer_id"] == customer for line in lines[cut:])
             # Every entry emitted is projected once: an entry emitted twice would keep the two counts apart.
