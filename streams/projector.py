@@ -14,6 +14,12 @@ stored offsets at start, and every insert, again and again with the same batch; 
 whatever the worker writes meanwhile waits in the ledger topic. `backlog` counts the ledger messages not
 yet projected (high water marks minus the offsets stored with the rows) and `last_error` the reason,
 both also while the projector waits for ClickHouse.
+
+Stopping: with `drain_on_stop_s` (what `loyalty up` passes with the embedded broker, `LOYALTY_STOP_DRAIN_S`), the
+projector goes on once stopping is set until a poll brings nothing and every partition it reads (the ledger, and
+the input topics it archives) is read to its end and written, at most that long. `loyalty up` stops its worker
+before it stops the projector, so the ends do not move any more: the broker's log, kept in memory, is then
+entirely in ClickHouse, and the next `loyalty up` rebuilds it from there.
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ class Projector:
         flush_interval_ms: int = 500,
         archive=None,
         highwaters: Callable[[], Mapping[tuple[str, int], int]] | None = None,
+        drain_on_stop_s: float = 0.0,
     ) -> None:
         self.bootstrap = bootstrap
         self.sink = sink
@@ -80,6 +87,11 @@ class Projector:
         self.archive = archive
         self.last_error: str | None = None
         self.offsets_known = False
+        # After `stopping` is set, go on reading and writing for up to this long, until every assigned partition is
+        # read to its end and written (0: stop at once). With the embedded broker, whose log dies with the process,
+        # what is not archived and projected by then is lost; `loyalty up` stops its worker first.
+        self.drain_on_stop_s = drain_on_stop_s
+        self.drained: bool | None = None  # after a run with a drain: whether it reached every partition's end
         # High water marks of the ledger partitions seen by another reader (the status monitor), so that the
         # backlog stays current while this consumer is stuck retrying a write.
         self._external_highwaters = highwaters
@@ -135,7 +147,23 @@ class Projector:
             offsets: dict[tuple[str, int], int] = {}
             first_pending_at = 0.0
             recomputed_at = time.monotonic()
-            while not stopping.is_set():
+            drain_deadline: float | None = None
+            while True:
+                if stopping.is_set():
+                    if not self.drain_on_stop_s:
+                        break
+                    if drain_deadline is None:
+                        drain_deadline = time.monotonic() + self.drain_on_stop_s
+                        log.info("stopping: archiving and projecting what is left in the topics")
+                    elif time.monotonic() >= drain_deadline:
+                        self.drained = False
+                        log.warning(
+                            "stopping before every message is archived and projected (%.0f s passed); "
+                            "%d ledger messages not projected",
+                            self.drain_on_stop_s,
+                            self.backlog,
+                        )
+                        break
                 batch = await consumer.getmany(timeout_ms=poll_timeout_ms, max_records=self.batch_rows_max)
                 for tp, records in batch.items():
                     if not records:
@@ -190,6 +218,10 @@ class Projector:
                         await self._retry("aggregate recompute", self.sink.recompute_dirty, stopping=stopping)
                         recomputed_at = time.monotonic()
                 self._measure_backlog(consumer, tps)
+                if drain_deadline is not None and await self._drained(consumer, batch, pending, in_flight):
+                    self.drained = True
+                    log.info("stopping: every message is archived and every ledger entry projected")
+                    break
             if in_flight is not None:
                 await in_flight  # the last write ends (or, failing while stopping, raises) before the consumer stops
         finally:
@@ -197,6 +229,16 @@ class Projector:
                 in_flight.cancel()
             self._consumer = None
             await consumer.stop()
+
+    async def _drained(self, consumer: AIOKafkaConsumer, batch: Mapping, pending: list, in_flight) -> bool:
+        """A poll brought nothing, nothing waits to be written, and every assigned partition is read to its end."""
+        if batch or pending or in_flight is not None or self.sink.dirty_days:
+            return False
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            if highwater is None or await consumer.position(tp) < highwater:
+                return False
+        return True
 
     async def _prepare(self, values: list[bytes]) -> Sequence[bytes]:
         """The sink's `prepare_json` of a batch, in a thread and outside the sink lock (it does no I/O); the values as

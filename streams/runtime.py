@@ -239,10 +239,19 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
         log.info("started the embedded broker on %s (memory storage)", bootstrap)
     worker: subprocess.Popen | None = None
     runner: web.AppRunner | None = None
+    projecting: asyncio.Task | None = None
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
+    projectors: list = []
+
+    def stop_signal() -> None:
+        if stopping.is_set() and projectors and projectors[0].drain_on_stop_s:
+            projectors[0].drain_on_stop_s = 0.0  # a second Ctrl-C: stop without taking the rest of the topics
+            log.warning("asked again to stop: not waiting for the rest of the topics to be archived and projected")
+        stopping.set()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stopping.set)
+        loop.add_signal_handler(signum, stop_signal)
     try:
         await asyncio.to_thread(ensure_topics, bootstrap, ALL_TOPICS, settings.partitions)
         dsn = settings.resolved_clickhouse_dsn()
@@ -283,7 +292,10 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
             flush_interval_ms=settings.sink_flush_interval_ms,
             archive=RawArchive(client),
             highwaters=lambda: monitor.highwaters,
+            # The embedded broker's log dies with this process: on a stop, archive and project all of it first.
+            drain_on_stop_s=settings.stop_drain_s if broker is not None else 0.0,
         )
+        projectors.append(projector)
         if settings.run_worker:
             environment = dict(
                 os.environ, LOYALTY_KAFKA_BOOTSTRAP=bootstrap, LOYALTY_PARTITIONS=str(settings.partitions)
@@ -353,20 +365,48 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
         log.info("dashboard: %s/ (token in %s)", url, run_file_path(settings))
         if sys.stdout.isatty():
             print(f"open the dashboard: {url}/#token={token}", flush=True)
-        tasks = [
-            asyncio.create_task(projector.run(stopping), name="projector"),
-            asyncio.create_task(monitor.run(stopping), name="monitor"),
-        ]
+        # The projector has its own stop: it is the last to stop, after the worker, so that it can take what the
+        # worker wrote before stopping (see Projector.drain_on_stop_s).
+        projector_stopping = asyncio.Event()
+        projecting = asyncio.create_task(projector.run(projector_stopping), name="projector")
+        stop_asked = asyncio.create_task(stopping.wait(), name="stop-asked")
+        tasks = [stop_asked, asyncio.create_task(monitor.run(stopping), name="monitor")]
         if demo:
             tasks.append(asyncio.create_task(_demo(bootstrap, demo_rate, stopping), name="demo"))
         if worker is not None:
             tasks.append(asyncio.create_task(_watch_worker(worker, stopping), name="watch-worker"))
-        await stopping.wait()
+        # Until a signal, the worker's exit, or the projector's failure (which stops everything: nothing would be
+        # projected any more while the API went on answering).
+        await asyncio.wait([projecting, stop_asked], return_when=asyncio.FIRST_COMPLETED)
+        failed_alone = projecting.done()
+        stopping.set()
+        log.info("stopping: the worker first, then the projector")
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if worker is not None:
+            await asyncio.to_thread(stop_process, worker, worker_stop_timeout_s)
+        projector_stopping.set()
+        try:
+            await projecting
+        except Exception as error:
+            if failed_alone:
+                log.exception("the projector failed; stopping everything")
+                return 1
+            if broker is not None:
+                log.error(
+                    "stopping without every message of the embedded broker in ClickHouse (%s): what is not archived "
+                    "or projected is lost with the broker",
+                    error,
+                )
+                return 1
+            # A stop while ClickHouse is down: Kafka keeps the log, and the next projector resumes from its offsets.
+            log.warning("the projector stopped while its write failed (%s); it resumes from its stored offsets", error)
         return 0
     finally:
+        if projecting is not None and not projecting.done():
+            projecting.cancel()
+            await asyncio.gather(projecting, return_exceptions=True)
         log.info("stopping")
         run_file_path(settings).unlink(missing_ok=True)
         if runner is not None:

@@ -50,6 +50,13 @@ class Settings(BaseSettings):
     )
     sink_batch_rows_max: int = Field(20_000, ge=1, description="Ledger rows per ClickHouse insert.")
     sink_flush_interval_ms: int = Field(500, ge=10, description="Longest a ledger row waits before insert.")
+    stop_drain_s: float = Field(
+        30.0,
+        ge=0.0,
+        le=3600.0,
+        description="With the embedded broker, how long a stopping `loyalty up` (its worker stopped) goes on "
+        "archiving and projecting what is left in the topics, whose log dies with it (0: not at all).",
+    )
     log_level: str = Field("INFO", description="Python logging level.")
     metrics_host: str = Field("127.0.0.1", description="Address the Prometheus /metrics endpoint binds to.")
     metrics_port: int = Field(

@@ -170,6 +170,36 @@ def test_a_second_embedded_up_continues_the_first_from_its_data_directory(tmp_pa
     assert not _broker_processes() - brokers_before
 
 
+def test_a_stop_right_after_producing_archives_and_projects_everything_first(tmp_path):
+    """`up` is stopped as soon as the first file is produced: the worker stops first, and the projector then takes
+    what is left in the topics (unprocessed inputs, the last ledger entries) into ClickHouse before the broker's
+    memory log dies. The next run decides the rest and ends with the batch driver's ledger over the whole log."""
+    lines = list(generate_events(events=1200, customers=60, seed=31))
+    cut, first, second = _two_runs(lines, tmp_path)
+    expected = process_lines([line.encode() for line in lines], load_ruleset())
+    environment = _environment(tmp_path / "data")
+    log_path = tmp_path / "up.log"
+
+    up = _Up(environment, log_path)
+    try:
+        run_cli(environment, "produce", str(first))
+    finally:
+        up.stop()
+    assert up.process.returncode == 0, log_path.read_text()[-3000:]
+    assert "every message is archived and every ledger entry projected" in log_path.read_text()
+
+    up = _Up(environment, log_path)
+    try:
+        more = sum(run_cli(environment, "produce", str(second)).values())
+        status = _wait_for(environment, more, len(expected.ledger), up)
+        assert status["ledger_entries_emitted"] == len(expected.ledger)
+        balances = expected.balances()
+        for customer in sorted(balances):
+            assert run_cli(environment, "balance", customer)["balance"] == balances[customer], customer
+    finally:
+        up.stop()
+
+
 def test_up_refuses_a_data_directory_it_cannot_rebuild_the_topics_of(tmp_path):
     data_dir = tmp_path / "data"
     # Positions the projector had read to, with no archived message behind them: the inputs cannot be rebuilt.

@@ -42,6 +42,12 @@ class QueuedConsumer:
     def highwater(self, partition) -> int:
         return len(self.records)
 
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition(LEDGER, 0)}
+
+    async def position(self, partition) -> int:
+        return self._position
+
     async def getmany(self, timeout_ms: int, max_records: int):
         if self._position >= len(self.records):
             await asyncio.sleep(timeout_ms / 1000)
@@ -122,3 +128,43 @@ def test_the_projector_prepares_the_next_batch_while_one_is_written_and_writes_i
     assert sink.events.index(("prepare", 1)) < sink.events.index(("written", 0))
     assert [event for event in sink.events if event[0] == "prepare"] == [("prepare", n) for n in range(len(batches))]
     assert projector.rows_projected == len(values) and projector.backlog == 0
+
+
+def test_a_stopping_projector_with_a_drain_writes_everything_left_first_and_one_without_stops_at_once(
+    monkeypatch, scenario
+):
+    """`loyalty up` with the embedded broker stops its worker, then the projector with `drain_on_stop_s`: it goes on
+    until every partition is read to its end and written. Without the drain it stops at once."""
+    values = [LedgerEntry.__pydantic_serializer__.to_json(entry) for entry in scenario]
+    monkeypatch.setattr(QueuedConsumer, "records", [Record(offset, value) for offset, value in enumerate(values)])
+    monkeypatch.setattr(projector_module, "AIOKafkaConsumer", QueuedConsumer)
+
+    def stopped_before_it_starts(drain_on_stop_s: float) -> tuple[Projector, OverlapRecordingSink]:
+        sink = OverlapRecordingSink()
+        sink.second_prepared.set()  # no waiting in the first write
+        projector = Projector(
+            bootstrap="127.0.0.1:9",
+            sink=sink,
+            sink_lock=asyncio.Lock(),
+            partitions=1,
+            batch_rows_max=BATCH_ROWS,
+            drain_on_stop_s=drain_on_stop_s,
+        )
+        stopping = asyncio.Event()
+        stopping.set()
+        asyncio.run(asyncio.wait_for(projector.run(stopping), 30))
+        return projector, sink
+
+    projector, sink = stopped_before_it_starts(30.0)
+    assert [value for batch in sink.written for value in batch] == values
+    assert sink.offsets[(LEDGER, 0)] == len(values)
+    assert projector.drained is True and projector.backlog == 0
+
+    projector, sink = stopped_before_it_starts(0.0)
+    assert sink.written == [] and projector.drained is None
+
+    # An end it never reaches (a producer still writing): it gives up after the bound, having written what it read.
+    monkeypatch.setattr(QueuedConsumer, "highwater", lambda self, partition: len(self.records) + 1)
+    projector, sink = stopped_before_it_starts(1.0)
+    assert [value for batch in sink.written for value in batch] == values
+    assert projector.drained is False and projector.backlog == 1
