@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import re
+import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote, unquote, urlparse
 
@@ -52,8 +55,47 @@ def _connect_chdb(dsn: str, netloc: str, path: str) -> Client:
             "(or use a ClickHouse server DSN, http://user:pass@host:8123/loyalty)"
         ) from error
     import clickhouse_connect
+    from clickhouse_connect.driver.exceptions import ProgrammingError
 
-    return clickhouse_connect.get_client(dsn=dsn)
+    with _descriptor_2_captured() as said:
+        try:
+            client = clickhouse_connect.get_client(dsn=dsn)
+            failure = None
+        except ProgrammingError as error:
+            failure = error
+    if failure is None:
+        if said[0]:  # whatever the engine said while opening, now that it cannot interleave with an error of ours
+            sys.stderr.write(said[0])
+            sys.stderr.flush()
+        return client
+    # The engine's own line names the cause; clickhouse-connect's message only says the engine did not start.
+    engine = next((line.strip() for line in said[0].splitlines() if "DB::Exception" in line), "")
+    if "Cannot lock file" in engine:
+        raise ProgrammingError(
+            f"the chDB directory {path} is open in another process (a running `loyalty up`?): {engine}"
+        ) from failure
+    raise ProgrammingError(f"{failure}{f' ({engine})' if engine else ''}") from failure
+
+
+@contextlib.contextmanager
+def _descriptor_2_captured() -> Iterator[list[str]]:
+    """What is written to file descriptor 2 meanwhile, in `said[0]` afterwards: the embedded engine writes its own
+    errors there past Python (such as a directory another process has locked), which would print a raw engine line
+    before the error we raise with that line in it."""
+    said: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as captured:
+            os.dup2(captured.fileno(), 2)
+            try:
+                yield said
+            finally:
+                os.dup2(saved, 2)
+                captured.seek(0)
+                said.append(captured.read().decode("utf-8", "replace"))
+    finally:
+        os.close(saved)
 
 
 def _connect_server(dsn: str, path: str) -> Client:

@@ -158,9 +158,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from projections.client import ClickHouseUnavailable
     from streams.runtime import run_up
 
-    return run_up(_settings(args), demo=args.demo, demo_rate=args.demo_rate)
+    try:
+        return run_up(_settings(args), demo=args.demo, demo_rate=args.demo_rate)
+    except ClickHouseUnavailable as error:  # the embedded engine's directory cannot be opened (a server is retried)
+        return _fail(str(error), 1)
 
 
 def cmd_produce(args: argparse.Namespace) -> int:

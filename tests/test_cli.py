@@ -63,3 +63,55 @@ def test_the_broker_has_no_data_directory_option_that_it_would_ignore(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["broker", "--data-dir", "/tmp/anywhere"])
     assert "unrecognized arguments: --data-dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        (["projections", "migrate"], "loyalty: cannot open the ClickHouse database (the chDB directory "),
+        (["up"], "loyalty: ClickHouse at chdb://"),
+    ],
+)
+def test_a_chdb_directory_another_process_holds_is_named_once_without_a_traceback(command, said, tmp_path):
+    """chDB writes its own error straight to descriptor 2; the command says it once, in its own message."""
+    import os
+    import subprocess
+    import sys
+
+    directory = tmp_path / "clickhouse"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, clickhouse_connect; c = clickhouse_connect.get_client(dsn=sys.argv[1]); c.command('SELECT 1');"
+            " print('open', flush=True); sys.stdin.read()",
+            f"chdb://{directory}",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "open\n"
+        environment = {key: value for key, value in os.environ.items() if not key.startswith("LOYALTY_")}
+        environment.update(
+            LOYALTY_CLICKHOUSE_DSN=f"chdb://{directory}",
+            LOYALTY_DATA_DIR=str(tmp_path / "data"),
+            LOYALTY_HTTP_PORT="0",
+            LOYALTY_LOG_LEVEL="WARNING",
+        )
+        migrating = subprocess.run(
+            [sys.executable, "-m", "streams.cli", *command],
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert migrating.returncode == 1, migrating.stderr
+    assert migrating.stderr.startswith(said), migrating.stderr
+    assert f"the chDB directory {directory} is open in another process" in migrating.stderr
+    assert "Traceback" not in migrating.stderr
+    assert migrating.stderr.count("Cannot lock file") == 1  # not a raw engine line before the message as well
