@@ -51,3 +51,20 @@ DERIVED_SIDE = b"derived"
 # Header of a cut-over marker: a control message (not an event) that switches the partition's rule set.
 CONTROL_HEADER = "loyalty-control"
 RULESET_CONTROL = b"ruleset"
+
+# The archive's `referee_side` column (projections/archive.py) codes which of these headers an archived input
+# message carried: the projector writes the code, the restore gives the message its header back.
+ARCHIVE_SIDE_HEADERS: dict[int, tuple[tuple[str, bytes], ...]] = {
+    0: (),
+    1: ((SIDE_HEADER, REFEREE_SIDE),),
+    2: ((CONTROL_HEADER, RULESET_CONTROL),),
+    3: ((SIDE_HEADER, DERIVED_SIDE),),
+}
+
+
+def archive_side(headers) -> int:
+    """The archive's side code of an input message's headers, a sequence of (name, bytes) pairs."""
+    for side in (2, 3, 1):  # a marker, a derived event, a referral's referee copy; else 0
+        if ARCHIVE_SIDE_HEADERS[side][0] in headers:
+            return side
+    return 0

@@ -32,16 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
-from schemas.topics import (
-    CONTROL_HEADER,
-    DERIVED_SIDE,
-    INPUT_TOPICS,
-    LEDGER,
-    REFEREE_SIDE,
-    RULESET_CONTROL,
-    SIDE_HEADER,
-    TOPIC_RANK,
-)
+from schemas.topics import INPUT_TOPICS, LEDGER, TOPIC_RANK, archive_side
 from streams import metrics
 
 log = logging.getLogger("loyalty.projector")
@@ -175,13 +166,7 @@ class Projector:
                         rank = TOPIC_RANK[tp.topic]
                         for record in records:
                             headers = [(name, bytes(value)) for name, value in record.headers or ()]
-                            referee = (
-                                2
-                                if (CONTROL_HEADER, RULESET_CONTROL) in headers
-                                else 3
-                                if (SIDE_HEADER, DERIVED_SIDE) in headers
-                                else int((SIDE_HEADER, REFEREE_SIDE) in headers)
-                            )
+                            referee = archive_side(headers)
                             key = record.key.decode("utf-8", "replace") if record.key else ""
                             archived.append((tp.topic, tp.partition, record.offset, key, record.value, referee, rank))
                         archive_offsets[(tp.topic, tp.partition)] = records[-1].offset + 1

@@ -33,27 +33,12 @@ from projections.archive import RawArchive, describe_gaps
 from projections.queries import entry_of_row
 from projections.sink import LEDGER_COLUMNS
 from schemas.ledger import LedgerEntry
-from schemas.topics import (
-    CONTROL_HEADER,
-    DERIVED_SIDE,
-    INPUT_TOPICS,
-    LEDGER,
-    REFEREE_SIDE,
-    RULESET_CONTROL,
-    RULESETS,
-    SIDE_HEADER,
-)
+from schemas.topics import ARCHIVE_SIDE_HEADERS, INPUT_TOPICS, LEDGER, RULESETS
 from streams.cutover import activation_record, ruleset_record
 from streams.routing import partition_for
 
 log = logging.getLogger("loyalty")
 
-_SIDE_HEADERS: dict[int, list[tuple[str, bytes]]] = {
-    0: [],
-    1: [(SIDE_HEADER, REFEREE_SIDE)],
-    2: [(CONTROL_HEADER, RULESET_CONTROL)],
-    3: [(SIDE_HEADER, DERIVED_SIDE)],
-}
 _block_rows = 20_000
 
 
@@ -202,7 +187,7 @@ def _restore_inputs(client: Any, producer: Any) -> int:
                     value=value if isinstance(value, bytes) else value.encode(),
                     key=routing_key.encode() if routing_key else None,
                     partition=int(partition),
-                    headers=_SIDE_HEADERS.get(int(side), []),
+                    headers=list(ARCHIVE_SIDE_HEADERS.get(int(side), ())),
                 )
                 futures.append((int(offset), future))
                 count += 1
