@@ -60,6 +60,20 @@ def describe_gaps(gaps: Iterable[tuple[str, int, int, int]]) -> str:
     return ", ".join(f"{topic}/{partition}: {have} of {want}" for topic, partition, have, want in gaps)
 
 
+def below_markers(markers: Mapping[tuple[str, int], int]) -> tuple[str, dict]:
+    """A condition on raw_events' (topic, partition, offset): the message lies below its partition's offset in
+    `markers` (false in a partition without one), with its parameters."""
+    items = sorted(markers.items())
+    condition = (
+        "offset < arrayElement({marker_offsets:Array(UInt64)}, "
+        "indexOf({marker_keys:Array(String)}, concat(topic, '/', toString(partition))))"
+    )
+    return condition, {
+        "marker_keys": [f"{topic}/{partition}" for (topic, partition), _ in items],
+        "marker_offsets": [offset for _, offset in items],
+    }
+
+
 class RawArchive:
     def __init__(self, client: Client) -> None:
         self._client = client
@@ -118,10 +132,14 @@ class RawArchive:
         return int(self._client.query("SELECT count() FROM raw_events").result_rows[0][0])
 
     def stream_for_replay(
-        self, since: datetime | None = None, keys: Iterable[str] | None = None
+        self,
+        since: datetime | None = None,
+        keys: Iterable[str] | None = None,
+        before: Mapping[tuple[str, int], int] | None = None,
     ) -> Iterator[ArchivedMessage]:
         """Every archived message once (or those of the routing `keys`), per routing key in (occurred_at,
-        topic rank, offset) order.
+        topic rank, offset) order; with `before` (an offset per input partition: an apply's cut-over markers),
+        only the messages below it in their partition.
 
         The whole archive is read with FINAL. The messages of some keys are read without it, and a message
         archived twice (a retried write: the same topic, partition and offset, the same bytes) is dropped here:
@@ -136,6 +154,10 @@ class RawArchive:
         if keys is not None:
             conditions.append("routing_key IN {keys:Array(String)}")
             parameters["keys"] = sorted(keys)
+        if before is not None:
+            condition, bounds = below_markers(before)
+            conditions.append(condition)
+            parameters.update(bounds)
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         final = "" if keys is not None else "FINAL"
         query = (

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from projections import queries
 from projections.client import ClickHouseUnavailable
+from streams.replay import lag_bound_messages
 from streams.rules.ruleset import RuleSet
 from streams.sql_guard import RESULT_ROWS_MAX, run_read_only_sql
 
@@ -454,8 +455,8 @@ def openapi_document() -> dict[str, Any]:
                     "lag_max": {
                         "type": "integer",
                         "minimum": 0,
-                        "default": 0,
-                        "description": "apply: worker lag bound",
+                        "default": lag_bound_messages,
+                        "description": "apply: refuse while the worker lags by more input messages",
                     },
                     "processes": {"type": "integer", "minimum": 1, "description": "default: one per CPU"},
                 },

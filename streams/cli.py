@@ -398,7 +398,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             "rules": rules_text,
             "apply": args.apply,
             "since": since,
-            "lag_max": args.lag_max,
+            "lag_max": replay.lag_bound_messages if args.lag_max is None else args.lag_max,
             "processes": args.processes,
         }
         report = _post(args, "/api/replay", body)
@@ -623,7 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--since", help="report only customers active since this date (YYYY-MM-DD)")
     sub.add_argument("--csv", help="also write the per-customer diff to this CSV file")
     sub.add_argument("--customer", help="preview one customer: their history event by event, live and new")
-    sub.add_argument("--lag-max", type=int, default=0, help="refuse --apply when the worker lags more")
+    sub.add_argument(
+        "--lag-max", type=int, help="refuse --apply when the worker lags by more input messages (default 10000)"
+    )
     sub.add_argument(
         "--processes",
         type=int,

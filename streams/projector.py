@@ -75,6 +75,8 @@ class Projector:
         self.flush_interval_ms = flush_interval_ms
         self.rows_projected = 0
         self.messages_archived = 0
+        # The next offset to archive per input partition, once known (stored, or written by this projector).
+        self.archived_to: dict[tuple[str, int], int] = {}
         self.archive = archive
         self.last_error: str | None = None
         self.offsets_known = False
@@ -89,6 +91,11 @@ class Projector:
         self._highwaters: dict[tuple[str, int], int] = {}
         self._projected: dict[tuple[str, int], int] = {}
         self._consumer: AIOKafkaConsumer | None = None
+
+    @property
+    def projected_to(self) -> dict[tuple[str, int], int]:
+        """The next ledger offset to project per partition (stored with the rows written)."""
+        return dict(self._projected)
 
     @property
     def backlog(self) -> int:
@@ -124,6 +131,7 @@ class Projector:
             consumer.assign(tps + (input_tps if self.archive is not None else []))
             stored = await self._retry("reading the stored offsets", self.sink.resume_offsets, stopping=stopping)
             self._projected = {key: offset for key, offset in stored.items() if key[0] == LEDGER}
+            self.archived_to = {key: offset for key, offset in stored.items() if key[0] != LEDGER}
             self.offsets_known = True
             # Days an earlier projector deferred and never recomputed (it stopped or crashed while draining).
             await self._retry("aggregate recompute", self.sink.recompute_dirty, stopping=stopping)
@@ -175,6 +183,7 @@ class Projector:
                         "archive insert", self.archive.write, archived, archive_offsets, stopping=stopping
                     )
                     self.messages_archived += len(archived)
+                    self.archived_to.update(archive_offsets)
                     archived, archive_offsets = [], {}
                 if pending and not first_pending_at:
                     first_pending_at = time.monotonic()

@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,7 +44,9 @@ from streams.settings import replay_processes_max
 
 progress_every_events = 50_000
 compensation_prefix = "replay:"
-lag_bound_messages = 0  # apply refuses unless the worker and the archive are fully caught up
+# An apply refuses while the worker lags by more input messages than this (`--lag-max`): the cut-over waits for
+# the worker to pass its markers. Events keep arriving meanwhile: the comparison covers what lies before them.
+lag_bound_messages = 10_000
 # A task of a replay process: at least this many archived messages, cut between two customers. Deciding them takes
 # about half a second, next to which sending them costs little; the pool's queue holds a few megabytes.
 chunk_messages = 5_000
@@ -390,8 +392,18 @@ class LiveFigures:
     versions: list[str]
 
 
-def live_figures(client) -> LiveFigures:
-    """The live ledger's figures (de-duplicated by entry id), for the comparison."""
+def live_figures(client, markers: Mapping[tuple[str, int], int] | None = None, version: str = "") -> LiveFigures:
+    """The live ledger's figures (de-duplicated by entry id), for the comparison.
+
+    With an apply's cut-over `markers` (and its rule set's `version`): the figures of the entries decided before
+    them, while events after the markers go on being decided by `version`. An entry of another version is from
+    before the markers; an entry of `version` is, when its cause (event id and customer) is archived below them (a
+    compensation of an earlier apply of the same version, the events decided after that apply). The balance is
+    then the sum of those entries' points: the worker orders a customer's events by time across the input topics,
+    so entries from after the markers can lie between them.
+    """
+    if markers is not None:
+        return _live_figures_before(client, markers, version)
     balances = {
         row[0]: int(row[1])
         for row in client.query(
@@ -410,6 +422,35 @@ def live_figures(client) -> LiveFigures:
     )
     versions = [row[0] for row in client.query("SELECT DISTINCT ruleset_version FROM ledger_entries").result_rows]
     return LiveFigures(balances, by_rule, issued, sorted(versions))
+
+
+def _live_figures_before(client, markers: Mapping[tuple[str, int], int], version: str) -> LiveFigures:
+    from projections.archive import below_markers
+
+    condition, parameters = below_markers(markers)
+    parameters["version"] = version
+    before = (
+        "(ruleset_version != {version:String} OR (caused_by, customer_id) IN ("
+        f"SELECT event_id, routing_key FROM raw_events WHERE {condition} AND event_id IN ("
+        "SELECT caused_by FROM ledger_entries WHERE ruleset_version = {version:String})))"
+    )
+    rows = client.query(
+        "SELECT customer_id, rule_id, sum(points), "
+        "sumIf(points, kind IN ('earned', 'confirmed') AND points > 0) "
+        f"FROM ledger_entries FINAL WHERE {before} GROUP BY customer_id, rule_id",
+        parameters=parameters,
+    ).result_rows
+    balances: dict[str, int] = {}
+    by_rule: dict[str, int] = {}
+    issued = 0
+    for customer_id, rule_id, points, earned in rows:
+        balances[customer_id] = balances.get(customer_id, 0) + int(points)
+        by_rule[rule_id] = by_rule.get(rule_id, 0) + int(points)
+        issued += int(earned or 0)
+    versions = client.query(
+        f"SELECT DISTINCT ruleset_version FROM ledger_entries WHERE {before}", parameters=parameters
+    ).result_rows
+    return LiveFigures(balances, by_rule, issued, sorted(row[0] for row in versions))
 
 
 def compare(live: LiveFigures, shadow: ShadowResult, ruleset: RuleSet, current_point_value: Decimal) -> dict:
@@ -469,20 +510,22 @@ def dry_run(
     since: datetime | None = None,
     progress: Callable[[int], None] | None = None,
     processes: int = 1,
+    markers: Mapping[tuple[str, int], int] | None = None,
 ) -> dict:
+    """`markers`: an apply's cut-over markers; both sides then cover what lies before them (see `live_figures`)."""
     from projections.archive import RawArchive
 
     archive = RawArchive(client)
     started = time.monotonic()
     shadow = replay_messages(
-        archive.stream_for_replay(),
+        archive.stream_for_replay(before=markers),
         ruleset,
         progress=progress,
-        refetch=lambda keys: archive.stream_for_replay(keys=keys),
+        refetch=lambda keys: archive.stream_for_replay(keys=keys, before=markers),
         processes=processes,
     )
     elapsed = time.monotonic() - started
-    live = live_figures(client)
+    live = live_figures(client, markers, ruleset.version)
     report = compare(live, shadow, ruleset, current_point_value)
     if since is not None:
         active = _customers_active_since(client, since)
@@ -658,22 +701,15 @@ def write_csv(report: dict, path: Path) -> None:
         writer.writerows(report["customers"])
 
 
-def check_apply_allowed(
-    *, gaps: list, lag: int, lag_max: int, archived: int, input_messages: int, ledger_backlog: int
-) -> None:
-    """Refuse `--apply` while the history is incomplete: an event not yet archived, processed or projected
-    would be missing from one side of the comparison."""
+def check_apply_allowed(*, gaps: list, lag: int, lag_max: int) -> None:
+    """Refuse `--apply` while the archive has gaps (history would be missing from the comparison) or the worker
+    lags beyond the bound (the cut-over would wait for it)."""
     if gaps:
         from projections.archive import describe_gaps
 
         raise ReplayRefused(f"the raw archive has gaps ({describe_gaps(gaps)}); wait until the projector completes it")
     if lag > lag_max:
         raise ReplayRefused(f"the worker lags by {lag} messages (bound {lag_max}); wait until it catches up")
-    if archived < input_messages or ledger_backlog:
-        raise ReplayRefused(
-            f"the projector has archived {archived} of {input_messages} input messages "
-            f"and has {ledger_backlog} ledger entries to project; wait until it catches up"
-        )
 
 
 def apply_report(report: dict, *, bootstrap: str, cut_over: datetime | None = None) -> dict:

@@ -113,6 +113,7 @@ class BrokerMonitor:
         self.group = group
         self.partitions = partitions
         self.highwaters: dict[tuple[str, int], int] = {}
+        self.polls = 0  # fetches that refreshed `highwaters`
 
     async def run(self, stopping: asyncio.Event) -> None:
         from aiokafka import AIOKafkaConsumer
@@ -136,6 +137,7 @@ class BrokerMonitor:
                     highwater = consumer.highwater(tp)
                     if highwater is not None:
                         self.highwaters[(tp.topic, tp.partition)] = highwater
+                self.polls += 1
         finally:
             await consumer.stop()
 
@@ -436,23 +438,46 @@ def _replay_handler(client, client_lock, context, monitor, projector, bootstrap,
     from streams import replay
     from streams.rules.ruleset import RuleSetInvalid, parse_ruleset
 
-    async def quiet(lag_max: int) -> tuple[dict, int]:
+    async def allowed(lag_max: int) -> None:
+        """Refuse an apply while the worker lags beyond the bound or the archive has gaps."""
         counts = await monitor.counts()
         async with client_lock:
-            archived = await asyncio.to_thread(replay_archive_count, client)
             gaps = await asyncio.to_thread(replay_archive_gaps, client)
-        replay.check_apply_allowed(
-            gaps=gaps,
-            lag=sum(counts["consumer_lag"].values()),
-            lag_max=lag_max,
-            archived=archived,
-            input_messages=counts["input_messages"],
-            ledger_backlog=projector.backlog,
-        )
-        return counts, archived
+        replay.check_apply_allowed(gaps=gaps, lag=sum(counts["consumer_lag"].values()), lag_max=lag_max)
 
-    async def dry_run(new_rules, since: datetime | None, processes: int, current=None) -> dict:
-        """`current`: the rule set the live balances were valued by, when not the one in force now (an apply's)."""
+    async def before_markers_in_clickhouse(markers: dict[tuple[str, int], int]) -> None:
+        """Wait until the worker has passed every marker, and everything before the markers is archived and its
+        entries projected; events after them may go on arriving meanwhile."""
+        deadline = time.monotonic() + cutover_wait_s
+        ledger_end: dict[tuple[str, int], int] | None = None
+        while True:
+            if ledger_end is None:
+                committed = await asyncio.to_thread(monitor.committed)
+                if all(committed.get(tp, 0) > offset for tp, offset in markers.items()):
+                    # The worker produces an event's entries before it commits the event: the ledger's end, read
+                    # by a fetch made after this point, holds every entry of the events before the markers.
+                    polls = monitor.polls
+                    while monitor.polls < polls + 2 and time.monotonic() < deadline:
+                        await asyncio.sleep(0.1)
+                    ledger_end = {key: end for key, end in monitor.highwaters.items() if key[0] == LEDGER}
+            if ledger_end is not None:
+                archived, projected = projector.archived_to, projector.projected_to
+                if all(archived.get(tp, 0) > offset for tp, offset in markers.items()) and all(
+                    projected.get(key, 0) >= end for key, end in ledger_end.items()
+                ):
+                    return
+            if time.monotonic() > deadline:
+                raise replay.ReplayRefused(
+                    f"the worker did not pass the cut-over markers, or the projector did not store what lies before "
+                    f"them, within {cutover_wait_s:.0f}s; the new rule set is in force from them, run --apply "
+                    "again to post the compensations"
+                )
+            await asyncio.sleep(0.5)
+
+    async def dry_run(new_rules, since: datetime | None, processes: int, current=None, markers=None) -> dict:
+        """`current`: the rule set the live balances were valued by, when not the one in force now (an apply's);
+        `markers`: an apply's cut-over markers (both sides cover what lies before them). The client lock keeps the
+        projector from writing meanwhile: both sides read one state of ClickHouse."""
         async with client_lock:
             return await asyncio.to_thread(
                 replay.dry_run,
@@ -461,12 +486,13 @@ def _replay_handler(client, client_lock, context, monitor, projector, bootstrap,
                 current_point_value=(current or context.ruleset).redemption.point_value,
                 since=since,
                 processes=processes,
+                markers=markers,
             )
 
     async def _apply_replay(new_rules, text: str, lag_max: int, processes: int) -> dict:
         from streams.cutover import publish_cutover
 
-        await quiet(lag_max)
+        await allowed(lag_max)
         async with client_lock:  # kept in ClickHouse too: a fresh embedded broker is rebuilt from there
             await asyncio.to_thread(
                 client.insert,
@@ -478,25 +504,10 @@ def _replay_handler(client, client_lock, context, monitor, projector, bootstrap,
         markers = await asyncio.to_thread(publish_cutover, bootstrap, new_rules, text, projector.partitions)
         # From its markers on, the worker decides with the new rule set, whatever happens to this request.
         previous, context.ruleset = context.ruleset, new_rules
-        # Wait until the worker has passed every marker and everything before them is archived and projected:
-        # then the live ledger and the archive cover exactly the same messages.
-        deadline = time.monotonic() + cutover_wait_s
-        while True:
-            committed = await asyncio.to_thread(monitor.committed)
-            passed = all(committed.get(tp, 0) > offset for tp, offset in markers.items())
-            if passed:
-                try:
-                    await quiet(lag_max)
-                    break
-                except replay.ReplayRefused:
-                    pass
-            if time.monotonic() > deadline:
-                raise replay.ReplayRefused(
-                    f"the worker did not pass the cut-over markers within {cutover_wait_s:.0f}s; "
-                    "the new rule set is in force from them, run --apply again to post the compensations"
-                )
-            await asyncio.sleep(0.5)
-        report = await dry_run(new_rules, None, processes, current=previous)
+        # The comparison covers exactly what lies before the markers, on both sides: the events after them are
+        # decided by the new rules already, and keep arriving while this runs.
+        await before_markers_in_clickhouse(markers)
+        report = await dry_run(new_rules, None, processes, current=previous, markers=markers)
         report["applied"] = await asyncio.to_thread(replay.apply_report, report, bootstrap=bootstrap)
         report["applied"]["markers"] = {
             f"{topic}/{partition}": offset for (topic, partition), offset in markers.items()

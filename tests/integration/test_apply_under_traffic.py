@@ -1,0 +1,145 @@
+"""`loyalty replay --apply` while events keep arriving: the compensations cover exactly what lies before the cut-over
+markers, on both sides of the comparison.
+
+An apply used to compare the whole archive replayed under the new rules with the whole live ledger at one moment.
+Events after the markers, already decided by the new rules, were on one side only whenever the projector had
+archived them and not projected their entries yet (or the other way round): a customer whose history lay all after
+the markers was credited a second time, another was left short.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import datetime, timedelta
+
+from test_embedded_restart import REPOSITORY, WAIT_S, _environment, _Up, _wait_for
+from test_pipeline import run_cli
+
+from projections.client import connect
+from projections.queries import balances as projected_balances
+from streams.batch import process_lines
+from streams.producer import make_producer, produce_lines
+from streams.rules.ruleset import load_ruleset
+from streams.simulate import generate_events
+
+NEW_RULES = REPOSITORY / "streams/rules/rulesets/seasonal-promotion.yaml"
+
+
+def _new_customers(count: int, after: datetime) -> list[str]:
+    """Registrations and first purchases of customers the history does not know, after its last event: what they
+    earn does not depend on anything before the markers, so the live result must equal the batch driver's."""
+    lines = []
+    for number in range(count):
+        moment = after + timedelta(seconds=2 * number + 1)
+        customer = f"new{number:04d}"
+        envelope = {"schema_version": 1, "customer_id": customer, "store_id": "s1"}
+        lines.append(
+            json.dumps(
+                {
+                    **envelope,
+                    "event_id": f"reg-{customer}",
+                    "event_type": "customer.registered",
+                    "occurred_at": moment.isoformat(),
+                }
+            )
+        )
+        lines.append(
+            json.dumps(
+                {
+                    **envelope,
+                    "event_id": f"buy-{customer}",
+                    "event_type": "purchase.completed",
+                    "occurred_at": (moment + timedelta(seconds=1)).isoformat(),
+                    "order_id": f"order-{customer}",
+                    "currency": "USD",
+                    "lines": [
+                        {
+                            "sku": f"sku-{number % 7:04d}",
+                            "category": ("books", "electronics")[number % 2],
+                            "quantity": 1 + number % 3,
+                            "unit_price": f"{10 + number % 90}.50",
+                        }
+                    ],
+                }
+            )
+        )
+    return lines
+
+
+def test_an_apply_while_events_keep_arriving_compensates_exactly_what_lies_before_its_markers(tmp_path):
+    history = list(generate_events(events=800, customers=50, seed=37))
+    last = max(datetime.fromisoformat(json.loads(line)["occurred_at"]) for line in history)
+    arriving = _new_customers(1000, last)  # 2,000 events: about 50 s at the pace below, cut when the apply is done
+    expected_before = process_lines([line.encode() for line in history], load_ruleset())
+    environment = _environment(tmp_path / "data")
+    log_path = tmp_path / "up.log"
+
+    up = _Up(environment, log_path)
+    stop_producing = threading.Event()
+    producer_thread: threading.Thread | None = None
+    sent: list[int] = []
+    try:
+        (tmp_path / "history.jsonl").write_text("".join(line + "\n" for line in history))
+        produced = sum(run_cli(environment, "produce", str(tmp_path / "history.jsonl")).values())
+        _wait_for(environment, produced, len(expected_before.ledger), up)
+
+        bootstrap = json.loads((tmp_path / "data" / "run.json").read_text())["kafka_bootstrap"]
+
+        def produce_steadily() -> None:
+            producer = make_producer(bootstrap)
+            try:
+                for start in range(0, len(arriving), 4):  # about 40 events a second
+                    if stop_producing.is_set():
+                        break
+                    produce_lines(producer, [line.encode() for line in arriving[start : start + 4]])
+                    sent.append(len(arriving[start : start + 4]))
+                    time.sleep(0.1)
+            finally:
+                producer.close()
+
+        producer_thread = threading.Thread(target=produce_steadily, name="arriving-events")
+        producer_thread.start()
+        time.sleep(1.5)
+        sent_before_apply = sum(sent)
+        applied = run_cli(environment, "replay", "--rules", str(NEW_RULES), "--apply")
+        sent_during_apply = sum(sent) - sent_before_apply
+        still_arriving = producer_thread.is_alive()
+        stop_producing.set()
+        producer_thread.join(timeout=60)
+        assert sent_before_apply > 0 and sent_during_apply > 0 and still_arriving, "the apply ran outside the traffic"
+        arrived = arriving[: sum(sent)]
+        compensations = applied["applied"]["compensations_published"]
+        assert compensations > 0
+
+        # Every event and every compensation decided and projected.
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            status = run_cli(environment, "status")
+            settled = (
+                status["events_processed"] == status["input_messages"]
+                and status["events_processed"] >= produced + len(arrived) + compensations
+                and status["projection_backlog"] == 0
+                and status["ledger_entries_emitted"] == status["ledger_rows_projected"]
+            )
+            if settled:
+                break
+            assert up.process.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"not caught up: {status}"
+            time.sleep(1)
+        again = run_cli(environment, "replay", "--rules", str(NEW_RULES), "--dry-run")
+        assert again["customers_changed"] == 0, [row for row in again["customers"] if row["delta"]][:5]
+    finally:
+        stop_producing.set()
+        if producer_thread is not None:
+            producer_thread.join(timeout=60)
+        up.stop()
+
+    # Live balances are the new rules' over the whole log, customer by customer (read after the owner stopped).
+    expected = process_lines([line.encode() for line in history + arrived], load_ruleset(NEW_RULES))
+    client = connect(f"chdb://{(tmp_path / 'data' / 'clickhouse').resolve()}")
+    try:
+        assert projected_balances(client) == expected.balances()
+    finally:
+        client.close()
