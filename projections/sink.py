@@ -360,7 +360,15 @@ class LedgerSink:
         started_at = self._next_version()  # a day marked dirty again after this point stays dirty
         self._recompute_aggregates(every, only_customers)
         if dirty:
-            self._mark(dirty, dirty=False, version=started_at)
+            try:
+                self._mark(dirty, dirty=False, version=started_at)
+            except Exception:
+                # The mark may have reached the table all the same (an answer lost on the way): then a later write
+                # on these days, trusting this sink's "dirty already", would not mark them again, and a crash before
+                # its recompute would leave them clean and stale. Read the table's dirty days again instead.
+                self._dirty.clear()
+                self._dirty_loaded = False
+                raise
         self._dirty -= dirty
         return len(every)
 

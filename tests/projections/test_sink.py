@@ -374,3 +374,43 @@ def test_deferred_recomputes_catch_up_at_the_next_write_and_after_a_crash(chdb_d
 
 def test_the_arrow_schema_follows_the_ledger_entry():
     assert tuple(LEDGER_ARROW_SCHEMA.names) == LEDGER_COLUMNS
+
+
+class LostCleanMark:
+    """A client whose first INSERT of clean marks reaches the table but whose answer is lost (it raises)."""
+
+    def __init__(self, client) -> None:
+        self._client = client
+        self.lost = False
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def insert(self, table, data, *args, **kwargs):
+        result = self._client.insert(table, data, *args, **kwargs)
+        if table == "dirty_days" and not any(data[1]) and not self.lost:
+            self.lost = True
+            raise ConnectionError("the answer to the clean mark was lost")
+        return result
+
+
+def test_a_clean_mark_whose_answer_was_lost_leaves_no_day_stale_after_a_crash(chdb_dsn, client, ledger):
+    ledger.add("alice", "earned", "2024-01-01T10:00:00+00:00", 100, rule_id="purchase-base")
+    ledger.add("bob", "earned", "2024-01-01T11:00:00+00:00", 7, rule_id="purchase-base")
+    first, second = ledger.entries[:1], ledger.entries[1:]
+    lossy = LostCleanMark(client)
+    sink = LedgerSink(lossy)
+    sink.write_json(as_json(first), {(TOPIC, 0): 1}, defer_recompute=True)
+    with pytest.raises(ConnectionError):
+        sink.recompute_dirty()  # the day is recomputed and marked clean in the table; the sink hears an error
+    assert lossy.lost
+    # A later deferred write on the same day, then a crash before its recompute.
+    sink.write_json(as_json(second), {(TOPIC, 0): 2}, defer_recompute=True)
+    client.close()
+
+    restarted = connect(chdb_dsn)
+    try:
+        LedgerSink(restarted).recompute_dirty()  # what a projector does first when it starts
+        assert points_status(restarted, date(2024, 1, 1), date(2024, 1, 1), "day").totals.issued == 107
+    finally:
+        restarted.close()
