@@ -220,6 +220,19 @@ class RedeemRequested(Envelope):
     points: Annotated[int, Field(strict=True, ge=1, le=points_request_max)]
 
 
+Points = Annotated[int, Field(strict=True, ge=0, le=points_request_max)]
+
+
+class RevaluedOrder(_Frozen):
+    """What one order's awards are worth under a new rule set (`loyalty replay --apply`): points and points
+    already reversed per line (by line key, `line:<index>`), and per order bonus (by rule id) its points, whether
+    it was reversed and its spend threshold."""
+
+    order_id: Identifier
+    lines: Annotated[dict[Identifier, tuple[Points, Points]], Field(max_length=1000)]
+    bonuses: Annotated[dict[Identifier, tuple[Points, bool, Money | None]], Field(max_length=100)]
+
+
 class PointsAdjusted(Envelope):
     event_type: Literal["points.adjusted"]
     adjustment_id: Identifier
@@ -227,6 +240,9 @@ class PointsAdjusted(Envelope):
     note: ShortText
     actor: Identifier
     allow_negative: bool = False  # an adjustment that would take the balance below zero needs this
+    # A replay's compensation also re-values the customer's open orders, so that a later refund or cancellation
+    # reverses what the new rules awarded (see docs/replay.md).
+    revalued_orders: Annotated[list[RevaluedOrder], Field(max_length=10_000)] | None = None
 
 
 PurchaseEvent = Annotated[PurchaseCompleted | PurchaseRefunded | PurchaseCancelled, Field(discriminator="event_type")]

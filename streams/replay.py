@@ -78,6 +78,8 @@ class ShadowResult:
     rejected: int = 0
     entries: int = 0
     derived_skipped: int = 0
+    # With `keep_orders`: per customer, the open orders' awards under the replayed rules (see `_open_orders`).
+    orders: dict[str, list[dict]] | None = None
 
 
 def replay_messages(
@@ -87,6 +89,7 @@ def replay_messages(
     progress: Callable[[int], None] | None = None,
     refetch: Callable[[set[str]], Iterable[Any]] | None = None,
     processes: int = 1,
+    keep_orders: bool = False,
 ) -> ShadowResult:
     """Run the core over archived messages sorted by (routing key, occurred_at, topic rank, offset).
 
@@ -102,7 +105,7 @@ def replay_messages(
     if not 1 <= processes <= processes_max:
         raise ValueError(f"processes must be in 1..{processes_max}, got {processes}")
     with _fewer_collections():
-        return _replay(messages, ruleset, progress, refetch, processes)
+        return _replay(messages, ruleset, progress, refetch, processes, keep_orders)
 
 
 @contextlib.contextmanager
@@ -127,13 +130,14 @@ def _replay(
     progress: Callable[[int], None] | None,
     refetch: Callable[[set[str]], Iterable[Any]] | None,
     processes: int,
+    keep_orders: bool,
 ) -> ShadowResult:
-    result = ShadowResult()
+    result = ShadowResult(orders={} if keep_orders else None)
     derived: dict[str, list[tuple[tuple, ev.Event]]] = {}
     if processes == 1:
         _first_pass(_fields(messages), ruleset, result, derived, progress)
     else:
-        _first_pass_in_processes(messages, ruleset, result, derived, progress, processes)
+        _first_pass_in_processes(messages, ruleset, result, derived, progress, processes, keep_orders)
     if not derived:
         return result
     if refetch is None:
@@ -148,10 +152,47 @@ def _replay(
         merged = sorted(items + extra, key=lambda item: item[0])
         state = _run_customer(customer_id, merged, ruleset, result, +1, None)
         result.balances[customer_id] = state.balance
+        _keep_orders(result, state)
     for customer_id, events in derived.items():  # a referrer with no archived event of their own
         state = _run_customer(customer_id, [(k, e, "customer") for k, e in events], ruleset, result, +1, None)
         result.balances[customer_id] = state.balance
+        _keep_orders(result, state)
     return result
+
+
+def _keep_orders(result: ShadowResult, state: CustomerState) -> None:
+    if result.orders is None:
+        return
+    orders = _open_orders(state)
+    if orders:
+        result.orders[state.customer_id] = orders
+    else:
+        result.orders.pop(state.customer_id, None)
+
+
+def _money(amount: Decimal | None) -> str | None:
+    return None if amount is None else format(amount, "f")
+
+
+def _open_orders(state: CustomerState) -> list[dict]:
+    """The awards of the customer's open orders without pending points, as a compensation's `revalued_orders`."""
+    orders = []
+    for order_id, order in state.orders.items():
+        if order.closed() or any(line.pending for line in order.lines.values()):
+            continue
+        if any(bonus.pending for bonus in order.bonuses.values()):
+            continue
+        orders.append(
+            {
+                "order_id": order_id,
+                "lines": {key: [line.points, line.points_reversed] for key, line in order.lines.items()},
+                "bonuses": {
+                    rule_id: [bonus.points, bonus.reversed, _money(bonus.threshold)]
+                    for rule_id, bonus in order.bonuses.items()
+                },
+            }
+        )
+    return orders
 
 
 def _first_pass(
@@ -165,6 +206,8 @@ def _first_pass(
         _check_once(customer_id, result.balances)
         state = _run_customer(customer_id, items, ruleset, result, +1, derived)
         result.balances[customer_id] = state.balance
+        if result.orders is not None:
+            _keep_orders(result, state)
 
 
 def _check_once(customer_id: str, balances: dict[str, int]) -> None:
@@ -221,11 +264,13 @@ def _chunks(messages: Iterable[Any], size: int) -> Iterator[_Chunk]:
 
 
 _process_ruleset: RuleSet | None = None
+_process_keeps_orders = False
 
 
-def _start_process(ruleset: RuleSet, caller: int) -> None:
-    global _process_ruleset
+def _start_process(ruleset: RuleSet, caller: int, keep_orders: bool = False) -> None:
+    global _process_ruleset, _process_keeps_orders
     _process_ruleset = ruleset
+    _process_keeps_orders = keep_orders
     gc.set_threshold(*gc_thresholds)
 
     # A pool process waits for work on a pipe its parent also holds open; if the parent is killed (SIGKILL, the
@@ -242,7 +287,7 @@ def _start_process(ruleset: RuleSet, caller: int) -> None:
 def _replay_chunk(chunk: _Chunk) -> tuple[ShadowResult, dict[str, list[tuple[tuple, ev.Event]]]]:
     """In a replay process: the first pass over one chunk of whole customers."""
     assert _process_ruleset is not None, "replay process started without its rule set"
-    result = ShadowResult()
+    result = ShadowResult(orders={} if _process_keeps_orders else None)
     derived: dict[str, list[tuple[tuple, ev.Event]]] = {}
     _first_pass(chunk.fields(), _process_ruleset, result, derived, None)
     return result, derived
@@ -263,6 +308,8 @@ def _merge(
     result.events += part.events
     result.rejected += part.rejected
     result.entries += part.entries
+    if result.orders is not None and part.orders:
+        result.orders.update(part.orders)
     for customer_id, events in part_derived.items():
         derived.setdefault(customer_id, []).extend(events)
 
@@ -274,6 +321,7 @@ def _first_pass_in_processes(
     derived: dict[str, list[tuple[tuple, ev.Event]]],
     progress: Callable[[int], None] | None,
     processes: int,
+    keep_orders: bool = False,
 ) -> None:
     chunks = _chunks(messages, chunk_messages)
     first = next(chunks, None)
@@ -284,7 +332,7 @@ def _first_pass_in_processes(
     # spawn, not fork: replay runs inside `loyalty up`, whose threads (chDB, the event loop's executor) a
     # forked child would inherit in whatever state they were.
     context = multiprocessing.get_context("spawn")
-    setup = {"initializer": _start_process, "initargs": (ruleset, os.getpid())}
+    setup = {"initializer": _start_process, "initargs": (ruleset, os.getpid(), keep_orders)}
     with ProcessPoolExecutor(processes, mp_context=context, **setup) as pool:
         in_flight: deque = deque()
 
@@ -523,6 +571,7 @@ def dry_run(
         progress=progress,
         refetch=lambda keys: archive.stream_for_replay(keys=keys, before=markers),
         processes=processes,
+        keep_orders=markers is not None,  # an apply's compensations re-value the open orders
     )
     elapsed = time.monotonic() - started
     live = live_figures(client, markers, ruleset.version)
@@ -535,6 +584,8 @@ def dry_run(
     report["processes"] = processes
     report["elapsed_s"] = round(elapsed, 3)
     report["events_per_s"] = round(shadow.events / elapsed) if elapsed > 0 else None
+    if shadow.orders is not None:
+        report[REVALUED_ORDERS] = shadow.orders  # for `compensations`; taken out of the report shown
     return report
 
 
@@ -652,13 +703,19 @@ def _customers_active_since(client, since: datetime) -> set[str]:
     return {row[0] for row in result.result_rows}
 
 
+REVALUED_ORDERS = "revalued_orders"
+revalued_orders_max = 10_000  # per compensation event (the event's limit)
+
+
 def compensations(report: dict, *, cut_over: datetime, store_id: str = "replay") -> list[tuple[str, bytes]]:
     """One `points.adjusted` event per customer whose balance changes (customer id, JSON bytes).
 
     Ids are derived from the new rule-set version and the customer, so a repeated apply publishes the very
-    same events, which the worker recognises and applies once.
+    same events, which the worker recognises and applies once. With the report's open orders under the new rules
+    (an apply's), each event carries the customer's, which the worker re-values (`engine._revalue_order`).
     """
     version = report["ruleset_version_new"]
+    orders = report.get(REVALUED_ORDERS) or {}
     published = []
     for row in report["customers"]:
         if row["delta"] == 0:
@@ -677,6 +734,8 @@ def compensations(report: dict, *, cut_over: datetime, store_id: str = "replay")
             "actor": "replay",
             "allow_negative": True,
         }
+        if orders.get(row["customer_id"]):
+            event[REVALUED_ORDERS] = orders[row["customer_id"]][:revalued_orders_max]
         published.append((row["customer_id"], json.dumps(event, separators=(",", ":")).encode()))
     return published
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_UP, Decimal
@@ -926,6 +927,53 @@ def _adjust(entries: _Entries, event: ev.PointsAdjusted) -> None:
             reference=reference,
             explanation=note,
         )
+        for revalued in event.revalued_orders or ():
+            _revalue_order(entries, revalued)
+
+
+REVALUE_RULE = "replay.revalue"
+REVALUE_PREFIX = "revalue:"
+
+
+def _revalue_order(entries: _Entries, revalued: ev.RevaluedOrder) -> None:
+    """A replay's compensation re-values an open order: a 0-point entry whose reference holds the order's awards under
+    the new rules (every line key and bonus the live order has; a line or bonus the new rules do not give is worth
+    0). Folding it replaces the awards (`state.evolve`), so a later refund or cancellation reverses the new values;
+    the balance itself is the compensation's. An order with pending points, or closed already, stays as it is."""
+    order = entries.state.orders.get(revalued.order_id)
+    if order is None or order.closed() or any(line.pending for line in order.lines.values()):
+        return
+    if any(bonus.pending for bonus in order.bonuses.values()):
+        return
+    lines = {key: list(revalued.lines.get(key, (0, 0))) for key in sorted(order.lines)}
+    bonuses = {
+        rule_id: [points, reversed_, None if threshold is None else format(threshold, "f")]
+        for rule_id, (points, reversed_, threshold) in sorted(revalued.bonuses.items())
+    }
+    live_lines = {key: [line.points, line.points_reversed] for key, line in sorted(order.lines.items())}
+    live_bonuses = {
+        rule_id: [bonus.points, bonus.reversed, None if bonus.threshold is None else format(bonus.threshold, "f")]
+        for rule_id, bonus in sorted(order.bonuses.items())
+    }
+    if lines == live_lines and bonuses == live_bonuses:
+        return
+    shown = ", ".join(
+        [f"{key} {live_lines[key][0]} -> {value[0]}" for key, value in lines.items() if value != live_lines[key]]
+        + [
+            f"{rule_id} {live_bonuses.get(rule_id, [0])[0]} -> {value[0]}"
+            for rule_id, value in bonuses.items()
+            if value != live_bonuses.get(rule_id)
+        ]
+        + [f"{rule_id} {value[0]} -> 0" for rule_id, value in live_bonuses.items() if rule_id not in bonuses]
+    )
+    document = json.dumps({"lines": lines, "bonuses": bonuses}, separators=(",", ":"), sort_keys=True)
+    entries.record(
+        Source.purchase,
+        REVALUE_RULE,
+        f"order re-valued under rule set {entries.ruleset.version}: {shown}"[:300],
+        order_id=revalued.order_id,
+        reference=REVALUE_PREFIX + document,
+    )
 
 
 def _release_pending(entries: _Entries) -> None:

@@ -7,6 +7,7 @@ reading its ledger partition, and the state it gets is by construction the one t
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -270,6 +271,9 @@ def _evolve_purchase(state: CustomerState, entry: LedgerEntry, kind: Kind, refer
     order = state.orders.get(order_id)
     if order is None:
         return
+    if kind is Kind.recorded and entry.rule_id == "replay.revalue":
+        _revalue(order, reference)
+        return
     target, _, refund_id = reference.partition(";")
     if refund_id:
         order.refund_ids = _with(order.refund_ids, refund_id)
@@ -299,6 +303,20 @@ def _evolve_purchase(state: CustomerState, entry: LedgerEntry, kind: Kind, refer
         state.pending_lots = [
             lot for lot in state.pending_lots if not (lot.order_id == order_id and lot.target == target)
         ]
+
+
+def _revalue(order: OrderRecord, reference: str) -> None:
+    """A replay's re-valuation of an order (streams/rules/engine.py, `_revalue_order`): its awards become the new
+    rules' values, held in the entry's reference."""
+    document = json.loads(reference.removeprefix("revalue:"))
+    for key, (points, points_reversed) in document["lines"].items():
+        line = order.lines.get(key)
+        if line is not None:
+            line.points, line.points_reversed = points, points_reversed
+    order.bonuses = {
+        rule_id: BonusAward(points, False, None if threshold is None else Decimal(threshold), reversed_)
+        for rule_id, (points, reversed_, threshold) in document["bonuses"].items()
+    }
 
 
 def _evolve_lots(state: CustomerState, entry: LedgerEntry, kind: Kind) -> None:

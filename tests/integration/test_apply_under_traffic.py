@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from test_embedded_restart import REPOSITORY, WAIT_S, _environment, _Up, _wait_for
 from test_pipeline import run_cli
@@ -138,6 +138,73 @@ def test_an_apply_while_events_keep_arriving_compensates_exactly_what_lies_befor
 
     # Live balances are the new rules' over the whole log, customer by customer (read after the owner stopped).
     expected = process_lines([line.encode() for line in history + arrived], load_ruleset(NEW_RULES))
+    client = connect(f"chdb://{(tmp_path / 'data' / 'clickhouse').resolve()}")
+    try:
+        assert projected_balances(client) == expected.balances()
+    finally:
+        client.close()
+
+
+def test_refunds_and_cancellations_after_an_apply_take_back_what_the_new_rules_awarded(tmp_path):
+    """The compensation re-values the open orders: every balance after the refunds equals `loyalty process` under the
+    new rules over the whole log (before, a refunded order left its uplift with the customer)."""
+    history = list(generate_events(events=600, customers=40, seed=41))
+    documents = [json.loads(line) for line in history]
+    last = max(datetime.fromisoformat(document["occurred_at"]) for document in documents)
+    refunded = {d["order_id"] for d in documents if d["event_type"] in ("purchase.refunded", "purchase.cancelled")}
+    orders = [d for d in documents if d["event_type"] == "purchase.completed" and d["order_id"] not in refunded]
+    later = []
+    # Dated after the apply's cut-over (the compensations carry its wall-clock time): the worker orders a customer's
+    # events by their time, and these come after the compensation as they would in a store.
+    after_apply = max(last, datetime.now(UTC)) + timedelta(hours=1)
+    for number, order in enumerate(orders[:40]):
+        moment = (after_apply + timedelta(minutes=number)).isoformat()
+        envelope = {"schema_version": 1, "occurred_at": moment, "customer_id": order["customer_id"], "store_id": "s1"}
+        if number % 3 == 0:
+            later.append({**envelope, "event_id": f"late-cancel-{number}", "event_type": "purchase.cancelled",
+                          "order_id": order["order_id"]})  # fmt: skip
+        elif number % 3 == 1:
+            later.append({**envelope, "event_id": f"late-refund-{number}", "event_type": "purchase.refunded",
+                          "order_id": order["order_id"], "refund_id": f"late-{number}"})  # fmt: skip
+        else:
+            line = order["lines"][0]
+            later.append({**envelope, "event_id": f"late-refund-{number}", "event_type": "purchase.refunded",
+                          "order_id": order["order_id"], "refund_id": f"late-{number}",
+                          "lines": [{"sku": line["sku"], "quantity": 1}]})  # fmt: skip
+    arriving = [json.dumps(document) for document in later]
+    expected_before = process_lines([line.encode() for line in history], load_ruleset())
+    expected = process_lines([line.encode() for line in history + arriving], load_ruleset(NEW_RULES))
+    environment = _environment(tmp_path / "data")
+    log_path = tmp_path / "up.log"
+
+    up = _Up(environment, log_path)
+    try:
+        (tmp_path / "history.jsonl").write_text("".join(line + "\n" for line in history))
+        produced = sum(run_cli(environment, "produce", str(tmp_path / "history.jsonl")).values())
+        _wait_for(environment, produced, len(expected_before.ledger), up)
+        applied = run_cli(environment, "replay", "--rules", str(NEW_RULES), "--apply")
+        compensations = applied["applied"]["compensations_published"]
+        assert compensations > 0
+        (tmp_path / "later.jsonl").write_text("".join(line + "\n" for line in arriving))
+        more = sum(run_cli(environment, "produce", str(tmp_path / "later.jsonl")).values())
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            status = run_cli(environment, "status")
+            if (
+                status["events_processed"] == status["input_messages"]
+                and status["events_processed"] >= produced + compensations + more
+                and status["projection_backlog"] == 0
+                and status["ledger_entries_emitted"] == status["ledger_rows_projected"]
+            ):
+                break
+            assert up.process.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"not caught up: {status}"
+            time.sleep(1)
+        again = run_cli(environment, "replay", "--rules", str(NEW_RULES), "--dry-run")
+        assert again["customers_changed"] == 0, [row for row in again["customers"] if row["delta"]][:5]
+    finally:
+        up.stop()
+
     client = connect(f"chdb://{(tmp_path / 'data' / 'clickhouse').resolve()}")
     try:
         assert projected_balances(client) == expected.balances()

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from test_pipeline import run_cli
@@ -88,7 +89,9 @@ class _Up:
         self.log.close()
 
 
-def _wait_for(environment: dict[str, str], archived: int, projected: int, up: _Up) -> dict:
+def _wait_for(environment: dict[str, str], archived: int, projected: int, up: _Up, *, inputs: int = 0) -> dict:
+    """Until every input is decided and projected: `projected` ledger rows exactly, or with `inputs` (input messages
+    the worker must have committed) at least `projected`."""
     deadline = time.monotonic() + WAIT_S
     while True:
         status = run_cli(environment, "status")
@@ -97,7 +100,11 @@ def _wait_for(environment: dict[str, str], archived: int, projected: int, up: _U
         caught_up = not any(status["consumer_lag"].values()) and (
             status["ledger_entries_emitted"] == status["ledger_rows_projected"]
         )
-        if caught_up and status["input_messages_archived"] >= archived and status["ledger_rows_projected"] == projected:
+        if inputs:
+            counted = status["events_processed"] >= inputs and status["ledger_rows_projected"] >= projected
+        else:
+            counted = status["ledger_rows_projected"] == projected
+        if caught_up and status["input_messages_archived"] >= archived and counted:
             return status
         assert up.process.poll() is None, up.log_path.read_text()[-3000:]
         assert time.monotonic() < deadline, f"not caught up: {status}"
@@ -219,6 +226,15 @@ def test_up_refuses_a_data_directory_it_cannot_rebuild_the_topics_of(tmp_path):
 def test_a_rule_set_applied_before_the_restart_stays_in_force_after_it(tmp_path):
     lines = list(generate_events(events=600, customers=40, seed=29))
     cut, first, second = _two_runs(lines, tmp_path)
+    # The second run's events are dated after the apply, as a store's would be: the worker decides a customer's
+    # events in time order, and the compensations carry the apply's wall-clock time.
+    times = [datetime.fromisoformat(json.loads(line)["occurred_at"]) for line in lines[cut:]]
+    shift = datetime.now(UTC) + timedelta(hours=1) - min(times)
+    shifted = []
+    for line, moment in zip(lines[cut:], times, strict=True):
+        shifted.append(json.dumps({**json.loads(line), "occurred_at": (moment + shift).isoformat()}))
+    lines[cut:] = shifted
+    second.write_text("".join(line + "\n" for line in shifted))
     new_rules = REPOSITORY / "streams/rules/rulesets/seasonal-promotion.yaml"
     new_version = load_ruleset(new_rules).version
     expected_first = process_lines([line.encode() for line in lines[:cut]], load_ruleset())
@@ -232,7 +248,8 @@ def test_a_rule_set_applied_before_the_restart_stays_in_force_after_it(tmp_path)
         applied = run_cli(environment, "replay", "--rules", str(new_rules), "--apply")
         compensations = applied["applied"]["compensations_published"]
         assert compensations > 0
-        _wait_for(environment, 0, len(expected_first.ledger) + compensations, up)
+        # The compensations' entries, and a 0-point re-valuation per open order whose awards change.
+        _wait_for(environment, 0, len(expected_first.ledger) + compensations, up, inputs=produced + compensations)
     finally:
         up.stop()
 

@@ -1,0 +1,139 @@
+"""An apply's compensation re-values the customer's open orders: a refund or cancellation after the apply reverses
+what the new rules awarded, as `loyalty process` under the new rules over the whole log does.
+
+Before, the compensation was one balance entry and the worker's order records kept the old rules' points: an order
+earning 320 live and 1,030 under the new rules was compensated +710, and its full refund after the apply reversed
+320, leaving the customer 710 points the new rules never give.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from projections.archive import ArchivedMessage
+from schemas.decode import decode_event
+from schemas.topics import REDEMPTIONS, TOPIC_RANK
+from streams.batch import process_lines
+from streams.replay import REVALUED_ORDERS, compensations, replay_messages
+from streams.routing import routes_for
+from streams.rules.engine import apply
+from streams.rules.ruleset import load_ruleset
+from streams.rules.state import CustomerState, evolve
+
+RULESETS = Path(__file__).resolve().parents[2] / "streams/rules/rulesets"
+OLD, NEW = load_ruleset(RULESETS / "default.yaml"), load_ruleset(RULESETS / "seasonal-promotion.yaml")
+
+
+def event(event_id: str, event_type: str, at: str, **fields) -> str:
+    envelope = {"event_id": event_id, "event_type": event_type, "schema_version": 1, "occurred_at": at}
+    return json.dumps({**envelope, "customer_id": "c1", "store_id": "s1", **fields})
+
+
+HISTORY = [
+    event("e1", "customer.registered", "2026-11-01T10:00:00+00:00"),
+    event(
+        "e2", "purchase.completed", "2026-11-01T11:00:00+00:00", order_id="o1", currency="USD",
+        lines=[
+            {"sku": "sku-0100", "category": "books", "quantity": 1, "unit_price": "200.00"},
+            {"sku": "sku-0200", "category": "electronics", "quantity": 2, "unit_price": "50.00"},
+            {"sku": "sku-0300", "category": "gift-cards", "quantity": 1, "unit_price": "25.00"},
+        ],
+    ),
+    event(
+        "e3", "purchase.completed", "2026-11-02T11:00:00+00:00", order_id="o2", currency="USD",
+        lines=[{"sku": "sku-0200", "category": "electronics", "quantity": 3, "unit_price": "30.00"}],
+    ),
+    event(
+        "e4", "purchase.refunded", "2026-11-03T11:00:00+00:00", order_id="o2", refund_id="r0",
+        lines=[{"sku": "sku-0200", "quantity": 1}],
+    ),
+]  # fmt: skip
+AFTER = {
+    "full refund": [event("e5", "purchase.refunded", "2026-12-05T10:00:00+00:00", order_id="o1", refund_id="r1")],
+    "partial refunds": [
+        event(
+            "e5", "purchase.refunded", "2026-12-05T10:00:00+00:00", order_id="o1", refund_id="r1",
+            lines=[{"sku": "sku-0200", "quantity": 1}],
+        ),
+        event(
+            "e6", "purchase.refunded", "2026-12-06T10:00:00+00:00", order_id="o2", refund_id="r2",
+            lines=[{"sku": "sku-0200", "quantity": 1}],
+        ),
+    ],
+    "cancellation": [event("e5", "purchase.cancelled", "2026-12-05T10:00:00+00:00", order_id="o1")],
+}  # fmt: skip
+
+
+def archived(lines: list[str]) -> list[ArchivedMessage]:
+    messages = []
+    for offset, line in enumerate(lines):
+        (route,) = routes_for(line.encode(), None)
+        document = json.loads(line)
+        moment = datetime.fromisoformat(document["occurred_at"]).astimezone(UTC)
+        rank = TOPIC_RANK[route.topic]
+        event_id = document["event_id"]
+        messages.append(ArchivedMessage(route.topic, 0, offset, "c1", line.encode(), 0, rank, event_id, moment))
+    return sorted(messages, key=lambda m: (m.occurred_at, m.topic_rank, m.offset))
+
+
+def live_then_apply(after: list[str], *, revalue: bool) -> tuple[CustomerState, list]:
+    """The live worker: the history under the old rules, the apply's compensation, then `after` under the new."""
+    state = CustomerState("c1")
+    ledger = []
+    for line in HISTORY:
+        ledger += apply(state, decode_event(line.encode()), OLD)
+    shadow = replay_messages(archived(HISTORY), NEW, keep_orders=True)
+    report = {
+        "ruleset_version_new": NEW.version,
+        "customers": [
+            {"customer_id": "c1", "balance_before": state.balance, "balance_after": shadow.balances["c1"],
+             "delta": shadow.balances["c1"] - state.balance}
+        ],
+        REVALUED_ORDERS: shadow.orders if revalue else {},
+    }  # fmt: skip
+    ((_, compensation),) = compensations(report, cut_over=datetime(2026, 12, 1, tzinfo=UTC))
+    ledger += apply(state, decode_event(compensation, REDEMPTIONS), NEW)
+    for line in after:
+        ledger += apply(state, decode_event(line.encode()), NEW)
+    return state, ledger
+
+
+@pytest.mark.parametrize("case", sorted(AFTER))
+def test_after_an_apply_reversals_take_back_what_the_new_rules_awarded(case):
+    expected = process_lines([line.encode() for line in HISTORY + AFTER[case]], NEW).balances()["c1"]
+    state, ledger = live_then_apply(AFTER[case], revalue=True)
+    assert state.balance == expected
+    # The scenario needs the re-valuation: without it the reversals take back the old rules' points.
+    assert live_then_apply(AFTER[case], revalue=False)[0].balance != expected
+    # Re-valued by entries: a worker that folds this ledger after a restart holds the same orders.
+    folded = CustomerState("c1")
+    for entry in ledger:
+        evolve(folded, entry, NEW.zone)
+    assert folded.orders == state.orders and folded.balance == state.balance
+    revalued = [entry for entry in ledger if entry.rule_id == "replay.revalue"]
+    assert [entry.order_id for entry in revalued] == ["o1", "o2"]
+    assert {entry.points for entry in revalued} == {0}
+
+
+def test_a_compensation_delivered_again_changes_nothing():
+    state, ledger = live_then_apply([], revalue=True)
+    (adjusted,) = [entry for entry in ledger if entry.rule_id == "adjustment"]
+    orders_before = repr(state.orders)
+    shadow = replay_messages(archived(HISTORY), NEW, keep_orders=True)
+    before = adjusted.balance_after - adjusted.points  # the report the apply made, made again
+    report = {
+        "ruleset_version_new": NEW.version,
+        "customers": [
+            {"customer_id": "c1", "balance_before": before, "balance_after": shadow.balances["c1"],
+             "delta": shadow.balances["c1"] - before}
+        ],
+        REVALUED_ORDERS: shadow.orders,
+    }  # fmt: skip
+    ((_, again),) = compensations(report, cut_over=datetime(2026, 12, 1, tzinfo=UTC))
+    assert decode_event(again, REDEMPTIONS).event_id == adjusted.caused_by
+    assert apply(state, decode_event(again, REDEMPTIONS), NEW) == []  # the same event: applied once
+    assert repr(state.orders) == orders_before
