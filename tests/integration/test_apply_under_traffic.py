@@ -68,6 +68,26 @@ def _new_customers(count: int, after: datetime) -> list[str]:
     return lines
 
 
+def _settled_and_replayed(environment: dict[str, str], inputs: int, up) -> None:
+    """Wait until at least `inputs` input messages are decided and every entry is projected once; then a dry-run of
+    the applied rules must change no customer."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        status = run_cli(environment, "status")
+        if (
+            status["events_processed"] == status["input_messages"]
+            and status["events_processed"] >= inputs
+            and status["projection_backlog"] == 0
+            and status["ledger_entries_emitted"] == status["ledger_rows_projected"]
+        ):
+            break
+        assert up.process.poll() is None, up.log_path.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"not caught up: {status}"
+        time.sleep(1)
+    again = run_cli(environment, "replay", "--rules", str(NEW_RULES), "--dry-run")
+    assert again["customers_changed"] == 0, [row for row in again["customers"] if row["delta"]][:5]
+
+
 def test_an_apply_while_events_keep_arriving_compensates_exactly_what_lies_before_its_markers(tmp_path):
     history = list(generate_events(events=800, customers=50, seed=37))
     last = max(datetime.fromisoformat(json.loads(line)["occurred_at"]) for line in history)
@@ -113,23 +133,8 @@ def test_an_apply_while_events_keep_arriving_compensates_exactly_what_lies_befor
         compensations = applied["applied"]["compensations_published"]
         assert compensations > 0
 
-        # Every event and every compensation decided and projected.
-        deadline = time.monotonic() + WAIT_S
-        while True:
-            status = run_cli(environment, "status")
-            settled = (
-                status["events_processed"] == status["input_messages"]
-                and status["events_processed"] >= produced + len(arrived) + compensations
-                and status["projection_backlog"] == 0
-                and status["ledger_entries_emitted"] == status["ledger_rows_projected"]
-            )
-            if settled:
-                break
-            assert up.process.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, f"not caught up: {status}"
-            time.sleep(1)
-        again = run_cli(environment, "replay", "--rules", str(NEW_RULES), "--dry-run")
-        assert again["customers_changed"] == 0, [row for row in again["customers"] if row["delta"]][:5]
+        # Every event and every compensation decided and projected, then a replay agrees with the live balances.
+        _settled_and_replayed(environment, produced + len(arrived) + compensations, up)
     finally:
         stop_producing.set()
         if producer_thread is not None:
@@ -187,21 +192,7 @@ def test_refunds_and_cancellations_after_an_apply_take_back_what_the_new_rules_a
         assert compensations > 0
         (tmp_path / "later.jsonl").write_text("".join(line + "\n" for line in arriving))
         more = sum(run_cli(environment, "produce", str(tmp_path / "later.jsonl")).values())
-        deadline = time.monotonic() + WAIT_S
-        while True:
-            status = run_cli(environment, "status")
-            if (
-                status["events_processed"] == status["input_messages"]
-                and status["events_processed"] >= produced + compensations + more
-                and status["projection_backlog"] == 0
-                and status["ledger_entries_emitted"] == status["ledger_rows_projected"]
-            ):
-                break
-            assert up.process.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, f"not caught up: {status}"
-            time.sleep(1)
-        again = run_cli(environment, "replay", "--rules", str(NEW_RULES), "--dry-run")
-        assert again["customers_changed"] == 0, [row for row in again["customers"] if row["delta"]][:5]
+        _settled_and_replayed(environment, produced + compensations + more, up)
     finally:
         up.stop()
 
