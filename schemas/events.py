@@ -231,6 +231,10 @@ class RevaluedOrder(_Frozen):
     order_id: Identifier
     lines: Annotated[dict[Identifier, tuple[Points, Points]], Field(max_length=1000)]
     bonuses: Annotated[dict[Identifier, tuple[Points, bool, Money | None]], Field(max_length=100)]
+    # The refunds the values include (`refund:<id>` tags): an order refunded since, live, is not re-valued.
+    refunds: Annotated[
+        list[Annotated[str, StringConstraints(max_length=identifier_length_max + 16)]], Field(max_length=1000)
+    ] = []
 
 
 class PointsAdjusted(Envelope):

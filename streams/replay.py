@@ -185,6 +185,7 @@ def _open_orders(state: CustomerState) -> list[dict]:
         orders.append(
             {
                 "order_id": order_id,
+                "refunds": sorted(order.refund_ids),
                 "lines": {key: [line.points, line.points_reversed] for key, line in order.lines.items()},
                 "bonuses": {
                     rule_id: [bonus.points, bonus.reversed, _money(bonus.threshold)]
@@ -704,7 +705,10 @@ def _customers_active_since(client, since: datetime) -> set[str]:
 
 
 REVALUED_ORDERS = "revalued_orders"
-revalued_orders_max = 10_000  # per compensation event (the event's limit)
+# A compensation stays under this size with its re-valued orders (the worker refuses events over 64 KiB, and a
+# refused compensation would lose its balance correction too): the newest orders go in first, the rest stay as they
+# are live.
+compensation_bytes_max = 48 * 1024
 
 
 def compensations(report: dict, *, cut_over: datetime, store_id: str = "replay") -> list[tuple[str, bytes]]:
@@ -735,9 +739,23 @@ def compensations(report: dict, *, cut_over: datetime, store_id: str = "replay")
             "allow_negative": True,
         }
         if orders.get(row["customer_id"]):
-            event[REVALUED_ORDERS] = orders[row["customer_id"]][:revalued_orders_max]
+            event[REVALUED_ORDERS] = _fitting(event, orders[row["customer_id"]])
         published.append((row["customer_id"], json.dumps(event, separators=(",", ":")).encode()))
     return published
+
+
+def _fitting(event: dict, orders: list[dict]) -> list[dict]:
+    """The newest of `orders` (in the order they were placed) that keep the event under `compensation_bytes_max`."""
+    room = compensation_bytes_max - len(json.dumps(event, separators=(",", ":")).encode()) - len(REVALUED_ORDERS) - 8
+    fitting: list[dict] = []
+    for order in reversed(orders):
+        size = len(json.dumps(order, separators=(",", ":")).encode()) + 1
+        if size > room:
+            break
+        room -= size
+        fitting.append(order)
+    fitting.reverse()
+    return fitting
 
 
 def publish(bootstrap: str, events: list[tuple[str, bytes]]) -> int:

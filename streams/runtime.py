@@ -459,8 +459,10 @@ def _replay_handler(client, client_lock, context, monitor, projector, bootstrap,
                     polls = monitor.polls
                     while monitor.polls < polls + 2 and time.monotonic() < deadline:
                         await asyncio.sleep(0.1)
-                    ledger_end = {key: end for key, end in monitor.highwaters.items() if key[0] == LEDGER}
-            if ledger_end is not None:
+                    ends = {key: end for key, end in monitor.highwaters.items() if key[0] == LEDGER}
+                    if monitor.polls >= polls + 2 and len(ends) == projector.partitions:
+                        ledger_end = ends
+            if ledger_end is not None and time.monotonic() <= deadline:
                 archived, projected = projector.archived_to, projector.projected_to
                 if all(archived.get(tp, 0) > offset for tp, offset in markers.items()) and all(
                     projected.get(key, 0) >= end for key, end in ledger_end.items()

@@ -939,10 +939,13 @@ def _revalue_order(entries: _Entries, revalued: ev.RevaluedOrder) -> None:
     """A replay's compensation re-values an open order: a 0-point entry whose reference holds the order's awards under
     the new rules (every line key and bonus the live order has; a line or bonus the new rules do not give is worth
     0). Folding it replaces the awards (`state.evolve`), so a later refund or cancellation reverses the new values;
-    the balance itself is the compensation's. An order with pending points, or closed already, stays as it is."""
+    the balance itself is the compensation's. An order with pending points, closed already, or refunded since the
+    values were taken (another set of refunds) stays as it is."""
     order = entries.state.orders.get(revalued.order_id)
     if order is None or order.closed() or any(line.pending for line in order.lines.values()):
         return
+    if set(order.refund_ids) != set(revalued.refunds):
+        return  # refunded live after the cut-over, before this compensation: the values do not include it
     if any(bonus.pending for bonus in order.bonuses.values()):
         return
     lines = {key: list(revalued.lines.get(key, (0, 0))) for key in sorted(order.lines)}

@@ -137,3 +137,46 @@ def test_a_compensation_delivered_again_changes_nothing():
     assert decode_event(again, REDEMPTIONS).event_id == adjusted.caused_by
     assert apply(state, decode_event(again, REDEMPTIONS), NEW) == []  # the same event: applied once
     assert repr(state.orders) == orders_before
+
+
+def test_an_order_refunded_between_the_cut_over_and_the_compensation_is_not_re_valued():
+    """The values were taken before the markers; a refund decided live since then is not in them (re-valuing would
+    set its reversed points back and a later refund would reverse them again)."""
+    window = [
+        event(
+            "w1", "purchase.refunded", "2026-11-30T10:00:00+00:00", order_id="o1", refund_id="rw",
+            lines=[{"sku": "sku-0200", "quantity": 1}],
+        )
+    ]  # fmt: skip
+    state = CustomerState("c1")
+    ledger = []
+    for line in HISTORY:
+        ledger += apply(state, decode_event(line.encode()), OLD)
+    shadow = replay_messages(archived(HISTORY), NEW, keep_orders=True)
+    for line in window:  # after the markers, before the compensation
+        ledger += apply(state, decode_event(line.encode()), NEW)
+    report = {
+        "ruleset_version_new": NEW.version,
+        "customers": [{"customer_id": "c1", "balance_before": 0, "balance_after": 1, "delta": 1}],
+        REVALUED_ORDERS: shadow.orders,
+    }
+    ((_, compensation),) = compensations(report, cut_over=datetime(2026, 12, 1, tzinfo=UTC))
+    revalued = [e for e in apply(state, decode_event(compensation, REDEMPTIONS), NEW) if e.rule_id == "replay.revalue"]
+    assert [entry.order_id for entry in revalued] == ["o2"]  # o1 keeps its live values
+
+
+def test_a_compensation_stays_under_the_event_size_limit_with_the_newest_orders():
+    orders = [
+        {"order_id": f"o{n:05d}", "refunds": [], "lines": {"line:0": [100 + n, 0]}, "bonuses": {}} for n in range(3000)
+    ]
+    report = {
+        "ruleset_version_new": NEW.version,
+        "customers": [{"customer_id": "c1", "balance_before": 0, "balance_after": 5, "delta": 5}],
+        REVALUED_ORDERS: {"c1": orders},
+    }
+    ((_, compensation),) = compensations(report, cut_over=datetime(2026, 12, 1, tzinfo=UTC))
+    assert len(compensation) <= 48 * 1024
+    adjusted = decode_event(compensation, REDEMPTIONS)  # the worker's limit is 64 KiB: accepted, points included
+    assert adjusted.points == 5
+    kept = [order.order_id for order in adjusted.revalued_orders]
+    assert kept == [order["order_id"] for order in orders[-len(kept) :]] and 100 < len(kept) < 3000
