@@ -351,7 +351,14 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
         application.router.add_post(
             "/api/replay",
             _replay_handler(
-                client, client_lock, context, monitor, projector, bootstrap, settings.resolved_replay_processes()
+                client,
+                client_lock,
+                context,
+                monitor,
+                projector,
+                bootstrap,
+                settings.resolved_replay_processes(),
+                stopping,
             ),
         )
         application.router.add_post("/api/projections/rebuild", _rebuild_handler(client, client_lock))
@@ -430,7 +437,7 @@ async def ruleset_in_force(bootstrap: str, configured):
     return configured
 
 
-def _replay_handler(client, client_lock, context, monitor, projector, bootstrap, processes_default):
+def _replay_handler(client, client_lock, context, monitor, projector, bootstrap, processes_default, stopping=None):
     """POST /api/replay {"rules": YAML text, "apply": bool, "since": date|null, "lag_max": n, "processes": n|null};
     with "customer": id instead, that customer's preview (`replay.preview_customer`)."""
     from aiohttp import web
@@ -534,6 +541,8 @@ def _replay_handler(client, client_lock, context, monitor, projector, bootstrap,
                     return web.json_response({"error": "bad replay request: customer goes without apply"}, status=400)
                 async with client_lock:
                     report = await asyncio.to_thread(replay.preview_customer, client, new_rules, str(body["customer"]))
+            elif body.get("apply") and stopping is not None and stopping.is_set():
+                raise replay.ReplayRefused("the system is stopping: its worker may not reach the cut-over markers")
             elif body.get("apply"):
                 report = await _apply_replay(new_rules, str(body["rules"]), lag_max, processes)
             else:
