@@ -89,7 +89,7 @@ def replay_messages(
     progress: Callable[[int], None] | None = None,
     refetch: Callable[[set[str]], Iterable[Any]] | None = None,
     processes: int = 1,
-    keep_orders: bool = False,
+    keep_orders: bool | Mapping[str, int] = False,
 ) -> ShadowResult:
     """Run the core over archived messages sorted by (routing key, occurred_at, topic rank, offset).
 
@@ -104,8 +104,13 @@ def replay_messages(
     """
     if not 1 <= processes <= processes_max:
         raise ValueError(f"processes must be in 1..{processes_max}, got {processes}")
-    with _fewer_collections():
-        return _replay(messages, ruleset, progress, refetch, processes, keep_orders)
+    global _orders_unless_balance
+    _orders_unless_balance = keep_orders if isinstance(keep_orders, Mapping) else None
+    try:
+        with _fewer_collections():
+            return _replay(messages, ruleset, progress, refetch, processes, keep_orders)
+    finally:
+        _orders_unless_balance = None
 
 
 @contextlib.contextmanager
@@ -130,9 +135,9 @@ def _replay(
     progress: Callable[[int], None] | None,
     refetch: Callable[[set[str]], Iterable[Any]] | None,
     processes: int,
-    keep_orders: bool,
+    keep_orders: bool | Mapping[str, int],
 ) -> ShadowResult:
-    result = ShadowResult(orders={} if keep_orders else None)
+    result = ShadowResult(orders={} if keep_orders is not False else None)
     derived: dict[str, list[tuple[tuple, ev.Event]]] = {}
     if processes == 1:
         _first_pass(_fields(messages), ruleset, result, derived, progress)
@@ -160,10 +165,17 @@ def _replay(
     return result
 
 
+# With `keep_orders` given as the live balances: the orders of a customer whose replayed balance equals the live
+# one are not kept (no compensation will carry them), so memory follows the customers an apply compensates. One
+# replay at a time per process uses it: `loyalty up` runs replays under its client lock.
+_orders_unless_balance: Mapping[str, int] | None = None
+
+
 def _keep_orders(result: ShadowResult, state: CustomerState) -> None:
     if result.orders is None:
         return
-    orders = _open_orders(state)
+    live = _orders_unless_balance
+    orders = [] if live is not None and live.get(state.customer_id, 0) == state.balance else _open_orders(state)
     if orders:
         result.orders[state.customer_id] = orders
     else:
@@ -268,10 +280,11 @@ _process_ruleset: RuleSet | None = None
 _process_keeps_orders = False
 
 
-def _start_process(ruleset: RuleSet, caller: int, keep_orders: bool = False) -> None:
-    global _process_ruleset, _process_keeps_orders
+def _start_process(ruleset: RuleSet, caller: int, keep_orders: bool | Mapping[str, int] = False) -> None:
+    global _process_ruleset, _process_keeps_orders, _orders_unless_balance
     _process_ruleset = ruleset
-    _process_keeps_orders = keep_orders
+    _process_keeps_orders = keep_orders is not False
+    _orders_unless_balance = keep_orders if isinstance(keep_orders, Mapping) else None
     gc.set_threshold(*gc_thresholds)
 
     # A pool process waits for work on a pipe its parent also holds open; if the parent is killed (SIGKILL, the
@@ -322,7 +335,7 @@ def _first_pass_in_processes(
     derived: dict[str, list[tuple[tuple, ev.Event]]],
     progress: Callable[[int], None] | None,
     processes: int,
-    keep_orders: bool = False,
+    keep_orders: bool | Mapping[str, int] = False,
 ) -> None:
     chunks = _chunks(messages, chunk_messages)
     first = next(chunks, None)
@@ -565,6 +578,7 @@ def dry_run(
     from projections.archive import RawArchive
 
     archive = RawArchive(client)
+    live = live_figures(client, markers, ruleset.version)
     started = time.monotonic()
     shadow = replay_messages(
         archive.stream_for_replay(before=markers),
@@ -572,10 +586,10 @@ def dry_run(
         progress=progress,
         refetch=lambda keys: archive.stream_for_replay(keys=keys, before=markers),
         processes=processes,
-        keep_orders=markers is not None,  # an apply's compensations re-value the open orders
+        # An apply's compensations re-value the open orders of the customers whose balance changes.
+        keep_orders=live.balances if markers is not None else False,
     )
     elapsed = time.monotonic() - started
-    live = live_figures(client, markers, ruleset.version)
     report = compare(live, shadow, ruleset, current_point_value)
     if since is not None:
         active = _customers_active_since(client, since)
