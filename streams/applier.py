@@ -431,10 +431,15 @@ class StreamApplier:
         output.derived.append(message)
         if partition in self.local_partitions:
             self._arrivals += 1
-            ruleset = self.ruleset_for(REFERRALS, partition, cause.message.offset)
+            # Decided by its cause's rule set: the cause's offset lies in another topic's partition, so it says nothing
+            # about this partition's cut-over markers (comparing the two picked either rule set by chance).
             heapq.heappush(
                 self.held,
-                (order_key(event, cause.message.offset), self._arrivals, _Held(message, event, "customer", ruleset)),
+                (
+                    order_key(event, cause.message.offset),
+                    self._arrivals,
+                    _Held(message, event, "customer", cause.ruleset),
+                ),
             )
 
     @property

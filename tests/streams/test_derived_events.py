@@ -84,3 +84,31 @@ def test_a_worker_not_holding_the_referrers_partition_applies_the_published_copy
     reversals = [(e.customer_id, e.caused_by) for _, e, _ in late.ledger if e.rule_id == "referral.referrer.reversal"]
     assert sorted(reversals) == sorted(wanted)
     assert late.duplicates == len(copies) // 2
+
+
+def test_a_derived_event_applied_in_place_is_decided_by_its_cause_rule_set():
+    """Its cause's offset is one of another topic's partition: compared with the referrals partition's cut-over
+    markers it picked a rule set by chance (here the new one, for a refund the old rules decided)."""
+    from schemas.decode import decode_event
+    from schemas.topics import PURCHASES, REFERRALS
+    from streams.applier import InputMessage, Output, StreamApplier, _Held
+
+    old = load_ruleset()
+    new = load_ruleset("streams/rules/rulesets/seasonal-promotion.yaml")
+    applier = StreamApplier(old, partition_for=lambda key: 0)
+    applier.local_partitions = {0}
+    applier.rulesets[new.version] = new
+    applier.activate(REFERRALS, 0, 5, new.version)  # a marker at offset 5 of the referrals partition
+    refund = decode_event(
+        b'{"event_id": "r1", "event_type": "purchase.refunded", "schema_version": 1, "occurred_at": '
+        b'"2026-01-02T00:00:00+00:00", "customer_id": "referee", "store_id": "s1", "order_id": "o1", "refund_id": "x"}'
+    )
+    cause = _Held(InputMessage(PURCHASES, 0, 100, b"referee", b"{}"), refund, "customer", old)  # before its markers
+    reversal = decode_event(
+        b'{"event_id": "d1", "event_type": "referral.reversed", "schema_version": 1, "occurred_at": '
+        b'"2026-01-02T00:00:00+00:00", "customer_id": "referrer", "store_id": "s1", "referee_id": "referee", '
+        b'"order_id": "o1", "referral_event_id": "ref1"}'
+    )
+    applier._derive(reversal, cause, Output())
+    ((_, _, held),) = applier.held
+    assert held.ruleset is old
