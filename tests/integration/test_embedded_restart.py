@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,8 +28,11 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 WAIT_S = 120
 
 
-def _broker_processes() -> set[int]:
-    """Pids of running Tansu brokers (the embedded broker's binary)."""
+def _brokers_left(log: str) -> set[int]:
+    """Pids of running Tansu brokers that `loyalty up` logged starting in `log` (found by their listener URL, so
+    that another run's brokers on the same machine do not count)."""
+    listeners = {f"tcp://{address}".encode() for address in re.findall(r"started the embedded broker on (\S+) ", log)}
+    assert listeners, "no embedded broker was started"
     found = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -38,7 +42,8 @@ def _broker_processes() -> set[int]:
             except (FileNotFoundError, ProcessLookupError, PermissionError):
                 continue
             if arguments and b"tansu" in Path(arguments[0].decode(errors="replace")).name.encode():
-                found.add(int(entry))
+                if listeners & set(arguments):
+                    found.add(int(entry))
     return found
 
 
@@ -150,8 +155,6 @@ def test_a_second_embedded_up_continues_the_first_from_its_data_directory(tmp_pa
     expected = process_lines([line.encode() for line in lines], ruleset)
     environment = _environment(tmp_path / "data")
     log_path = tmp_path / "up.log"
-    brokers_before = _broker_processes()
-
     up = _Up(environment, log_path)
     try:
         produced = sum(run_cli(environment, "produce", str(first)).values())
@@ -174,7 +177,7 @@ def test_a_second_embedded_up_continues_the_first_from_its_data_directory(tmp_pa
         assert history == [e.model_dump(mode="json") for e in expected.ledger if e.customer_id == heavy]
     finally:
         up.stop()
-    assert not _broker_processes() - brokers_before
+    assert not _brokers_left(log_path.read_text())
 
 
 def test_a_stop_right_after_producing_archives_and_projects_everything_first(tmp_path):
@@ -215,12 +218,11 @@ def test_up_refuses_a_data_directory_it_cannot_rebuild_the_topics_of(tmp_path):
     LedgerSink(client).write([], {(LEDGER, 0): 898, ("loyalty.purchases", 1): 40})
     client.close()
 
-    brokers_before = _broker_processes()
     stderr = _refused(_environment(data_dir))
     assert "holds what an earlier `loyalty up` projected from its embedded broker" in stderr
     assert "loyalty.purchases/1: archived up to 0, read up to 40" in stderr
     assert not (data_dir / "run.json").exists()  # nothing was started for clients to find
-    assert not _broker_processes() - brokers_before  # the embedded broker it started is stopped
+    assert not _brokers_left(stderr)  # the embedded broker it started is stopped
 
 
 def test_a_rule_set_applied_before_the_restart_stays_in_force_after_it(tmp_path):
@@ -286,7 +288,6 @@ def test_up_with_the_embedded_broker_refuses_to_start_without_clickhouse(tmp_pat
 
     environment = _environment(tmp_path / "data")
     environment["LOYALTY_CLICKHOUSE_DSN"] = f"http://127.0.0.1:{free_port()}/loyalty"  # nothing listens there
-    brokers_before = _broker_processes()
     stderr = _refused(environment)
     assert "with the embedded broker, `loyalty up` needs ClickHouse at start" in stderr
-    assert not _broker_processes() - brokers_before
+    assert not _brokers_left(stderr)
