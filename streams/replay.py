@@ -182,30 +182,13 @@ def _keep_orders(result: ShadowResult, state: CustomerState) -> None:
         result.orders.pop(state.customer_id, None)
 
 
-def _money(amount: Decimal | None) -> str | None:
-    return None if amount is None else format(amount, "f")
-
-
 def _open_orders(state: CustomerState) -> list[dict]:
-    """The awards of the customer's open orders without pending points, as a compensation's `revalued_orders`."""
-    orders = []
-    for order_id, order in state.orders.items():
-        if order.closed() or any(line.pending for line in order.lines.values()):
-            continue
-        if any(bonus.pending for bonus in order.bonuses.values()):
-            continue
-        orders.append(
-            {
-                "order_id": order_id,
-                "refunds": sorted(order.refund_ids),
-                "lines": {key: [line.points, line.points_reversed] for key, line in order.lines.items()},
-                "bonuses": {
-                    rule_id: [bonus.points, bonus.reversed, _money(bonus.threshold)]
-                    for rule_id, bonus in order.bonuses.items()
-                },
-            }
-        )
-    return orders
+    """The awards of the customer's orders a compensation may re-value, as its `revalued_orders`."""
+    return [
+        {"order_id": order_id, "refunds": sorted(order.refund_ids), **order.awards()}
+        for order_id, order in state.orders.items()
+        if order.revaluable()
+    ]
 
 
 def _first_pass(

@@ -581,12 +581,6 @@ def replay_archive_gaps(client) -> list:
     return RawArchive(client).gaps()
 
 
-def replay_archive_count(client) -> int:
-    from projections.archive import RawArchive
-
-    return RawArchive(client).count()
-
-
 async def _count_projected(client, client_lock: asyncio.Lock) -> int:
     async with client_lock:
         result = await asyncio.to_thread(client.query, "SELECT uniqExact(entry_id) FROM ledger_entries")

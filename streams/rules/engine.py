@@ -942,22 +942,17 @@ def _revalue_order(entries: _Entries, revalued: ev.RevaluedOrder) -> None:
     the balance itself is the compensation's. An order with pending points, closed already, or refunded since the
     values were taken (another set of refunds) stays as it is."""
     order = entries.state.orders.get(revalued.order_id)
-    if order is None or order.closed() or any(line.pending for line in order.lines.values()):
+    if order is None or not order.revaluable():
         return
     if set(order.refund_ids) != set(revalued.refunds):
         return  # refunded live after the cut-over, before this compensation: the values do not include it
-    if any(bonus.pending for bonus in order.bonuses.values()):
-        return
     lines = {key: list(revalued.lines.get(key, (0, 0))) for key in sorted(order.lines)}
     bonuses = {
         rule_id: [points, reversed_, None if threshold is None else format(threshold, "f")]
         for rule_id, (points, reversed_, threshold) in sorted(revalued.bonuses.items())
     }
-    live_lines = {key: [line.points, line.points_reversed] for key, line in sorted(order.lines.items())}
-    live_bonuses = {
-        rule_id: [bonus.points, bonus.reversed, None if bonus.threshold is None else format(bonus.threshold, "f")]
-        for rule_id, bonus in sorted(order.bonuses.items())
-    }
+    live = order.awards()
+    live_lines, live_bonuses = live["lines"], live["bonuses"]
     if lines == live_lines and bonuses == live_bonuses:
         return
     shown = ", ".join(

@@ -74,6 +74,27 @@ class OrderRecord:
     def goods_total(self) -> Decimal:
         return sum((line.amount for line in self.lines.values()), Decimal(0))
 
+    def revaluable(self) -> bool:
+        """Whether a replay's compensation may re-value the order: open, and no points of it pending."""
+        if self.closed() or any(line.pending for line in self.lines.values()):
+            return False
+        return not any(bonus.pending for bonus in self.bonuses.values())
+
+    def awards(self) -> dict:
+        """The order's awards as a re-valuation holds them: per line key [points, points reversed], per bonus rule
+        [points, reversed, spend threshold as a decimal string or None]."""
+        return {
+            "lines": {key: [line.points, line.points_reversed] for key, line in self.lines.items()},
+            "bonuses": {
+                rule_id: [
+                    bonus.points,
+                    bonus.reversed,
+                    None if bonus.threshold is None else format(bonus.threshold, "f"),
+                ]
+                for rule_id, bonus in self.bonuses.items()
+            },
+        }
+
     def remaining_goods_total(self) -> Decimal:
         total = Decimal(0)
         for line in self.lines.values():
