@@ -225,6 +225,9 @@ class EmbeddedBroker:
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent if on_linux_main_thread else None,  # noqa: PLW1509
+                # Its own session: a Ctrl-C in the terminal reaches the process that owns it, which stops it last
+                # (`loyalty up` first archives and projects what the broker holds), not the broker at once.
+                start_new_session=True,
             )
         except OSError as error:
             raise BrokerError(f"cannot run the embedded broker {command[0]!r}: {error}") from error

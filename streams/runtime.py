@@ -304,7 +304,10 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
             )
             if settings.rules:
                 environment["LOYALTY_RULES"] = str(settings.rules)
-            worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=environment)
+            # Its own session, like the broker's: on a Ctrl-C in the terminal, `up` stops it (first), not the signal.
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "streams.cli", "worker"], env=environment, start_new_session=True
+            )
             log.info("started the worker (pid %d)", worker.pid)
         else:
             # Workers run as their own service (docker-compose.yml); the endpoint port is then free for the

@@ -66,7 +66,7 @@ def _environment(data_dir: Path) -> dict[str, str]:
 class _Up:
     """`loyalty up` with the embedded broker; stopped with SIGTERM (as Ctrl-C) and waited for."""
 
-    def __init__(self, environment: dict[str, str], log_path: Path) -> None:
+    def __init__(self, environment: dict[str, str], log_path: Path, *, own_group: bool = False) -> None:
         self.data_dir = Path(environment["LOYALTY_DATA_DIR"])
         self.log_path = log_path
         self.log = log_path.open("ab")
@@ -76,12 +76,23 @@ class _Up:
             cwd=REPOSITORY,
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            start_new_session=own_group,  # a process group of its own, for a terminal's Ctrl-C (`interrupt`)
         )
         deadline = time.monotonic() + WAIT_S
         while not (self.data_dir / "run.json").exists():
             assert self.process.poll() is None, log_path.read_text()[-3000:]
             assert time.monotonic() < deadline, "loyalty up did not start"
             time.sleep(0.2)
+
+    def interrupt(self) -> None:
+        """Ctrl-C in a terminal: SIGINT to the whole foreground process group, `up` and whatever it started there."""
+        os.killpg(self.process.pid, signal.SIGINT)
+        try:
+            self.process.wait(timeout=60)  # no SIGTERM after it: a second signal skips the projector's drain
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -190,11 +201,11 @@ def test_a_stop_right_after_producing_archives_and_projects_everything_first(tmp
     environment = _environment(tmp_path / "data")
     log_path = tmp_path / "up.log"
 
-    up = _Up(environment, log_path)
+    up = _Up(environment, log_path, own_group=True)
     try:
         run_cli(environment, "produce", str(first))
     finally:
-        up.stop()
+        up.interrupt()  # as Ctrl-C: the broker and the worker must not get it and stop before the projector is done
     assert up.process.returncode == 0, log_path.read_text()[-3000:]
     assert "every message is archived and every ledger entry projected" in log_path.read_text()
 
