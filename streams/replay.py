@@ -155,13 +155,16 @@ def _replay(
         _run_customer(customer_id, items, ruleset, result, -1, None)  # take back the first pass's figures
         extra = [(key, event, "customer") for key, event in derived.pop(customer_id)]
         merged = sorted(items + extra, key=lambda item: item[0])
-        state = _run_customer(customer_id, merged, ruleset, result, +1, None)
+        unawarded = _unawarded_if(result)
+        state = _run_customer(customer_id, merged, ruleset, result, +1, None, unawarded)
         result.balances[customer_id] = state.balance
-        _keep_orders(result, state)
+        _keep_orders(result, state, unawarded)
     for customer_id, events in derived.items():  # a referrer with no archived event of their own
-        state = _run_customer(customer_id, [(k, e, "customer") for k, e in events], ruleset, result, +1, None)
+        unawarded = _unawarded_if(result)
+        items = [(k, e, "customer") for k, e in events]
+        state = _run_customer(customer_id, items, ruleset, result, +1, None, unawarded)
         result.balances[customer_id] = state.balance
-        _keep_orders(result, state)
+        _keep_orders(result, state, unawarded)
     return result
 
 
@@ -171,24 +174,64 @@ def _replay(
 _orders_unless_balance: Mapping[str, int] | None = None
 
 
-def _keep_orders(result: ShadowResult, state: CustomerState) -> None:
+def _keep_orders(result: ShadowResult, state: CustomerState, unawarded: _Unawarded | None) -> None:
     if result.orders is None:
         return
     live = _orders_unless_balance
-    orders = [] if live is not None and live.get(state.customer_id, 0) == state.balance else _open_orders(state)
+    if live is not None and live.get(state.customer_id, 0) == state.balance:
+        orders = []
+    else:
+        orders = _open_orders(state, unawarded or {})
     if orders:
         result.orders[state.customer_id] = orders
     else:
         result.orders.pop(state.customer_id, None)
 
 
-def _open_orders(state: CustomerState) -> list[dict]:
-    """The awards of the customer's orders a compensation may re-value, as its `revalued_orders`."""
-    return [
-        {"order_id": order_id, "refunds": sorted(order.refund_ids), **order.awards()}
+# Orders the replayed rules awarded nothing (below a new minimum order total, say): order id -> (when it was placed,
+# the `refund:<id>` tags of its refunds, whether it was cancelled). The core keeps no record of them, but the live
+# worker may hold their old awards; a compensation re-values them to nothing, so that a later refund takes back
+# nothing, as under the new rules.
+_Unawarded = dict[str, tuple[datetime, set[str], list[bool]]]
+
+
+_epoch = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _unawarded_if(result: ShadowResult) -> _Unawarded | None:
+    return {} if result.orders is not None else None
+
+
+def _note_unawarded(unawarded: _Unawarded, state: CustomerState, event: ev.Event) -> None:
+    if isinstance(event, ev.PurchaseCompleted):
+        if event.order_id not in state.orders and event.order_id not in unawarded:
+            unawarded[event.order_id] = (event.occurred_at, set(), [False])
+    elif isinstance(event, ev.PurchaseRefunded | ev.PurchaseCancelled):
+        known = unawarded.get(event.order_id)
+        if known is None or event.order_id in state.orders:
+            return
+        if isinstance(event, ev.PurchaseRefunded):
+            known[1].add(f"refund:{event.refund_id}")
+        else:
+            known[2][0] = True
+
+
+def _open_orders(state: CustomerState, unawarded: _Unawarded) -> list[dict]:
+    """The awards of the customer's orders a compensation may re-value, as its `revalued_orders`, in the order they
+    were placed: the open orders of the replayed state, and the orders it awarded nothing (no lines, no bonuses)."""
+    orders = [
+        (order.placed_at, {"order_id": order_id, "refunds": sorted(order.refund_ids), **order.awards()})
         for order_id, order in state.orders.items()
         if order.revaluable()
     ]
+    orders += [
+        (placed_at, {"order_id": order_id, "refunds": sorted(refunds), "lines": {}, "bonuses": {}})
+        for order_id, (placed_at, refunds, cancelled) in unawarded.items()
+        if order_id not in state.orders and not cancelled[0]
+    ]
+    if unawarded:
+        orders.sort(key=lambda item: item[0] or _epoch)
+    return [document for _, document in orders]
 
 
 def _first_pass(
@@ -200,10 +243,11 @@ def _first_pass(
 ) -> None:
     for customer_id, items in _customers(messages, result, progress):
         _check_once(customer_id, result.balances)
-        state = _run_customer(customer_id, items, ruleset, result, +1, derived)
+        unawarded = _unawarded_if(result)
+        state = _run_customer(customer_id, items, ruleset, result, +1, derived, unawarded)
         result.balances[customer_id] = state.balance
         if result.orders is not None:
-            _keep_orders(result, state)
+            _keep_orders(result, state, unawarded)
 
 
 def _check_once(customer_id: str, balances: dict[str, int]) -> None:
@@ -391,6 +435,7 @@ def _run_customer(
     result: ShadowResult,
     sign: int,
     derived: dict[str, list[tuple[tuple, ev.Event]]] | None,
+    unawarded: _Unawarded | None = None,
 ) -> CustomerState:
     """Apply one customer's events, adding (sign +1) or taking back (-1) their figures in `result`.
 
@@ -422,6 +467,8 @@ def _run_customer(
             points_by_rule[entry.rule_id] = points_by_rule.get(entry.rule_id, 0) + sign * points
             if points > 0 and entry.kind in _issuing_kinds:
                 result.issued += sign * points
+        if unawarded is not None:
+            _note_unawarded(unawarded, state, event)
         if derived is not None:
             for extra in derived_events(state, event, entries):
                 # Position: after the referrer's own events of the same instant (as in the drivers).

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import yaml
 
 from projections.archive import ArchivedMessage
 from schemas.decode import decode_event
@@ -21,7 +22,7 @@ from streams.batch import process_lines
 from streams.replay import REVALUED_ORDERS, compensations, replay_messages
 from streams.routing import routes_for
 from streams.rules.engine import apply
-from streams.rules.ruleset import load_ruleset
+from streams.rules.ruleset import RuleSet, load_ruleset, parse_ruleset
 from streams.rules.state import CustomerState, evolve
 
 RULESETS = Path(__file__).resolve().parents[2] / "streams/rules/rulesets"
@@ -80,15 +81,15 @@ def archived(lines: list[str]) -> list[ArchivedMessage]:
     return sorted(messages, key=lambda m: (m.occurred_at, m.topic_rank, m.offset))
 
 
-def live_then_apply(after: list[str], *, revalue: bool) -> tuple[CustomerState, list]:
+def live_then_apply(after: list[str], *, revalue: bool, new: RuleSet = NEW) -> tuple[CustomerState, list]:
     """The live worker: the history under the old rules, the apply's compensation, then `after` under the new."""
     state = CustomerState("c1")
     ledger = []
     for line in HISTORY:
         ledger += apply(state, decode_event(line.encode()), OLD)
-    shadow = replay_messages(archived(HISTORY), NEW, keep_orders=True)
+    shadow = replay_messages(archived(HISTORY), new, keep_orders=True)
     report = {
-        "ruleset_version_new": NEW.version,
+        "ruleset_version_new": new.version,
         "customers": [
             {"customer_id": "c1", "balance_before": state.balance, "balance_after": shadow.balances["c1"],
              "delta": shadow.balances["c1"] - state.balance}
@@ -96,9 +97,9 @@ def live_then_apply(after: list[str], *, revalue: bool) -> tuple[CustomerState, 
         REVALUED_ORDERS: shadow.orders if revalue else {},
     }  # fmt: skip
     ((_, compensation),) = compensations(report, cut_over=datetime(2026, 12, 1, tzinfo=UTC))
-    ledger += apply(state, decode_event(compensation, REDEMPTIONS), NEW)
+    ledger += apply(state, decode_event(compensation, REDEMPTIONS), new)
     for line in after:
-        ledger += apply(state, decode_event(line.encode()), NEW)
+        ledger += apply(state, decode_event(line.encode()), new)
     return state, ledger
 
 
@@ -117,6 +118,42 @@ def test_after_an_apply_reversals_take_back_what_the_new_rules_awarded(case):
     revalued = [entry for entry in ledger if entry.rule_id == "replay.revalue"]
     assert [entry.order_id for entry in revalued] == ["o1", "o2"]
     assert {entry.points for entry in revalued} == {0}
+
+
+def _with_minimum_order_total(ruleset_file: Path, minimum: str) -> RuleSet:
+    document = yaml.safe_load(ruleset_file.read_text())
+    document["version"] += "-minimum"
+    document["purchase"]["minimum_order_total"] = minimum
+    return parse_ruleset(yaml.safe_dump(document))
+
+
+@pytest.mark.parametrize("refund", ["partial", "full", "cancellation"])
+def test_an_order_the_new_rules_award_nothing_gives_nothing_back_after_the_apply(refund):
+    """o2 (90.00, refunded in part before the apply) is below the new minimum order total: the new rules never
+    awarded it, so its refund after the apply takes nothing back. Before, the live order kept the old rules' points
+    and the refund took them back a second time (the compensation had already taken them out of the balance)."""
+    new = _with_minimum_order_total(RULESETS / "seasonal-promotion.yaml", "100")
+    after = {
+        "partial": [
+            event(
+                "e5", "purchase.refunded", "2026-12-05T10:00:00+00:00", order_id="o2", refund_id="r2",
+                lines=[{"sku": "sku-0200", "quantity": 1}],
+            )
+        ],
+        "full": [event("e5", "purchase.refunded", "2026-12-05T10:00:00+00:00", order_id="o2", refund_id="r2")],
+        "cancellation": [event("e5", "purchase.cancelled", "2026-12-05T10:00:00+00:00", order_id="o2")],
+    }[refund]  # fmt: skip
+    expected = process_lines([line.encode() for line in HISTORY + after], new).balances()["c1"]
+    state, ledger = live_then_apply(after, revalue=True, new=new)
+    assert state.balance == expected
+    assert live_then_apply(after, revalue=False, new=new)[0].balance != expected
+    revalued = [entry for entry in ledger if entry.rule_id == "replay.revalue"]
+    assert "o2" in [entry.order_id for entry in revalued]
+    assert state.orders["o2"].awards()["lines"] == {"line:0": [0, 0]}
+    folded = CustomerState("c1")
+    for entry in ledger:
+        evolve(folded, entry, new.zone)
+    assert folded.orders == state.orders and folded.balance == state.balance
 
 
 def test_a_compensation_delivered_again_changes_nothing():
