@@ -108,12 +108,18 @@ class BrokerMonitor:
     ListOffsets answer ("latest") can trail the real end, its fetch high water mark does not.
     """
 
+    fetch_max_wait_ms = 500
+
     def __init__(self, bootstrap: str, group: str, partitions: int) -> None:
         self.bootstrap = bootstrap
         self.group = group
         self.partitions = partitions
         self.highwaters: dict[tuple[str, int], int] = {}
-        self.polls = 0  # fetches that refreshed `highwaters`
+        # Per partition, when the fetch response that gave its high water mark arrived (wall clock, ms). A
+        # partition whose fetched records are not all consumed yet is not fetched again, so its mark can be older
+        # than the last poll: `ends_fetched_after` goes by this, not by the number of polls.
+        self.fetched_at: dict[tuple[str, int], int] = {}
+        self.polls = 0  # getmany calls made
 
     async def run(self, stopping: asyncio.Event) -> None:
         from aiokafka import AIOKafkaConsumer
@@ -123,6 +129,7 @@ class BrokerMonitor:
             bootstrap_servers=self.bootstrap,
             enable_auto_commit=False,
             group_id=None,
+            fetch_max_wait_ms=self.fetch_max_wait_ms,
             max_partition_fetch_bytes=64 * 1024,
             auto_offset_reset="latest",
         )
@@ -137,9 +144,23 @@ class BrokerMonitor:
                     highwater = consumer.highwater(tp)
                     if highwater is not None:
                         self.highwaters[(tp.topic, tp.partition)] = highwater
+                        self.fetched_at[(tp.topic, tp.partition)] = consumer.last_poll_timestamp(tp) or 0
                 self.polls += 1
         finally:
             await consumer.stop()
+
+    def ends_fetched_after(self, topic: str, moment: float) -> dict[tuple[str, int], int] | None:
+        """The ends of every partition of `topic` as fetch requests sent after `moment` (time.time()) saw them, or
+        None while some partition has no such fetch yet. A response that arrived more than the broker's longest
+        hold of a fetch (`fetch_max_wait_ms`, 500) after `moment` answers a request sent after it."""
+        after_ms = moment * 1000 + self.fetch_max_wait_ms + 100
+        ends = {}
+        for partition in range(self.partitions):
+            key = (topic, partition)
+            if self.fetched_at.get(key, 0) <= after_ms or key not in self.highwaters:
+                return None
+            ends[key] = self.highwaters[key]
+        return ends
 
     def committed(self) -> dict[tuple[str, int], int]:
         # kafka-python's admin, not aiokafka's: aiokafka's OffsetFetch request fails to parse on Tansu.
@@ -466,12 +487,10 @@ def _replay_handler(client, client_lock, context, monitor, projector, bootstrap,
                 if all(committed.get(tp, 0) > offset for tp, offset in markers.items()):
                     # The worker produces an event's entries before it commits the event: the ledger's end, read
                     # by a fetch made after this point, holds every entry of the events before the markers.
-                    polls = monitor.polls
-                    while monitor.polls < polls + 2 and time.monotonic() < deadline:
+                    moment = time.time()
+                    while ledger_end is None and time.monotonic() < deadline:
                         await asyncio.sleep(0.1)
-                    ends = {key: end for key, end in monitor.highwaters.items() if key[0] == LEDGER}
-                    if monitor.polls >= polls + 2 and len(ends) == projector.partitions:
-                        ledger_end = ends
+                        ledger_end = monitor.ends_fetched_after(LEDGER, moment)
             if ledger_end is not None and time.monotonic() <= deadline:
                 archived, projected = projector.archived_to, projector.projected_to
                 if all(archived.get(tp, 0) > offset for tp, offset in markers.items()) and all(
