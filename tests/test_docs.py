@@ -96,3 +96,17 @@ def test_every_metric_docs_operations_md_names_is_exported():
     assert documented, "the metrics table moved"
     missing = documented - exported
     assert not missing
+
+
+def test_the_lifecycle_worked_example_is_what_rules_explain_prints(capsys):
+    """docs/lifecycle.md's worked example: its rule set is the YAML block, its events docs/examples/life.jsonl, and its
+    output block is what `loyalty rules explain` prints for them today."""
+    from streams.cli import main
+
+    document = (ROOT / "docs/lifecycle.md").read_text()
+    (shown_rules,) = re.findall(r"```yaml\n(version: lifecycle-demo-1\n.*?)```", document, re.S)
+    assert (ROOT / "docs/examples/life.yaml").read_text() == shown_rules
+    (shown_output,) = re.findall(r"\$ loyalty rules explain --rules life.yaml life.jsonl\n(.*?)```", document, re.S)
+    examples = ROOT / "docs/examples"
+    main(["rules", "explain", "--rules", str(examples / "life.yaml"), str(examples / "life.jsonl")])
+    assert capsys.readouterr().out == shown_output

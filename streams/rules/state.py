@@ -313,9 +313,7 @@ def _evolve_purchase(state: CustomerState, entry: LedgerEntry, kind: Kind, refer
         elif target in order.bonuses:
             order.bonuses[target].reversed = True
         if entry.pending_points:
-            state.pending_lots = [
-                lot for lot in state.pending_lots if not (lot.order_id == order_id and lot.target == target)
-            ]
+            _reduce_lot(state, order_id, target, -entry.pending_points)
     elif kind is Kind.confirmed:
         if target in order.lines:
             order.lines[target].pending = False
@@ -324,6 +322,20 @@ def _evolve_purchase(state: CustomerState, entry: LedgerEntry, kind: Kind, refer
         state.pending_lots = [
             lot for lot in state.pending_lots if not (lot.order_id == order_id and lot.target == target)
         ]
+
+
+def _reduce_lot(state: CustomerState, order_id: str, target: str, reversed_points: int) -> None:
+    """A reversal of pending points: the lot keeps what is left of it, to be confirmed when its window ends (a
+    partial refund of a pending line used to drop the whole lot, and the rest of the line stayed pending for ever)."""
+    kept = []
+    for lot in state.pending_lots:
+        if lot.order_id == order_id and lot.target == target:
+            left = lot.points - reversed_points
+            if left <= 0:
+                continue
+            lot = PendingLot(lot.available_at, lot.order_id, lot.target, left)
+        kept.append(lot)
+    state.pending_lots = kept
 
 
 def _revalue(order: OrderRecord, reference: str) -> None:

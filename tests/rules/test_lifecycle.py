@@ -139,3 +139,24 @@ def test_confirmed_points_count_once_toward_a_tier():
     # p2 releases p1's 200 points: lifetime 205 < 300, no tier change (counting them twice made 405)
     assert [entry for entry in ledger if entry.kind is Kind.tier_changed] == []
     assert state.lifetime_earned == 205 and state.tier is None
+
+
+def test_a_partial_refund_of_pending_points_leaves_the_rest_of_the_line_to_be_confirmed():
+    """Before, the reversal dropped the line's whole pending lot: the 30 points of the unit kept were never confirmed
+    and stayed pending for ever."""
+    ruleset = parse_ruleset(BASE.replace("'1'}", "'1', pending_days: 14}"))
+    refund = {"order_id": "o-p", "lines": [{"sku": "a", "quantity": 1}]}
+    state, ledger = run(
+        ruleset,
+        purchase("p", [("a", "books", 2, "30.00")], at="2026-01-01T00:00:00+00:00"),
+        event("purchase.refunded", "r1", at="2026-01-03T00:00:00+00:00", refund_id="r1", **refund),
+        event("clock.tick", "t1", at="2026-01-20T00:00:00+00:00"),
+        event("purchase.refunded", "r2", at="2026-01-25T00:00:00+00:00", refund_id="r2", **refund),
+    )
+    assert [(e.caused_by, e.kind, e.points, e.pending_points, e.balance_after, e.pending_after) for e in ledger] == [
+        ("p", Kind.pending, 0, 60, 0, 60),
+        ("r1", Kind.reversed, 0, -30, 0, 30),
+        ("t1", Kind.confirmed, 30, -30, 30, 0),
+        ("r2", Kind.reversed, -30, 0, 0, 0),  # the confirmed rest, taken back from the available balance
+    ]
+    assert (state.balance, state.pending, state.pending_lots) == (0, 0, [])
