@@ -235,6 +235,8 @@ class RevaluedOrder(_Frozen):
     refunds: Annotated[
         list[Annotated[str, StringConstraints(max_length=identifier_length_max + 16)]], Field(max_length=1000)
     ] = []
+    # Points the new rules hold pending: per line key or bonus rule, when its window ends and the points pending.
+    pending: Annotated[dict[Identifier, tuple[EventTime, Points]], Field(max_length=1100)] = {}
 
 
 class PointsAdjusted(Envelope):

@@ -856,8 +856,9 @@ def replay_digest(result) -> str:
     import hashlib
 
     figures = dataclasses.asdict(result)
-    if figures.get("orders") is None:
-        figures.pop("orders", None)  # kept only for an apply: digests stay comparable with code before the field
+    for optional in ("orders", "pending"):  # kept only for an apply: digests stay comparable with code before them
+        if figures.get(optional) is None:
+            figures.pop(optional, None)
     document = json.dumps(figures, sort_keys=True).encode()
     return hashlib.sha256(document).hexdigest()[:16]
 

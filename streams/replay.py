@@ -39,7 +39,7 @@ from schemas.topics import REDEMPTIONS, REFERRALS
 from streams.batch import order_key
 from streams.rules.engine import apply, derived_events, event_fingerprint
 from streams.rules.ruleset import RuleSet
-from streams.rules.state import CustomerState
+from streams.rules.state import CustomerState, order_lots
 from streams.settings import replay_processes_max
 
 progress_every_events = 50_000
@@ -78,8 +78,10 @@ class ShadowResult:
     rejected: int = 0
     entries: int = 0
     derived_skipped: int = 0
-    # With `keep_orders`: per customer, the open orders' awards under the replayed rules (see `_open_orders`).
+    # With `keep_orders`: per customer, the open orders' awards under the replayed rules (see `_open_orders`), and
+    # the pending balance (customers with points pending only).
     orders: dict[str, list[dict]] | None = None
+    pending: dict[str, int] | None = None
 
 
 def replay_messages(
@@ -89,7 +91,7 @@ def replay_messages(
     progress: Callable[[int], None] | None = None,
     refetch: Callable[[set[str]], Iterable[Any]] | None = None,
     processes: int = 1,
-    keep_orders: bool | Mapping[str, int] = False,
+    keep_orders: bool | Mapping[str, tuple[int, int]] = False,
 ) -> ShadowResult:
     """Run the core over archived messages sorted by (routing key, occurred_at, topic rank, offset).
 
@@ -135,9 +137,10 @@ def _replay(
     progress: Callable[[int], None] | None,
     refetch: Callable[[set[str]], Iterable[Any]] | None,
     processes: int,
-    keep_orders: bool | Mapping[str, int],
+    keep_orders: bool | Mapping[str, tuple[int, int]],
 ) -> ShadowResult:
-    result = ShadowResult(orders={} if keep_orders is not False else None)
+    kept = keep_orders is not False
+    result = ShadowResult(orders={} if kept else None, pending={} if kept else None)
     derived: dict[str, list[tuple[tuple, ev.Event]]] = {}
     if processes == 1:
         _first_pass(_fields(messages), ruleset, result, derived, progress)
@@ -168,17 +171,21 @@ def _replay(
     return result
 
 
-# With `keep_orders` given as the live balances: the orders of a customer whose replayed balance equals the live
-# one are not kept (no compensation will carry them), so memory follows the customers an apply compensates. One
-# replay at a time per process uses it: `loyalty up` runs replays under its client lock.
-_orders_unless_balance: Mapping[str, int] | None = None
+# With `keep_orders` given as the live (balance, pending) per customer: the orders of a customer whose replayed ones
+# equal the live ones are not kept (no compensation will carry them), so memory follows the customers an apply
+# compensates. One replay at a time per process uses it: `loyalty up` runs replays under its client lock.
+_orders_unless_balance: Mapping[str, tuple[int, int]] | None = None
 
 
 def _keep_orders(result: ShadowResult, state: CustomerState, unawarded: _Unawarded | None) -> None:
-    if result.orders is None:
+    if result.orders is None or result.pending is None:
         return
+    if state.pending:
+        result.pending[state.customer_id] = state.pending
+    else:
+        result.pending.pop(state.customer_id, None)
     live = _orders_unless_balance
-    if live is not None and live.get(state.customer_id, 0) == state.balance:
+    if live is not None and live.get(state.customer_id, (0, 0)) == (state.balance, state.pending):
         orders = []
     else:
         orders = _open_orders(state, unawarded or {})
@@ -220,7 +227,10 @@ def _open_orders(state: CustomerState, unawarded: _Unawarded) -> list[dict]:
     """The awards of the customer's orders a compensation may re-value, as its `revalued_orders`, in the order they
     were placed: the open orders of the replayed state, and the orders it awarded nothing (no lines, no bonuses)."""
     orders = [
-        (order.placed_at, {"order_id": order_id, "refunds": sorted(order.refund_ids), **order.awards()})
+        (
+            order.placed_at,
+            {"order_id": order_id, "refunds": sorted(order.refund_ids), **order.awards(order_lots(state, order_id))},
+        )
         for order_id, order in state.orders.items()
         if order.revaluable()
     ]
@@ -307,7 +317,7 @@ _process_ruleset: RuleSet | None = None
 _process_keeps_orders = False
 
 
-def _start_process(ruleset: RuleSet, caller: int, keep_orders: bool | Mapping[str, int] = False) -> None:
+def _start_process(ruleset: RuleSet, caller: int, keep_orders: bool | Mapping[str, tuple[int, int]] = False) -> None:
     global _process_ruleset, _process_keeps_orders, _orders_unless_balance
     _process_ruleset = ruleset
     _process_keeps_orders = keep_orders is not False
@@ -328,7 +338,7 @@ def _start_process(ruleset: RuleSet, caller: int, keep_orders: bool | Mapping[st
 def _replay_chunk(chunk: _Chunk) -> tuple[ShadowResult, dict[str, list[tuple[tuple, ev.Event]]]]:
     """In a replay process: the first pass over one chunk of whole customers."""
     assert _process_ruleset is not None, "replay process started without its rule set"
-    result = ShadowResult(orders={} if _process_keeps_orders else None)
+    result = ShadowResult(orders={} if _process_keeps_orders else None, pending={} if _process_keeps_orders else None)
     derived: dict[str, list[tuple[tuple, ev.Event]]] = {}
     _first_pass(chunk.fields(), _process_ruleset, result, derived, None)
     return result, derived
@@ -351,6 +361,8 @@ def _merge(
     result.entries += part.entries
     if result.orders is not None and part.orders:
         result.orders.update(part.orders)
+    if result.pending is not None and part.pending:
+        result.pending.update(part.pending)
     for customer_id, events in part_derived.items():
         derived.setdefault(customer_id, []).extend(events)
 
@@ -362,7 +374,7 @@ def _first_pass_in_processes(
     derived: dict[str, list[tuple[tuple, ev.Event]]],
     progress: Callable[[int], None] | None,
     processes: int,
-    keep_orders: bool | Mapping[str, int] = False,
+    keep_orders: bool | Mapping[str, tuple[int, int]] = False,
 ) -> None:
     chunks = _chunks(messages, chunk_messages)
     first = next(chunks, None)
@@ -482,6 +494,7 @@ class LiveFigures:
     points_by_rule: dict[str, int]
     issued: int
     versions: list[str]
+    pending: dict[str, int] = field(default_factory=dict)  # with markers: pending balances (customers with some)
 
 
 def live_figures(client, markers: Mapping[tuple[str, int], int] | None = None, version: str = "") -> LiveFigures:
@@ -528,21 +541,25 @@ def _live_figures_before(client, markers: Mapping[tuple[str, int], int], version
     )
     rows = client.query(
         "SELECT customer_id, rule_id, sum(points), "
-        "sumIf(points, kind IN ('earned', 'confirmed') AND points > 0) "
+        "sumIf(points, kind IN ('earned', 'confirmed') AND points > 0), sum(pending_points) "
         f"FROM ledger_entries FINAL WHERE {before} GROUP BY customer_id, rule_id",
         parameters=parameters,
     ).result_rows
     balances: dict[str, int] = {}
+    pending: dict[str, int] = {}
     by_rule: dict[str, int] = {}
     issued = 0
-    for customer_id, rule_id, points, earned in rows:
+    for customer_id, rule_id, points, earned, pending_points in rows:
         balances[customer_id] = balances.get(customer_id, 0) + int(points)
         by_rule[rule_id] = by_rule.get(rule_id, 0) + int(points)
         issued += int(earned or 0)
+        if pending_points:
+            pending[customer_id] = pending.get(customer_id, 0) + int(pending_points)
     versions = client.query(
         f"SELECT DISTINCT ruleset_version FROM ledger_entries WHERE {before}", parameters=parameters
     ).result_rows
-    return LiveFigures(balances, by_rule, issued, sorted(row[0] for row in versions))
+    pending = {customer_id: points for customer_id, points in pending.items() if points}
+    return LiveFigures(balances, by_rule, issued, sorted(row[0] for row in versions), pending)
 
 
 def compare(live: LiveFigures, shadow: ShadowResult, ruleset: RuleSet, current_point_value: Decimal) -> dict:
@@ -617,7 +634,7 @@ def dry_run(
         refetch=lambda keys: archive.stream_for_replay(keys=keys, before=markers),
         processes=processes,
         # An apply's compensations re-value the open orders of the customers whose balance changes.
-        keep_orders=live.balances if markers is not None else False,
+        keep_orders=_live_balances(live) if markers is not None else False,
     )
     elapsed = time.monotonic() - started
     report = compare(live, shadow, ruleset, current_point_value)
@@ -631,7 +648,22 @@ def dry_run(
     report["events_per_s"] = round(shadow.events / elapsed) if elapsed > 0 else None
     if shadow.orders is not None:
         report[REVALUED_ORDERS] = shadow.orders  # for `compensations`; taken out of the report shown
+    if shadow.pending is not None:
+        report[PENDING_CHANGES] = _pending_changes(live.pending, shadow.pending)  # the same
     return report
+
+
+def _live_balances(live: LiveFigures) -> dict[str, tuple[int, int]]:
+    """Per customer (balance, pending balance) live: the replay keeps the orders of customers where either differs."""
+    return {
+        customer_id: (live.balances.get(customer_id, 0), live.pending.get(customer_id, 0))
+        for customer_id in set(live.balances) | set(live.pending)
+    }
+
+
+def _pending_changes(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, int]:
+    changes = {customer_id: after.get(customer_id, 0) - before.get(customer_id, 0) for customer_id in {*before, *after}}
+    return {customer_id: change for customer_id, change in changes.items() if change}
 
 
 def preview_customer(client, ruleset: RuleSet, customer_id: str) -> dict:
@@ -749,6 +781,7 @@ def _customers_active_since(client, since: datetime) -> set[str]:
 
 
 REVALUED_ORDERS = "revalued_orders"
+PENDING_CHANGES = "pending_changes"  # per customer, the change of the pending balance (an apply's; not shown)
 # A compensation stays under this size with its re-valued orders (the worker refuses events over 64 KiB, and a
 # refused compensation would lose its balance correction too): the newest orders go in first, the rest stay as they
 # are live.
@@ -756,18 +789,26 @@ compensation_bytes_max = 48 * 1024
 
 
 def compensations(report: dict, *, cut_over: datetime, store_id: str = "replay") -> list[tuple[str, bytes]]:
-    """One `points.adjusted` event per customer whose balance changes (customer id, JSON bytes).
+    """One `points.adjusted` event per customer whose balance or pending balance changes (customer id, JSON bytes).
 
     Ids are derived from the new rule-set version and the customer, so a repeated apply publishes the very
     same events, which the worker recognises and applies once. With the report's open orders under the new rules
-    (an apply's), each event carries the customer's, which the worker re-values (`engine._revalue_order`).
+    (an apply's), each event carries the customer's, which the worker re-values (`engine._revalue_order`). The
+    event's points are the change of available and pending points together: the re-valuation of an order moves its
+    own change of pending points between the two, so an order that cannot be re-valued leaves its share on the
+    available balance instead of in a pending balance that no lot would ever confirm or reverse.
     """
     version = report["ruleset_version_new"]
     orders = report.get(REVALUED_ORDERS) or {}
+    pending = report.get(PENDING_CHANGES) or {}
     published = []
     for row in report["customers"]:
-        if row["delta"] == 0:
+        pending_change = pending.get(row["customer_id"], 0)
+        if row["delta"] == 0 and pending_change == 0:
             continue
+        note = f"was {row['balance_before']}, now {row['balance_after']}"
+        if pending_change:
+            note += f"; pending {pending_change:+d}"
         event = {
             "event_id": f"{compensation_prefix}{version}:{row['customer_id']}"[:128],
             "event_type": "points.adjusted",
@@ -776,9 +817,8 @@ def compensations(report: dict, *, cut_over: datetime, store_id: str = "replay")
             "customer_id": row["customer_id"],
             "store_id": store_id,
             "adjustment_id": f"replay:{version}"[:128],
-            "points": row["delta"],
-            "note": f"replay: balances recomputed under rule set {version} (was {row['balance_before']}, "
-            f"now {row['balance_after']})",
+            "points": row["delta"] + pending_change,
+            "note": f"replay: balances recomputed under rule set {version} ({note})",
             "actor": "replay",
             "allow_negative": True,
         }

@@ -18,7 +18,7 @@ from schemas import events as ev
 from schemas.decode import EventRejected
 from schemas.ledger import Kind, LedgerEntry, Source, ledger_entry_trusted
 from streams.rules.ruleset import Cap, Rounding, RuleSet
-from streams.rules.state import CustomerState, OrderRecord, evolve, local_day, spend_change
+from streams.rules.state import REVALUE_RULE, CustomerState, OrderRecord, evolve, local_day, order_lots, spend_change
 
 Side = Literal["customer", "referee"]
 
@@ -931,17 +931,20 @@ def _adjust(entries: _Entries, event: ev.PointsAdjusted) -> None:
             _revalue_order(entries, revalued)
 
 
-REVALUE_RULE = "replay.revalue"
 REVALUE_PREFIX = "revalue:"
 
 
 def _revalue_order(entries: _Entries, revalued: ev.RevaluedOrder) -> None:
-    """A replay's compensation re-values an open order: a 0-point entry whose reference holds the order's awards under
-    the new rules (every line key and bonus the live order has; a line or bonus the new rules do not give is worth
-    0). Folding it replaces the awards (`state.evolve`), so a later refund or cancellation reverses the new values;
-    the balance itself is the compensation's. An order with pending points, closed already, or refunded since the
-    values were taken (another set of refunds) stays as it is."""
-    order = entries.state.orders.get(revalued.order_id)
+    """A replay's compensation re-values an open order: an entry whose reference holds the order's awards under the
+    new rules (every line key and bonus the live order has; a line or bonus the new rules do not give is worth 0),
+    and their pending points with the end of each window. Folding it replaces the awards and the pending lots
+    (`state.evolve`), so a later refund or cancellation reverses the new values and the window's end confirms the
+    new pending points. The compensation put the change of the customer's available and pending points together on
+    the available balance; the entry moves this order's change of pending points between the two (0 points, a
+    `recorded` entry, when it has none). An order closed already, or refunded since the values were taken (another
+    set of refunds), stays as it is, and so does the split of its points."""
+    state = entries.state
+    order = state.orders.get(revalued.order_id)
     if order is None or not order.revaluable():
         return
     if set(order.refund_ids) != set(revalued.refunds):
@@ -951,9 +954,15 @@ def _revalue_order(entries: _Entries, revalued: ev.RevaluedOrder) -> None:
         rule_id: [points, reversed_, None if threshold is None else format(threshold, "f")]
         for rule_id, (points, reversed_, threshold) in sorted(revalued.bonuses.items())
     }
-    live = order.awards()
+    pending = {
+        target: [available_at.isoformat(), points]
+        for target, (available_at, points) in sorted(revalued.pending.items())
+        if points > 0 and (target in lines or target in bonuses)
+    }
+    lots = order_lots(state, revalued.order_id)
+    live = order.awards(lots)
     live_lines, live_bonuses = live["lines"], live["bonuses"]
-    if lines == live_lines and bonuses == live_bonuses:
+    if lines == live_lines and bonuses == live_bonuses and pending == live.get("pending", {}):
         return
     shown = ", ".join(
         [f"{key} {live_lines[key][0]} -> {value[0]}" for key, value in lines.items() if value != live_lines[key]]
@@ -964,13 +973,21 @@ def _revalue_order(entries: _Entries, revalued: ev.RevaluedOrder) -> None:
         ]
         + [f"{rule_id} {value[0]} -> 0" for rule_id, value in live_bonuses.items() if rule_id not in bonuses]
     )
-    document = json.dumps({"lines": lines, "bonuses": bonuses}, separators=(",", ":"), sort_keys=True)
-    entries.record(
+    moved = sum(points for _, points in pending.values()) - sum(lot.points for lot in lots)
+    if moved:
+        shown += f"; {moved} points {'to' if moved > 0 else 'from'} pending"
+    document: dict = {"lines": lines, "bonuses": bonuses}
+    if pending:
+        document["pending"] = pending
+    entries.add(
+        Kind.adjusted if moved else Kind.recorded,
         Source.purchase,
         REVALUE_RULE,
-        f"order re-valued under rule set {entries.ruleset.version}: {shown}"[:300],
+        points=-moved,
+        pending_points=moved,
+        explanation=f"order re-valued under rule set {entries.ruleset.version}: {shown}"[:300],
         order_id=revalued.order_id,
-        reference=REVALUE_PREFIX + document,
+        reference=REVALUE_PREFIX + json.dumps(document, separators=(",", ":"), sort_keys=True),
     )
 
 

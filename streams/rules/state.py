@@ -75,15 +75,14 @@ class OrderRecord:
         return sum((line.amount for line in self.lines.values()), Decimal(0))
 
     def revaluable(self) -> bool:
-        """Whether a replay's compensation may re-value the order: open, and no points of it pending."""
-        if self.closed() or any(line.pending for line in self.lines.values()):
-            return False
-        return not any(bonus.pending for bonus in self.bonuses.values())
+        """Whether a replay's compensation may re-value the order: something of it still stands."""
+        return not self.closed()
 
-    def awards(self) -> dict:
+    def awards(self, lots: list[PendingLot] | None = None) -> dict:
         """The order's awards as a re-valuation holds them: per line key [points, points reversed], per bonus rule
-        [points, reversed, spend threshold as a decimal string or None]."""
-        return {
+        [points, reversed, spend threshold as a decimal string or None], and with points still pending, per line
+        key or bonus rule [when the window ends (ISO 8601), points pending] (`lots`: the order's pending lots)."""
+        document: dict = {
             "lines": {key: [line.points, line.points_reversed] for key, line in self.lines.items()},
             "bonuses": {
                 rule_id: [
@@ -94,6 +93,9 @@ class OrderRecord:
                 for rule_id, bonus in self.bonuses.items()
             },
         }
+        if lots:
+            document["pending"] = {lot.target: [lot.available_at.isoformat(), lot.points] for lot in lots}
+        return document
 
     def remaining_goods_total(self) -> Decimal:
         total = Decimal(0)
@@ -292,8 +294,8 @@ def _evolve_purchase(state: CustomerState, entry: LedgerEntry, kind: Kind, refer
     order = state.orders.get(order_id)
     if order is None:
         return
-    if kind is Kind.recorded and entry.rule_id == "replay.revalue":
-        _revalue(order, reference)
+    if entry.rule_id == REVALUE_RULE:
+        _revalue(state, order_id, order, reference)
         return
     target, _, refund_id = reference.partition(";")
     if refund_id:
@@ -338,18 +340,31 @@ def _reduce_lot(state: CustomerState, order_id: str, target: str, reversed_point
     state.pending_lots = kept
 
 
-def _revalue(order: OrderRecord, reference: str) -> None:
+REVALUE_RULE = "replay.revalue"
+
+
+def order_lots(state: CustomerState, order_id: str) -> list[PendingLot]:
+    return [lot for lot in state.pending_lots if lot.order_id == order_id]
+
+
+def _revalue(state: CustomerState, order_id: str, order: OrderRecord, reference: str) -> None:
     """A replay's re-valuation of an order (streams/rules/engine.py, `_revalue_order`): its awards become the new
-    rules' values, held in the entry's reference."""
+    rules' values, held in the entry's reference, and so do its pending lots (the entry's points moved the
+    difference between the available and the pending balance)."""
     document = json.loads(reference.removeprefix("revalue:"))
+    pending = document.get("pending", {})
     for key, (points, points_reversed) in document["lines"].items():
         line = order.lines.get(key)
         if line is not None:
             line.points, line.points_reversed = points, points_reversed
+            line.pending = key in pending
     order.bonuses = {
-        rule_id: BonusAward(points, False, None if threshold is None else Decimal(threshold), reversed_)
+        rule_id: BonusAward(points, rule_id in pending, None if threshold is None else Decimal(threshold), reversed_)
         for rule_id, (points, reversed_, threshold) in document["bonuses"].items()
     }
+    state.pending_lots = [lot for lot in state.pending_lots if lot.order_id != order_id] + [
+        PendingLot(datetime.fromisoformat(at), order_id, target, points) for target, (at, points) in pending.items()
+    ]
 
 
 def _evolve_lots(state: CustomerState, entry: LedgerEntry, kind: Kind) -> None:

@@ -54,7 +54,7 @@ def test_replay_in_two_processes_equals_one_process_and_the_batch_driver(history
 
 def test_the_orders_an_apply_keeps_are_the_same_in_two_processes_and_only_of_changed_customers(history, monkeypatch):
     """An apply keeps the open orders of the customers whose replayed balance differs from the live one (given as
-    `keep_orders`), in every replay process; the derived events' second pass updates them."""
+    `keep_orders`, with the pending balance), in every replay process; the derived events' second pass updates them."""
     lines, rules, archive = history
 
     def refetch(keys):
@@ -64,13 +64,17 @@ def test_the_orders_an_apply_keeps_are_the_same_in_two_processes_and_only_of_cha
     assert every.orders  # customers with open orders
     # Live balances: half the customers as replayed (nothing to compensate), the others off by one point.
     customers = sorted(every.balances)
-    live = {customer: every.balances[customer] + (number % 2) for number, customer in enumerate(customers)}
+    live = {
+        customer: (every.balances[customer] + (number % 2), every.pending.get(customer, 0))
+        for number, customer in enumerate(customers)
+    }
     changed = {customer for number, customer in enumerate(customers) if number % 2}
     alone = replay_messages(archive, rules, refetch=refetch, keep_orders=live)
     assert alone.orders == {customer: orders for customer, orders in every.orders.items() if customer in changed}
     monkeypatch.setattr(replay, "chunk_messages", 97)
     together = replay_messages(archive, rules, refetch=refetch, processes=2, keep_orders=live)
     assert together.orders == alone.orders
+    assert together.pending == alone.pending == every.pending
 
 
 def test_chunks_end_where_the_routing_key_changes(history):

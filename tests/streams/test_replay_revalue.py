@@ -19,7 +19,7 @@ from projections.archive import ArchivedMessage
 from schemas.decode import decode_event
 from schemas.topics import REDEMPTIONS, TOPIC_RANK
 from streams.batch import process_lines
-from streams.replay import REVALUED_ORDERS, compensations, replay_messages
+from streams.replay import PENDING_CHANGES, REVALUED_ORDERS, compensations, replay_messages
 from streams.routing import routes_for
 from streams.rules.engine import apply
 from streams.rules.ruleset import RuleSet, load_ruleset, parse_ruleset
@@ -81,12 +81,14 @@ def archived(lines: list[str]) -> list[ArchivedMessage]:
     return sorted(messages, key=lambda m: (m.occurred_at, m.topic_rank, m.offset))
 
 
-def live_then_apply(after: list[str], *, revalue: bool, new: RuleSet = NEW) -> tuple[CustomerState, list]:
+def live_then_apply(
+    after: list[str], *, revalue: bool, new: RuleSet = NEW, old: RuleSet = OLD
+) -> tuple[CustomerState, list]:
     """The live worker: the history under the old rules, the apply's compensation, then `after` under the new."""
     state = CustomerState("c1")
     ledger = []
     for line in HISTORY:
-        ledger += apply(state, decode_event(line.encode()), OLD)
+        ledger += apply(state, decode_event(line.encode()), old)
     shadow = replay_messages(archived(HISTORY), new, keep_orders=True)
     report = {
         "ruleset_version_new": new.version,
@@ -95,6 +97,7 @@ def live_then_apply(after: list[str], *, revalue: bool, new: RuleSet = NEW) -> t
              "delta": shadow.balances["c1"] - state.balance}
         ],
         REVALUED_ORDERS: shadow.orders if revalue else {},
+        PENDING_CHANGES: {"c1": shadow.pending.get("c1", 0) - state.pending} if revalue else {},
     }  # fmt: skip
     ((_, compensation),) = compensations(report, cut_over=datetime(2026, 12, 1, tzinfo=UTC))
     ledger += apply(state, decode_event(compensation, REDEMPTIONS), new)
@@ -120,11 +123,59 @@ def test_after_an_apply_reversals_take_back_what_the_new_rules_awarded(case):
     assert {entry.points for entry in revalued} == {0}
 
 
-def _with_minimum_order_total(ruleset_file: Path, minimum: str) -> RuleSet:
+def _with_purchase_setting(ruleset_file: Path, setting: str, value: object) -> RuleSet:
     document = yaml.safe_load(ruleset_file.read_text())
-    document["version"] += "-minimum"
-    document["purchase"]["minimum_order_total"] = minimum
+    document["version"] += f"-{setting}"
+    document["purchase"][setting] = value
     return parse_ruleset(yaml.safe_dump(document))
+
+
+def _with_minimum_order_total(ruleset_file: Path, minimum: str) -> RuleSet:
+    return _with_purchase_setting(ruleset_file, "minimum_order_total", minimum)
+
+
+PENDING_AFTER = {
+    "refund inside the window": [
+        event(
+            "e5", "purchase.refunded", "2026-12-05T10:00:00+00:00", order_id="o1", refund_id="r1",
+            lines=[{"sku": "sku-0200", "quantity": 1}],
+        ),
+        event("e6", "purchase.refunded", "2026-12-06T10:00:00+00:00", order_id="o2", refund_id="r2"),
+    ],
+    "windows end": [event("e5", "clock.tick", "2027-01-10T10:00:00+00:00")],
+    "refund after the windows end": [
+        event("e5", "clock.tick", "2027-01-10T10:00:00+00:00"),
+        event("e6", "purchase.refunded", "2027-01-11T10:00:00+00:00", order_id="o1", refund_id="r1"),
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(PENDING_AFTER))
+@pytest.mark.parametrize("direction", ["new rules hold points pending", "old rules held points pending"])
+def test_an_apply_that_changes_the_return_window_moves_points_between_available_and_pending(direction, case):
+    """With a return window (`pending_days`) on one side only, the compensation carries the change of available and
+    pending points together, and each re-valued order moves its own share into or out of the pending balance, with
+    the new rules' lots: refunds inside the window reverse pending points and its end confirms them, as under the
+    new rules over the whole log. Before, the order kept its old split: a refund after an apply that added a window
+    took the points from the available balance the compensation had already taken them from."""
+    windowed = _with_purchase_setting(RULESETS / "seasonal-promotion.yaml", "pending_days", 60)
+    old, new = (
+        (OLD, windowed)
+        if direction.startswith("new")
+        else (_with_purchase_setting(RULESETS / "default.yaml", "pending_days", 60), NEW)
+    )
+    after = PENDING_AFTER[case]
+    expected = process_lines([line.encode() for line in HISTORY + after], new).states["c1"]
+    state, ledger = live_then_apply(after, revalue=True, new=new, old=old)
+    assert (state.balance, state.pending) == (expected.balance, expected.pending)
+    assert state.pending_lots == expected.pending_lots
+    assert live_then_apply(after, revalue=False, new=new, old=old)[0].balance != expected.balance
+    moves = [entry for entry in ledger if entry.rule_id == "replay.revalue"]
+    assert moves and all(entry.points == -entry.pending_points != 0 for entry in moves)
+    folded = CustomerState("c1")  # a restarted worker folds the same orders and lots back
+    for entry in ledger:
+        evolve(folded, entry, new.zone)
+    assert folded.orders == state.orders and folded.pending_lots == state.pending_lots
 
 
 @pytest.mark.parametrize("refund", ["partial", "full", "cancellation"])
