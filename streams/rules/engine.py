@@ -426,6 +426,7 @@ def _reverse_order(entries: _Entries, order_id: str, order: OrderRecord, refund_
             explanation=f"{why}: reverses the remaining {left} points of {line.sku}",
             order_id=order_id,
             sku=line.sku,
+            category=line.category,
             quantity=quantity_left,
             amount=line.amount * quantity_left / line.quantity if line.quantity else _zero,
             reference=f"{key};{refund_tag}",
@@ -505,6 +506,7 @@ def _purchase_refunded(entries: _Entries, event: ev.PurchaseRefunded) -> None:
             ),
             order_id=event.order_id,
             sku=line.sku,
+            category=line.category,
             quantity=quantity,
             amount=line.amount * quantity / line.quantity,
             reference=f"{key};{tag}",
@@ -999,7 +1001,7 @@ def _release_pending(entries: _Entries) -> None:
         if lot.available_at > moment:
             continue
         order = state.orders[lot.order_id]
-        sku = order.lines[lot.target].sku if lot.target in order.lines else None
+        line = order.lines.get(lot.target)
         entries.add(
             Kind.confirmed,
             Source.purchase,
@@ -1008,7 +1010,8 @@ def _release_pending(entries: _Entries) -> None:
             pending_points=-lot.points,
             explanation=f"return window ended {lot.available_at.isoformat()}",
             order_id=lot.order_id,
-            sku=sku,
+            sku=line.sku if line is not None else None,
+            category=line.category if line is not None else None,
             reference=lot.target,
         )
 

@@ -44,6 +44,7 @@ class LineAward:
     pending: bool
     quantity_refunded: int = 0
     points_reversed: int = 0
+    category: str | None = None  # carried to the line's reversals and confirmations (points by category)
 
 
 @dataclass(slots=True)
@@ -284,6 +285,7 @@ def _evolve_purchase(state: CustomerState, entry: LedgerEntry, kind: Kind, refer
                 amount=Decimal(entry.amount or "0"),
                 points=points,
                 pending=pending,
+                category=entry.category,
             )
         else:
             threshold = Decimal(entry.amount) if entry.amount else None

@@ -160,3 +160,24 @@ def test_a_partial_refund_of_pending_points_leaves_the_rest_of_the_line_to_be_co
         ("r2", Kind.reversed, -30, 0, 0, 0),  # the confirmed rest, taken back from the available balance
     ]
     assert (state.balance, state.pending, state.pending_lots) == (0, 0, [])
+
+
+def test_a_lines_reversals_and_confirmation_carry_its_category():
+    """Points by category (the dashboard's `--by category`, analysts' query 5) count every entry of a line under its
+    category; confirmations and reversals had none, so under a return window every confirmed point fell under
+    "(none)"."""
+    ruleset = parse_ruleset(BASE.replace("'1'}", "'1', pending_days: 14}"))
+    refund = {"order_id": "o-p", "lines": [{"sku": "a", "quantity": 1}]}
+    _, ledger = run(
+        ruleset,
+        purchase("p", [("a", "books", 2, "30.00")], at="2026-01-01T00:00:00+00:00"),
+        event("purchase.refunded", "r1", at="2026-01-03T00:00:00+00:00", refund_id="r1", **refund),
+        event("clock.tick", "t1", at="2026-01-20T00:00:00+00:00"),
+        event("purchase.cancelled", "x", at="2026-01-25T00:00:00+00:00", order_id="o-p"),
+    )
+    assert [(e.kind, e.sku, e.category) for e in ledger] == [
+        (Kind.pending, "a", "books"),
+        (Kind.reversed, "a", "books"),
+        (Kind.confirmed, "a", "books"),
+        (Kind.reversed, "a", "books"),
+    ]
