@@ -69,9 +69,9 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _date_param(request: web.Request, name: str, default: date) -> date:
+def _date_param(request: web.Request, name: str, default: date | None) -> date | None:
     raw = request.query.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     try:
         return date.fromisoformat(raw)
@@ -119,7 +119,9 @@ class ApiContext:
 def _range(request: web.Request) -> tuple[date, date]:
     today = datetime.now(UTC).date()
     date_to = _date_param(request, "to", today)
-    date_from = _date_param(request, "from", date_to - timedelta(days=29))
+    date_from = _date_param(request, "from", None)
+    if date_from is None:  # 30 days up to `to`; computed only when not given (0001-01-05 has no 29 days before it)
+        date_from = max(date_to, date.min + timedelta(days=29)) - timedelta(days=29)
     if date_from > date_to:
         raise BadRequest("from: must not be after to")
     if (date_to - date_from).days > dashboard_range_days_max:

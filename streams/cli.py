@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.decode import EventRejected, decode_event
+from streams.client import customer_path
 from streams.rules.ruleset import RuleSetInvalid, load_ruleset
 
 progress_bar_width = 30  # characters of the replay's progress bar on a terminal
@@ -215,7 +216,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_balance(args: argparse.Namespace) -> int:
-    document = _query(args, f"/api/customers/{args.customer}/balance")
+    document = _query(args, customer_path(args.customer, "balance"))
     if args.json:
         _print_json(document)
     else:
@@ -227,7 +228,7 @@ def cmd_balance(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    document = _query(args, f"/api/customers/{args.customer}/history", {"limit": args.limit, "offset": args.offset})
+    document = _query(args, customer_path(args.customer, "history"), {"limit": args.limit, "offset": args.offset})
     if args.json:
         _print_json(document)
         return 0
@@ -247,7 +248,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         "by": args.by,
         "limit": args.limit,
     }
-    document = _query(args, "/api/dashboard", {key: value for key, value in params.items() if value})
+    document = _query(args, "/api/dashboard", {key: value for key, value in params.items() if value is not None})
     if args.json:
         _print_json(document)
         return 0
@@ -323,7 +324,7 @@ def cmd_expiring(args: argparse.Namespace) -> int:
                 "rule set (stop `loyalty up`, or use another --data-dir)"
             )
         if args.customer:
-            document = _query(args, f"/api/customers/{args.customer}/expiring", {"within_days": args.within_days})
+            document = _query(args, customer_path(args.customer, "expiring"), {"within_days": args.within_days})
         else:
             document = _query(args, "/api/expiring", {"within_days": args.within_days, "limit": min(args.limit, 1000)})
     else:

@@ -17,7 +17,13 @@ class NotRunning(RuntimeError):
     pass
 
 
+def customer_path(customer_id: str, what: str) -> str:
+    """The API path of one customer's `what`; the id is one path segment, whatever it holds (`/`, `%`, `?`)."""
+    return f"/api/customers/{urllib.parse.quote(customer_id, safe='')}/{what}"
+
+
 def query_running_system(settings: Settings, path: str, params: dict[str, Any]) -> Any:
+    """GET `path` (already quoted: see `customer_path`) from the running system's API."""
     return _request(settings, path, params, None)
 
 
@@ -33,7 +39,7 @@ def _request(
     run = read_run_file(settings)
     if not run:
         raise NotRunning(f"no running system found in {settings.data_dir} (start it with `loyalty up`)")
-    url = run["url"] + urllib.parse.quote(path) + ("?" + urllib.parse.urlencode(params) if params else "")
+    url = run["url"] + path + ("?" + urllib.parse.urlencode(params) if params else "")
     headers = {"Authorization": f"Bearer {run['token']}"}
     if body is not None:
         headers["Content-Type"] = "application/json"

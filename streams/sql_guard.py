@@ -23,6 +23,7 @@ shared client read-only for the ledger sink too.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Sequence
@@ -298,7 +299,7 @@ def check_read_only_sql(sql: str) -> str:
 class ReadOnlyResult:
     columns: list[str]
     rows: list[list[Any]]  # JSON-ready values
-    truncated: bool  # the query had more than `rows_max` rows; the first `rows_max` are here
+    truncated: bool  # more than `rows_max` rows, or more than RESULT_BYTES_MAX of them: the first ones are here
 
 
 def _limits_clause(rows_max: int, execution_time_max_s: int) -> str:
@@ -336,11 +337,23 @@ def run_read_only_sql(
     except ClickHouseError as error:
         raise SqlFailed(_engine_reason(error)) from None
     rows = result.result_rows
-    return ReadOnlyResult(
-        columns=list(result.column_names),
-        rows=[[_json_value(value) for value in row] for row in rows[:rows_max]],
-        truncated=len(rows) > rows_max,
-    )
+    columns = list(result.column_names)
+    if not columns and not rows:  # the chDB backend names no column of an empty result
+        try:
+            described = client.query(f"DESCRIBE ({statement})\n{_limits_clause(rows_max, execution_time_max_s)}")
+            columns = [row[0] for row in described.result_rows]
+        except ClickHouseError as error:
+            raise SqlFailed(_engine_reason(error)) from None
+    answer: list[list[Any]] = []
+    size = 0
+    for row in rows[:rows_max]:
+        converted = [_json_value(value) for value in row]
+        # The engine checks max_result_bytes per block (up to 65,536 rows): the answer keeps the bound itself.
+        size += len(json.dumps(converted, ensure_ascii=False, default=str).encode())
+        if size > RESULT_BYTES_MAX:
+            return ReadOnlyResult(columns=columns, rows=answer, truncated=True)
+        answer.append(converted)
+    return ReadOnlyResult(columns=columns, rows=answer, truncated=len(rows) > rows_max)
 
 
 def _engine_reason(error: Exception) -> str:

@@ -179,6 +179,7 @@ def test_dashboard_shape_and_figures(api_client_factory):
     ("params", "reason"),
     [
         ({"from": "2024-13-01"}, "from: expected a date like 2026-01-31, got '2024-13-01'"),
+        ({"from": ""}, "from: expected a date like 2026-01-31, got ''"),  # was taken as no date
         ({"to": "yesterday"}, "to: expected a date like 2026-01-31, got 'yesterday'"),
         ({"from": "2024-02-01", "to": "2024-01-01"}, "from: must not be after to"),
         ({"from": "2000-01-01", "to": "2024-01-01"}, "the range may span at most 3660 days"),
@@ -196,6 +197,30 @@ def test_dashboard_answers_bad_parameters_with_400_and_the_reason(api_client_fac
         response = await http.get("/api/dashboard", params=params, headers=AUTH)
         assert response.status == 400
         assert await response.json() == {"error": reason}
+
+    api_client_factory(scenario)
+
+
+def test_dashboard_answers_the_first_days_of_year_one(api_client_factory):
+    """The default start (29 days before `to`) was computed even with `from` given: 500 before 0001-01-30."""
+
+    async def scenario(http: TestClient) -> None:
+        for params in ({"from": "0001-01-01", "to": "0001-01-05"}, {"to": "0001-01-05"}):
+            response = await http.get("/api/dashboard", params=params, headers=AUTH)
+            assert response.status == 200, await response.text()
+            assert (await response.json())["from"] == "0001-01-01"
+
+    api_client_factory(scenario)
+
+
+def test_a_customer_id_with_a_slash_is_one_path_segment(api_client_factory):
+    from streams.client import customer_path
+
+    async def scenario(http: TestClient) -> None:
+        path = customer_path("a/b?c%d", "balance")
+        assert path == "/api/customers/a%2Fb%3Fc%25d/balance"
+        response = await http.get(path, headers=AUTH)
+        assert response.status == 200 and (await response.json())["customer_id"] == "a/b?c%d"
 
     api_client_factory(scenario)
 

@@ -115,3 +115,15 @@ def test_a_chdb_directory_another_process_holds_is_named_once_without_a_tracebac
     assert f"the chDB directory {directory} is open in another process" in migrating.stderr
     assert "Traceback" not in migrating.stderr
     assert migrating.stderr.count("Cannot lock file") == 1  # not a raw engine line before the message as well
+
+
+def test_dashboard_passes_every_given_option_to_the_api_even_zero_or_empty(monkeypatch, tmp_path):
+    """`--limit 0` and `--from ''` were dropped (a truthiness filter), so the default answered instead of the API's
+    400 naming the bad value."""
+    import streams.client
+    from streams.cli import main
+
+    asked = []
+    monkeypatch.setattr(streams.client, "query_running_system", lambda settings, path, params: asked.append(params))
+    main(["dashboard", "--data-dir", str(tmp_path), "--json", "--limit", "0", "--from", ""])
+    assert asked == [{"from": "", "granularity": "day", "by": "source", "limit": 0}]

@@ -132,6 +132,19 @@ def test_run_cuts_the_result_at_rows_max_and_says_so(client):
     assert result.truncated is True
 
 
+def test_an_empty_result_still_names_its_columns(client):
+    result = run_read_only_sql(client, "SELECT customer_id, points FROM ledger_entries WHERE 0")
+    assert (result.columns, result.rows, result.truncated) == (["customer_id", "points"], [], False)
+
+
+def test_the_answer_stops_at_the_byte_limit_even_inside_one_block_of_the_engine(client, monkeypatch):
+    """The engine checks max_result_bytes after each block; rows of 100 KB in one block of 500 passed it whole."""
+    monkeypatch.setattr(sql_guard, "RESULT_BYTES_MAX", 1024 * 1024)
+    result = run_read_only_sql(client, "SELECT number, repeat('x', 100000) AS s FROM numbers(500)")
+    assert result.truncated is True
+    assert 5 <= len(result.rows) <= 11 and result.rows[0][0] == 0
+
+
 def test_run_stops_a_query_at_the_time_limit(client):
     with pytest.raises(SqlFailed, match="(?i)timeout|time limit|estimated query execution time"):
         run_read_only_sql(client, "SELECT count() FROM numbers(100000000000)", execution_time_max_s=1)
