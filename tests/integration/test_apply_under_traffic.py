@@ -14,6 +14,7 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 
+import yaml
 from test_embedded_restart import REPOSITORY, WAIT_S, _environment, _Up, _wait_for
 from test_pipeline import run_cli
 
@@ -68,7 +69,7 @@ def _new_customers(count: int, after: datetime) -> list[str]:
     return lines
 
 
-def _settled_and_replayed(environment: dict[str, str], inputs: int, up) -> None:
+def _settled_and_replayed(environment: dict[str, str], inputs: int, up, rules=NEW_RULES) -> None:
     """Wait until at least `inputs` input messages are decided and every entry is projected once; then a dry-run of
     the applied rules must change no customer."""
     deadline = time.monotonic() + WAIT_S
@@ -84,7 +85,7 @@ def _settled_and_replayed(environment: dict[str, str], inputs: int, up) -> None:
         assert up.process.poll() is None, up.log_path.read_text()[-3000:]
         assert time.monotonic() < deadline, f"not caught up: {status}"
         time.sleep(1)
-    again = run_cli(environment, "replay", "--rules", str(NEW_RULES), "--dry-run")
+    again = run_cli(environment, "replay", "--rules", str(rules), "--dry-run")
     assert again["customers_changed"] == 0, [row for row in again["customers"] if row["delta"]][:5]
 
 
@@ -153,6 +154,36 @@ def test_an_apply_while_events_keep_arriving_compensates_exactly_what_lies_befor
 def test_refunds_and_cancellations_after_an_apply_take_back_what_the_new_rules_awarded(tmp_path):
     """The compensation re-values the open orders: every balance after the refunds equals `loyalty process` under the
     new rules over the whole log (before, a refunded order left its uplift with the customer)."""
+    _refunds_after_an_apply(tmp_path, NEW_RULES)
+
+
+def test_an_apply_that_adds_a_return_window_moves_the_points_of_open_orders_to_pending(tmp_path):
+    """The new rules hold purchase points pending for 60 days: the open orders' points go back to the pending balance
+    with the new rules' lots, and the refunds after the apply reverse them from there; available and pending balances
+    equal `loyalty process` under the new rules over the whole log (before, those refunds took the points from the
+    available balance a second time)."""
+    document = yaml.safe_load(NEW_RULES.read_text())
+    document["version"] += "-window"
+    document["purchase"]["pending_days"] = 60
+    rules = tmp_path / "window.yaml"
+    rules.write_text(yaml.safe_dump(document))
+    outcome = _refunds_after_an_apply(tmp_path, rules)
+    expected = outcome["expected"]
+    client = connect(outcome["dsn"])
+    try:
+        pending = dict(
+            client.query(
+                "SELECT customer_id, sum(pending_points) FROM ledger_entries FINAL GROUP BY customer_id"
+            ).result_rows
+        )
+    finally:
+        client.close()
+    wanted = {customer: state.pending for customer, state in expected.states.items()}
+    assert {c: int(p) for c, p in pending.items() if p} == {c: p for c, p in wanted.items() if p}
+    assert any(wanted.values())
+
+
+def _refunds_after_an_apply(tmp_path, new_rules) -> dict:
     history = list(generate_events(events=600, customers=40, seed=41))
     documents = [json.loads(line) for line in history]
     last = max(datetime.fromisoformat(document["occurred_at"]) for document in documents)
@@ -178,7 +209,7 @@ def test_refunds_and_cancellations_after_an_apply_take_back_what_the_new_rules_a
                           "lines": [{"sku": line["sku"], "quantity": 1}]})  # fmt: skip
     arriving = [json.dumps(document) for document in later]
     expected_before = process_lines([line.encode() for line in history], load_ruleset())
-    expected = process_lines([line.encode() for line in history + arriving], load_ruleset(NEW_RULES))
+    expected = process_lines([line.encode() for line in history + arriving], load_ruleset(new_rules))
     environment = _environment(tmp_path / "data")
     log_path = tmp_path / "up.log"
 
@@ -187,17 +218,19 @@ def test_refunds_and_cancellations_after_an_apply_take_back_what_the_new_rules_a
         (tmp_path / "history.jsonl").write_text("".join(line + "\n" for line in history))
         produced = sum(run_cli(environment, "produce", str(tmp_path / "history.jsonl")).values())
         _wait_for(environment, produced, len(expected_before.ledger), up)
-        applied = run_cli(environment, "replay", "--rules", str(NEW_RULES), "--apply")
+        applied = run_cli(environment, "replay", "--rules", str(new_rules), "--apply")
         compensations = applied["applied"]["compensations_published"]
         assert compensations > 0
         (tmp_path / "later.jsonl").write_text("".join(line + "\n" for line in arriving))
         more = sum(run_cli(environment, "produce", str(tmp_path / "later.jsonl")).values())
-        _settled_and_replayed(environment, produced + compensations + more, up)
+        _settled_and_replayed(environment, produced + compensations + more, up, new_rules)
     finally:
         up.stop()
 
-    client = connect(f"chdb://{(tmp_path / 'data' / 'clickhouse').resolve()}")
+    dsn = f"chdb://{(tmp_path / 'data' / 'clickhouse').resolve()}"
+    client = connect(dsn)
     try:
         assert projected_balances(client) == expected.balances()
     finally:
         client.close()
+    return {"expected": expected, "dsn": dsn}
