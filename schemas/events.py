@@ -239,6 +239,15 @@ class RevaluedOrder(_Frozen):
     pending: Annotated[dict[Identifier, tuple[EventTime, Points]], Field(max_length=1100)] = {}
 
 
+class RestatedCustomer(_Frozen):
+    """What a replay's compensation sets besides balances and orders (`loyalty replay --apply`): the change of the
+    lifetime earned points (tiers by lifetime points) and whether a first qualifying order is behind the customer
+    (the first-order bonus)."""
+
+    lifetime_earned_change: Annotated[int, Field(strict=True, ge=-points_request_max, le=points_request_max)] = 0
+    first_order_done: bool = False
+
+
 class PointsAdjusted(Envelope):
     event_type: Literal["points.adjusted"]
     adjustment_id: Identifier
@@ -249,6 +258,7 @@ class PointsAdjusted(Envelope):
     # A replay's compensation also re-values the customer's open orders, so that a later refund or cancellation
     # reverses what the new rules awarded (see docs/replay.md).
     revalued_orders: Annotated[list[RevaluedOrder], Field(max_length=10_000)] | None = None
+    restated: RestatedCustomer | None = None
 
 
 PurchaseEvent = Annotated[PurchaseCompleted | PurchaseRefunded | PurchaseCancelled, Field(discriminator="event_type")]

@@ -82,6 +82,8 @@ class ShadowResult:
     # the pending balance (customers with points pending only).
     orders: dict[str, list[dict]] | None = None
     pending: dict[str, int] | None = None
+    # With `keep_orders`, per customer kept: (lifetime earned points, first qualifying order done) under the new rules.
+    restate: dict[str, tuple[int, bool]] | None = None
 
 
 def replay_messages(
@@ -91,7 +93,7 @@ def replay_messages(
     progress: Callable[[int], None] | None = None,
     refetch: Callable[[set[str]], Iterable[Any]] | None = None,
     processes: int = 1,
-    keep_orders: bool | Mapping[str, tuple[int, int]] = False,
+    keep_orders: bool | Mapping[str, tuple[int, int, int]] = False,
 ) -> ShadowResult:
     """Run the core over archived messages sorted by (routing key, occurred_at, topic rank, offset).
 
@@ -137,10 +139,10 @@ def _replay(
     progress: Callable[[int], None] | None,
     refetch: Callable[[set[str]], Iterable[Any]] | None,
     processes: int,
-    keep_orders: bool | Mapping[str, tuple[int, int]],
+    keep_orders: bool | Mapping[str, tuple[int, int, int]],
 ) -> ShadowResult:
     kept = keep_orders is not False
-    result = ShadowResult(orders={} if kept else None, pending={} if kept else None)
+    result = ShadowResult(orders={} if kept else None, pending={} if kept else None, restate={} if kept else None)
     derived: dict[str, list[tuple[tuple, ev.Event]]] = {}
     if processes == 1:
         _first_pass(_fields(messages), ruleset, result, derived, progress)
@@ -174,21 +176,27 @@ def _replay(
 # With `keep_orders` given as the live (balance, pending) per customer: the orders of a customer whose replayed ones
 # equal the live ones are not kept (no compensation will carry them), so memory follows the customers an apply
 # compensates. One replay at a time per process uses it: `loyalty up` runs replays under its client lock.
-_orders_unless_balance: Mapping[str, tuple[int, int]] | None = None
+_orders_unless_balance: Mapping[str, tuple[int, int, int]] | None = None
 
 
 def _keep_orders(result: ShadowResult, state: CustomerState, unawarded: _Unawarded | None) -> None:
-    if result.orders is None or result.pending is None:
+    if result.orders is None or result.pending is None or result.restate is None:
         return
     if state.pending:
         result.pending[state.customer_id] = state.pending
     else:
         result.pending.pop(state.customer_id, None)
     live = _orders_unless_balance
-    if live is not None and live.get(state.customer_id, (0, 0)) == (state.balance, state.pending):
+    if live is not None and live.get(state.customer_id, (0, 0, 0)) == (
+        state.balance,
+        state.pending,
+        state.lifetime_earned,
+    ):
         orders = []
+        result.restate.pop(state.customer_id, None)
     else:
         orders = _open_orders(state, unawarded or {})
+        result.restate[state.customer_id] = (state.lifetime_earned, state.first_order_done)
     if orders:
         result.orders[state.customer_id] = orders
     else:
@@ -317,7 +325,9 @@ _process_ruleset: RuleSet | None = None
 _process_keeps_orders = False
 
 
-def _start_process(ruleset: RuleSet, caller: int, keep_orders: bool | Mapping[str, tuple[int, int]] = False) -> None:
+def _start_process(
+    ruleset: RuleSet, caller: int, keep_orders: bool | Mapping[str, tuple[int, int, int]] = False
+) -> None:
     global _process_ruleset, _process_keeps_orders, _orders_unless_balance
     _process_ruleset = ruleset
     _process_keeps_orders = keep_orders is not False
@@ -338,7 +348,8 @@ def _start_process(ruleset: RuleSet, caller: int, keep_orders: bool | Mapping[st
 def _replay_chunk(chunk: _Chunk) -> tuple[ShadowResult, dict[str, list[tuple[tuple, ev.Event]]]]:
     """In a replay process: the first pass over one chunk of whole customers."""
     assert _process_ruleset is not None, "replay process started without its rule set"
-    result = ShadowResult(orders={} if _process_keeps_orders else None, pending={} if _process_keeps_orders else None)
+    kept = _process_keeps_orders
+    result = ShadowResult(orders={} if kept else None, pending={} if kept else None, restate={} if kept else None)
     derived: dict[str, list[tuple[tuple, ev.Event]]] = {}
     _first_pass(chunk.fields(), _process_ruleset, result, derived, None)
     return result, derived
@@ -363,6 +374,8 @@ def _merge(
         result.orders.update(part.orders)
     if result.pending is not None and part.pending:
         result.pending.update(part.pending)
+    if result.restate is not None and part.restate:
+        result.restate.update(part.restate)
     for customer_id, events in part_derived.items():
         derived.setdefault(customer_id, []).extend(events)
 
@@ -374,7 +387,7 @@ def _first_pass_in_processes(
     derived: dict[str, list[tuple[tuple, ev.Event]]],
     progress: Callable[[int], None] | None,
     processes: int,
-    keep_orders: bool | Mapping[str, tuple[int, int]] = False,
+    keep_orders: bool | Mapping[str, tuple[int, int, int]] = False,
 ) -> None:
     chunks = _chunks(messages, chunk_messages)
     first = next(chunks, None)
@@ -495,6 +508,7 @@ class LiveFigures:
     issued: int
     versions: list[str]
     pending: dict[str, int] = field(default_factory=dict)  # with markers: pending balances (customers with some)
+    lifetime: dict[str, int] = field(default_factory=dict)  # with markers: lifetime earned points per customer
 
 
 def live_figures(client, markers: Mapping[tuple[str, int], int] | None = None, version: str = "") -> LiveFigures:
@@ -547,19 +561,22 @@ def _live_figures_before(client, markers: Mapping[tuple[str, int], int], version
     ).result_rows
     balances: dict[str, int] = {}
     pending: dict[str, int] = {}
+    lifetime: dict[str, int] = {}
     by_rule: dict[str, int] = {}
     issued = 0
     for customer_id, rule_id, points, earned, pending_points in rows:
         balances[customer_id] = balances.get(customer_id, 0) + int(points)
         by_rule[rule_id] = by_rule.get(rule_id, 0) + int(points)
         issued += int(earned or 0)
+        if earned:
+            lifetime[customer_id] = lifetime.get(customer_id, 0) + int(earned)
         if pending_points:
             pending[customer_id] = pending.get(customer_id, 0) + int(pending_points)
     versions = client.query(
         f"SELECT DISTINCT ruleset_version FROM ledger_entries WHERE {before}", parameters=parameters
     ).result_rows
     pending = {customer_id: points for customer_id, points in pending.items() if points}
-    return LiveFigures(balances, by_rule, issued, sorted(row[0] for row in versions), pending)
+    return LiveFigures(balances, by_rule, issued, sorted(row[0] for row in versions), pending, lifetime)
 
 
 def compare(live: LiveFigures, shadow: ShadowResult, ruleset: RuleSet, current_point_value: Decimal) -> dict:
@@ -650,14 +667,27 @@ def dry_run(
         report[REVALUED_ORDERS] = shadow.orders  # for `compensations`; taken out of the report shown
     if shadow.pending is not None:
         report[PENDING_CHANGES] = _pending_changes(live.pending, shadow.pending)  # the same
+    if shadow.restate is not None:
+        report[RESTATED] = {  # the same
+            customer_id: {
+                "lifetime_earned_change": lifetime - live.lifetime.get(customer_id, 0),
+                "first_order_done": done,
+            }
+            for customer_id, (lifetime, done) in shadow.restate.items()
+        }
     return report
 
 
-def _live_balances(live: LiveFigures) -> dict[str, tuple[int, int]]:
-    """Per customer (balance, pending balance) live: the replay keeps the orders of customers where either differs."""
+def _live_balances(live: LiveFigures) -> dict[str, tuple[int, int, int]]:
+    """Per customer (balance, pending balance, lifetime earned points) live: the replay keeps the orders and lifetime
+    of the customers where one differs."""
     return {
-        customer_id: (live.balances.get(customer_id, 0), live.pending.get(customer_id, 0))
-        for customer_id in set(live.balances) | set(live.pending)
+        customer_id: (
+            live.balances.get(customer_id, 0),
+            live.pending.get(customer_id, 0),
+            live.lifetime.get(customer_id, 0),
+        )
+        for customer_id in set(live.balances) | set(live.pending) | set(live.lifetime)
     }
 
 
@@ -782,6 +812,7 @@ def _customers_active_since(client, since: datetime) -> set[str]:
 
 REVALUED_ORDERS = "revalued_orders"
 PENDING_CHANGES = "pending_changes"  # per customer, the change of the pending balance (an apply's; not shown)
+RESTATED = "restated"  # per customer kept, the lifetime change and first-order mark (an apply's; not shown)
 # A compensation stays under this size with its re-valued orders (the worker refuses events over 64 KiB, and a
 # refused compensation would lose its balance correction too): the newest orders go in first, the rest stay as they
 # are live.
@@ -801,10 +832,13 @@ def compensations(report: dict, *, cut_over: datetime, store_id: str = "replay")
     version = report["ruleset_version_new"]
     orders = report.get(REVALUED_ORDERS) or {}
     pending = report.get(PENDING_CHANGES) or {}
+    restated = report.get(RESTATED) or {}
     published = []
     for row in report["customers"]:
         pending_change = pending.get(row["customer_id"], 0)
-        if row["delta"] == 0 and pending_change == 0:
+        restate = restated.get(row["customer_id"])
+        lifetime_change = restate["lifetime_earned_change"] if restate else 0
+        if row["delta"] == 0 and pending_change == 0 and lifetime_change == 0:
             continue
         note = f"was {row['balance_before']}, now {row['balance_after']}"
         if pending_change:
@@ -822,6 +856,8 @@ def compensations(report: dict, *, cut_over: datetime, store_id: str = "replay")
             "actor": "replay",
             "allow_negative": True,
         }
+        if restate:
+            event[RESTATED] = restate
         if orders.get(row["customer_id"]):
             event[REVALUED_ORDERS] = _fitting(event, orders[row["customer_id"]])
         published.append((row["customer_id"], json.dumps(event, separators=(",", ":")).encode()))

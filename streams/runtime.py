@@ -540,7 +540,7 @@ def _replay_handler(client, client_lock, context, monitor, projector, bootstrap,
         await before_markers_in_clickhouse(markers)
         report = await dry_run(new_rules, None, processes, current=previous, markers=markers)
         report["applied"] = await asyncio.to_thread(replay.apply_report, report, bootstrap=bootstrap)
-        for key in (replay.REVALUED_ORDERS, replay.PENDING_CHANGES):  # went into the compensations; not for the answer
+        for key in (replay.REVALUED_ORDERS, replay.PENDING_CHANGES, replay.RESTATED):  # went into the compensations
             report.pop(key, None)
         report["applied"]["markers"] = {
             f"{topic}/{partition}": offset for (topic, partition), offset in markers.items()

@@ -18,7 +18,17 @@ from schemas import events as ev
 from schemas.decode import EventRejected
 from schemas.ledger import Kind, LedgerEntry, Source, ledger_entry_trusted
 from streams.rules.ruleset import Cap, Rounding, RuleSet
-from streams.rules.state import REVALUE_RULE, CustomerState, OrderRecord, evolve, local_day, order_lots, spend_change
+from streams.rules.state import (
+    RESTATE_PREFIX,
+    RESTATE_RULE,
+    REVALUE_RULE,
+    CustomerState,
+    OrderRecord,
+    evolve,
+    local_day,
+    order_lots,
+    spend_change,
+)
 
 Side = Literal["customer", "referee"]
 
@@ -931,6 +941,32 @@ def _adjust(entries: _Entries, event: ev.PointsAdjusted) -> None:
         )
         for revalued in event.revalued_orders or ():
             _revalue_order(entries, revalued)
+        if event.restated is not None:
+            _restate(entries, event.restated)
+
+
+def _restate(entries: _Entries, restated: ev.RestatedCustomer) -> None:
+    """A replay's compensation carries the change of lifetime earned points under the new rules (before the cut-over
+    markers, so events decided since are kept) and whether they count a first qualifying order: a 0-point entry
+    that folding applies (`state._restate`), so that tiers by lifetime points and the first-order bonus decide later
+    events as under the new rules. The tier itself is reviewed at the customer's next event."""
+    state = entries.state
+    change = restated.lifetime_earned_change
+    first = restated.first_order_done and not state.first_order_done
+    if not change and not first:
+        return
+    shown = []
+    if change:
+        shown.append(f"lifetime earned points {state.lifetime_earned} -> {state.lifetime_earned + change}")
+    if first:
+        shown.append("a first qualifying order is behind the customer")
+    document = json.dumps({"first_order_done": first, "lifetime_earned_change": change}, separators=(",", ":"))
+    entries.record(
+        Source.adjustment,
+        RESTATE_RULE,
+        f"restated under rule set {entries.ruleset.version}: {'; '.join(shown)}",
+        reference=RESTATE_PREFIX + document,
+    )
 
 
 REVALUE_PREFIX = "revalue:"

@@ -201,7 +201,9 @@ def evolve(state: CustomerState, entry: LedgerEntry, zone: ZoneInfo) -> None:
         state.cap_usage[key] = state.cap_usage.get(key, 0) + entry.points + entry.pending_points
         _forget_old_cap_usage(state, zone)
 
-    if source is Source.purchase:
+    if entry.rule_id == RESTATE_RULE:
+        _restate(state, reference)
+    elif source is Source.purchase:
         _evolve_purchase(state, entry, kind, reference)
     elif source is Source.review:
         if entry.sku:
@@ -343,6 +345,17 @@ def _reduce_lot(state: CustomerState, order_id: str, target: str, reversed_point
 
 
 REVALUE_RULE = "replay.revalue"
+RESTATE_RULE = "replay.restate"
+RESTATE_PREFIX = "restate:"
+
+
+def _restate(state: CustomerState, reference: str) -> None:
+    """A replay's compensation restates what the new rules would have made of the customer's history besides balances
+    and orders (streams/rules/engine.py, `_restate`): lifetime earned points and the first-order mark."""
+    document = json.loads(reference.removeprefix(RESTATE_PREFIX))
+    state.lifetime_earned += document["lifetime_earned_change"]
+    if document["first_order_done"]:
+        state.first_order_done = True
 
 
 def order_lots(state: CustomerState, order_id: str) -> list[PendingLot]:

@@ -189,7 +189,9 @@ def test_stream_worker_and_projections_equal_the_batch_driver(broker, system, tm
 
     # Apply: compensating adjustments make every live balance equal the new rules' result; twice = once.
     applied = run_cli(environment, "replay", "--rules", str(new_rules_path), "--apply")
-    assert applied["applied"]["compensations_published"] == report["customers_changed"] > 0
+    # One per customer whose balance changes, and per customer whose lifetime earned points alone change (a refunded
+    # order earns and reverses other amounts under the new rules: the balance stays, tiers by lifetime points move).
+    assert 0 < report["customers_changed"] <= applied["applied"]["compensations_published"] <= len(report["customers"])
     # The running system values and reports by the rule set it now decides with.
     assert run_cli(environment, "status")["ruleset_version"] == load_ruleset(new_rules_path).version
     deadline = time.monotonic() + WAIT_S

@@ -65,7 +65,7 @@ def test_the_orders_an_apply_keeps_are_the_same_in_two_processes_and_only_of_cha
     # Live balances: half the customers as replayed (nothing to compensate), the others off by one point.
     customers = sorted(every.balances)
     live = {
-        customer: (every.balances[customer] + (number % 2), every.pending.get(customer, 0))
+        customer: (every.balances[customer] + (number % 2), every.pending.get(customer, 0), every.restate[customer][0])
         for number, customer in enumerate(customers)
     }
     changed = {customer for number, customer in enumerate(customers) if number % 2}
@@ -75,6 +75,7 @@ def test_the_orders_an_apply_keeps_are_the_same_in_two_processes_and_only_of_cha
     together = replay_messages(archive, rules, refetch=refetch, processes=2, keep_orders=live)
     assert together.orders == alone.orders
     assert together.pending == alone.pending == every.pending
+    assert together.restate == alone.restate == {customer: every.restate[customer] for customer in changed}
 
 
 def test_chunks_end_where_the_routing_key_changes(history):

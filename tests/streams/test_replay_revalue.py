@@ -19,7 +19,7 @@ from projections.archive import ArchivedMessage
 from schemas.decode import decode_event
 from schemas.topics import REDEMPTIONS, TOPIC_RANK
 from streams.batch import process_lines
-from streams.replay import PENDING_CHANGES, REVALUED_ORDERS, compensations, replay_messages
+from streams.replay import PENDING_CHANGES, RESTATED, REVALUED_ORDERS, compensations, replay_messages
 from streams.routing import routes_for
 from streams.rules.engine import apply
 from streams.rules.ruleset import RuleSet, load_ruleset, parse_ruleset
@@ -268,3 +268,77 @@ def test_a_compensation_stays_under_the_event_size_limit_with_the_newest_orders(
     assert adjusted.points == 5
     kept = [order.order_id for order in adjusted.revalued_orders]
     assert kept == [order["order_id"] for order in orders[-len(kept) :]] and 100 < len(kept) < 3000
+
+
+def _report_with_restate(state: CustomerState, shadow) -> dict:
+    return {
+        "ruleset_version_new": "restated",
+        "customers": [
+            {"customer_id": "c1", "balance_before": state.balance, "balance_after": shadow.balances["c1"],
+             "delta": shadow.balances["c1"] - state.balance}
+        ],
+        REVALUED_ORDERS: shadow.orders,
+        PENDING_CHANGES: {"c1": shadow.pending.get("c1", 0) - state.pending},
+        RESTATED: {
+            "c1": {"lifetime_earned_change": shadow.restate["c1"][0] - state.lifetime_earned,
+                   "first_order_done": shadow.restate["c1"][1]}
+        },
+    }  # fmt: skip
+
+
+def _apply_then(old: RuleSet, new: RuleSet, after: list[str], *, restate: bool) -> CustomerState:
+    state = CustomerState("c1")
+    history_ledger = []
+    for line in HISTORY:
+        history_ledger += apply(state, decode_event(line.encode()), old)
+    shadow = replay_messages(archived(HISTORY), new, keep_orders=True)
+    report = _report_with_restate(state, shadow)
+    if not restate:
+        report[RESTATED] = {}
+    ((_, compensation),) = compensations(report, cut_over=datetime(2026, 12, 1, tzinfo=UTC))
+    ledger = apply(state, decode_event(compensation, REDEMPTIONS), new)
+    for line in after:
+        ledger += apply(state, decode_event(line.encode()), new)
+    folded = CustomerState("c1")  # what a restarted worker folds back from the ledger
+    for entry in history_ledger + ledger:
+        evolve(folded, entry, new.zone)
+    assert (folded.lifetime_earned, folded.first_order_done) == (state.lifetime_earned, state.first_order_done)
+    return state
+
+
+LATER_ORDER = [
+    event(
+        "e9", "purchase.completed", "2026-12-10T10:00:00+00:00", order_id="o9", currency="USD",
+        lines=[{"sku": "sku-0300", "category": "books", "quantity": 1, "unit_price": "100.00"}],
+    )
+]  # fmt: skip
+
+
+def test_an_apply_restates_lifetime_points_so_tiers_decide_later_orders_as_under_the_new_rules():
+    """The new rules award more, which lifts the customer into a tier by lifetime points; the live lifetime came from
+    the old awards, so a later order missed the tier's multiplier."""
+    old_lifetime = process_lines([line.encode() for line in HISTORY], OLD).states["c1"].lifetime_earned
+    new_lifetime = process_lines([line.encode() for line in HISTORY], NEW).states["c1"].lifetime_earned
+    assert new_lifetime > old_lifetime
+    document = yaml.safe_load((RULESETS / "seasonal-promotion.yaml").read_text())
+    document["version"] += "-tiers"
+    minimum = (old_lifetime + new_lifetime) // 2
+    document["tiers"] = {
+        "basis": "lifetime_points",
+        "levels": [{"name": "gold", "minimum": str(minimum), "multiplier": "2"}],
+    }
+    new = parse_ruleset(yaml.safe_dump(document))
+    expected = process_lines([line.encode() for line in HISTORY + LATER_ORDER], new).states["c1"]
+    state = _apply_then(OLD, new, LATER_ORDER, restate=True)
+    assert (state.balance, state.lifetime_earned) == (expected.balance, expected.lifetime_earned)
+    assert _apply_then(OLD, new, LATER_ORDER, restate=False).balance != expected.balance
+
+
+def test_an_apply_marks_the_first_qualifying_order_the_new_rules_count():
+    """Under the old rules no order qualified (a minimum order total of 1,000), under the new ones the first did: a
+    later order earned the first-order bonus live, which the new rules had given already."""
+    old = _with_minimum_order_total(RULESETS / "default.yaml", "1000")
+    expected = process_lines([line.encode() for line in HISTORY + LATER_ORDER], NEW).states["c1"]
+    state = _apply_then(old, NEW, LATER_ORDER, restate=True)
+    assert state.first_order_done and state.balance == expected.balance
+    assert _apply_then(old, NEW, LATER_ORDER, restate=False).balance != expected.balance

@@ -27,7 +27,7 @@ from schemas import events as ev
 from schemas.decode import EventRejected, decode_event
 from schemas.topics import REDEMPTIONS, REFEREE_SIDE, SIDE_HEADER, TOPIC_RANK
 from streams.batch import order_key, process_lines
-from streams.replay import PENDING_CHANGES, REVALUED_ORDERS, compensations, replay_messages
+from streams.replay import PENDING_CHANGES, RESTATED, REVALUED_ORDERS, compensations, replay_messages
 from streams.routing import routes_for
 from streams.rules.engine import apply, derived_events
 from streams.rules.ruleset import load_ruleset
@@ -77,6 +77,12 @@ def differing(old_name: str, new_name: str, *, events: int, customers: int, seed
             ],
             REVALUED_ORDERS: shadow.orders if revalue else {},
             PENDING_CHANGES: {customer_id: pending} if revalue else {},
+            RESTATED: {
+                customer_id: {
+                    "lifetime_earned_change": shadow.restate[customer_id][0] - state.lifetime_earned,
+                    "first_order_done": shadow.restate[customer_id][1],
+                }
+            } if revalue and customer_id in (shadow.restate or {}) else {},
         }  # fmt: skip
         for _, value in compensations(report, cut_over=cut - timedelta(microseconds=1)):
             apply(state, decode_event(value, REDEMPTIONS), new)
