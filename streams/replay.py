@@ -39,7 +39,7 @@ from schemas.topics import REDEMPTIONS, REFERRALS
 from streams.batch import order_key
 from streams.rules.engine import apply, derived_events, event_fingerprint
 from streams.rules.ruleset import RuleSet
-from streams.rules.state import CustomerState, order_lots
+from streams.rules.state import RESTATE_PREFIX, RESTATE_RULE, CustomerState, order_lots
 from streams.settings import replay_processes_max
 
 progress_every_events = 50_000
@@ -548,6 +548,7 @@ def _live_figures_before(client, markers: Mapping[tuple[str, int], int], version
 
     condition, parameters = below_markers(markers)
     parameters["version"] = version
+    parameters["restate_prefix"], parameters["restate_rule"] = RESTATE_PREFIX, RESTATE_RULE
     before = (
         "(ruleset_version != {version:String} OR (caused_by, customer_id) IN ("
         f"SELECT event_id, routing_key FROM raw_events WHERE {condition} AND event_id IN ("
@@ -555,7 +556,10 @@ def _live_figures_before(client, markers: Mapping[tuple[str, int], int], version
     )
     rows = client.query(
         "SELECT customer_id, rule_id, sum(points), "
-        "sumIf(points, kind IN ('earned', 'confirmed') AND points > 0), sum(pending_points) "
+        "sumIf(points, kind IN ('earned', 'confirmed') AND points > 0), sum(pending_points), "
+        # An earlier apply's restatement is part of the live lifetime points (state._restate).
+        "sumIf(JSONExtractInt(replaceOne(ifNull(reference, ''), {restate_prefix:String}, ''), "
+        "'lifetime_earned_change'), rule_id = {restate_rule:String}) "
         f"FROM ledger_entries FINAL WHERE {before} GROUP BY customer_id, rule_id",
         parameters=parameters,
     ).result_rows
@@ -564,12 +568,12 @@ def _live_figures_before(client, markers: Mapping[tuple[str, int], int], version
     lifetime: dict[str, int] = {}
     by_rule: dict[str, int] = {}
     issued = 0
-    for customer_id, rule_id, points, earned, pending_points in rows:
+    for customer_id, rule_id, points, earned, pending_points, restated in rows:
         balances[customer_id] = balances.get(customer_id, 0) + int(points)
         by_rule[rule_id] = by_rule.get(rule_id, 0) + int(points)
         issued += int(earned or 0)
-        if earned:
-            lifetime[customer_id] = lifetime.get(customer_id, 0) + int(earned)
+        if earned or restated:
+            lifetime[customer_id] = lifetime.get(customer_id, 0) + int(earned or 0) + int(restated or 0)
         if pending_points:
             pending[customer_id] = pending.get(customer_id, 0) + int(pending_points)
     versions = client.query(
