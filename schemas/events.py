@@ -237,6 +237,12 @@ class RevaluedOrder(_Frozen):
     ] = []
     # Points the new rules hold pending: per line key or bonus rule, when its window ends and the points pending.
     pending: Annotated[dict[Identifier, tuple[EventTime, Points]], Field(max_length=1100)] = {}
+    # The order itself, for a worker that has no record of it (the old rules awarded it nothing): per line key
+    # [sku, category, quantity, goods amount, quantity refunded], and when it was placed.
+    details: Annotated[
+        dict[Identifier, tuple[Identifier, Identifier | None, Quantity, Money, Points]], Field(max_length=1000)
+    ] = {}
+    placed_at: EventTime | None = None
 
 
 class RestatedCustomer(_Frozen):

@@ -237,7 +237,14 @@ def _open_orders(state: CustomerState, unawarded: _Unawarded) -> list[dict]:
     orders = [
         (
             order.placed_at,
-            {"order_id": order_id, "refunds": sorted(order.refund_ids), **order.awards(order_lots(state, order_id))},
+            {
+                "order_id": order_id,
+                "refunds": sorted(order.refund_ids),
+                **order.awards(order_lots(state, order_id)),
+                # For a worker the old rules left without a record of the order.
+                "details": order.details(),
+                "placed_at": None if order.placed_at is None else order.placed_at.isoformat(),
+            },
         )
         for order_id, order in state.orders.items()
         if order.revaluable()

@@ -23,6 +23,7 @@ from streams.rules.state import (
     RESTATE_RULE,
     REVALUE_RULE,
     CustomerState,
+    LineAward,
     OrderRecord,
     evolve,
     local_day,
@@ -983,7 +984,15 @@ def _revalue_order(entries: _Entries, revalued: ev.RevaluedOrder) -> None:
     set of refunds), stays as it is, and so does the split of its points."""
     state = entries.state
     order = state.orders.get(revalued.order_id)
-    if order is None or not order.revaluable():
+    created = order is None
+    if order is None:
+        if not revalued.details:
+            return
+        # The old rules awarded the order nothing, so the worker has no record of it: it is made from the details.
+        order = OrderRecord(placed_at=revalued.placed_at, refund_ids=frozenset(revalued.refunds))
+        for key, (sku, category, quantity, amount, refunded) in revalued.details.items():
+            order.lines[key] = LineAward(sku, quantity, amount, 0, False, refunded, category=category)
+    elif not order.revaluable():
         return
     if set(order.refund_ids) != set(revalued.refunds):
         return  # refunded live after the cut-over, before this compensation: the values do not include it
@@ -1017,13 +1026,21 @@ def _revalue_order(entries: _Entries, revalued: ev.RevaluedOrder) -> None:
     document: dict = {"lines": lines, "bonuses": bonuses}
     if pending:
         document["pending"] = pending
+    if created:
+        document["details"] = order.details()
+        document["refunds"] = sorted(revalued.refunds)
+        if revalued.placed_at is not None:
+            document["placed_at"] = revalued.placed_at.isoformat()
+        shown = f"order recorded and valued under rule set {entries.ruleset.version}: {shown}"
+    else:
+        shown = f"order re-valued under rule set {entries.ruleset.version}: {shown}"
     entries.add(
         Kind.adjusted if moved else Kind.recorded,
         Source.purchase,
         REVALUE_RULE,
         points=-moved,
         pending_points=moved,
-        explanation=f"order re-valued under rule set {entries.ruleset.version}: {shown}"[:300],
+        explanation=shown[:300],
         order_id=revalued.order_id,
         reference=REVALUE_PREFIX + json.dumps(document, separators=(",", ":"), sort_keys=True),
     )

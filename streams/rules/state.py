@@ -98,6 +98,14 @@ class OrderRecord:
             document["pending"] = {lot.target: [lot.available_at.isoformat(), lot.points] for lot in lots}
         return document
 
+    def details(self) -> dict:
+        """What a worker without a record of the order needs to hold it: per line key [sku, category, quantity,
+        goods amount as a decimal string, quantity refunded]."""
+        return {
+            key: [line.sku, line.category, line.quantity, format(line.amount, "f"), line.quantity_refunded]
+            for key, line in self.lines.items()
+        }
+
     def remaining_goods_total(self) -> Decimal:
         total = Decimal(0)
         for line in self.lines.values():
@@ -296,10 +304,10 @@ def _evolve_purchase(state: CustomerState, entry: LedgerEntry, kind: Kind, refer
             state.pending_lots.append(PendingLot(entry.available_at, order_id, reference or entry.rule_id, points))
         return
     order = state.orders.get(order_id)
-    if order is None:
-        return
     if entry.rule_id == REVALUE_RULE:
-        _revalue(state, order_id, order, reference)
+        _revalue(state, order_id, order, reference, entry.occurred_at)
+        return
+    if order is None:
         return
     target, _, refund_id = reference.partition(";")
     if refund_id:
@@ -362,11 +370,24 @@ def order_lots(state: CustomerState, order_id: str) -> list[PendingLot]:
     return [lot for lot in state.pending_lots if lot.order_id == order_id]
 
 
-def _revalue(state: CustomerState, order_id: str, order: OrderRecord, reference: str) -> None:
+def _revalue(state: CustomerState, order_id: str, order: OrderRecord | None, reference: str, moment: datetime) -> None:
     """A replay's re-valuation of an order (streams/rules/engine.py, `_revalue_order`): its awards become the new
     rules' values, held in the entry's reference, and so do its pending lots (the entry's points moved the
-    difference between the available and the pending balance)."""
+    difference between the available and the pending balance). An order the worker had no record of comes with its
+    lines (`details`), its placement time and its refunds."""
     document = json.loads(reference.removeprefix("revalue:"))
+    if order is None:
+        details = document.get("details")
+        if not details:
+            return
+        placed = document.get("placed_at")
+        order = state.orders[order_id] = OrderRecord(
+            placed_at=datetime.fromisoformat(placed) if placed else moment,
+            refund_ids=frozenset(document.get("refunds", ())),
+        )
+        for key, (sku, category, quantity, amount, refunded) in details.items():
+            order.lines[key] = LineAward(sku, quantity, Decimal(amount), 0, False, refunded, category=category)
+        state.first_order_done = True
     pending = document.get("pending", {})
     for key, (points, points_reversed) in document["lines"].items():
         line = order.lines.get(key)

@@ -286,7 +286,7 @@ def _report_with_restate(state: CustomerState, shadow) -> dict:
     }  # fmt: skip
 
 
-def _apply_then(old: RuleSet, new: RuleSet, after: list[str], *, restate: bool) -> CustomerState:
+def _apply_then(old: RuleSet, new: RuleSet, after: list[str], *, restate: bool, orders: bool = True) -> CustomerState:
     state = CustomerState("c1")
     history_ledger = []
     for line in HISTORY:
@@ -295,6 +295,8 @@ def _apply_then(old: RuleSet, new: RuleSet, after: list[str], *, restate: bool) 
     report = _report_with_restate(state, shadow)
     if not restate:
         report[RESTATED] = {}
+    if not orders:
+        report[REVALUED_ORDERS] = {}
     ((_, compensation),) = compensations(report, cut_over=datetime(2026, 12, 1, tzinfo=UTC))
     ledger = apply(state, decode_event(compensation, REDEMPTIONS), new)
     for line in after:
@@ -339,6 +341,22 @@ def test_an_apply_marks_the_first_qualifying_order_the_new_rules_count():
     later order earned the first-order bonus live, which the new rules had given already."""
     old = _with_minimum_order_total(RULESETS / "default.yaml", "1000")
     expected = process_lines([line.encode() for line in HISTORY + LATER_ORDER], NEW).states["c1"]
-    state = _apply_then(old, NEW, LATER_ORDER, restate=True)
+    # Without re-valued orders: recording them marks the first order too (the next test).
+    state = _apply_then(old, NEW, LATER_ORDER, restate=True, orders=False)
     assert state.first_order_done and state.balance == expected.balance
-    assert _apply_then(old, NEW, LATER_ORDER, restate=False).balance != expected.balance
+    assert _apply_then(old, NEW, LATER_ORDER, restate=False, orders=False).balance != expected.balance
+
+
+def test_an_order_the_old_rules_did_not_award_is_recorded_from_the_compensation():
+    """No order reached the old minimum order total, so the worker had no record of o1 and o2: the compensation's
+    re-valued orders carry their lines, the worker records them, and a refund after the apply takes back what the
+    new rules awarded (before, it took nothing back and the customer kept those points)."""
+    old = _with_minimum_order_total(RULESETS / "default.yaml", "1000")
+    after = AFTER["partial refunds"]
+    expected = process_lines([line.encode() for line in HISTORY + after], NEW).states["c1"]
+    state = _apply_then(old, NEW, after, restate=True)
+    assert (state.balance, state.pending) == (expected.balance, expected.pending)
+    assert sorted(state.orders) == ["o1", "o2"]
+    assert {key: line.category for key, line in state.orders["o1"].lines.items()} == {
+        "line:0": "books", "line:1": "electronics", "line:2": "gift-cards"
+    }  # fmt: skip
