@@ -20,7 +20,10 @@ def test_the_document_has_ten_or_more_examples():
 
 @pytest.mark.parametrize("number", range(len(EXAMPLES)), ids=lambda number: f"example-{number + 1}")
 def test_analyst_example_runs_and_finds_rows(client, ledger, scenario, number):
-    ledger.add("dora", "pending", "2024-02-10T09:00:00+00:00", pending_points=25)
+    ledger.add(
+        "dora", "pending", "2024-02-10T09:00:00+00:00", pending_points=25, order_id="o-dora", reference="line:0",
+        available_at="2024-02-24T09:00:00+00:00",
+    )  # fmt: skip
     sink = LedgerSink(client)
     sink.write(ledger.entries)
     sink.write(scenario[:3])  # a retry, so that the audit of duplicates has something to show
