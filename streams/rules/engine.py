@@ -953,15 +953,19 @@ def _restate(entries: _Entries, restated: ev.RestatedCustomer) -> None:
     events as under the new rules. The tier itself is reviewed at the customer's next event."""
     state = entries.state
     change = restated.lifetime_earned_change
-    first = restated.first_order_done and not state.first_order_done
-    if not change and not first:
+    first = restated.first_order_done if restated.first_order_done != state.first_order_done else None
+    if not change and first is None:
         return
     shown = []
     if change:
         shown.append(f"lifetime earned points {state.lifetime_earned} -> {state.lifetime_earned + change}")
-    if first:
-        shown.append("a first qualifying order is behind the customer")
-    document = json.dumps({"first_order_done": first, "lifetime_earned_change": change}, separators=(",", ":"))
+    if first is not None:
+        shown.append(
+            "a first qualifying order is behind the customer"
+            if first
+            else "no qualifying order yet: the next earns the first-order bonus"
+        )
+    document = json.dumps({"first_order": first, "lifetime_earned_change": change}, separators=(",", ":"))
     entries.record(
         Source.adjustment,
         RESTATE_RULE,
@@ -1022,7 +1026,7 @@ def _revalue_order(entries: _Entries, revalued: ev.RevaluedOrder) -> None:
     )
     moved = sum(points for _, points in pending.values()) - sum(lot.points for lot in lots)
     if moved:
-        shown += f"; {moved} points {'to' if moved > 0 else 'from'} pending"
+        shown = "; ".join(part for part in (shown, f"{moved} points {'to' if moved > 0 else 'from'} pending") if part)
     document: dict = {"lines": lines, "bonuses": bonuses}
     if pending:
         document["pending"] = pending
@@ -1108,9 +1112,13 @@ def decide(
             )
         return []
     entries = _Entries(state, event, ruleset, fingerprint)
-    if state.pending_lots:
+    compensation = _is_compensation(event)
+    # A replay's compensation is no event of the customer's: it releases, expires and reviews nothing. Its amounts
+    # were computed from the live balances before it, and expiring the old rules' lots at it took the points a
+    # second time (a history older than the new rules' expiry ended in debt: -675 where 50 is due).
+    if state.pending_lots and not compensation:
         _release_pending(entries)
-    if ruleset.expiry.mode != "none":
+    if ruleset.expiry.mode != "none" and not compensation:
         _expire(entries)
     # Confirmations are folded first so that the event's own rules see the released points.
     if entries.entries:
@@ -1122,9 +1130,16 @@ def decide(
         _referral(entries, event, side)
     else:
         _handlers[type(event)](entries, event)
-    if ruleset.tiers.levels:
-        _review_tier(entries)
+    if ruleset.tiers.levels and not compensation:
+        _review_tier(entries)  # the compensation's restated lifetime points are reviewed at the next event
     return entries.entries
+
+
+def _is_compensation(event: ev.Event) -> bool:
+    """A `loyalty replay --apply` compensation (streams/replay.py, `compensations`)."""
+    if not isinstance(event, ev.PointsAdjusted):
+        return False
+    return event.actor == "replay" and event.adjustment_id.startswith("replay:")
 
 
 def _expire(entries: _Entries) -> None:

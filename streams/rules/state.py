@@ -362,7 +362,9 @@ def _restate(state: CustomerState, reference: str) -> None:
     and orders (streams/rules/engine.py, `_restate`): lifetime earned points and the first-order mark."""
     document = json.loads(reference.removeprefix(RESTATE_PREFIX))
     state.lifetime_earned += document["lifetime_earned_change"]
-    if document["first_order_done"]:
+    if document.get("first_order") is not None:  # the value under the new rules, set either way
+        state.first_order_done = document["first_order"]
+    elif document.get("first_order_done"):  # the first form of the entry (fcda4d0): set only
         state.first_order_done = True
 
 

@@ -360,3 +360,57 @@ def test_an_order_the_old_rules_did_not_award_is_recorded_from_the_compensation(
     assert {key: line.category for key, line in state.orders["o1"].lines.items()} == {
         "line:0": "books", "line:1": "electronics", "line:2": "gift-cards"
     }  # fmt: skip
+
+
+def _with_setting(ruleset_file: Path, section: str, values: dict) -> RuleSet:
+    document = yaml.safe_load(ruleset_file.read_text())
+    document["version"] += f"-{section}"
+    document[section] = {**(document.get(section) or {}), **values}
+    return parse_ruleset(yaml.safe_dump(document))
+
+
+def test_a_compensation_expires_and_releases_nothing_itself():
+    """The new rules expire lots after 10 days and the history is months old. The compensation is dated at the
+    cut-over; expiring the old rules' lots at it, before its own amounts (computed from the balance before it), took
+    the points twice: a customer due 50 available and pending points ended in debt (audit: -675 where 50 is due)."""
+    new = _with_setting(RULESETS / "seasonal-promotion.yaml", "expiry", {"mode": "lot", "days": 10})
+    expected = replay_messages(archived(HISTORY), new, keep_orders=True)
+    state = _apply_then(OLD, new, [], restate=True)
+    assert (state.balance, state.pending) == (expected.balances["c1"], expected.pending.get("c1", 0))
+    assert state.balance >= 0
+
+
+def test_an_apply_clears_the_first_order_mark_when_the_new_rules_count_no_qualifying_order():
+    """No history order reaches the new minimum order total: the next qualifying order earns the first-order bonus,
+    as under the new rules over the whole log (the restatement could only set the mark, never clear it)."""
+    new = _with_minimum_order_total(RULESETS / "default.yaml", "350")  # o1 is 325.00, o2 90.00
+    big = [
+        event(
+            "e9", "purchase.completed", "2026-12-10T10:00:00+00:00", order_id="o9", currency="USD",
+            lines=[{"sku": "sku-0300", "category": "books", "quantity": 1, "unit_price": "400.00"}],
+        )
+    ]  # fmt: skip
+    expected = process_lines([line.encode() for line in HISTORY + big], new)
+    assert "purchase.first_order_bonus" in {e.rule_id for e in expected.ledger if e.caused_by == "e9"}
+    state = _apply_then(OLD, new, big, restate=True)
+    assert state.balance == expected.states["c1"].balance
+
+
+def test_the_compensation_reviews_no_tier_on_the_lifetime_points_it_replaces():
+    """Tiers by lifetime points: the tier was reviewed at the compensation on the live (old) lifetime points, before
+    the restatement, and changed back at the next event."""
+    document = yaml.safe_load((RULESETS / "default.yaml").read_text())
+    document["version"] += "-tiers"
+    document["tiers"] = {"basis": "lifetime_points", "levels": [{"name": "gold", "minimum": "10", "multiplier": "2"}]}
+    document["purchase"]["minimum_order_total"] = "1000"  # nothing qualifies: the lifetime points drop to 50
+    new = parse_ruleset(yaml.safe_dump(document))
+    state = CustomerState("c1")
+    for line in HISTORY:
+        apply(state, decode_event(line.encode()), OLD)
+    shadow = replay_messages(archived(HISTORY), new, keep_orders=True)
+    ((_, compensation),) = compensations(
+        _report_with_restate(state, shadow), cut_over=datetime(2026, 12, 1, tzinfo=UTC)
+    )
+    ledger = apply(state, decode_event(compensation, REDEMPTIONS), new)
+    assert "tier" not in {entry.rule_id for entry in ledger}
+    assert "replay.restate" in {entry.rule_id for entry in ledger}
