@@ -39,11 +39,18 @@ from schemas.topics import REDEMPTIONS, REFERRALS
 from streams.batch import order_key
 from streams.rules.engine import apply, derived_events, event_fingerprint
 from streams.rules.ruleset import RuleSet
-from streams.rules.state import RESTATE_PREFIX, RESTATE_RULE, CustomerState, order_lots
+from streams.rules.state import (
+    COMPENSATION_ACTOR,
+    COMPENSATION_PREFIX,
+    RESTATE_PREFIX,
+    RESTATE_RULE,
+    CustomerState,
+    order_lots,
+)
 from streams.settings import replay_processes_max
 
 progress_every_events = 50_000
-compensation_prefix = "replay:"
+compensation_prefix = COMPENSATION_PREFIX
 # An apply refuses while the worker lags by more input messages than this (`--lag-max`): the cut-over waits for
 # the worker to pass its markers. Events keep arriving meanwhile: the comparison covers what lies before them.
 lag_bound_messages = 10_000
@@ -861,10 +868,10 @@ def compensations(report: dict, *, cut_over: datetime, store_id: str = "replay")
             "occurred_at": cut_over.astimezone(UTC).isoformat(),
             "customer_id": row["customer_id"],
             "store_id": store_id,
-            "adjustment_id": f"replay:{version}"[:128],
+            "adjustment_id": f"{compensation_prefix}{version}"[:128],
             "points": row["delta"] + pending_change,
             "note": f"replay: balances recomputed under rule set {version} ({note})",
-            "actor": "replay",
+            "actor": COMPENSATION_ACTOR,
             "allow_negative": True,
         }
         if restate:

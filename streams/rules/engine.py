@@ -19,11 +19,13 @@ from schemas.decode import EventRejected
 from schemas.ledger import Kind, LedgerEntry, Source, ledger_entry_trusted
 from streams.rules.ruleset import Cap, Rounding, RuleSet
 from streams.rules.state import (
+    COMPENSATION_ACTOR,
+    COMPENSATION_PREFIX,
     RESTATE_PREFIX,
     RESTATE_RULE,
+    REVALUE_PREFIX,
     REVALUE_RULE,
     CustomerState,
-    LineAward,
     OrderRecord,
     evolve,
     local_day,
@@ -974,9 +976,6 @@ def _restate(entries: _Entries, restated: ev.RestatedCustomer) -> None:
     )
 
 
-REVALUE_PREFIX = "revalue:"
-
-
 def _revalue_order(entries: _Entries, revalued: ev.RevaluedOrder) -> None:
     """A replay's compensation re-values an open order: an entry whose reference holds the order's awards under the
     new rules (every line key and bonus the live order has; a line or bonus the new rules do not give is worth 0),
@@ -993,9 +992,7 @@ def _revalue_order(entries: _Entries, revalued: ev.RevaluedOrder) -> None:
         if not revalued.details:
             return
         # The old rules awarded the order nothing, so the worker has no record of it: it is made from the details.
-        order = OrderRecord(placed_at=revalued.placed_at, refund_ids=frozenset(revalued.refunds))
-        for key, (sku, category, quantity, amount, refunded) in revalued.details.items():
-            order.lines[key] = LineAward(sku, quantity, amount, 0, False, refunded, category=category)
+        order = OrderRecord.from_details(revalued.details, revalued.placed_at, revalued.refunds)
     elif not order.revaluable():
         return
     if set(order.refund_ids) != set(revalued.refunds):
@@ -1139,7 +1136,7 @@ def _is_compensation(event: ev.Event) -> bool:
     """A `loyalty replay --apply` compensation (streams/replay.py, `compensations`)."""
     if not isinstance(event, ev.PointsAdjusted):
         return False
-    return event.actor == "replay" and event.adjustment_id.startswith("replay:")
+    return event.actor == COMPENSATION_ACTOR and event.adjustment_id.startswith(COMPENSATION_PREFIX)
 
 
 def _expire(entries: _Entries) -> None:

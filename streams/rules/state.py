@@ -8,6 +8,7 @@ reading its ledger partition, and the state it gets is by construction the one t
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -97,6 +98,17 @@ class OrderRecord:
         if lots:
             document["pending"] = {lot.target: [lot.available_at.isoformat(), lot.points] for lot in lots}
         return document
+
+    @classmethod
+    def from_details(
+        cls, details: Mapping[str, Sequence], placed_at: datetime | None, refunds: Iterable[str]
+    ) -> OrderRecord:
+        """The record of an order the worker never held, from its `details()` (a replay's re-valuation of an order
+        the old rules awarded nothing): its lines, worth nothing until the re-valuation's values are folded in."""
+        order = cls(placed_at=placed_at, refund_ids=frozenset(refunds))
+        for key, (sku, category, quantity, amount, refunded) in details.items():
+            order.lines[key] = LineAward(sku, quantity, Decimal(amount), 0, False, refunded, category=category)
+        return order
 
     def details(self) -> dict:
         """What a worker without a record of the order needs to hold it: per line key [sku, category, quantity,
@@ -352,7 +364,12 @@ def _reduce_lot(state: CustomerState, order_id: str, target: str, reversed_point
     state.pending_lots = kept
 
 
+# A `loyalty replay --apply` compensation: the actor and the prefix of its event and adjustment ids
+# (streams/replay.py writes them, streams/rules/engine.py recognises them).
+COMPENSATION_ACTOR = "replay"
+COMPENSATION_PREFIX = "replay:"
 REVALUE_RULE = "replay.revalue"
+REVALUE_PREFIX = "revalue:"
 RESTATE_RULE = "replay.restate"
 RESTATE_PREFIX = "restate:"
 
@@ -377,18 +394,15 @@ def _revalue(state: CustomerState, order_id: str, order: OrderRecord | None, ref
     rules' values, held in the entry's reference, and so do its pending lots (the entry's points moved the
     difference between the available and the pending balance). An order the worker had no record of comes with its
     lines (`details`), its placement time and its refunds."""
-    document = json.loads(reference.removeprefix("revalue:"))
+    document = json.loads(reference.removeprefix(REVALUE_PREFIX))
     if order is None:
         details = document.get("details")
         if not details:
             return
         placed = document.get("placed_at")
-        order = state.orders[order_id] = OrderRecord(
-            placed_at=datetime.fromisoformat(placed) if placed else moment,
-            refund_ids=frozenset(document.get("refunds", ())),
+        order = state.orders[order_id] = OrderRecord.from_details(
+            details, datetime.fromisoformat(placed) if placed else moment, document.get("refunds", ())
         )
-        for key, (sku, category, quantity, amount, refunded) in details.items():
-            order.lines[key] = LineAward(sku, quantity, Decimal(amount), 0, False, refunded, category=category)
         state.first_order_done = True
     pending = document.get("pending", {})
     for key, (points, points_reversed) in document["lines"].items():

@@ -141,17 +141,25 @@ def test_confirmed_points_count_once_toward_a_tier():
     assert state.lifetime_earned == 205 and state.tier is None
 
 
+ONE_UNIT = {"order_id": "o-p", "lines": [{"sku": "a", "quantity": 1}]}
+
+
+def _two_units_pending_one_refunded_then(last):
+    """Two units of a line pending 14 days, one refunded inside the window, a tick after it, then `last`."""
+    return run(
+        parse_ruleset(BASE.replace("'1'}", "'1', pending_days: 14}")),
+        purchase("p", [("a", "books", 2, "30.00")], at="2026-01-01T00:00:00+00:00"),
+        event("purchase.refunded", "r1", at="2026-01-03T00:00:00+00:00", refund_id="r1", **ONE_UNIT),
+        event("clock.tick", "t1", at="2026-01-20T00:00:00+00:00"),
+        last,
+    )
+
+
 def test_a_partial_refund_of_pending_points_leaves_the_rest_of_the_line_to_be_confirmed():
     """Before, the reversal dropped the line's whole pending lot: the 30 points of the unit kept were never confirmed
     and stayed pending for ever."""
-    ruleset = parse_ruleset(BASE.replace("'1'}", "'1', pending_days: 14}"))
-    refund = {"order_id": "o-p", "lines": [{"sku": "a", "quantity": 1}]}
-    state, ledger = run(
-        ruleset,
-        purchase("p", [("a", "books", 2, "30.00")], at="2026-01-01T00:00:00+00:00"),
-        event("purchase.refunded", "r1", at="2026-01-03T00:00:00+00:00", refund_id="r1", **refund),
-        event("clock.tick", "t1", at="2026-01-20T00:00:00+00:00"),
-        event("purchase.refunded", "r2", at="2026-01-25T00:00:00+00:00", refund_id="r2", **refund),
+    state, ledger = _two_units_pending_one_refunded_then(
+        event("purchase.refunded", "r2", at="2026-01-25T00:00:00+00:00", refund_id="r2", **ONE_UNIT)
     )
     assert [(e.caused_by, e.kind, e.points, e.pending_points, e.balance_after, e.pending_after) for e in ledger] == [
         ("p", Kind.pending, 0, 60, 0, 60),
@@ -166,14 +174,8 @@ def test_a_lines_reversals_and_confirmation_carry_its_category():
     """Points by category (the dashboard's `--by category`, analysts' query 5) count every entry of a line under its
     category; confirmations and reversals had none, so under a return window every confirmed point fell under
     "(none)"."""
-    ruleset = parse_ruleset(BASE.replace("'1'}", "'1', pending_days: 14}"))
-    refund = {"order_id": "o-p", "lines": [{"sku": "a", "quantity": 1}]}
-    _, ledger = run(
-        ruleset,
-        purchase("p", [("a", "books", 2, "30.00")], at="2026-01-01T00:00:00+00:00"),
-        event("purchase.refunded", "r1", at="2026-01-03T00:00:00+00:00", refund_id="r1", **refund),
-        event("clock.tick", "t1", at="2026-01-20T00:00:00+00:00"),
-        event("purchase.cancelled", "x", at="2026-01-25T00:00:00+00:00", order_id="o-p"),
+    _, ledger = _two_units_pending_one_refunded_then(
+        event("purchase.cancelled", "x", at="2026-01-25T00:00:00+00:00", order_id="o-p")
     )
     assert [(e.kind, e.sku, e.category) for e in ledger] == [
         (Kind.pending, "a", "books"),

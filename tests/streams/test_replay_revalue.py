@@ -123,15 +123,16 @@ def test_after_an_apply_reversals_take_back_what_the_new_rules_awarded(case):
     assert {entry.points for entry in revalued} == {0}
 
 
-def _with_purchase_setting(ruleset_file: Path, setting: str, value: object) -> RuleSet:
+def _with_setting(ruleset_file: Path, section: str, values: dict) -> RuleSet:
+    """The packaged rule set with `values` set in its `section`, under a version of its own."""
     document = yaml.safe_load(ruleset_file.read_text())
-    document["version"] += f"-{setting}"
-    document["purchase"][setting] = value
+    document["version"] += "".join(f"-{name}" for name in values)
+    document[section] = {**(document.get(section) or {}), **values}
     return parse_ruleset(yaml.safe_dump(document))
 
 
 def _with_minimum_order_total(ruleset_file: Path, minimum: str) -> RuleSet:
-    return _with_purchase_setting(ruleset_file, "minimum_order_total", minimum)
+    return _with_setting(ruleset_file, "purchase", {"minimum_order_total": minimum})
 
 
 PENDING_AFTER = {
@@ -158,11 +159,11 @@ def test_an_apply_that_changes_the_return_window_moves_points_between_available_
     the new rules' lots: refunds inside the window reverse pending points and its end confirms them, as under the
     new rules over the whole log. Before, the order kept its old split: a refund after an apply that added a window
     took the points from the available balance the compensation had already taken them from."""
-    windowed = _with_purchase_setting(RULESETS / "seasonal-promotion.yaml", "pending_days", 60)
+    windowed = _with_setting(RULESETS / "seasonal-promotion.yaml", "purchase", {"pending_days": 60})
     old, new = (
         (OLD, windowed)
         if direction.startswith("new")
-        else (_with_purchase_setting(RULESETS / "default.yaml", "pending_days", 60), NEW)
+        else (_with_setting(RULESETS / "default.yaml", "purchase", {"pending_days": 60}), NEW)
     )
     after = PENDING_AFTER[case]
     expected = process_lines([line.encode() for line in HISTORY + after], new).states["c1"]
@@ -360,13 +361,6 @@ def test_an_order_the_old_rules_did_not_award_is_recorded_from_the_compensation(
     assert {key: line.category for key, line in state.orders["o1"].lines.items()} == {
         "line:0": "books", "line:1": "electronics", "line:2": "gift-cards"
     }  # fmt: skip
-
-
-def _with_setting(ruleset_file: Path, section: str, values: dict) -> RuleSet:
-    document = yaml.safe_load(ruleset_file.read_text())
-    document["version"] += f"-{section}"
-    document[section] = {**(document.get(section) or {}), **values}
-    return parse_ruleset(yaml.safe_dump(document))
 
 
 def test_a_compensation_expires_and_releases_nothing_itself():
