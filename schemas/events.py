@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -245,13 +245,27 @@ class RevaluedOrder(_Frozen):
     placed_at: EventTime | None = None
 
 
+# The sources a cap can limit (streams/rules/ruleset.py, `PromotionSource`).
+CappedSource = Literal["purchase", "review", "referral", "registration", "blog_comment", "social_share", "feedback"]
+PointsChange = Annotated[int, Field(strict=True, ge=-points_request_max, le=points_request_max)]
+
+
+class CapUsageChange(_Frozen):
+    """How the points counted against caps for one source on one local day change under a new rule set."""
+
+    source: CappedSource
+    day: date
+    points: PointsChange
+
+
 class RestatedCustomer(_Frozen):
     """What a replay's compensation sets besides balances and orders (`loyalty replay --apply`): the change of the
-    lifetime earned points (tiers by lifetime points) and whether a first qualifying order is behind the customer
-    (the first-order bonus)."""
+    lifetime earned points (tiers by lifetime points), whether a first qualifying order is behind the customer
+    (the first-order bonus), and the change of the points counted against caps on the recent days."""
 
-    lifetime_earned_change: Annotated[int, Field(strict=True, ge=-points_request_max, le=points_request_max)] = 0
+    lifetime_earned_change: PointsChange = 0
     first_order_done: bool = False
+    cap_usage_changes: Annotated[list[CapUsageChange], Field(max_length=2000)] = []
 
 
 class PointsAdjusted(Envelope):

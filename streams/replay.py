@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -45,6 +45,8 @@ from streams.rules.state import (
     RESTATE_PREFIX,
     RESTATE_RULE,
     CustomerState,
+    cap_history_days_max,
+    local_day,
     order_lots,
 )
 from streams.settings import replay_processes_max
@@ -89,8 +91,9 @@ class ShadowResult:
     # the pending balance (customers with points pending only).
     orders: dict[str, list[dict]] | None = None
     pending: dict[str, int] | None = None
-    # With `keep_orders`, per customer kept: (lifetime earned points, first qualifying order done) under the new rules.
-    restate: dict[str, tuple[int, bool]] | None = None
+    # With `keep_orders`, per customer kept: (lifetime earned points, first qualifying order done, points counted
+    # against caps per (source, local day)) under the new rules.
+    restate: dict[str, tuple[int, bool, dict[tuple[str, date], int]]] | None = None
 
 
 def replay_messages(
@@ -203,7 +206,7 @@ def _keep_orders(result: ShadowResult, state: CustomerState, unawarded: _Unaward
         result.restate.pop(state.customer_id, None)
     else:
         orders = _open_orders(state, unawarded or {})
-        result.restate[state.customer_id] = (state.lifetime_earned, state.first_order_done)
+        result.restate[state.customer_id] = (state.lifetime_earned, state.first_order_done, dict(state.cap_usage))
     if orders:
         result.orders[state.customer_id] = orders
     else:
@@ -557,17 +560,24 @@ def live_figures(client, markers: Mapping[tuple[str, int], int] | None = None, v
     return LiveFigures(balances, by_rule, issued, sorted(versions))
 
 
-def _live_figures_before(client, markers: Mapping[tuple[str, int], int], version: str) -> LiveFigures:
+def _before_markers(markers: Mapping[tuple[str, int], int], version: str) -> tuple[str, dict]:
+    """A condition on ledger_entries: the entry was decided before the cut-over markers (every entry of another
+    rule-set version, and those of `version` caused by an event archived below the markers), with its parameters."""
     from projections.archive import below_markers
 
     condition, parameters = below_markers(markers)
     parameters["version"] = version
-    parameters["restate_prefix"], parameters["restate_rule"] = RESTATE_PREFIX, RESTATE_RULE
     before = (
         "(ruleset_version != {version:String} OR (caused_by, customer_id) IN ("
         f"SELECT event_id, routing_key FROM raw_events WHERE {condition} AND event_id IN ("
         "SELECT caused_by FROM ledger_entries WHERE ruleset_version = {version:String})))"
     )
+    return before, parameters
+
+
+def _live_figures_before(client, markers: Mapping[tuple[str, int], int], version: str) -> LiveFigures:
+    before, parameters = _before_markers(markers, version)
+    parameters["restate_prefix"], parameters["restate_rule"] = RESTATE_PREFIX, RESTATE_RULE
     rows = client.query(
         "SELECT customer_id, rule_id, sum(points), "
         "sumIf(points, kind IN ('earned', 'confirmed') AND points > 0), sum(pending_points), "
@@ -685,15 +695,78 @@ def dry_run(
         report[REVALUED_ORDERS] = shadow.orders  # for `compensations`; taken out of the report shown
     if shadow.pending is not None:
         report[PENDING_CHANGES] = _pending_changes(live.pending, shadow.pending)  # the same
-    if shadow.restate is not None:
+    if shadow.restate is not None and markers is not None:
+        since, live_caps = _live_cap_usage(client, markers, ruleset, set(shadow.restate))
         report[RESTATED] = {  # the same
             customer_id: {
                 "lifetime_earned_change": lifetime - live.lifetime.get(customer_id, 0),
                 "first_order_done": done,
+                "cap_usage_changes": cap_usage_changes(live_caps.get(customer_id, {}), caps, since, ruleset),
             }
-            for customer_id, (lifetime, done) in shadow.restate.items()
+            for customer_id, (lifetime, done, caps) in shadow.restate.items()
         }
     return report
+
+
+def cap_usage_changes(
+    live: Mapping[tuple[str, date], int], new: Mapping[tuple[str, date], int], since: date | None, ruleset: RuleSet
+) -> list[dict]:
+    """The change of the points counted against caps, per (source `ruleset` caps, local day) from `since` on: what
+    a compensation restates (the usage of a source no cap of the new rules limits is never looked at)."""
+    capped = {cap.source for cap in ruleset.caps}
+    keys = sorted(
+        (key for key in {*live, *new} if key[0] in capped and (since is None or key[1] >= since)),
+        key=lambda key: (key[1], key[0]),
+    )
+    changes = ((source, day, new.get((source, day), 0) - live.get((source, day), 0)) for source, day in keys)
+    return [{"source": source, "day": day.isoformat(), "points": points} for source, day, points in changes if points]
+
+
+def _live_cap_usage(
+    client, markers: Mapping[tuple[str, int], int], ruleset: RuleSet, customers: set[str]
+) -> tuple[date | None, dict[str, dict[tuple[str, date], int]]]:
+    """The points counted against caps live before the markers, per customer of `customers`, on the local days a cap
+    can still look at: from `cap_history_days_max` days before the last event before the markers (as the worker
+    folds them, `state.evolve`: earned and pending entries that add points, and earlier apply's restatements).
+    Returns the first of those days (None when nothing lies before the markers)."""
+    before, parameters = _before_markers(markers, ruleset.version)
+    latest = client.query(
+        f"SELECT max(occurred_at), count() FROM ledger_entries WHERE {before}", parameters=parameters
+    ).result_rows[0]
+    if not latest[1] or not ruleset.caps:
+        return None, {}
+    zone = ruleset.zone
+    since = local_day(latest[0].replace(tzinfo=UTC), zone) - timedelta(days=cap_history_days_max)
+    parameters |= {
+        "zone": ruleset.timezone,
+        "since": datetime.combine(since, datetime.min.time(), zone).astimezone(UTC),
+        "sources": sorted({cap.source for cap in ruleset.caps}),
+        "restate_rule": RESTATE_RULE,
+    }
+    usage: dict[str, dict[tuple[str, date], int]] = {}
+    with client.query_row_block_stream(
+        "SELECT customer_id, source, toDate(occurred_at, {zone:String}) AS day, sum(points + pending_points) "
+        f"FROM ledger_entries FINAL WHERE {before} AND kind IN ('earned', 'pending') "
+        "AND (points > 0 OR pending_points > 0) AND source IN {sources:Array(String)} "
+        "AND occurred_at >= {since:DateTime64(6, 'UTC')} GROUP BY customer_id, source, day",
+        parameters=parameters,
+    ) as stream:
+        for block in stream:
+            for customer_id, source, day, points in block:
+                if customer_id in customers:
+                    usage.setdefault(customer_id, {})[(source, day)] = int(points)
+    restated = client.query(
+        f"SELECT customer_id, reference FROM ledger_entries FINAL WHERE {before} AND rule_id = {{restate_rule:String}}",
+        parameters=parameters,
+    ).result_rows
+    for customer_id, reference in restated:  # an earlier apply's restatement is part of the live usage
+        if customer_id not in customers or not reference:
+            continue
+        for source, day, points in json.loads(reference.removeprefix(RESTATE_PREFIX)).get("cap_usage_changes", ()):
+            key = (source, date.fromisoformat(day))
+            customer = usage.setdefault(customer_id, {})
+            customer[key] = customer.get(key, 0) + points
+    return since, usage
 
 
 def _live_balances(live: LiveFigures) -> dict[str, tuple[int, int, int]]:

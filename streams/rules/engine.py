@@ -952,11 +952,14 @@ def _restate(entries: _Entries, restated: ev.RestatedCustomer) -> None:
     """A replay's compensation carries the change of lifetime earned points under the new rules (before the cut-over
     markers, so events decided since are kept) and whether they count a first qualifying order: a 0-point entry
     that folding applies (`state._restate`), so that tiers by lifetime points and the first-order bonus decide later
-    events as under the new rules. The tier itself is reviewed at the customer's next event."""
+    events as under the new rules, and the change of the points counted against caps on the days a cap can still
+    look at, so that a capped source earns after the apply what it earns under the new rules. The tier itself is
+    reviewed at the customer's next event."""
     state = entries.state
     change = restated.lifetime_earned_change
     first = restated.first_order_done if restated.first_order_done != state.first_order_done else None
-    if not change and first is None:
+    caps = [[usage.source, usage.day.isoformat(), usage.points] for usage in restated.cap_usage_changes if usage.points]
+    if not change and first is None and not caps:
         return
     shown = []
     if change:
@@ -967,7 +970,13 @@ def _restate(entries: _Entries, restated: ev.RestatedCustomer) -> None:
             if first
             else "no qualifying order yet: the next earns the first-order bonus"
         )
-    document = json.dumps({"first_order": first, "lifetime_earned_change": change}, separators=(",", ":"))
+    if caps:
+        moved = sum(points for _, _, points in caps)
+        shown.append(f"points counted against caps {moved:+d} over {len({day for _, day, _ in caps})} days")
+    restatement: dict = {"first_order": first, "lifetime_earned_change": change}
+    if caps:
+        restatement["cap_usage_changes"] = caps
+    document = json.dumps(restatement, separators=(",", ":"))
     entries.record(
         Source.adjustment,
         RESTATE_RULE,

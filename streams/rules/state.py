@@ -376,9 +376,18 @@ RESTATE_PREFIX = "restate:"
 
 def _restate(state: CustomerState, reference: str) -> None:
     """A replay's compensation restates what the new rules would have made of the customer's history besides balances
-    and orders (streams/rules/engine.py, `_restate`): lifetime earned points and the first-order mark."""
+    and orders (streams/rules/engine.py, `_restate`): lifetime earned points, the first-order mark and the points
+    counted against caps per (source, local day)."""
     document = json.loads(reference.removeprefix(RESTATE_PREFIX))
     state.lifetime_earned += document["lifetime_earned_change"]
+    changes = document.get("cap_usage_changes")
+    if changes:
+        usage = dict(state.cap_usage)
+        for source, day, points in changes:
+            key = (source, date.fromisoformat(day))
+            usage[key] = usage.get(key, 0) + points
+        # Oldest day first, as folding inserts them (`_forget_old_cap_usage` relies on it); none below zero.
+        state.cap_usage = {key: usage[key] for key in sorted(usage, key=lambda key: key[1]) if usage[key] > 0}
     if document.get("first_order") is not None:  # the value under the new rules, set either way
         state.first_order_done = document["first_order"]
     elif document.get("first_order_done"):  # the first form of the entry (fcda4d0): set only

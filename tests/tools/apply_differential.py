@@ -27,11 +27,18 @@ from schemas import events as ev
 from schemas.decode import EventRejected, decode_event
 from schemas.topics import REDEMPTIONS, REFEREE_SIDE, SIDE_HEADER, TOPIC_RANK
 from streams.batch import order_key, process_lines
-from streams.replay import PENDING_CHANGES, RESTATED, REVALUED_ORDERS, compensations, replay_messages
+from streams.replay import (
+    PENDING_CHANGES,
+    RESTATED,
+    REVALUED_ORDERS,
+    cap_usage_changes,
+    compensations,
+    replay_messages,
+)
 from streams.routing import routes_for
 from streams.rules.engine import apply, derived_events
 from streams.rules.ruleset import load_ruleset
-from streams.rules.state import CustomerState
+from streams.rules.state import CustomerState, cap_history_days_max
 from streams.simulate import generate_events
 
 RULESETS = Path(__file__).resolve().parents[2] / "streams/rules/rulesets"
@@ -42,7 +49,9 @@ def _moment(raw: bytes) -> datetime:
     return datetime.fromisoformat(json.loads(raw)["occurred_at"]).astimezone(UTC)
 
 
-def differing(old_name: str, new_name: str, *, events: int, customers: int, seed: int, revalue: bool = True):
+def differing(
+    old_name: str, new_name: str, *, events: int, customers: int, seed: int, revalue: bool = True, caps: bool = True
+):
     """(customers, {customer: ((live balance, pending), (expected balance, pending))} where either differs)."""
     old, new = load_ruleset(RULESETS / old_name), load_ruleset(RULESETS / new_name)
     lines = [line.encode() for line in generate_events(events=events, customers=customers, seed=seed)]
@@ -61,6 +70,7 @@ def differing(old_name: str, new_name: str, *, events: int, customers: int, seed
                 )
             )  # fmt: skip
     archived.sort(key=lambda m: (m.routing_key, m.occurred_at, m.topic_rank, m.offset))
+    since = cut.astimezone(new.zone).date() - timedelta(days=cap_history_days_max)
     shadow = replay_messages(
         archived, new, refetch=lambda keys: [m for m in archived if m.routing_key in keys], keep_orders=True
     )
@@ -81,6 +91,8 @@ def differing(old_name: str, new_name: str, *, events: int, customers: int, seed
                 customer_id: {
                     "lifetime_earned_change": shadow.restate[customer_id][0] - state.lifetime_earned,
                     "first_order_done": shadow.restate[customer_id][1],
+                    "cap_usage_changes": cap_usage_changes(state.cap_usage, shadow.restate[customer_id][2], since, new)
+                    if caps else [],
                 }
             } if revalue and customer_id in (shadow.restate or {}) else {},
         }  # fmt: skip
@@ -134,10 +146,17 @@ def main() -> None:
     parser.add_argument("--customers", type=int, default=300)
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--no-revalue", action="store_true", help="compensate balances only (the code before orders)")
+    parser.add_argument("--no-caps", action="store_true", help="restate no cap usage (the code before it)")
     args = parser.parse_args()
     for old, new in itertools.chain(((name, name) for name in NAMES), itertools.permutations(NAMES, 2)):
         total, bad = differing(
-            old, new, events=args.events, customers=args.customers, seed=args.seed, revalue=not args.no_revalue
+            old,
+            new,
+            events=args.events,
+            customers=args.customers,
+            seed=args.seed,
+            revalue=not args.no_revalue,
+            caps=not args.no_caps,
         )
         available = sum(1 for got, wanted in bad.values() if got[0] != wanted[0])
         in_total = sum(1 for got, wanted in bad.values() if sum(got) != sum(wanted))

@@ -1,0 +1,115 @@
+"""An apply's compensation restates the points counted against caps: a capped source earns after the apply what it
+earns under the new rules over the whole log.
+
+Before, the worker's cap usage stayed the old rules' after the apply. Under the old rules two shares earned 10 each
+(20 counted against the cap); under the new ones 20 each against a monthly cap of 50 (40 counted), so a third share
+the next day earned 10 under the new rules over the whole log but 20 after the apply (room 50 - 20 = 30).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+import yaml
+from test_replay_revalue import RULESETS, archived, event
+
+from projections import LedgerSink, connect, migrate
+from projections.archive import RawArchive
+from schemas.decode import decode_event
+from schemas.topics import INPUT_TOPICS, REDEMPTIONS
+from streams.batch import process_lines
+from streams.replay import RESTATED, compensations, dry_run
+from streams.rules.engine import apply
+from streams.rules.ruleset import load_ruleset, parse_ruleset
+from streams.rules.state import CustomerState, evolve
+
+OLD = load_ruleset(RULESETS / "default.yaml")  # a share earns 10, at most 30 a day
+HISTORY = [
+    event("e1", "customer.registered", "2026-12-01T08:00:00+00:00"),
+    event("e2", "social.shared", "2026-12-01T09:00:00+00:00", share_id="s1", network="x"),
+    event("e3", "social.shared", "2026-12-01T10:00:00+00:00", share_id="s2", network="x"),
+]
+LATER_SHARE = [event("e4", "social.shared", "2026-12-02T10:00:00+00:00", share_id="s3", network="x")]
+CUT_OVER = datetime(2026, 12, 1, 12, tzinfo=UTC)
+
+
+def _new_rules():
+    document = yaml.safe_load((RULESETS / "default.yaml").read_text())
+    document["version"] = "default-shares-20"
+    document["fixed"]["social_share"] = 20
+    document["caps"] = [{"source": "social_share", "period": "month", "points_max": 50}]
+    return parse_ruleset(yaml.safe_dump(document))
+
+
+NEW = _new_rules()
+
+
+@pytest.fixture
+def live(tmp_path):
+    """A chDB with the archive and the live ledger of HISTORY under the old rules."""
+    client = connect(f"chdb://{tmp_path / 'clickhouse'}")
+    migrate(client)
+    RawArchive(client).write(archived(HISTORY), {})
+    LedgerSink(client).write(process_lines([line.encode() for line in HISTORY], OLD).ledger)
+    yield client
+    client.close()
+
+
+def _markers(offset: int) -> dict[tuple[str, int], int]:
+    return {(topic, 0): offset for topic in INPUT_TOPICS}
+
+
+def test_a_dry_run_for_an_apply_gives_the_change_of_cap_usage_from_the_live_ledger(live):
+    report = dry_run(live, NEW, current_point_value=OLD.redemption.point_value, markers=_markers(len(HISTORY)))
+    restated = report[RESTATED]["c1"]
+    assert restated["cap_usage_changes"] == [{"source": "social_share", "day": "2026-12-01", "points": 20}]
+    assert restated["lifetime_earned_change"] == 20
+
+
+def test_after_an_apply_a_capped_source_earns_what_the_new_rules_give_and_a_restart_folds_the_same(live):
+    expected = process_lines([line.encode() for line in HISTORY + LATER_SHARE], NEW).states["c1"]
+    state = CustomerState("c1")
+    ledger = []
+    for line in HISTORY:
+        ledger += apply(state, decode_event(line.encode()), OLD)
+    assert state.cap_usage[("social_share", datetime(2026, 12, 1).date())] == 20
+    report = dry_run(live, NEW, current_point_value=OLD.redemption.point_value, markers=_markers(len(HISTORY)))
+    ((_, compensation),) = compensations(report, cut_over=CUT_OVER)
+    applied = apply(state, decode_event(compensation, REDEMPTIONS), NEW)
+    (restate,) = [entry for entry in applied if entry.rule_id == "replay.restate"]
+    assert "points counted against caps +20 over 1 days" in restate.explanation
+    assert json.loads(restate.reference.removeprefix("restate:"))["cap_usage_changes"] == [
+        ["social_share", "2026-12-01", 20]
+    ]
+    ledger += applied
+    for line in LATER_SHARE:
+        ledger += apply(state, decode_event(line.encode()), NEW)
+    assert (state.balance, state.cap_usage) == (expected.balance, expected.cap_usage)
+    assert [entry.points for entry in ledger if entry.caused_by == "e4"] == [10]
+    folded = CustomerState("c1")  # what a restarted worker folds back from the ledger
+    for entry in ledger:
+        evolve(folded, entry, NEW.zone)
+    assert folded.cap_usage == state.cap_usage
+
+
+def test_a_second_apply_counts_the_first_ones_restatement_as_live_cap_usage(live):
+    """The live usage of a second apply includes the first apply's restatement (a 0-point entry that sums of earned
+    points do not show). The second rule set changes the registration bonus only: the customer is compensated again,
+    with no change of cap usage (+20 again without it)."""
+    first = dry_run(live, NEW, current_point_value=OLD.redemption.point_value, markers=_markers(len(HISTORY)))
+    ((_, compensation),) = compensations(first, cut_over=CUT_OVER)
+    state = CustomerState("c1")
+    for line in HISTORY:
+        apply(state, decode_event(line.encode()), OLD)
+    LedgerSink(live).write(apply(state, decode_event(compensation, REDEMPTIONS), NEW))
+    lines = [*HISTORY, compensation.decode()]
+    RawArchive(live).write([message for message in archived(lines) if message.topic == REDEMPTIONS], {})
+    document = yaml.safe_load(NEW.model_dump_json())
+    document["version"], document["fixed"]["registration"] = "default-shares-20-registration-60", 60
+    newer = parse_ruleset(yaml.safe_dump(document))
+    second = dry_run(live, newer, current_point_value=OLD.redemption.point_value, markers=_markers(len(lines)))
+    assert second[RESTATED]["c1"]["cap_usage_changes"] == []
+    ((_, again),) = compensations(second, cut_over=CUT_OVER)
+    assert json.loads(again)["points"] == 10
