@@ -258,14 +258,29 @@ class CapUsageChange(_Frozen):
     points: PointsChange
 
 
+class RestatedReferral(_Frozen):
+    """The customer's own referral (as a referee) under a new rule set: who referred them with which event, the
+    qualifying order, the points it earned and whether it was reversed."""
+
+    referred_by: Identifier
+    event_id: Identifier
+    order_id: Identifier | None = None
+    points: Points = 0
+    reversed: bool = False
+
+
 class RestatedCustomer(_Frozen):
     """What a replay's compensation sets besides balances and orders (`loyalty replay --apply`): the change of the
     lifetime earned points (tiers by lifetime points), whether a first qualifying order is behind the customer
-    (the first-order bonus), and the change of the points counted against caps on the recent days."""
+    (the first-order bonus), the change of the points counted against caps on the recent days, and what the
+    customer's referrals earned under the new rules (what a reversal of them takes back): per referee as a referrer,
+    and as a referee."""
 
     lifetime_earned_change: PointsChange = 0
     first_order_done: bool = False
     cap_usage_changes: Annotated[list[CapUsageChange], Field(max_length=2000)] = []
+    referrer_points: Annotated[dict[Identifier, Points], Field(max_length=1000)] = {}
+    referral: RestatedReferral | None = None
 
 
 class PointsAdjusted(Envelope):

@@ -78,6 +78,49 @@ class ReplayRefused(RuntimeError):
     """The replay cannot run (safely) on this archive or now; the message says why."""
 
 
+@dataclass(frozen=True)
+class Restatement:
+    """What the replayed rules make of a customer's history besides balances and orders, for an apply's compensation
+    (`restated`): lifetime earned points, the first-order mark, the points counted against caps per (source, local
+    day), and what the customer's referrals earned that no reversal took back (as a referrer per referee, and as a
+    referee)."""
+
+    lifetime_earned: int
+    first_order_done: bool
+    cap_usage: dict[tuple[str, date], int]
+    referrer_points: dict[str, int]
+    referral: dict | None  # the customer's own, as a referee (`ev.RestatedReferral`)
+
+    @classmethod
+    def of(cls, state: CustomerState) -> Restatement:
+        referrer_points = {
+            referee: points for referee, points in state.referees.items() if referee not in state.referees_reversed
+        }
+        referral = None
+        if state.referred_by is not None and state.referral_event is not None:
+            referral = {
+                "referred_by": state.referred_by,
+                "event_id": state.referral_event,
+                "order_id": state.referral_order,
+                "points": state.referral_points,
+                "reversed": state.referral_reversed,
+            }
+        return cls(state.lifetime_earned, state.first_order_done, dict(state.cap_usage), referrer_points, referral)
+
+    def restated(
+        self, live_lifetime: int, live_caps: Mapping[tuple[str, date], int], since: date | None, ruleset: RuleSet
+    ) -> dict:
+        """The compensation's `restated` against the live figures before the markers."""
+        return {
+            "lifetime_earned_change": self.lifetime_earned - live_lifetime,
+            "first_order_done": self.first_order_done,
+            "cap_usage_changes": cap_usage_changes(live_caps, self.cap_usage, since, ruleset),
+            # The event holds at most 1,000; a reversal of an older referral takes back the live value.
+            "referrer_points": dict(list(self.referrer_points.items())[-1000:]),
+            "referral": self.referral,
+        }
+
+
 @dataclass
 class ShadowResult:
     balances: dict[str, int] = field(default_factory=dict)
@@ -91,9 +134,8 @@ class ShadowResult:
     # the pending balance (customers with points pending only).
     orders: dict[str, list[dict]] | None = None
     pending: dict[str, int] | None = None
-    # With `keep_orders`, per customer kept: (lifetime earned points, first qualifying order done, points counted
-    # against caps per (source, local day)) under the new rules.
-    restate: dict[str, tuple[int, bool, dict[tuple[str, date], int]]] | None = None
+    # With `keep_orders`, per customer kept: what the compensation restates under the new rules.
+    restate: dict[str, Restatement] | None = None
 
 
 def replay_messages(
@@ -206,7 +248,7 @@ def _keep_orders(result: ShadowResult, state: CustomerState, unawarded: _Unaward
         result.restate.pop(state.customer_id, None)
     else:
         orders = _open_orders(state, unawarded or {})
-        result.restate[state.customer_id] = (state.lifetime_earned, state.first_order_done, dict(state.cap_usage))
+        result.restate[state.customer_id] = Restatement.of(state)
     if orders:
         result.orders[state.customer_id] = orders
     else:
@@ -698,12 +740,10 @@ def dry_run(
     if shadow.restate is not None and markers is not None:
         since, live_caps = _live_cap_usage(client, markers, ruleset, set(shadow.restate))
         report[RESTATED] = {  # the same
-            customer_id: {
-                "lifetime_earned_change": lifetime - live.lifetime.get(customer_id, 0),
-                "first_order_done": done,
-                "cap_usage_changes": cap_usage_changes(live_caps.get(customer_id, {}), caps, since, ruleset),
-            }
-            for customer_id, (lifetime, done, caps) in shadow.restate.items()
+            customer_id: restatement.restated(
+                live.lifetime.get(customer_id, 0), live_caps.get(customer_id, {}), since, ruleset
+            )
+            for customer_id, restatement in shadow.restate.items()
         }
     return report
 

@@ -953,13 +953,37 @@ def _restate(entries: _Entries, restated: ev.RestatedCustomer) -> None:
     markers, so events decided since are kept) and whether they count a first qualifying order: a 0-point entry
     that folding applies (`state._restate`), so that tiers by lifetime points and the first-order bonus decide later
     events as under the new rules, and the change of the points counted against caps on the days a cap can still
-    look at, so that a capped source earns after the apply what it earns under the new rules. The tier itself is
-    reviewed at the customer's next event."""
+    look at, so that a capped source earns after the apply what it earns under the new rules, and what the customer's
+    referrals earned under the new rules, so that a referral reversed after the apply takes back the new rules'
+    points. The tier itself is reviewed at the customer's next event."""
     state = entries.state
     change = restated.lifetime_earned_change
     first = restated.first_order_done if restated.first_order_done != state.first_order_done else None
     caps = [[usage.source, usage.day.isoformat(), usage.points] for usage in restated.cap_usage_changes if usage.points]
-    if not change and first is None and not caps:
+    # What referring each customer earned under the new rules (not reversed): what a reversal after the apply takes
+    # back, and a referral of them already rewarded. The worker's own reversals stand.
+    referrers = {
+        referee: points
+        for referee, points in restated.referrer_points.items()
+        if referee not in state.referees_reversed and state.referees.get(referee) != points
+    }
+    referral = restated.referral
+    live_referral = (
+        state.referred_by,
+        state.referral_event,
+        state.referral_order,
+        state.referral_points,
+        state.referral_reversed,
+    )
+    if referral is not None and live_referral == (
+        referral.referred_by,
+        referral.event_id,
+        referral.order_id,
+        referral.points,
+        referral.reversed,
+    ):
+        referral = None
+    if not change and first is None and not caps and not referrers and referral is None:
         return
     shown = []
     if change:
@@ -973,9 +997,21 @@ def _restate(entries: _Entries, restated: ev.RestatedCustomer) -> None:
     if caps:
         moved = sum(points for _, _, points in caps)
         shown.append(f"points counted against caps {moved:+d} over {len({day for _, day, _ in caps})} days")
+    shown += [
+        f"referring {name} earned {state.referees.get(name, 0)} -> {points}" for name, points in referrers.items()
+    ]
+    if referral is not None:
+        shown.append(
+            f"referred by {referral.referred_by} (order {referral.order_id}): {referral.points} points"
+            + (", reversed" if referral.reversed else "")
+        )
     restatement: dict = {"first_order": first, "lifetime_earned_change": change}
     if caps:
         restatement["cap_usage_changes"] = caps
+    if referrers:
+        restatement["referrer_points"] = referrers
+    if referral is not None:
+        restatement["referral"] = referral.model_dump(mode="json")
     document = json.dumps(restatement, separators=(",", ":"))
     entries.record(
         Source.adjustment,

@@ -377,7 +377,8 @@ RESTATE_PREFIX = "restate:"
 def _restate(state: CustomerState, reference: str) -> None:
     """A replay's compensation restates what the new rules would have made of the customer's history besides balances
     and orders (streams/rules/engine.py, `_restate`): lifetime earned points, the first-order mark and the points
-    counted against caps per (source, local day)."""
+    counted against caps per (source, local day), the points of the customer's referrals (as a referrer per referee,
+    and as a referee)."""
     document = json.loads(reference.removeprefix(RESTATE_PREFIX))
     state.lifetime_earned += document["lifetime_earned_change"]
     changes = document.get("cap_usage_changes")
@@ -388,6 +389,13 @@ def _restate(state: CustomerState, reference: str) -> None:
             usage[key] = usage.get(key, 0) + points
         # Oldest day first, as folding inserts them (`_forget_old_cap_usage` relies on it); none below zero.
         state.cap_usage = {key: usage[key] for key in sorted(usage, key=lambda key: key[1]) if usage[key] > 0}
+    for referee, points in document.get("referrer_points", {}).items():
+        state.referees[referee] = points
+    referral = document.get("referral")
+    if referral is not None:
+        state.referred_by, state.referral_event = referral["referred_by"], referral["event_id"]
+        state.referral_order, state.referral_points = referral["order_id"], referral["points"]
+        state.referral_reversed = referral["reversed"]
     if document.get("first_order") is not None:  # the value under the new rules, set either way
         state.first_order_done = document["first_order"]
     elif document.get("first_order_done"):  # the first form of the entry (fcda4d0): set only

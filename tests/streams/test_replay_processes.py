@@ -65,7 +65,11 @@ def test_the_orders_an_apply_keeps_are_the_same_in_two_processes_and_only_of_cha
     # Live balances: half the customers as replayed (nothing to compensate), the others off by one point.
     customers = sorted(every.balances)
     live = {
-        customer: (every.balances[customer] + (number % 2), every.pending.get(customer, 0), every.restate[customer][0])
+        customer: (
+            every.balances[customer] + (number % 2),
+            every.pending.get(customer, 0),
+            every.restate[customer].lifetime_earned,
+        )
         for number, customer in enumerate(customers)
     }
     changed = {customer for number, customer in enumerate(customers) if number % 2}

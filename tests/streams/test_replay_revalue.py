@@ -280,10 +280,7 @@ def _report_with_restate(state: CustomerState, shadow) -> dict:
         ],
         REVALUED_ORDERS: shadow.orders,
         PENDING_CHANGES: {"c1": shadow.pending.get("c1", 0) - state.pending},
-        RESTATED: {
-            "c1": {"lifetime_earned_change": shadow.restate["c1"][0] - state.lifetime_earned,
-                   "first_order_done": shadow.restate["c1"][1]}
-        },
+        RESTATED: {"c1": shadow.restate["c1"].restated(state.lifetime_earned, state.cap_usage, None, NEW)},
     }  # fmt: skip
 
 

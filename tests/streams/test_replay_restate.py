@@ -1,9 +1,9 @@
-"""An apply's compensation restates the points counted against caps: a capped source earns after the apply what it
-earns under the new rules over the whole log.
+"""An apply's compensation restates the points counted against caps and what referrals earned, so that a capped
+source earns, and a referral reversed after the apply takes back, what it does under the new rules over the whole log.
 
-Before, the worker's cap usage stayed the old rules' after the apply. Under the old rules two shares earned 10 each
-(20 counted against the cap); under the new ones 20 each against a monthly cap of 50 (40 counted), so a third share
-the next day earned 10 under the new rules over the whole log but 20 after the apply (room 50 - 20 = 30).
+Caps: before, the worker's cap usage stayed the old rules' after the apply. Under the old rules two shares earned 10
+each (20 counted against the cap); under the new ones 20 each against a monthly cap of 50 (40 counted), so a third
+share the next day earned 10 under the new rules over the whole log but 20 after the apply (room 50 - 20 = 30).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from projections.archive import RawArchive
 from schemas.decode import decode_event
 from schemas.topics import INPUT_TOPICS, REDEMPTIONS
 from streams.batch import process_lines
-from streams.replay import RESTATED, compensations, dry_run
-from streams.rules.engine import apply
+from streams.replay import RESTATED, Restatement, compensations, dry_run
+from streams.rules.engine import apply, derived_events
 from streams.rules.ruleset import load_ruleset, parse_ruleset
 from streams.rules.state import CustomerState, evolve
 
@@ -113,3 +113,70 @@ def test_a_second_apply_counts_the_first_ones_restatement_as_live_cap_usage(live
     assert second[RESTATED]["c1"]["cap_usage_changes"] == []
     ((_, again),) = compensations(second, cut_over=CUT_OVER)
     assert json.loads(again)["points"] == 10
+
+
+def _referral_rules(version: str, referrer: int, referee: int):
+    document = yaml.safe_load((RULESETS / "default.yaml").read_text())
+    document["version"] = version
+    document["referral"] = {"referrer_points": referrer, "referee_points": referee, "return_window_days": 30}
+    return parse_ruleset(yaml.safe_dump(document))
+
+
+REFERRAL_OLD, REFERRAL_NEW = _referral_rules("referrals-1", 200, 100), _referral_rules("referrals-2", 250, 150)
+
+
+def _shopper(event_id: str, event_type: str, at: str, customer: str, **fields) -> str:
+    document = json.loads(event(event_id, event_type, at, **fields))
+    return json.dumps({**document, "customer_id": customer})
+
+
+REFERRAL = [
+    _shopper("r1", "customer.registered", "2026-12-01T08:00:00+00:00", "c2"),
+    _shopper(
+        "r2", "purchase.completed", "2026-12-01T09:00:00+00:00", "c2", order_id="o1", currency="USD",
+        lines=[{"sku": "sku-1", "category": "books", "quantity": 1, "unit_price": "40.00"}],
+    ),
+    _shopper("r3", "referral.completed", "2026-12-01T10:00:00+00:00", "c1", referral_id="x1", referee_id="c2",
+             order_id="o1"),
+]  # fmt: skip
+REFUND = [_shopper("r4", "purchase.refunded", "2026-12-05T10:00:00+00:00", "c2", order_id="o1", refund_id="f1")]
+
+
+@pytest.mark.parametrize("restate", [True, False])
+def test_a_referral_reversed_after_an_apply_takes_back_what_the_new_rules_awarded_on_both_sides(restate):
+    """The new rules give the referrer 250 and the referee 150 (200 and 100 live); the referee's order is refunded
+    inside the referral's return window after the apply. Before, both reversals took back the old amounts, leaving
+    the referrer 50 and the referee 50 points the new rules never give."""
+    lines = [line.encode() for line in REFERRAL]
+    live = process_lines(lines, REFERRAL_OLD)
+    replayed = process_lines(lines, REFERRAL_NEW).states
+    expected = process_lines(lines + [line.encode() for line in REFUND], REFERRAL_NEW).states
+    states = live.states
+    for customer_id, state in states.items():
+        restatement = Restatement.of(replayed[customer_id])
+        after = replayed[customer_id].balance
+        report = {
+            "ruleset_version_new": REFERRAL_NEW.version,
+            "customers": [{"customer_id": customer_id, "balance_before": state.balance, "balance_after": after,
+                           "delta": after - state.balance}],
+            RESTATED: {customer_id: restatement.restated(state.lifetime_earned, state.cap_usage, None, REFERRAL_NEW)}
+            if restate else {},
+        }  # fmt: skip
+        ((_, compensation),) = compensations(report, cut_over=CUT_OVER)
+        applied = apply(state, decode_event(compensation, REDEMPTIONS), REFERRAL_NEW)
+        folded = CustomerState(customer_id)  # what a restarted worker folds back from the ledger
+        for entry in [entry for entry in live.ledger if entry.customer_id == customer_id] + applied:
+            evolve(folded, entry, REFERRAL_NEW.zone)
+        assert (folded.referees, folded.referral_points, folded.referral_event) == (
+            state.referees, state.referral_points, state.referral_event
+        )  # fmt: skip
+    refund = decode_event(REFUND[0].encode())
+    entries = apply(states["c2"], refund, REFERRAL_NEW)
+    (reversal,) = derived_events(states["c2"], refund, entries)
+    apply(states["c1"], reversal, REFERRAL_NEW)
+    balances = {customer_id: state.balance for customer_id, state in states.items()}
+    assert expected["c1"].balance == 0 and expected["c2"].balance == 50  # 50 for registering
+    if restate:
+        assert balances == {"c1": 0, "c2": 50}
+    else:
+        assert balances == {"c1": 50, "c2": 100}
