@@ -95,6 +95,9 @@ def rebuild(client: Client, *, progress: Callable[[str], None] | None = None) ->
     except ClickHouseError as error:
         _drop_new_tables(client)
         raise RebuildFailed(f"the rebuild failed before the swap, nothing changed: {str(error)[:300]}") from error
+    except KeyboardInterrupt:  # no half-filled `__rebuild` table left for a query to read
+        _drop_new_tables(client)
+        raise
 
     swap = _swap(client)
     say(f"swapped in the rebuilt tables ({swap})")

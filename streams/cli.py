@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from schemas.decode import EventRejected, decode_event
 from streams.client import customer_path
-from streams.rules.ruleset import RuleSetInvalid, load_ruleset
+from streams.rules.ruleset import RuleSetInvalid, load_ruleset, parse_ruleset, read_ruleset_text
 
 progress_bar_width = 30  # characters of the replay's progress bar on a terminal
 
@@ -287,7 +288,10 @@ def cmd_projections_migrate(args: argparse.Namespace) -> int:
 def cmd_projections_rebuild(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if _running(settings):
-        report = _post(args, "/api/projections/rebuild", {})
+        try:
+            report = _post(args, "/api/projections/rebuild", {})
+        except KeyboardInterrupt:
+            return _fail("interrupted: the running system goes on with the rebuild and swaps the tables in", 130)
     else:
         from projections import connect
         from projections.rebuild import RebuildFailed, rebuild
@@ -297,6 +301,8 @@ def cmd_projections_rebuild(args: argparse.Namespace) -> int:
             report = rebuild(client, progress=lambda message: sys.stderr.write(f"rebuild: {message}\n"))
         except RebuildFailed as error:
             return _fail(str(error), 1)
+        except KeyboardInterrupt:
+            return _fail("interrupted; a rebuild stopped before its swap leaves the live tables as they were", 130)
         finally:
             client.close()
     if args.json:
@@ -388,24 +394,33 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return _fail("--customer previews one customer: it goes with --dry-run alone (not --apply, --since, --csv)")
     if args.processes is not None and not 0 <= args.processes <= replay.processes_max:
         return _fail(f"--processes must be in 0..{replay.processes_max} (0: the default), got {args.processes}")
-    rules_text = Path(args.rules).read_text()
-    new_rules = load_ruleset(args.rules)
+    if args.lag_max is not None and args.dry_run:
+        return _fail("--lag-max goes with --apply")
+    if args.lag_max is not None and args.lag_max < 0:
+        return _fail(f"--lag-max must be 0 or more, got {args.lag_max}")
+    try:
+        since = replay.parse_since(args.since) if args.since else None
+    except ValueError as error:
+        return _fail(str(error))
+    if args.csv and (problem := _unwritable(Path(args.csv))):
+        return _fail(f"--csv {args.csv}: {problem}")  # before an apply, not after it
+    rules_text = read_ruleset_text(args.rules)
+    new_rules = parse_ruleset(rules_text, str(args.rules))
     settings = _settings(args)
-    since = args.since
     if args.customer is not None:
         return _replay_customer(args, settings, rules_text, new_rules)
     if _running(settings):
         body = {
             "rules": rules_text,
             "apply": args.apply,
-            "since": since,
+            "since": since.isoformat() if since else None,
             "lag_max": replay.lag_bound_messages if args.lag_max is None else args.lag_max,
             "processes": args.processes,
         }
+        if sys.stderr.isatty():  # the API answers once the replay is done
+            sys.stderr.write("replay: `loyalty up` replays; it answers when done (no progress bar through the API)\n")
         report = _post(args, "/api/replay", body)
     else:
-        from datetime import UTC, datetime
-
         from projections.archive import RawArchive
         from projections.client import connect
         from streams.settings import load_settings
@@ -432,30 +447,57 @@ def cmd_replay(args: argparse.Namespace) -> int:
                 client,
                 new_rules,
                 current_point_value=current.redemption.point_value,
-                since=datetime.fromisoformat(since).replace(tzinfo=UTC) if since else None,
+                since=since,
                 progress=progress,
                 processes=args.processes or settings.resolved_replay_processes(),
             )
         except replay.ReplayRefused as error:
             return _fail(f"replay refused: {error}")
-        if terminal:
-            sys.stderr.write("\n")
+        finally:
+            if terminal:
+                sys.stderr.write("\n")
+        conflict = replay.version_conflict(new_rules, replay.known_rulesets(client), current)
+        report["warnings"] = [f"--apply would refuse: {conflict}"] if conflict else []
+        client.close()
+    csv_error = None
     if args.csv:
-        replay.write_csv(report, Path(args.csv))
-    if args.json:
+        try:
+            replay.write_csv(report, Path(args.csv))
+        except OSError as error:  # the report (and an apply) stand: say so, then fail
+            csv_error = f"--csv {args.csv}: {error.strerror or error}"
+    code = _print_replay(report, args.json)
+    if csv_error:
+        return _fail(f"{csv_error}; the report above is complete" + (" and the apply was made" if args.apply else ""))
+    return code
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why a file cannot be written at `path` (None: it can, as far as one can tell without writing it)."""
+    if path.is_dir():
+        return "is a directory"
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        return f"no directory {parent}"
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return "not writable"
+    return None
+
+
+def _print_replay(report: dict, as_json: bool) -> int:
+    if as_json:
         _print_json(report)
         return 0
     before, after = report["totals"]["before"], report["totals"]["after"]
     print(
         f"replayed {report['events_replayed']:,} events under {report['ruleset_version_new']} "
-        f"(live: {', '.join(report['ruleset_versions_live'])})"
+        f"(live: {', '.join(report['ruleset_versions_live'])}); {report.get('events_rejected', 0):,} rejected"
     )
     print(f"  issued      {before['issued']:>12,} -> {after['issued']:>12,}")
     print(f"  outstanding {before['outstanding']:>12,} -> {after['outstanding']:>12,}")
     print(f"  liability   {before['liability']:>12} -> {after['liability']:>12}")
-    print(
-        f"  customers changed {report['customers_changed']:,}, losing points {len(report['customers_losing_points']):,}"
-    )
+    changed, losing = report["customers_changed"], len(report["customers_losing_points"])
+    active = f" (of the customers active since {report['since']})" if report.get("since") else ""
+    print(f"  customers changed {changed:,}, losing points {losing:,}{active}")
     for row in sorted(report["per_rule"], key=lambda row: -abs(row["delta"]))[:15]:
         if row["delta"]:
             print(f"  {row['rule_id']:<40} {row['points_before']:>10,} -> {row['points_after']:>10,}")
@@ -464,6 +506,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
             f"applied: {report['applied']['compensations_published']} compensating adjustments at "
             f"{report['applied']['cut_over']}"
         )
+    for warning in report.get("warnings", ()):
+        print(f"warning: {warning}")
+    if report.get("archive_gaps"):
+        from projections.archive import describe_gaps
+
+        gaps = describe_gaps(tuple(gap) for gap in report["archive_gaps"])
+        print(f"warning: the raw archive misses messages ({gaps}): these figures leave their events out")
     return 0
 
 

@@ -51,7 +51,7 @@ from streams.rules.state import (
 )
 from streams.settings import replay_processes_max
 
-progress_every_events = 50_000
+progress_every_events = 5_000
 compensation_prefix = COMPENSATION_PREFIX
 # An apply refuses while the worker lags by more input messages than this (`--lag-max`): the cut-over waits for
 # the worker to pass its markers. Events keep arriving meanwhile: the comparison covers what lies before them.
@@ -725,9 +725,11 @@ def dry_run(
     )
     elapsed = time.monotonic() - started
     report = compare(live, shadow, ruleset, current_point_value)
-    if since is not None:
+    if since is not None:  # the customers listed and counted; the totals and per-rule figures stay the whole history's
         active = _customers_active_since(client, since)
         report["customers"] = [row for row in report["customers"] if row["customer_id"] in active]
+        report["customers_changed"] = sum(1 for row in report["customers"] if row["delta"] != 0)
+        report["customers_losing_points"] = [row["customer_id"] for row in report["customers"] if row["delta"] < 0]
         report["since"] = since.isoformat()
     report["archive_gaps"] = [list(gap) for gap in archive.gaps()]
     report["processes"] = processes
@@ -934,11 +936,55 @@ def _points_by_rule(entries: list) -> dict[str, int]:
 
 
 def _customers_active_since(client, since: datetime) -> set[str]:
+    """Customers with a ledger entry dated `since` or later, a replay's own compensations aside (they are dated at
+    their cut-over, and would make every compensated customer active)."""
     result = client.query(
-        "SELECT DISTINCT customer_id FROM ledger_entries WHERE occurred_at >= {since:DateTime64(6, 'UTC')}",
-        parameters={"since": since},
+        "SELECT DISTINCT customer_id FROM ledger_entries WHERE occurred_at >= {since:DateTime64(6, 'UTC')} "
+        "AND NOT startsWith(caused_by, {prefix:String})",
+        parameters={"since": since, "prefix": compensation_prefix},
     )
     return {row[0] for row in result.result_rows}
+
+
+def parse_since(text: str) -> datetime:
+    """`--since`: a date or a date and time in ISO 8601; one without a UTC offset is UTC."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"--since: not a date or time: {text!r} (ISO 8601, e.g. 2026-05-16 or 2026-05-16T12:00:00+02:00)"
+        ) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def known_rulesets(client) -> dict[str, str]:
+    """The rule-set documents an apply put in force (the `rulesets` table): version -> text."""
+    rows = client.query("SELECT version, argMax(text, recorded_at) FROM rulesets GROUP BY version").result_rows
+    return {version: text for version, text in rows}
+
+
+def version_conflict(new: RuleSet, known: Mapping[str, str], in_force: RuleSet) -> str | None:
+    """Why `new` cannot be applied under its version: another rule set was applied, or is in force, with that version.
+
+    Compensation ids, the worker's rule sets and the ledger's `ruleset_version` all name a rule set by its version,
+    so a second rule set under one version would be taken for the first: its compensations refused as conflicts,
+    and the entries of the two indistinguishable."""
+    from streams.rules.ruleset import RuleSetInvalid, parse_ruleset
+
+    others = []
+    if in_force.version == new.version:
+        others.append(in_force)
+    if new.version in known:
+        try:
+            others.append(parse_ruleset(known[new.version], f"version {new.version}"))
+        except RuleSetInvalid:
+            return f"version {new.version} was applied before with a document that no longer parses"
+    if any(other != new for other in others):
+        return (
+            f"rule set version {new.version} is already in use with other rules: give the new rule set a version of "
+            "its own (its `version` key)"
+        )
+    return None
 
 
 REVALUED_ORDERS = "revalued_orders"
@@ -1023,10 +1069,19 @@ def publish(bootstrap: str, events: list[tuple[str, bytes]]) -> int:
 
 
 def write_csv(report: dict, path: Path) -> None:
+    """The per-customer diff for a spreadsheet. A customer id a spreadsheet would read as a formula (starting with
+    =, +, -, @, a tab or a carriage return) is written after a `'`, which spreadsheets show as text."""
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["customer_id", "balance_before", "balance_after", "delta"])
         writer.writeheader()
-        writer.writerows(report["customers"])
+        for row in report["customers"]:
+            customer_id = row["customer_id"]
+            if customer_id.startswith(_formula_starts):
+                row = {**row, "customer_id": "'" + customer_id}
+            writer.writerow(row)
+
+
+_formula_starts = ("=", "+", "-", "@", "\t", "\r")
 
 
 def check_apply_allowed(*, gaps: list, lag: int, lag_max: int) -> None:
@@ -1035,7 +1090,11 @@ def check_apply_allowed(*, gaps: list, lag: int, lag_max: int) -> None:
     if gaps:
         from projections.archive import describe_gaps
 
-        raise ReplayRefused(f"the raw archive has gaps ({describe_gaps(gaps)}); wait until the projector completes it")
+        raise ReplayRefused(
+            f"the raw archive misses messages below its end ({describe_gaps(gaps)}): the replay would compare with "
+            "incomplete history. The projector archives each partition in offset order, so waiting does not fill them "
+            "(docs/operations.md, 'Retention')"
+        )
     if lag > lag_max:
         raise ReplayRefused(f"the worker lags by {lag} messages (bound {lag_max}); wait until it catches up")
 

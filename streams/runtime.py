@@ -510,7 +510,7 @@ def _replay_handler(client, client_lock, context, monitor, projector, bootstrap,
         `markers`: an apply's cut-over markers (both sides cover what lies before them). The client lock keeps the
         projector from writing meanwhile: both sides read one state of ClickHouse."""
         async with client_lock:
-            return await asyncio.to_thread(
+            report = await asyncio.to_thread(
                 replay.dry_run,
                 client,
                 new_rules,
@@ -519,10 +519,22 @@ def _replay_handler(client, client_lock, context, monitor, projector, bootstrap,
                 processes=processes,
                 markers=markers,
             )
+        if markers is None:
+            conflict = await version_conflict(new_rules)
+            report["warnings"] = [f"--apply would refuse: {conflict}"] if conflict else []
+        return report
+
+    async def version_conflict(new_rules) -> str | None:
+        async with client_lock:
+            known = await asyncio.to_thread(replay.known_rulesets, client)
+        return replay.version_conflict(new_rules, known, context.ruleset)
 
     async def _apply_replay(new_rules, text: str, lag_max: int, processes: int) -> dict:
         from streams.cutover import publish_cutover
 
+        conflict = await version_conflict(new_rules)
+        if conflict:
+            raise replay.ReplayRefused(conflict)
         await allowed(lag_max)
         async with client_lock:  # kept in ClickHouse too: a fresh embedded broker is rebuilt from there
             await asyncio.to_thread(
@@ -551,8 +563,10 @@ def _replay_handler(client, client_lock, context, monitor, projector, bootstrap,
         try:
             body = await request.json()
             new_rules = parse_ruleset(str(body["rules"]), "request")
-            since = datetime.fromisoformat(body["since"]).replace(tzinfo=UTC) if body.get("since") else None
+            since = replay.parse_since(str(body["since"])) if body.get("since") else None
             lag_max = int(body.get("lag_max", replay.lag_bound_messages))
+            if lag_max < 0:
+                raise ValueError(f"lag_max must be 0 or more, got {lag_max}")
             processes = int(body.get("processes") or processes_default)
             if not 1 <= processes <= replay.processes_max:
                 raise ValueError(f"processes must be in 1..{replay.processes_max}, got {processes}")

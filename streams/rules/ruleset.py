@@ -245,7 +245,7 @@ class RuleSetInvalid(ValueError):
 
     def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
         self.problems = problems
-        listed = "; ".join(f"{path}: {reason}" for path, reason in problems)
+        listed = "; ".join(f"{path}: {reason}" if path else reason for path, reason in problems)
         super().__init__(f"invalid rule set {source}: {listed}")
 
 
@@ -257,7 +257,10 @@ def parse_ruleset(text: str, source: str = "<text>") -> RuleSet:
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise RuleSetInvalid(source, [("", f"not valid YAML: {error}")]) from None
+        mark = getattr(error, "problem_mark", None)
+        problem = getattr(error, "problem", None) or str(error)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise RuleSetInvalid(source, [("", f"not valid YAML: {problem}{where}")]) from None
     if not isinstance(document, dict):
         raise RuleSetInvalid(source, [("", "the file must hold a mapping of settings")])
     try:
@@ -274,8 +277,14 @@ def parse_ruleset(text: str, source: str = "<text>") -> RuleSet:
 def load_ruleset(path: Path | str | None = None) -> RuleSet:
     """Load and validate a rule set file; None loads the packaged default."""
     file = Path(path) if path is not None else default_ruleset_path()
+    return parse_ruleset(read_ruleset_text(file), str(file))
+
+
+def read_ruleset_text(file: Path | str) -> str:
+    """A rule set file's text; a file that cannot be read (missing, a directory, not UTF-8) is a `RuleSetInvalid`."""
     try:
-        text = file.read_text()
+        return Path(file).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RuleSetInvalid(str(file), [("", "cannot read the file: not UTF-8 text")]) from None
     except OSError as error:
         raise RuleSetInvalid(str(file), [("", f"cannot read the file: {error.strerror}")]) from None
-    return parse_ruleset(text, str(file))

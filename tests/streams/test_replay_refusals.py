@@ -17,7 +17,10 @@ def test_a_complete_history_is_allowed():
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
-        ({"gaps": [("loyalty.purchases", 0, 3, 5)]}, "the raw archive has gaps (loyalty.purchases/0: 3 of 5)"),
+        (
+            {"gaps": [("loyalty.purchases", 0, 3, 5)]},
+            "the raw archive misses messages below its end (loyalty.purchases/0: 3 of 5)",
+        ),
         ({"lag": 2}, "the worker lags by 2 messages (bound 0)"),
     ],
 )
