@@ -61,8 +61,13 @@ class RebuildFailed(RuntimeError):
     """The rebuild stopped before the swap; the live tables are unchanged."""
 
 
-def rebuild(client: Client, *, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def rebuild(
+    client: Client, *, progress: Callable[[str], None] | None = None, writers_excluded: bool = False
+) -> dict[str, Any]:
     """Recompute every derived table from `ledger_entries` and swap the results in; return a report.
+
+    `writers_excluded`: no sink can write meanwhile (the running system holds its client lock throughout), so
+    the catch-up after the swap has nothing to repair and is skipped.
 
     The report: `tables` (name -> rows before and after), `days` (distinct ledger days recomputed),
     `swap` (`exchange` or `rename`), `days_caught_up` (days recomputed again after the swap because the
@@ -105,14 +110,18 @@ def rebuild(client: Client, *, progress: Callable[[str], None] | None = None) ->
         leftover = f"{table}{REBUILD_SUFFIX}" if swap == "exchange" else f"{table}{OLD_SUFFIX}"
         client.command(f"DROP TABLE IF EXISTS {leftover} SYNC")
 
-    caught_up = [
-        row[0]
-        for row in client.query(
-            "SELECT DISTINCT toDate(occurred_at) AS day FROM ledger_entries "
-            "WHERE ingested_at >= {since:DateTime64(3, 'UTC')} ORDER BY day",
-            parameters={"since": ingested_since},
-        ).result_rows
-    ]
+    caught_up = (
+        []
+        if writers_excluded
+        else [
+            row[0]
+            for row in client.query(
+                "SELECT DISTINCT toDate(occurred_at) AS day FROM ledger_entries "
+                "WHERE ingested_at >= {since:DateTime64(3, 'UTC')} ORDER BY day",
+                parameters={"since": ingested_since},
+            ).result_rows
+        ]
+    )
     _recompute(client, caught_up, suffix="")
     return {
         "tables": {

@@ -604,7 +604,7 @@ def _rebuild_handler(client, client_lock):
     async def handle(request):
         try:
             async with client_lock:
-                report = await asyncio.to_thread(rebuild, client)
+                report = await asyncio.to_thread(rebuild, client, writers_excluded=True)
         except RebuildFailed as error:
             return web.json_response({"error": str(error)}, status=409)
         return web.json_response(report)
