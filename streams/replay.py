@@ -997,7 +997,8 @@ compensation_bytes_max = 48 * 1024
 
 
 def compensations(report: dict, *, cut_over: datetime, store_id: str = "replay") -> list[tuple[str, bytes]]:
-    """One `points.adjusted` event per customer whose balance or pending balance changes (customer id, JSON bytes).
+    """One `points.adjusted` event per customer whose balance or pending balance changes (customer id, JSON bytes),
+    followed by 0-point continuations when the customer's re-valued open orders do not fit in one event.
 
     Ids are derived from the new rule-set version and the customer, so a repeated apply publishes the very
     same events, which the worker recognises and applies once. With the report's open orders under the new rules
@@ -1035,10 +1036,36 @@ def compensations(report: dict, *, cut_over: datetime, store_id: str = "replay")
         }
         if restate:
             event[RESTATED] = restate
-        if orders.get(row["customer_id"]):
-            event[REVALUED_ORDERS] = _fitting(event, orders[row["customer_id"]])
+        customer_orders = orders.get(row["customer_id"]) or []
+        if customer_orders:
+            event[REVALUED_ORDERS] = _fitting(event, customer_orders)
         published.append((row["customer_id"], json.dumps(event, separators=(",", ":")).encode()))
+        rest = customer_orders[: len(customer_orders) - len(event.get(REVALUED_ORDERS, ()))]
+        published += [(row["customer_id"], value) for value in _continuations(event, rest, version)]
     return published
+
+
+def _continuations(first: dict, rest: list[dict], version: str) -> list[bytes]:
+    """0-point compensations that carry the open orders the customer's first one had no room for, the newer first,
+    each under the size limit: `replay:<version>#<part>:<customer>`, adjustment id `replay:<version>#<part>`."""
+    events = []
+    part = 2
+    while rest:
+        event = {key: value for key, value in first.items() if key not in (RESTATED, REVALUED_ORDERS)}
+        event |= {
+            "event_id": f"{compensation_prefix}{version}#{part}:{first['customer_id']}"[:128],
+            "adjustment_id": f"{compensation_prefix}{version}#{part}"[:128],
+            "points": 0,
+            "note": f"replay: open orders re-valued under rule set {version} (part {part})",
+        }
+        fitting = _fitting(event, rest)
+        if not fitting:
+            break  # an order alone over the size limit stays as it is live, and so do the older ones
+        event[REVALUED_ORDERS] = fitting
+        events.append(json.dumps(event, separators=(",", ":")).encode())
+        rest = rest[: len(rest) - len(fitting)]
+        part += 1
+    return events
 
 
 def _fitting(event: dict, orders: list[dict]) -> list[dict]:

@@ -18,6 +18,7 @@ import yaml
 from projections.archive import ArchivedMessage
 from schemas.decode import decode_event
 from schemas.topics import REDEMPTIONS, TOPIC_RANK
+from streams import replay as replay_module
 from streams.batch import process_lines
 from streams.replay import PENDING_CHANGES, RESTATED, REVALUED_ORDERS, compensations, replay_messages
 from streams.routing import routes_for
@@ -254,7 +255,9 @@ def test_an_order_refunded_between_the_cut_over_and_the_compensation_is_not_re_v
     assert [entry.order_id for entry in revalued] == ["o2"]  # o1 keeps its live values
 
 
-def test_a_compensation_stays_under_the_event_size_limit_with_the_newest_orders():
+def test_a_compensation_stays_under_the_event_size_limit_and_continuations_carry_the_other_orders():
+    """The newest orders go with the compensation's points; the older ones in 0-point continuations, each under the
+    limit (before, they were left with their live values: a later refund of one took back the old points)."""
     orders = [
         {"order_id": f"o{n:05d}", "refunds": [], "lines": {"line:0": [100 + n, 0]}, "bonuses": {}} for n in range(3000)
     ]
@@ -263,12 +266,29 @@ def test_a_compensation_stays_under_the_event_size_limit_with_the_newest_orders(
         "customers": [{"customer_id": "c1", "balance_before": 0, "balance_after": 5, "delta": 5}],
         REVALUED_ORDERS: {"c1": orders},
     }
-    ((_, compensation),) = compensations(report, cut_over=datetime(2026, 12, 1, tzinfo=UTC))
-    assert len(compensation) <= 48 * 1024
-    adjusted = decode_event(compensation, REDEMPTIONS)  # the worker's limit is 64 KiB: accepted, points included
-    assert adjusted.points == 5
-    kept = [order.order_id for order in adjusted.revalued_orders]
-    assert kept == [order["order_id"] for order in orders[-len(kept) :]] and 100 < len(kept) < 3000
+    published = compensations(report, cut_over=datetime(2026, 12, 1, tzinfo=UTC))
+    assert 3 <= len(published) < 10
+    assert all(len(value) <= 48 * 1024 for _, value in published)
+    # The worker's limit is 64 KiB: every part is accepted.
+    first, *continued = [decode_event(value, REDEMPTIONS) for _, value in published]
+    assert first.points == 5 and first.event_id == f"replay:{NEW.version}:c1"
+    assert [event.points for event in continued] == [0] * len(continued)
+    parts = range(2, 2 + len(continued))
+    assert [event.event_id for event in continued] == [f"replay:{NEW.version}#{part}:c1" for part in parts]
+    assert len({event.adjustment_id for event in [first, *continued]}) == len(published)
+    carried = [[order.order_id for order in event.revalued_orders] for event in [first, *continued]]
+    assert [order_id for part in reversed(carried) for order_id in part] == [order["order_id"] for order in orders]
+    assert 100 < len(carried[0]) < 3000
+
+
+def test_the_continuations_re_value_the_older_orders_so_their_refund_takes_back_the_new_points(monkeypatch):
+    """A compensation with room for one order: the older order goes in a continuation, and its refund after the
+    apply takes back what the new rules awarded."""
+    monkeypatch.setattr(replay_module, "compensation_bytes_max", 800)  # the compensation alone is about 650 bytes
+    after = AFTER["full refund"]  # refunds o1, the older order
+    expected = process_lines([line.encode() for line in HISTORY + after], NEW).states["c1"]
+    state = _apply_then(OLD, NEW, after, restate=True)
+    assert (state.balance, state.pending) == (expected.balance, expected.pending)
 
 
 def _report_with_restate(state: CustomerState, shadow) -> dict:
@@ -295,14 +315,16 @@ def _apply_then(old: RuleSet, new: RuleSet, after: list[str], *, restate: bool, 
         report[RESTATED] = {}
     if not orders:
         report[REVALUED_ORDERS] = {}
-    ((_, compensation),) = compensations(report, cut_over=datetime(2026, 12, 1, tzinfo=UTC))
-    ledger = apply(state, decode_event(compensation, REDEMPTIONS), new)
+    ledger = []
+    for _, compensation in compensations(report, cut_over=datetime(2026, 12, 1, tzinfo=UTC)):
+        ledger += apply(state, decode_event(compensation, REDEMPTIONS), new)
     for line in after:
         ledger += apply(state, decode_event(line.encode()), new)
     folded = CustomerState("c1")  # what a restarted worker folds back from the ledger
     for entry in history_ledger + ledger:
         evolve(folded, entry, new.zone)
     assert (folded.lifetime_earned, folded.first_order_done) == (state.lifetime_earned, state.first_order_done)
+    assert (folded.balance, folded.pending, folded.orders) == (state.balance, state.pending, state.orders)
     return state
 
 
