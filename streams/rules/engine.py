@@ -21,6 +21,7 @@ from streams.rules.ruleset import Cap, Rounding, RuleSet
 from streams.rules.state import (
     COMPENSATION_ACTOR,
     COMPENSATION_PREFIX,
+    HELD_PREFIX,
     RESTATE_PREFIX,
     RESTATE_RULE,
     REVALUE_PREFIX,
@@ -464,13 +465,7 @@ def _purchase_refunded(entries: _Entries, event: ev.PurchaseRefunded) -> None:
     order = state.orders.get(event.order_id)
     tag = f"refund:{event.refund_id}"
     if order is None:
-        entries.record(
-            Source.purchase,
-            "purchase.refund_unknown_order",
-            "no points were awarded for this order",
-            order_id=event.order_id,
-            reference=f";{tag}",
-        )
+        _hold(entries, event.order_id, {"refund_id": event.refund_id, "lines": _refund_lines(event)})
         return
     if tag in order.refund_ids:
         entries.record(
@@ -558,17 +553,80 @@ def _purchase_refunded(entries: _Entries, event: ev.PurchaseRefunded) -> None:
     _reverse_referral(entries, event.order_id, order, closed=fully_refunded)
 
 
+def _purchase_completed_and_held(entries: _Entries, event: ev.PurchaseCompleted) -> None:
+    held = (entries.state.held or {}).get(event.order_id)
+    _purchase_completed(entries, event)
+    if held:
+        _apply_held(entries, event, held)
+
+
+def _refund_lines(event: ev.PurchaseRefunded) -> list[list] | None:
+    return None if event.lines is None else [[line.sku, line.quantity] for line in event.lines]
+
+
+def _hold(entries: _Entries, order_id: str, held: dict) -> None:
+    """A refund or cancellation of an order the customer has no record of: the order may not have arrived yet
+    (another system's clock, or a refund listed before its purchase at the same instant), or it earned nothing.
+    It is recorded with what it asks (`held:` and JSON in the reference), folded into the state, and applied by the
+    purchase if it arrives (`_apply_held`): before, the customer kept the points of a refunded order for good."""
+    cancel = held.get("cancel", False)
+    known = (entries.state.held or {}).get(order_id, ())
+    what = "cancellation" if cancel else f"refund {held['refund_id']}"
+    if held in known or (not cancel and any(item.get("refund_id") == held["refund_id"] for item in known)):
+        entries.record(
+            Source.purchase,
+            "purchase.cancel_repeated" if cancel else "purchase.refund_repeated",
+            f"{what} is already held until the order arrives",
+            order_id=order_id,
+        )
+        return
+    if len(known) >= held_per_order_max:
+        explanation = f"no points were awarded for this order; {what} not held ({held_per_order_max} are already)"
+        reference = None
+    else:
+        explanation = f"no points were awarded for this order; {what} is held and applied if the order arrives"
+        reference = HELD_PREFIX + json.dumps(held, separators=(",", ":"))
+    entries.record(
+        Source.purchase,
+        "purchase.cancel_unknown_order" if cancel else "purchase.refund_unknown_order",
+        explanation,
+        order_id=order_id,
+        reference=reference,
+    )
+
+
+held_per_order_max = 100  # refunds and cancellations held for one unknown order (state memory stays bounded)
+
+
+def _apply_held(entries: _Entries, event: ev.PurchaseCompleted, held: list[dict]) -> None:
+    """The order's refunds and cancellation that arrived before it, applied now in the order they arrived, on a
+    state with the purchase's own entries folded in (they made the order's record)."""
+    base = {"event_id": event.event_id, "occurred_at": event.occurred_at, "customer_id": event.customer_id,
+            "store_id": event.store_id, "schema_version": event.schema_version, "order_id": event.order_id}  # fmt: skip
+    for item in held:
+        # Each on the state with everything before it folded in: a second refund of a line sees the first.
+        preview = _clone_for_preview(entries.state, entries.entries[entries.folded :], entries.ruleset)
+        if event.order_id not in preview.orders:
+            return  # the order earned nothing and has no record: they stay held
+        entries.state, entries.folded = preview, len(entries.entries)
+        if item.get("cancel"):
+            _purchase_cancelled(entries, ev.PurchaseCancelled.model_construct(event_type="purchase.cancelled", **base))
+            continue
+        lines = item["lines"]
+        refund = ev.PurchaseRefunded.model_construct(
+            event_type="purchase.refunded",
+            refund_id=item["refund_id"],
+            lines=None if lines is None else [ev.RefundLine.model_construct(sku=s, quantity=q) for s, q in lines],
+            **base,
+        )
+        _purchase_refunded(entries, refund)
+
+
 def _purchase_cancelled(entries: _Entries, event: ev.PurchaseCancelled) -> None:
     order = entries.state.orders.get(event.order_id)
     tag = "cancel"
     if order is None:
-        entries.record(
-            Source.purchase,
-            "purchase.cancel_unknown_order",
-            "no points were awarded for this order",
-            order_id=event.order_id,
-            reference=f";{tag}",
-        )
+        _hold(entries, event.order_id, {"cancel": True})
         return
     if order.cancelled or not _reverse_order(entries, event.order_id, order, tag, "order cancelled"):
         entries.record(
@@ -1116,7 +1174,7 @@ def _release_pending(entries: _Entries) -> None:
 
 
 _handlers: dict[type, Callable[..., None]] = {
-    ev.PurchaseCompleted: _purchase_completed,
+    ev.PurchaseCompleted: _purchase_completed_and_held,
     ev.PurchaseRefunded: _purchase_refunded,
     ev.PurchaseCancelled: _purchase_cancelled,
     ev.ReviewApproved: _review,

@@ -164,6 +164,9 @@ class CustomerState:
     orders: dict[str, OrderRecord] = field(default_factory=dict)
     pending_lots: list[PendingLot] = field(default_factory=list)
     cap_usage: dict[tuple[str, date], int] = field(default_factory=dict)  # (source, local day) -> points
+    # Refunds and cancellations of orders not recorded yet, per order id, applied if the order arrives
+    # (streams/rules/engine.py, `_hold`); None until there is one (most customers never have any).
+    held: dict[str, list[dict]] | None = None
     last_activity_at: datetime | None = None  # last earning or redeeming, for expiry by inactivity
     lots: list[list] = field(default_factory=list)  # [awarded_at, points left], oldest first (expiry by lot)
     tier: str | None = None
@@ -291,13 +294,16 @@ def _evolve_purchase(state: CustomerState, entry: LedgerEntry, kind: Kind, refer
     # A purchase.completed event can also release earlier pending lots: those `confirmed` entries carry the
     # event type of the new purchase but refer to another order, so they take the confirmation path below
     # (folding them as new order lines confirmed the same lot twice and invented a bonus to reverse).
-    if entry.event_type == "purchase.completed" and kind is not Kind.confirmed:
+    # So do a purchase's reversals: the refunds and cancellation held until it arrived (engine `_apply_held`).
+    if entry.event_type == "purchase.completed" and kind is not Kind.confirmed and kind is not Kind.reversed:
         if entry.rule_id in ("purchase.duplicate_order", "purchase.not_qualifying"):
             return
         state.first_order_done = True
         order = state.orders.get(order_id)
         if order is None:
             order = state.orders[order_id] = OrderRecord(placed_at=entry.occurred_at)
+            if state.held:
+                state.held.pop(order_id, None)  # the purchase's event applies them (after its own entries)
         pending = kind is Kind.pending
         points = entry.pending_points if pending else entry.points
         if reference.startswith("line:"):
@@ -320,11 +326,15 @@ def _evolve_purchase(state: CustomerState, entry: LedgerEntry, kind: Kind, refer
         _revalue(state, order_id, order, reference, entry.occurred_at)
         return
     if order is None:
+        if reference.startswith(HELD_PREFIX):
+            if state.held is None:
+                state.held = {}
+            state.held.setdefault(order_id, []).append(json.loads(reference.removeprefix(HELD_PREFIX)))
         return
     target, _, refund_id = reference.partition(";")
     if refund_id:
         order.refund_ids = _with(order.refund_ids, refund_id)
-    if entry.event_type == "purchase.cancelled":
+    if entry.event_type == "purchase.cancelled" or refund_id == "cancel":  # a held cancellation: the purchase's
         order.cancelled = True
         if order.closed_at is None:
             order.closed_at = entry.occurred_at
@@ -372,6 +382,7 @@ REVALUE_RULE = "replay.revalue"
 REVALUE_PREFIX = "revalue:"
 RESTATE_RULE = "replay.restate"
 RESTATE_PREFIX = "restate:"
+HELD_PREFIX = "held:"  # a refund or cancellation of an order not recorded yet (streams/rules/engine.py, `_hold`)
 
 
 def _restate(state: CustomerState, reference: str) -> None:

@@ -26,6 +26,7 @@ from compact_events import BASE_RULESET, event_document, merge_rules
 
 from streams.batch import process_lines
 from streams.rules.ruleset import RuleSet, load_ruleset, parse_ruleset
+from streams.rules.state import CustomerState, evolve
 
 SCENARIO_DIRECTORY = Path(__file__).parent / "scenarios"
 PACKAGED_RULESETS = Path(__file__).parents[2] / "streams" / "rules" / "rulesets"
@@ -86,3 +87,17 @@ def test_scenario(scenario):
         assert fragment in result.ledger[index].explanation
     for entry in result.ledger:
         assert entry.ruleset_version == scenario_ruleset(scenario).version
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_folding_the_scenarios_ledger_gives_the_same_state(scenario):
+    """What a restarted worker does: its state is the fold of the customer's ledger entries (`state.evolve`), and
+    must equal the state the decisions were made on, field by field (refunds held before their order included)."""
+    result = run_scenario(scenario)
+    zone = scenario_ruleset(scenario).zone
+    for customer_id, state in result.states.items():
+        folded = CustomerState(customer_id)
+        for entry in result.ledger:
+            if entry.customer_id == customer_id:
+                evolve(folded, entry, zone)
+        assert folded == state, customer_id
