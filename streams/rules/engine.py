@@ -707,6 +707,19 @@ def _referral(entries: _Entries, event: ev.ReferralCompleted, side: Side) -> Non
                 reference=event.customer_id,
             )
             return
+        eligible, why = _eligible(state, event, entries.ruleset)
+        if not eligible:
+            # The referral stands and earns the referee nothing: recorded under the referee rule, it marks the
+            # customer as referred (`state._evolve_referral`), so a second referrer's reward is withdrawn (it
+            # was kept before, by every referrer of an excluded customer) and a refund reverses the referrer's.
+            entries.record(
+                Source.referral,
+                "referral.referee",
+                f"referred by {event.customer_id}: {why}",
+                order_id=event.order_id,
+                reference=event.customer_id,
+            )
+            return
         _fixed_award(
             entries,
             Source.referral,
