@@ -542,11 +542,22 @@ def _purchase_refunded(entries: _Entries, event: ev.PurchaseRefunded) -> None:
             reference=f"{rule_id};{tag}",
         )
         posted += 1
+    # Quantities the order does not have (an unknown sku, more units than are left): said, not silently dropped.
+    unmatched = ", ".join(f"{quantity} x {sku}" for sku, quantity in wanted.items() if quantity > 0)
+    unmatched_note = f"; not in the order or more than is left of it: {unmatched}" if unmatched else ""
     if not posted:
         entries.record(
             Source.purchase,
             "purchase.reversal",
-            "nothing left to reverse for these lines",
+            f"nothing left to reverse for these lines{unmatched_note}",
+            order_id=event.order_id,
+            reference=f";{tag}",
+        )
+    elif unmatched:
+        entries.record(
+            Source.purchase,
+            "purchase.refund_unmatched",
+            f"refund {event.refund_id}{unmatched_note}",
             order_id=event.order_id,
             reference=f";{tag}",
         )
@@ -628,11 +639,19 @@ def _purchase_cancelled(entries: _Entries, event: ev.PurchaseCancelled) -> None:
     if order is None:
         _hold(entries, event.order_id, {"cancel": True})
         return
-    if order.cancelled or not _reverse_order(entries, event.order_id, order, tag, "order cancelled"):
+    if order.cancelled:
         entries.record(
             Source.purchase,
             "purchase.cancel_repeated",
-            "nothing left to reverse",
+            "the order was already cancelled: nothing left to reverse",
+            order_id=event.order_id,
+            reference=f";{tag}",
+        )
+    elif not _reverse_order(entries, event.order_id, order, tag, "order cancelled"):
+        entries.record(
+            Source.purchase,
+            "purchase.reversal",
+            "order cancelled: nothing left to reverse (refunded in full before)",
             order_id=event.order_id,
             reference=f";{tag}",
         )
