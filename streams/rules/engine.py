@@ -60,8 +60,12 @@ def round_points(value: Decimal, rounding: Rounding) -> int:
 
 
 def _shown(amount: Decimal) -> str:
-    """A decimal for explanations: at most 4 decimals, no exponent."""
-    return format(amount.quantize(Decimal("0.0001")).normalize(), "f")
+    """A decimal for explanations: at most 4 decimals, no exponent; a value that is not 0 is never shown as 0
+    (a share of 0.00003 rounded up by `ceil` to 1 point showed "= 0 -> ceil 1")."""
+    shown = amount.quantize(Decimal("0.0001"))
+    if not shown and amount:
+        shown = amount.quantize(Decimal("1e-12"))
+    return format(shown.normalize(), "f")
 
 
 def customer_of(event: ev.Event, side: Side) -> str:
@@ -249,6 +253,8 @@ def _fixed_award(entries: _Entries, source: Source, rule_id: str, base: int, wha
             points *= promotion.multiplier
             arithmetic += f" x {promotion.multiplier} ({promotion.id})"
     rounded = round_points(points, ruleset.rounding)
+    if points != base:
+        arithmetic += f" = {_shown(points)} -> {ruleset.rounding._value_} {rounded}"
     awarded, cap_note = _capped(state, entries, source, rounded)
     if awarded > 0:
         entries.add(Kind.earned, source, rule_id, points=awarded, explanation=arithmetic + cap_note, **detail)  # type: ignore[arg-type]
@@ -323,6 +329,7 @@ def _purchase_completed(entries: _Entries, event: ev.PurchaseCompleted) -> None:
     available_at = event.occurred_at + timedelta(days=rules.pending_days) if pending else None
     room = rules.maximum_points_per_order
     cap_room, cap_description = _cap_room(state, entries, Source.purchase, ruleset)
+    cap_room_first = cap_room
 
     for index, line in enumerate(event.lines):
         line_total = line.unit_price * line.quantity
@@ -359,13 +366,17 @@ def _purchase_completed(entries: _Entries, event: ev.PurchaseCompleted) -> None:
             arithmetic = f"{line.quantity} x {line.unit_price} = {line_total}"
             if not full_share:
                 arithmetic += f"; share of earning total {earning_total}/{subtotal} -> {_shown(line_base)}"
+            shown_rate = f"x rate {rate.normalize():f}"
             if category is not None:
                 rule_id = f"purchase.category:{line.category}"
                 if category.rate is not None:
                     rate = category.rate
+                    shown_rate = f"x rate {rate.normalize():f} ({line.category})"
+                if category.multiplier != 1:
+                    shown_rate += f" x {category.multiplier.normalize():f} ({line.category} multiplier)"
                 rate *= category.multiplier
             raw = line_base * rate * promotion_multiplier * tier_multiplier
-            arithmetic += f"; x rate {rate.normalize():f}"
+            arithmetic += f"; {shown_rate}"
             if tier_multiplier != 1:
                 arithmetic += f" x tier {tier.name} {tier_multiplier.normalize():f}"  # type: ignore[union-attr]
         if promotion_multiplier != 1 and raw:
@@ -376,7 +387,9 @@ def _purchase_completed(entries: _Entries, event: ev.PurchaseCompleted) -> None:
             arithmetic += f"; order maximum leaves {room}"
             points = room
         if cap_room is not None and points > cap_room:
-            arithmetic += f"; capped to {cap_room} ({cap_description})"
+            # The cap's use so far counts this order's earlier lines too.
+            used_here = f" + {cap_room_first - cap_room} by this order" if cap_room_first != cap_room else ""  # type: ignore[operator]
+            arithmetic += f"; capped to {cap_room} ({cap_description}{used_here})"
             points = cap_room
         if room is not None:
             room -= points
@@ -992,7 +1005,8 @@ def _redeem(entries: _Entries, event: ev.RedeemRequested) -> None:
     elif rules.maximum_points is not None and event.points > rules.maximum_points:
         reject(f"{event.points} points is above the maximum of {rules.maximum_points}")
     elif entries.balance < event.points:
-        reject(f"available balance {entries.balance} does not cover {event.points} (pending points cannot be redeemed)")
+        waiting = f" ({entries.pending} pending points cannot be redeemed yet)" if entries.pending > 0 else ""
+        reject(f"available balance {entries.balance} does not cover {event.points}{waiting}")
     else:
         value = rules.point_value * event.points
         entries.add(

@@ -121,7 +121,7 @@ def test_explain_a_jsonl_file_with_another_rule_set_in_json(capsys, tmp_path):
     document = json.loads(capsys.readouterr().out)
     assert document["ruleset_version"] == "seasonal-2026-q4"
     assert [(e["rule_id"], e["points"], e["explanation"]) for e in document["ledger"]] == [
-        ("purchase.category:books", 45, "3 x 9.99 = 29.97; x rate 1.5 = 44.955 -> nearest 45"),
+        ("purchase.category:books", 45, "3 x 9.99 = 29.97; x rate 1.5 (books) = 44.955 -> nearest 45"),
         ("purchase.first_order_bonus", 100, "first qualifying order: 100"),
         ("review.first_per_product", 20, "approved review of a: 20; cap 60/day, 0 used"),
         ("promotion:december-reviews", 15, "promotion december-reviews bonus 15; cap 60/day, 20 used"),
