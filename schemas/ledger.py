@@ -83,6 +83,12 @@ class LedgerEntry(BaseModel):
     schema_version: Literal[1] = 1
 
 
+# The ledger's columns (`points`, `balance_after`, `pending_points`, `pending_after`) are ClickHouse Int64 (at most
+# about 9.2 x 10^18). The rules core keeps every entry's points and every running balance, available and pending,
+# within +-ledger_points_max, and rejects the event that would go beyond (docs/events.md): the limit is far above
+# any real balance and about 9 million times below Int64, so the sums of the projections stay within it too.
+ledger_points_max = 10**12
+
 _entry_fields = tuple(LedgerEntry.model_fields)
 _entry_fields_given = frozenset(_entry_fields) - {"schema_version"}
 

@@ -16,7 +16,7 @@ from typing import Literal
 
 from schemas import events as ev
 from schemas.decode import EventRejected
-from schemas.ledger import Kind, LedgerEntry, Source, ledger_entry_trusted
+from schemas.ledger import Kind, LedgerEntry, Source, ledger_entry_trusted, ledger_points_max
 from streams.rules.ruleset import Cap, Rounding, RuleSet
 from streams.rules.state import (
     COMPENSATION_ACTOR,
@@ -55,7 +55,19 @@ def entry_id_for(event_id: str, customer_id: str, rule_id: str, ruleset_version:
     return hashlib.blake2b(material.encode(), digest_size=16).hexdigest()
 
 
-def round_points(value: Decimal, rounding: Rounding) -> int:
+_points_max = Decimal(ledger_points_max)
+
+
+def round_points(value: Decimal, rounding: Rounding, rule_id: str = "", field: str | None = None) -> int:
+    """`value` rounded to whole points. Beyond the ledger's limit the event is rejected, naming the rule and the
+    event's field (a purchase line) that earned it."""
+    if not -_points_max <= value <= _points_max:
+        # Checked before rounding: a value of more than 28 digits cannot even be quantized.
+        raise EventRejected(
+            f"rule {rule_id} computes {value:,.0f} points for one ledger entry, beyond the ledger's limit of "
+            f"{ledger_points_max:,} points (the rule set's rates and multipliers applied to the event's amounts)",
+            field,
+        )
     return int(value.quantize(_one, rounding=_rounding_modes[rounding]))
 
 
@@ -109,6 +121,13 @@ class _Entries:
         self.sequence += 1
         self.balance += points
         self.pending += pending_points
+        if not (
+            -ledger_points_max <= self.balance <= ledger_points_max
+            and -ledger_points_max <= self.pending <= ledger_points_max
+            and -ledger_points_max <= points <= ledger_points_max
+            and -ledger_points_max <= pending_points <= ledger_points_max
+        ):
+            self._beyond_limit(rule_id, points, pending_points)
         event = self.event
         customer_id = self.state.customer_id
         version = self.ruleset.version
@@ -143,6 +162,19 @@ class _Entries:
                     "explanation": explanation,
                 }
             )
+        )
+
+    def _beyond_limit(self, rule_id: str, points: int, pending_points: int) -> None:
+        """The event would take an entry or a balance beyond what the ledger holds: it is rejected, whole."""
+        if abs(points) > ledger_points_max or abs(pending_points) > ledger_points_max:
+            what = f"an entry of {points or pending_points:,} points"
+        elif abs(self.pending) > ledger_points_max:
+            what = f"the pending balance to {self.pending:,}"
+        else:
+            what = f"the balance to {self.balance:,}"
+        raise EventRejected(
+            f"rule {rule_id} would take {what} for customer {self.state.customer_id}, beyond the ledger's limit "
+            f"of {ledger_points_max:,} points (a ledger entry or balance holds at most that many)"
         )
 
     def reverse(
@@ -252,7 +284,7 @@ def _fixed_award(entries: _Entries, source: Source, rule_id: str, base: int, wha
         if promotion.multiplier != 1:
             points *= promotion.multiplier
             arithmetic += f" x {promotion.multiplier} ({promotion.id})"
-    rounded = round_points(points, ruleset.rounding)
+    rounded = round_points(points, ruleset.rounding, rule_id)
     if points != base:
         arithmetic += f" = {_shown(points)} -> {ruleset.rounding._value_} {rounded}"
     awarded, cap_note = _capped(state, entries, source, rounded)
@@ -381,7 +413,7 @@ def _purchase_completed(entries: _Entries, event: ev.PurchaseCompleted) -> None:
                 arithmetic += f" x tier {tier.name} {tier_multiplier.normalize():f}"  # type: ignore[union-attr]
         if promotion_multiplier != 1 and raw:
             arithmetic += f" x promotions {promotion_multiplier.normalize():f} ({', '.join(p.id for p in promotions)})"
-        points = round_points(raw, ruleset.rounding)
+        points = round_points(raw, ruleset.rounding, rule_id, f"lines.{index}")
         arithmetic += f" = {_shown(raw)} -> {ruleset.rounding._value_} {points}"
         if room is not None and points > room:
             arithmetic += f"; order maximum leaves {room}"

@@ -403,3 +403,87 @@ def test_entries_built_without_validation_are_valid_ledger_entries(ruleset_file)
         assert entry.model_dump_json() == validated.model_dump_json()
         assert LedgerEntry.model_validate(entry.model_dump()) == entry
         assert LedgerEntry.model_validate_json(entry.model_dump_json()) == entry
+
+
+# --- the ledger's limit: no entry or balance beyond what its Int64 columns hold -----------------------------
+
+HUGE_LINE = ("a", "books", 100_000, "999999999999.999999")  # inside the event contract's limits
+
+
+def test_an_entry_beyond_the_ledger_limit_rejects_the_event_and_changes_nothing():
+    ruleset = rules(base='version: t\npurchase: {points_per_unit: "10000"}\n')
+    state = CustomerState("c1")
+    with pytest.raises(EventRejected) as caught:
+        apply(state, purchase("e1", [("a", "books", 1, "1"), HUGE_LINE]), ruleset)
+    assert caught.value.reason == (
+        "lines.1: rule purchase.rate computes 999,999,999,999,999,999,000 points for one ledger entry, beyond the "
+        "ledger's limit of 1,000,000,000,000 points (the rule set's rates and multipliers applied to the event's "
+        "amounts)"
+    )
+    assert (state.balance, state.sequence, state.applied) == (0, 0, {})
+    # The next event is decided as if the rejected one never came.
+    _, ledger = run(ruleset, purchase("e2", [("a", "books", 1, "1")]))
+    assert [(entry.points, entry.balance_after) for entry in ledger] == [(10_000, 10_000)]
+
+
+PROMOTIONS_X10_8 = (
+    "promotions:\n"
+    '  - {id: p1, starts_at: "2026-01-01T00:00:00Z", ends_at: "2027-01-01T00:00:00Z", multiplier: "10000", '
+    "sources: [purchase, registration]}\n"
+    '  - {id: p2, starts_at: "2026-01-01T00:00:00Z", ends_at: "2027-01-01T00:00:00Z", multiplier: "10000", '
+    "sources: [purchase, registration]}\n"
+)
+
+
+def test_fixed_points_and_promotions_beyond_the_limit_are_rejected_not_a_rounding_crash():
+    # 10^7 fixed points x 10^5 units x 10^4 x 10^4: 10^20, more digits than Decimal rounding can quantize.
+    ruleset = rules("  products: {a: {fixed_points: 10000000}}\nfixed: {registration: 10000000}\n" + PROMOTIONS_X10_8)
+    with pytest.raises(EventRejected) as caught:
+        run(ruleset, purchase("e1", [("a", "books", 100_000, "1")]))
+    assert caught.value.reason.startswith(
+        "lines.0: rule purchase.product:a computes 100,000,000,000,000,000,000 points for one ledger entry"
+    )
+    with pytest.raises(EventRejected) as caught:
+        run(ruleset, event("customer.registered", "r1"))
+    assert caught.value.reason.startswith("rule registration computes 1,000,000,000,000,000 points")
+
+
+def test_a_balance_beyond_the_ledger_limit_rejects_the_event():
+    # Each line earns 999,999,999,999 (within the limit per entry); the second takes the balance beyond it.
+    line = ("a", "books", 100_000, "9999999.999999")
+    state, ledger = run(rules(), purchase("e1", [line]))
+    assert state.balance == 999_999_999_999
+    with pytest.raises(EventRejected) as caught:
+        apply(state, purchase("e2", [line]), rules())
+    assert caught.value.reason == (
+        "rule purchase.rate would take the balance to 1,999,999,999,998 for customer c1, beyond the ledger's limit "
+        "of 1,000,000,000,000 points (a ledger entry or balance holds at most that many)"
+    )
+    assert state.balance == 999_999_999_999
+    pending = rules("  pending_days: 14\n")
+    state, _ = run(pending, purchase("e1", [line]))
+    with pytest.raises(EventRejected, match="would take the pending balance to 1,999,999,999,998 for customer c1"):
+        apply(state, purchase("e2", [line]), pending)
+
+
+def test_the_batch_driver_lists_an_event_beyond_the_limit_and_applies_the_rest():
+    from streams.batch import process_lines
+
+    ruleset = rules(base='version: t\npurchase: {points_per_unit: "10000"}\n')
+    lines = [
+        json.dumps(
+            event_document(
+                f"e{n}",
+                "purchase.completed",
+                "c1",
+                f"2026-03-0{n}T10:00:00+00:00",
+                order_id=f"o{n}",
+                currency="EUR",
+                lines=[{"sku": s, "category": c, "quantity": q, "unit_price": p}],
+            )
+        )
+        for n, (s, c, q, p) in enumerate([HUGE_LINE, ("a", "books", 1, "1")], start=1)
+    ]
+    result = process_lines(lines, ruleset)
+    assert [(r.line, r.event_id, r.reason.split(":")[0]) for r in result.rejected] == [(1, "e1", "lines.0")]
+    assert [(entry.caused_by, entry.balance_after) for entry in result.ledger] == [("e2", 10_000)]
