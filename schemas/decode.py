@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -55,9 +56,39 @@ def _explain(error: ValidationError, topic: str | None) -> EventRejected:
         return EventRejected("unknown field", field)
     if kind == "string_pattern_mismatch" and "x21" in str(first.get("ctx", {}).get("pattern", "")):
         return EventRejected("must be 1 to 128 printable ASCII characters without spaces", field)
+    if kind == "bool_type":
+        return EventRejected("must be a JSON boolean, true or false", field)
     message = first["msg"]
     message = message.removeprefix("Value error, ")
     return EventRejected(message[:300], field)
+
+
+class _RepeatedKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _RepeatedKey(key)
+            seen.add(key)
+    return document
+
+
+def _repeated_key(raw: bytes | str) -> str | None:
+    """The first key that an object of `raw` repeats (JSON parsers keep its last value silently), if any."""
+    try:
+        json.loads(raw, object_pairs_hook=_refuse_repeated_keys)
+    except _RepeatedKey as repeated:
+        return repeated.key
+    except (ValueError, RecursionError):  # not JSON: the validation below says why
+        return None
+    return None
 
 
 def decode_event(raw: bytes | str, topic: str | None = None) -> events.Event:
@@ -65,6 +96,13 @@ def decode_event(raw: bytes | str, topic: str | None = None) -> events.Event:
     size = len(raw.encode() if isinstance(raw, str) else raw)
     if size > events.payload_size_max_bytes:
         raise EventRejected(f"payload of {size} bytes exceeds the limit of {events.payload_size_max_bytes} bytes")
+    # A repeated key keeps its last value in the parser, so `{"event_id": "a", ..., "event_id": "b"}` would be
+    # event b. Checking every object for repeated keys doubles the decode time (a second, Python-level parse), so
+    # only a payload that names `event_id`, the idempotency key, twice is parsed again to check (docs/events.md).
+    if (raw.count(b'"event_id"') if isinstance(raw, bytes) else raw.count('"event_id"')) > 1:
+        repeated = _repeated_key(raw)
+        if repeated is not None:
+            raise EventRejected(f"the key {repeated[:60]!r} appears twice in one JSON object")
     adapter = _topic_adapters.get(topic, _any_event) if topic is not None else _any_event
     try:
         return adapter.validate_json(raw)

@@ -14,9 +14,13 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
     PlainSerializer,
+    StrictBool,
     StringConstraints,
 )
+from pydantic_core import CoreSchema, core_schema
 
 # Limits, named with the unit last (see docs/events.md for the producer-facing list).
 payload_size_max_bytes = 64 * 1024
@@ -73,7 +77,61 @@ def _within_supported_range(moment: datetime) -> datetime:
     return moment
 
 
-EventTime = Annotated[AwareDatetime, AfterValidator(_within_supported_range)]
+class _Prechecked:
+    """Checks the raw JSON value with a core schema (in pydantic-core, no Python call) before the type's own
+    validation, and replaces whatever that check finds with one clear message. Used where pydantic's lax
+    parsing accepts more than the contract says, even in strict mode: a Unix timestamp (a number, or a string of
+    digits) for a time or a date, `true` or `1.0` for the integer 1. The JSON Schema and the serialization are
+    the type's own (the fingerprint of an event does not change)."""
+
+    def __init__(self, check: CoreSchema, error_type: str, message: str, python_type: type | None = None) -> None:
+        # From Python (the engine builds derived events from typed values) an instance of the type also passes.
+        python_check = (
+            check
+            if python_type is None
+            else core_schema.union_schema([core_schema.is_instance_schema(python_type), check])
+        )
+        self.check = core_schema.json_or_python_schema(
+            json_schema=core_schema.custom_error_schema(
+                check, custom_error_type=error_type, custom_error_message=message
+            ),
+            python_schema=core_schema.custom_error_schema(
+                python_check, custom_error_type=error_type, custom_error_message=message
+            ),
+        )
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        inner = handler(source)
+        return core_schema.chain_schema([self.check, inner], serialization=inner.get("serialization"))
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> Any:
+        # Called with the outermost schema of the annotated type: an AfterValidator wraps the chain and changes
+        # nothing in the JSON Schema.
+        while schema["type"] != "chain":
+            schema = schema["schema"]  # type: ignore[typeddict-item]
+        return handler(schema["steps"][-1])  # type: ignore[typeddict-item]
+
+
+time_example = "2026-03-01T10:00:00+01:00"
+# An ISO 8601 date and time (RFC 3339 also allows a space or a lowercase t as separator); the offset itself is
+# required by AwareDatetime ("Input should have timezone info"), the rest of the format by pydantic's parser.
+_iso_time_check = _Prechecked(
+    core_schema.str_schema(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]", strict=True),
+    "iso_datetime",
+    f'must be an ISO 8601 date and time with an offset, such as "{time_example}"',
+    datetime,
+)
+_iso_date_check = _Prechecked(
+    core_schema.str_schema(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$", strict=True),
+    "iso_date",
+    'must be an ISO 8601 date such as "2026-03-01"',
+    date,
+)
+_integer_one_check = _Prechecked(core_schema.int_schema(strict=True), "integer_one", "Input should be 1")
+
+EventTime = Annotated[AwareDatetime, _iso_time_check, AfterValidator(_within_supported_range)]
+Day = Annotated[date, _iso_date_check]
+SchemaVersion = Annotated[Literal[1], _integer_one_check]
 Quantity = Annotated[int, Field(strict=True, ge=1, le=line_quantity_max)]
 
 
@@ -103,7 +161,7 @@ class Envelope(_Frozen):
     """Fields every event carries. `event_id` is the idempotency key of the whole system."""
 
     event_id: Identifier
-    schema_version: Literal[1]
+    schema_version: SchemaVersion
     occurred_at: EventTime
     customer_id: Identifier
     store_id: Identifier
@@ -230,7 +288,7 @@ class RevaluedOrder(_Frozen):
 
     order_id: Identifier
     lines: Annotated[dict[Identifier, tuple[Points, Points]], Field(max_length=1000)]
-    bonuses: Annotated[dict[Identifier, tuple[Points, bool, Money | None]], Field(max_length=100)]
+    bonuses: Annotated[dict[Identifier, tuple[Points, StrictBool, Money | None]], Field(max_length=100)]
     # The refunds the values include (`refund:<id>` tags): an order refunded since, live, is not re-valued.
     refunds: Annotated[
         list[Annotated[str, StringConstraints(max_length=identifier_length_max + 16)]], Field(max_length=1000)
@@ -254,7 +312,7 @@ class CapUsageChange(_Frozen):
     """How the points counted against caps for one source on one local day change under a new rule set."""
 
     source: CappedSource
-    day: date
+    day: Day
     points: PointsChange
 
 
@@ -266,7 +324,7 @@ class RestatedReferral(_Frozen):
     event_id: Identifier
     order_id: Identifier | None = None
     points: Points = 0
-    reversed: bool = False
+    reversed: StrictBool = False
 
 
 class RestatedCustomer(_Frozen):
@@ -277,7 +335,7 @@ class RestatedCustomer(_Frozen):
     and as a referee."""
 
     lifetime_earned_change: PointsChange = 0
-    first_order_done: bool = False
+    first_order_done: StrictBool = False
     cap_usage_changes: Annotated[list[CapUsageChange], Field(max_length=2000)] = []
     referrer_points: Annotated[dict[Identifier, Points], Field(max_length=1000)] = {}
     referral: RestatedReferral | None = None
@@ -289,7 +347,7 @@ class PointsAdjusted(Envelope):
     points: Annotated[int, Field(strict=True, ge=-points_request_max, le=points_request_max)]
     note: ShortText
     actor: Identifier
-    allow_negative: bool = False  # an adjustment that would take the balance below zero needs this
+    allow_negative: StrictBool = False  # an adjustment that would take the balance below zero needs this
     # A replay's compensation also re-values the customer's open orders, so that a later refund or cancellation
     # reverses what the new rules awarded (see docs/replay.md).
     revalued_orders: Annotated[list[RevaluedOrder], Field(max_length=10_000)] | None = None

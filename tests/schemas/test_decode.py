@@ -129,3 +129,109 @@ def test_json_schema_export_writes_every_topic_and_the_ledger(tmp_path):
         "purchase.refunded",
         "purchase.cancelled",
     }
+
+
+TIME_REASON = 'must be an ISO 8601 date and time with an offset, such as "2026-03-01T10:00:00+01:00"'
+ADJUSTED = {
+    **{k: VALID[k] for k in ("event_id", "schema_version", "occurred_at", "customer_id", "store_id")},
+    "event_type": "points.adjusted",
+    "adjustment_id": "a",
+    "points": -500,
+    "note": "n",
+    "actor": "x",
+}
+
+
+def adjusted(**changes):
+    return json.dumps({**ADJUSTED, **changes})
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        # Unix timestamps, as a number or a string of digits, were taken as UTC times.
+        (with_(occurred_at=1767261600), f"occurred_at: {TIME_REASON}"),
+        (with_(occurred_at="1767261600"), f"occurred_at: {TIME_REASON}"),
+        (with_(occurred_at=1767261600.5), f"occurred_at: {TIME_REASON}"),
+        (with_(occurred_at="2026-01-01"), f"occurred_at: {TIME_REASON}"),
+        (with_(occurred_at=None), f"occurred_at: {TIME_REASON}"),
+        # `true` and `1.0` were taken as 1.
+        (with_(schema_version=True), "schema_version: Input should be 1"),
+        (with_(schema_version=1.0), "schema_version: Input should be 1"),
+        (with_(schema_version="1"), "schema_version: Input should be 1"),
+        # "yes", 1, "true" were taken as true (and let an adjustment take a balance below zero).
+        (adjusted(allow_negative="yes"), "allow_negative: must be a JSON boolean, true or false"),
+        (adjusted(allow_negative=1), "allow_negative: must be a JSON boolean, true or false"),
+        (
+            adjusted(restated={"first_order_done": "true"}),
+            "restated.first_order_done: must be a JSON boolean, true or false",
+        ),
+        (
+            adjusted(restated={"referral": {"referred_by": "c2", "event_id": "r", "reversed": 0}}),
+            "restated.referral.reversed: must be a JSON boolean, true or false",
+        ),
+        (
+            adjusted(revalued_orders=[{"order_id": "o", "lines": {}, "bonuses": {"b": [1, "no", None]}}]),
+            "revalued_orders.0.bonuses.b.1: must be a JSON boolean, true or false",
+        ),
+        (
+            adjusted(revalued_orders=[{"order_id": "o", "lines": {}, "bonuses": {}, "placed_at": 1767261600}]),
+            f"revalued_orders.0.placed_at: {TIME_REASON}",
+        ),
+        (
+            adjusted(
+                revalued_orders=[{"order_id": "o", "lines": {}, "bonuses": {}, "pending": {"b": ["1767261600", 5]}}]
+            ),
+            f"revalued_orders.0.pending.b.0: {TIME_REASON}",
+        ),
+        (
+            adjusted(restated={"cap_usage_changes": [{"source": "review", "day": 1767225600, "points": 1}]}),
+            'restated.cap_usage_changes.0.day: must be an ISO 8601 date such as "2026-03-01"',
+        ),
+        (
+            adjusted(restated={"cap_usage_changes": [{"source": "review", "day": "1767225600", "points": 1}]}),
+            'restated.cap_usage_changes.0.day: must be an ISO 8601 date such as "2026-03-01"',
+        ),
+    ],
+)
+def test_times_booleans_and_the_schema_version_are_parsed_strictly(raw, reason):
+    assert reason_for(raw) == reason
+
+
+@pytest.mark.parametrize(
+    "moment",
+    ["2026-01-01T10:00:00Z", "2026-01-01T10:00:00.123456-05:00", "2026-01-01 10:00:00+01:00", "2026-01-01t10:00z"],
+)
+def test_iso_8601_times_with_an_offset_are_accepted(moment):
+    assert decode_event(with_(occurred_at=moment)).occurred_at.utcoffset() is not None
+
+
+def test_json_booleans_and_iso_dates_are_accepted():
+    event = decode_event(
+        adjusted(
+            allow_negative=True,
+            restated={
+                "first_order_done": False,
+                "cap_usage_changes": [{"source": "review", "day": "2026-03-01", "points": 1}],
+            },
+            revalued_orders=[
+                {
+                    "order_id": "o",
+                    "lines": {},
+                    "bonuses": {"b": [1, True, "10"]},
+                    "placed_at": "2026-01-01T00:00:00Z",
+                    "pending": {"b": ["2026-01-15T00:00:00+00:00", 5]},
+                }
+            ],
+        )
+    )
+    assert event.allow_negative is True
+    assert str(event.restated.cap_usage_changes[0].day) == "2026-03-01"
+
+
+def test_a_repeated_event_id_key_is_refused_instead_of_keeping_the_last_value():
+    raw = with_()[:-1] + ', "event_id": "e2"}'
+    assert reason_for(raw) == "the key 'event_id' appears twice in one JSON object"
+    assert reason_for(raw.encode()) == "the key 'event_id' appears twice in one JSON object"
+    # "event_id" as a value is no repeated key.
+    assert decode_event(with_(order_id="event_id", event_id="event_id")).event_id == "event_id"
