@@ -55,6 +55,12 @@ class CategoryRule(_Strict):
     multiplier: Rate = Decimal(1)
     excluded: bool = False
 
+    @model_validator(mode="after")
+    def _one_effect(self) -> CategoryRule:
+        if self.excluded and (self.rate is not None or self.multiplier != 1):
+            raise ValueError("a category is either excluded or has a rate or multiplier, not both")
+        return self
+
 
 class ProductRule(_Strict):
     """Per-product earning: `fixed_points` per unit replaces any rate; `excluded` earns nothing."""
@@ -91,7 +97,15 @@ class PurchaseRules(_Strict):
         totals = [threshold.minimum_total for threshold in thresholds]
         if len(set(totals)) != len(totals):
             raise ValueError("two spend thresholds have the same minimum_total")
-        return sorted(thresholds, key=lambda threshold: threshold.minimum_total)
+        ordered = sorted(thresholds, key=lambda threshold: threshold.minimum_total)
+        for lower, higher in zip(ordered, ordered[1:], strict=False):
+            if higher.bonus < lower.bonus:
+                raise ValueError(
+                    f"the bonus of the {higher.minimum_total} threshold ({higher.bonus}) is below the bonus of the "
+                    f"{lower.minimum_total} threshold ({lower.bonus}): only the highest threshold reached is awarded, "
+                    "so spending more would earn less"
+                )
+        return ordered
 
 
 class FixedPoints(_Strict):
@@ -157,6 +171,15 @@ class RedemptionRules(_Strict):
     minimum_points: PointsAmount = 1
     maximum_points: PointsAmount | None = None
 
+    @model_validator(mode="after")
+    def _range(self) -> RedemptionRules:
+        if self.maximum_points is not None and self.maximum_points < self.minimum_points:
+            raise ValueError(
+                f"maximum_points {self.maximum_points} is below minimum_points {self.minimum_points}: "
+                "every redemption would be refused"
+            )
+        return self
+
 
 class ExpiryRules(_Strict):
     """Point expiry, decided by event time (including `clock.tick` events), never by the wall clock.
@@ -172,7 +195,7 @@ class ExpiryRules(_Strict):
 class TierLevel(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")]
     minimum: Amount  # lifetime points, or spend in the window, needed to reach the tier
-    multiplier: Rate = Decimal(1)  # applied to rate-based purchase points
+    multiplier: Rate = Decimal(1)  # applied to rate-based purchase points (not to product fixed_points)
 
 
 class TierRules(_Strict):
@@ -187,7 +210,14 @@ class TierRules(_Strict):
     def _ordered(cls, levels: list[TierLevel]) -> list[TierLevel]:
         if len({level.name for level in levels}) != len(levels):
             raise ValueError("tier names must be unique")
-        return sorted(levels, key=lambda level: level.minimum)
+        ordered = sorted(levels, key=lambda level: level.minimum)  # the file may list them in any order
+        for lower, higher in zip(ordered, ordered[1:], strict=False):
+            if higher.minimum == lower.minimum:
+                raise ValueError(
+                    f"tiers {lower.name} and {higher.name} have the same minimum {higher.minimum}: "
+                    "which one a customer reaches would be undecided"
+                )
+        return ordered
 
     def tier_for(self, metric: Decimal) -> TierLevel | None:
         reached = [level for level in self.levels if metric >= level.minimum]

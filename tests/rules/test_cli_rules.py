@@ -86,6 +86,29 @@ def test_a_bad_rule_set_in_json(capsys, tmp_path):
             "ends_at must be after starts_at",
         ),
         ("version: v\nproducts: {}\n", "products", "unknown key"),
+        # Contradictory pairs of keys (audit r2.yaml: every redemption would have been refused).
+        (
+            "version: v\nredemption: {minimum_points: 500, maximum_points: 100}\n",
+            "redemption",
+            "maximum_points 100 is below minimum_points 500: every redemption would be refused",
+        ),
+        (
+            "version: v\npurchase: {categories: {gifts: {excluded: true, multiplier: '2'}}}\n",
+            "purchase.categories.gifts",
+            "a category is either excluded or has a rate or multiplier, not both",
+        ),
+        (
+            "version: v\npurchase: {spend_thresholds: [{minimum_total: '200', bonus: 10},"
+            " {minimum_total: '100', bonus: 50}]}\n",
+            "purchase.spend_thresholds",
+            "the bonus of the 200 threshold (10) is below the bonus of the 100 threshold (50): only the highest "
+            "threshold reached is awarded, so spending more would earn less",
+        ),
+        (
+            "version: v\ntiers: {levels: [{name: silver, minimum: '1000'}, {name: gold, minimum: '1000'}]}\n",
+            "tiers.levels",
+            "tiers silver and gold have the same minimum 1000: which one a customer reaches would be undecided",
+        ),
     ],
 )
 def test_each_kind_of_bad_rule_set_names_its_key(capsys, tmp_path, text, path, reason):
@@ -93,6 +116,19 @@ def test_each_kind_of_bad_rule_set_names_its_key(capsys, tmp_path, text, path, r
     file.write_text(text)
     assert main(["rules", "validate", str(file), "--json"]) == 1
     assert {"path": path, "reason": reason} in json.loads(capsys.readouterr().out)["problems"]
+
+
+def test_consistent_pairs_stay_valid_and_tiers_may_be_listed_in_any_order():
+    from streams.rules.ruleset import parse_ruleset
+
+    ruleset = parse_ruleset(
+        "version: v\nredemption: {minimum_points: 100, maximum_points: 100}\n"
+        "purchase: {categories: {gifts: {excluded: true}}, spend_thresholds: [{minimum_total: '200', bonus: 50},"
+        " {minimum_total: '100', bonus: 50}]}\n"
+        "tiers: {levels: [{name: gold, minimum: '1000'}, {name: silver, minimum: '100'}]}\n"
+    )
+    assert [level.name for level in ruleset.tiers.levels] == ["silver", "gold"]
+    assert [threshold.minimum_total for threshold in ruleset.purchase.spend_thresholds] == [100, 200]
 
 
 def test_a_missing_rule_set_file_is_reported(capsys, tmp_path):
