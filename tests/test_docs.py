@@ -110,3 +110,37 @@ def test_the_lifecycle_worked_example_is_what_rules_explain_prints(capsys):
     examples = ROOT / "docs/examples"
     main(["rules", "explain", "--rules", str(examples / "life.yaml"), str(examples / "life.jsonl")])
     assert capsys.readouterr().out == shown_output
+
+
+def test_the_rule_set_file_block_of_docs_rules_md_lists_every_key_with_its_default():
+    """docs/rules.md, "The file": one block that claims to hold every key (it lacked expiry, tiers and
+    referral.return_window_days)."""
+    import typing
+
+    import yaml
+    from pydantic import BaseModel
+
+    from streams.rules.ruleset import RuleSet
+
+    text = (ROOT / "docs" / "rules.md").read_text()
+    block = text.split("## The file", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    document = yaml.safe_load(block)
+
+    def models_in(annotation) -> list[type[BaseModel]]:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return [annotation]
+        return [model for argument in typing.get_args(annotation) for model in models_in(argument)]
+
+    def check(model: type[BaseModel], mapping: dict, path: str) -> None:
+        assert set(mapping) == set(model.model_fields), path
+        for name, field in model.model_fields.items():
+            for inner in models_in(field.annotation):
+                if isinstance(mapping[name], dict) and field.annotation is inner:
+                    check(inner, mapping[name], f"{path}{name}.")
+                else:  # lists and maps of settings ([{id, ...}], name -> {...}): their keys are named in a comment
+                    missing = [key for key in inner.model_fields if not re.search(rf"\b{key}\b", block)]
+                    assert not missing, f"{path}{name}: {missing}"
+
+    check(RuleSet, document, "")
+    shown = RuleSet.model_validate(document).model_dump(exclude={"version", "timezone"})
+    assert shown == RuleSet(version="v").model_dump(exclude={"version", "timezone"})

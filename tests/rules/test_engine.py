@@ -487,3 +487,22 @@ def test_the_batch_driver_lists_an_event_beyond_the_limit_and_applies_the_rest()
     result = process_lines(lines, ruleset)
     assert [(r.line, r.event_id, r.reason.split(":")[0]) for r in result.rejected] == [(1, "e1", "lines.0")]
     assert [(entry.caused_by, entry.balance_after) for entry in result.ledger] == [("e2", 10_000)]
+
+
+def test_a_tier_multiplies_rate_based_line_points_only_as_docs_lifecycle_md_says():
+    ruleset = rules(
+        "  products: {fixed: {fixed_points: 10}}\n"
+        "  first_order_bonus: 5\n"
+        "tiers: {levels: [{name: silver, minimum: '100', multiplier: '2'}]}\n"
+    )
+    _, ledger = run(
+        ruleset,
+        purchase("e1", [("a", "books", 1, "150")]),  # lifts the customer into silver: earned at no tier
+        purchase("e2", [("a", "books", 1, "10"), ("fixed", "books", 1, "10")]),
+    )
+    assert [(entry.caused_by, entry.rule_id, entry.points) for entry in ledger if entry.points] == [
+        ("e1", "purchase.rate", 150),
+        ("e1", "purchase.first_order_bonus", 5),
+        ("e2", "purchase.rate", 20),  # x tier silver 2
+        ("e2", "purchase.product:fixed", 10),  # fixed points: no tier multiplier
+    ]
