@@ -629,17 +629,21 @@ EXPIRING_WITHIN_DAYS_MAX = 3650
 EXPIRING_LIMIT_MAX = 100_000
 
 # The rules engine (streams.rules.engine._expire) expires the whole available balance once `days` have
-# passed since the last entry of kind earned, confirmed or redeemed with points != 0 (the last one in
-# `sequence` order, as the state fold keeps it). A customer with no such entry never expires.
+# passed since the customer's last activity: the latest activity moment of its entries, as the state fold keeps
+# it (streams.rules.state.activity_moment): an entry of kind earned or redeemed with points != 0 at its time, a
+# pending entry with pending_points > 0 at the end of its return window (`available_at`), a confirmed entry with
+# points != 0 at its `available_at` (older confirmations without one: at their time). A customer with no such
+# entry never expires.
+_ACTIVITY = "(kind IN ('earned', 'confirmed', 'redeemed') AND points != 0) OR (kind = 'pending' AND pending_points > 0)"
+_ACTIVITY_MOMENT = "if(kind IN ('pending', 'confirmed') AND available_at IS NOT NULL, available_at, occurred_at)"
 EXPIRING_INACTIVITY_SQL = f"""
 SELECT customer_id, balance, balance AS expiring, last_activity
 FROM
 (
     SELECT customer_id,
            argMax(balance_after, sequence) AS balance,
-           argMaxIf(occurred_at, sequence, kind IN ('earned', 'confirmed', 'redeemed') AND points != 0)
-               AS last_activity,
-           countIf(kind IN ('earned', 'confirmed', 'redeemed') AND points != 0) AS activities
+           maxIf(assumeNotNull({_ACTIVITY_MOMENT}), {_ACTIVITY}) AS last_activity,
+           countIf({_ACTIVITY}) AS activities
     FROM ledger_entries FINAL
     WHERE occurred_at <= {{as_of:DateTime64(6, 'UTC')}}
       AND ({{customer_id:Nullable(String)}} IS NULL OR customer_id = {{customer_id:Nullable(String)}})

@@ -78,7 +78,7 @@ class LedgerEntry(BaseModel):
     quantity: int | None = None
     amount: str | None = None  # the money (decimal string) the entry was computed from, if any
     reference: str | None = None  # what inside the source the entry is about (line key, post id, ...)
-    available_at: datetime | None = None  # for pending entries: when they become available
+    available_at: datetime | None = None  # pending entries: when they become available; confirmed: when they did
     explanation: str = ""
     schema_version: Literal[1] = 1
 

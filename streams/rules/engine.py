@@ -1244,6 +1244,7 @@ def _release_pending(entries: _Entries) -> None:
             points=lot.points,
             pending_points=-lot.points,
             explanation=f"return window ended {lot.available_at.isoformat()}",
+            available_at=lot.available_at,  # when the points became available: the customer's activity (expiry)
             order_id=lot.order_id,
             sku=line.sku if line is not None else None,
             category=line.category if line is not None else None,
@@ -1296,14 +1297,16 @@ def decide(
     # second time (a history older than the new rules' expiry ended in debt: -675 where 50 is due).
     if state.pending_lots and not compensation:
         _release_pending(entries)
-    if ruleset.expiry.mode != "none" and not compensation:
-        _expire(entries)
-    # Confirmations are folded first so that the event's own rules see the released points.
+    # Confirmations are folded first so that expiry and the event's own rules see the released points, and the
+    # activity they fold in (a confirmation is activity: expiring at the same event the points it releases was
+    # deciding on a state that `evolve` never has).
     if entries.entries:
         released = list(entries.entries)
         preview = _clone_for_preview(state, released, ruleset)
         entries.state = preview
         entries.folded = len(released)
+    if ruleset.expiry.mode != "none" and not compensation:
+        _expire(entries)
     if isinstance(event, ev.ReferralCompleted):
         _referral(entries, event, side)
     else:
@@ -1332,7 +1335,7 @@ def _expire(entries: _Entries) -> None:
             Source.expiry,
             "expiry.inactivity",
             points=-entries.balance,
-            explanation=f"no earning or redeeming since {state.last_activity_at.isoformat()} ({rules.days} days)",
+            explanation=f"no activity since {state.last_activity_at.isoformat()} ({rules.days} days)",
         )
         return
     for awarded_at, left in list(state.lots):

@@ -167,7 +167,7 @@ class CustomerState:
     # Refunds and cancellations of orders not recorded yet, per order id, applied if the order arrives
     # (streams/rules/engine.py, `_hold`); None until there is one (most customers never have any).
     held: dict[str, list[dict]] | None = None
-    last_activity_at: datetime | None = None  # last earning or redeeming, for expiry by inactivity
+    last_activity_at: datetime | None = None  # latest `activity_moment` of its entries, for expiry by inactivity
     lots: list[list] = field(default_factory=list)  # [awarded_at, points left], oldest first (expiry by lot)
     tier: str | None = None
     spend_log: list[tuple[datetime, Decimal]] = field(default_factory=list)  # qualifying spend, for tiers
@@ -208,8 +208,9 @@ def evolve(state: CustomerState, entry: LedgerEntry, zone: ZoneInfo) -> None:
 
     if kind in _earning_kinds and entry.points > 0:
         state.lifetime_earned += entry.points
-    if kind in _activity_kinds and entry.points != 0:
-        state.last_activity_at = entry.occurred_at
+    active = activity_moment(entry)
+    if active is not None and (state.last_activity_at is None or active > state.last_activity_at):
+        state.last_activity_at = active
     _evolve_lots(state, entry, kind)
     if kind is Kind.tier_changed:
         state.tier = reference or None
@@ -273,6 +274,24 @@ def _evolve_referral(state: CustomerState, entry: LedgerEntry, reference: str) -
     elif rule_id == "referral.referee.reversal":
         state.referral_reversed = True
         state.referral_points += entry.points
+
+
+def activity_moment(entry: LedgerEntry) -> datetime | None:
+    """When an entry shows the customer active, for expiry by inactivity (docs/lifecycle.md), or None.
+
+    Earning and redeeming count at their event time. A purchase that earns pending points counts until its return
+    window ends (`available_at`): the customer bought, and the points must not expire before they are usable.
+    A confirmation counts at the end of its window (`available_at`), never at the later event that happened
+    to release it, so that how often a store sends ticks does not move the customer's last activity.
+    """
+    kind = entry.kind
+    if kind is Kind.pending:
+        return (entry.available_at or entry.occurred_at) if entry.pending_points > 0 else None
+    if kind in _activity_kinds and entry.points != 0:
+        if kind is Kind.confirmed and entry.available_at is not None:
+            return entry.available_at
+        return entry.occurred_at
+    return None
 
 
 def spend_change(entry: LedgerEntry) -> Decimal:

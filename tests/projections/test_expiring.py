@@ -87,6 +87,35 @@ def test_inactivity_mode_lists_the_whole_balance_after_days_without_earning_or_r
     }
 
 
+def test_inactivity_mode_counts_a_pending_purchase_and_its_confirmation_as_activity(client):
+    # The engine's rule (streams.rules.state.activity_moment): a purchase with pending points is activity until its
+    # return window ends, a confirmation at the end of its window. Registration 1 March, purchase 15 March (window
+    # ends 29 March), a tick on 30 March confirms it: the balance expires on 18 April (29 March + 20 days), not on
+    # 21 March (the registration + 20 days, when pending purchases and confirmations did not count).
+    rules = parse_ruleset(
+        "version: expiring-pending\npurchase: {points_per_unit: '1', pending_days: 14}\nfixed: {registration: 10}\n"
+        "expiry: {mode: inactivity, days: 20}\n"
+    )
+    log = [
+        line("customer.registered", "r1", "2026-03-01T10:00:00+00:00", "p"),
+        buy("p1", "2026-03-15T10:00:00+00:00", "p", "100.00"),
+        line("clock.tick", "t1", "2026-03-30T10:00:00+00:00", "p"),
+    ]
+    LedgerSink(client).write(process_lines(log, rules).ledger)
+    before = datetime(2026, 3, 20, tzinfo=UTC)  # the purchase is pending: only the registration's 10 are listed
+    assert listed(client, "inactivity", 20, 30, as_of=before) == {"p": (10, 10, "2026-04-18T10:00:00+00:00")}
+    assert listed(client, "inactivity", 20, 28, as_of=before) == {}
+    after = datetime(2026, 3, 31, tzinfo=UTC)
+    assert listed(client, "inactivity", 20, 19, as_of=after) == {"p": (110, 110, "2026-04-18T10:00:00+00:00")}
+    assert listed(client, "inactivity", 20, 18, as_of=after) == {}
+    ticks = [
+        line("clock.tick", "t2", "2026-04-18T09:59:59+00:00", "p"),
+        line("clock.tick", "t3", "2026-04-18T10:00:00+00:00", "p"),
+    ]
+    expired = [(e.caused_by, e.points) for e in process_lines(log + ticks, rules).ledger if e.kind is Kind.expired]
+    assert expired == [("t3", -110)]
+
+
 def test_one_customer_can_be_asked_for(client):
     LedgerSink(client).write(process_lines(LOG, parse_ruleset(BASE + "expiry: {mode: lot, days: 10}\n")).ledger)
     found = queries.expiring_soon(client, as_of=AS_OF, within_days=9, mode="lot", days=10, customer_id="d")

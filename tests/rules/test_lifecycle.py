@@ -6,6 +6,7 @@ from test_engine import event, purchase, run
 
 from schemas.ledger import Kind
 from streams.rules.ruleset import parse_ruleset
+from streams.rules.state import CustomerState, evolve
 
 BASE = "version: life-1\npurchase: {points_per_unit: '1'}\n"
 
@@ -183,3 +184,75 @@ def test_a_lines_reversals_and_confirmation_carry_its_category():
         (Kind.confirmed, "a", "books"),
         (Kind.reversed, "a", "books"),
     ]
+
+
+def refolded(ruleset, ledger, customer: str = "c1") -> CustomerState:
+    """The state a restarted worker rebuilds: the ledger folded with `evolve` into a fresh state."""
+    state = CustomerState(customer)
+    for entry in ledger:
+        evolve(state, entry, ruleset.zone)
+    return state
+
+
+PENDING_INACTIVITY = (
+    "version: life-8\npurchase: {points_per_unit: '1', pending_days: 14}\nfixed: {registration: 10}\n"
+    "expiry: {mode: inactivity, days: 20}\n"
+)
+
+
+def test_a_purchase_with_pending_points_and_its_confirmation_are_activity_for_inactivity_expiry():
+    # Registration 1 March, purchase 15 March (window ends 29 March). The tick of 30 March confirms the points: it
+    # expired them at once with the registration's, "no earning or redeeming since 2026-03-01".
+    ruleset = parse_ruleset(PENDING_INACTIVITY)
+    state, ledger = run(
+        ruleset,
+        event("customer.registered", "r", at="2026-03-01T10:00:00+00:00"),
+        purchase("p", [("a", "books", 1, "100.00")], at="2026-03-15T10:00:00+00:00"),
+        event("clock.tick", "t1", at="2026-03-30T10:00:00+00:00"),
+        event("clock.tick", "t2", at="2026-04-18T09:59:59+00:00"),
+        event("clock.tick", "t3", at="2026-04-18T10:00:00+00:00"),
+    )
+    assert [(e.caused_by, e.kind, e.points, e.balance_after) for e in ledger] == [
+        ("r", Kind.earned, 10, 10),
+        ("p", Kind.pending, 0, 10),
+        ("t1", Kind.confirmed, 100, 110),
+        ("t3", Kind.expired, -110, 0),  # 20 days after the points became available on 29 March
+    ]
+    assert ledger[-1].explanation == "no activity since 2026-03-29T10:00:00+00:00 (20 days)"
+    assert ledger[2].available_at.isoformat() == "2026-03-29T10:00:00+00:00"
+    assert state.last_activity_at.isoformat() == "2026-03-29T10:00:00+00:00"
+    rebuilt = refolded(ruleset, ledger)
+    assert (rebuilt.last_activity_at, rebuilt.balance, rebuilt.pending) == (state.last_activity_at, 0, 0)
+
+
+def test_a_late_confirmation_counts_from_the_end_of_its_window_not_from_the_event_that_releases_it():
+    # Nothing between the purchase and a tick in May: the points were available from 29 March, and the customer was
+    # inactive for 20 days after that. Daily ticks would have confirmed them on 29 March and expired them on 18 April;
+    # a late tick must not make them live longer because it happens to be the event that confirms them.
+    ruleset = parse_ruleset(PENDING_INACTIVITY)
+    state, ledger = run(
+        ruleset,
+        event("customer.registered", "r", at="2026-03-01T10:00:00+00:00"),
+        purchase("p", [("a", "books", 1, "100.00")], at="2026-03-15T10:00:00+00:00"),
+        event("clock.tick", "t1", at="2026-05-01T10:00:00+00:00"),
+    )
+    assert [(e.caused_by, e.kind, e.points, e.balance_after) for e in ledger] == [
+        ("r", Kind.earned, 10, 10),
+        ("p", Kind.pending, 0, 10),
+        ("t1", Kind.confirmed, 100, 110),
+        ("t1", Kind.expired, -110, 0),
+    ]
+    assert ledger[-1].explanation == "no activity since 2026-03-29T10:00:00+00:00 (20 days)"
+    assert refolded(ruleset, ledger).last_activity_at == state.last_activity_at
+
+
+def test_a_purchase_keeps_earlier_points_from_expiring_while_its_points_are_pending():
+    # The purchase of 15 March is activity: a tick on 25 March (24 days after the registration) expires nothing.
+    ruleset = parse_ruleset(PENDING_INACTIVITY)
+    _, ledger = run(
+        ruleset,
+        event("customer.registered", "r", at="2026-03-01T10:00:00+00:00"),
+        purchase("p", [("a", "books", 1, "100.00")], at="2026-03-15T10:00:00+00:00"),
+        event("clock.tick", "t1", at="2026-03-25T10:00:00+00:00"),
+    )
+    assert [e.kind for e in ledger] == [Kind.earned, Kind.pending]
