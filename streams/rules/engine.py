@@ -31,7 +31,7 @@ from streams.rules.state import (
     evolve,
     local_day,
     order_lots,
-    spend_change,
+    rolling_spend,
 )
 
 Side = Literal["customer", "referee"]
@@ -352,7 +352,7 @@ def _purchase_completed(entries: _Entries, event: ev.PurchaseCompleted) -> None:
     full_share = earning_total == subtotal
 
     promotions = _promotions(ruleset, Source.purchase, event.occurred_at)
-    tier = _current_tier(state, ruleset)
+    tier = _current_tier(state, ruleset, event.occurred_at)
     tier_multiplier = tier.multiplier if tier is not None else _one
     promotion_multiplier = _one
     for promotion in promotions:
@@ -1352,13 +1352,16 @@ def _expire(entries: _Entries) -> None:
         )
 
 
-def _current_tier(state: CustomerState, ruleset: RuleSet, extra_points: int = 0, moment: datetime | None = None):
+def _current_tier(state: CustomerState, ruleset: RuleSet, moment: datetime):
+    """The customer's tier when an event at `moment` is decided, before the event's own entries: by lifetime points,
+    or by the spend in the window before `moment` (not the tier of the last review, whose window may have lapsed
+    since: an order two months after the last one got the old tier's multiplier)."""
     tiers = ruleset.tiers
     if not tiers.levels:
         return None
     if tiers.basis == "lifetime_points":
-        return tiers.tier_for(Decimal(state.lifetime_earned + extra_points))
-    return next((level for level in tiers.levels if level.name == state.tier), None)
+        return tiers.tier_for(Decimal(state.lifetime_earned))
+    return tiers.tier_for(rolling_spend(state, moment, tiers.window_days))
 
 
 def _review_tier(entries: _Entries) -> None:
@@ -1373,9 +1376,8 @@ def _review_tier(entries: _Entries) -> None:
         metric = Decimal(state.lifetime_earned + earned)
         described = f"lifetime earned points {metric}"
     else:
-        since = entries.event.occurred_at - timedelta(days=tiers.window_days)
-        metric = sum((amount for moment, amount in state.spend_log if moment > since), _zero)
-        metric += sum((spend_change(entry) for entry in entries.entries[entries.folded :]), _zero)
+        fresh = entries.entries[entries.folded :]
+        metric = rolling_spend(state, entries.event.occurred_at, tiers.window_days, fresh)
         described = f"spend in the last {tiers.window_days} days {_shown(metric)}"
     level = tiers.tier_for(metric)
     name = level.name if level is not None else None

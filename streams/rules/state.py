@@ -308,6 +308,16 @@ def spend_change(entry: LedgerEntry) -> Decimal:
     return _no_spend
 
 
+def rolling_spend(
+    state: CustomerState, moment: datetime, window_days: int, fresh: Iterable[LedgerEntry] = ()
+) -> Decimal:
+    """The customer's qualifying spend in the `window_days` before `moment` (counted after moment - window_days),
+    with the spend changes of `fresh` entries not folded into `state` yet."""
+    since = moment - timedelta(days=window_days)
+    total = sum((amount for at, amount in state.spend_log if at > since), _no_spend)
+    return total + sum((spend_change(entry) for entry in fresh), _no_spend)
+
+
 def _evolve_purchase(state: CustomerState, entry: LedgerEntry, kind: Kind, reference: str) -> None:
     order_id = entry.order_id or ""
     # A purchase.completed event can also release earlier pending lots: those `confirmed` entries carry the

@@ -107,7 +107,9 @@ def test_tier_by_rolling_spend_drops_when_the_window_passes():
         ("p1", Kind.earned, 250, "line:0"),
         ("p1", Kind.tier_changed, 0, "vip"),
         ("p2", Kind.earned, 20, "line:0"),
-        ("p3", Kind.earned, 20, "line:0"),  # still vip when p3 is decided; the window is reviewed after it
+        # p1's spend left the window on 31 January: p3 is not multiplied (the state still said vip, and p3 earned
+        # 20), and the review after it records the lapse
+        ("p3", Kind.earned, 10, "line:0"),
         ("p3", Kind.tier_changed, 0, ""),
     ]
     assert state.tier is None
@@ -256,3 +258,29 @@ def test_a_purchase_keeps_earlier_points_from_expiring_while_its_points_are_pend
         event("clock.tick", "t1", at="2026-03-25T10:00:00+00:00"),
     )
     assert [e.kind for e in ledger] == [Kind.earned, Kind.pending]
+
+
+ROLLING = (
+    "version: life-9\npurchase: {points_per_unit: '1'}\ntiers:\n  basis: rolling_spend\n  window_days: 30\n"
+    "  levels:\n    - {name: silver, minimum: '100', multiplier: '2'}\n"
+)
+
+
+def test_rolling_spend_tier_is_measured_at_the_purchase_not_taken_from_the_last_review():
+    ruleset = parse_ruleset(ROLLING)
+    state, ledger = run(
+        ruleset,
+        purchase("p1", [("a", "books", 1, "100.00")], at="2026-01-01T10:00:00+00:00"),
+        purchase("p2", [("a", "books", 1, "10.00")], at="2026-01-02T10:00:00+00:00"),
+        purchase("p3", [("a", "books", 1, "10.00")], at="2026-03-01T10:00:00+00:00"),
+    )
+    assert [(e.caused_by, e.kind, e.points, e.reference) for e in ledger] == [
+        ("p1", Kind.earned, 100, "line:0"),
+        ("p1", Kind.tier_changed, 0, "silver"),
+        ("p2", Kind.earned, 20, "line:0"),  # 100 spent in the 30 days before it: silver
+        ("p3", Kind.earned, 10, "line:0"),  # the window of p1 ended on 31 January: no multiplier (it was x2 = 20)
+        ("p3", Kind.tier_changed, 0, ""),
+    ]
+    assert "x tier" not in ledger[3].explanation
+    rebuilt = refolded(ruleset, ledger)
+    assert (rebuilt.tier, rebuilt.spend_log) == (state.tier, state.spend_log)
