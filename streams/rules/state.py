@@ -216,7 +216,7 @@ def evolve(state: CustomerState, entry: LedgerEntry, zone: ZoneInfo) -> None:
         state.tier = reference or None
     spent = spend_change(entry)
     if spent:
-        state.spend_log.append((entry.occurred_at, spent))
+        state.spend_log.append((spend_moment(state, entry), spent))
     if kind is Kind.redeemed:
         state.lifetime_redeemed -= entry.points
         state.redemption_ids = _with(state.redemption_ids, reference)
@@ -308,6 +308,18 @@ def spend_change(entry: LedgerEntry) -> Decimal:
     return _no_spend
 
 
+def spend_moment(state: CustomerState, entry: LedgerEntry) -> datetime:
+    """When an entry's spend change counts, for tiers by rolling spend: a purchase at its time, a refund or
+    cancellation at the time the order was placed. A refund takes back the spend from the window the purchase
+    counted in: inside that window the spend drops at once, after it the refund changes nothing (dated at the
+    refund, it made the spend of a later window negative: -150 where the purchase had already aged out)."""
+    if entry.kind is Kind.reversed:
+        order = state.orders.get(entry.order_id or "")
+        if order is not None and order.placed_at is not None:
+            return order.placed_at
+    return entry.occurred_at
+
+
 def rolling_spend(
     state: CustomerState, moment: datetime, window_days: int, fresh: Iterable[LedgerEntry] = ()
 ) -> Decimal:
@@ -315,7 +327,11 @@ def rolling_spend(
     with the spend changes of `fresh` entries not folded into `state` yet."""
     since = moment - timedelta(days=window_days)
     total = sum((amount for at, amount in state.spend_log if at > since), _no_spend)
-    return total + sum((spend_change(entry) for entry in fresh), _no_spend)
+    for entry in fresh:
+        amount = spend_change(entry)
+        if amount and spend_moment(state, entry) > since:
+            total += amount
+    return total
 
 
 def _evolve_purchase(state: CustomerState, entry: LedgerEntry, kind: Kind, reference: str) -> None:

@@ -6,7 +6,7 @@ from test_engine import event, purchase, run
 
 from schemas.ledger import Kind
 from streams.rules.ruleset import parse_ruleset
-from streams.rules.state import CustomerState, evolve
+from streams.rules.state import CustomerState, evolve, rolling_spend
 
 BASE = "version: life-1\npurchase: {points_per_unit: '1'}\n"
 
@@ -284,3 +284,52 @@ def test_rolling_spend_tier_is_measured_at_the_purchase_not_taken_from_the_last_
     assert "x tier" not in ledger[3].explanation
     rebuilt = refolded(ruleset, ledger)
     assert (rebuilt.tier, rebuilt.spend_log) == (state.tier, state.spend_log)
+
+
+def test_a_refund_takes_back_spend_from_the_window_the_order_counted_in():
+    ruleset = parse_ruleset(ROLLING)
+    refund = {"order_id": "o4", "refund_id": "rf1"}
+    state, ledger = run(
+        ruleset,
+        purchase("p4", [("a", "books", 1, "150.00")], order_id="o4", at="2026-03-05T10:00:00+00:00"),
+        # 46 days later: the order left the window on 4 April, its refund must not take spend from this window
+        event("purchase.refunded", "f", at="2026-04-20T10:00:00+00:00", **refund),
+        purchase("p5", [("a", "books", 1, "120.00")], at="2026-04-21T10:00:00+00:00"),
+    )
+    tiers = [(e.caused_by, e.reference, e.explanation) for e in ledger if e.kind is Kind.tier_changed]
+    assert tiers == [
+        ("p4", "silver", "no tier -> silver: spend in the last 30 days 150"),
+        ("f", "", "silver -> no tier: spend in the last 30 days 0"),  # was -150
+        ("p5", "silver", "no tier -> silver: spend in the last 30 days 120"),  # was no change: 120 - 150 < 100
+    ]
+    moment = ledger[-1].occurred_at
+    assert rolling_spend(state, moment, 30) == 120
+    rebuilt = refolded(ruleset, ledger)
+    assert (rebuilt.tier, rebuilt.spend_log) == (state.tier, state.spend_log)
+    assert rolling_spend(rebuilt, moment, 30) == 120
+
+
+def test_a_refund_inside_the_window_lowers_the_spend_and_the_tier_at_once():
+    ruleset = parse_ruleset(ROLLING)
+    state, ledger = run(
+        ruleset,
+        purchase(
+            "p1", [("a", "books", 1, "60.00"), ("b", "toys", 1, "60.00")], order_id="o1", at="2026-03-01T10:00:00+00:00"
+        ),
+        event(
+            "purchase.refunded",
+            "f",
+            at="2026-03-10T10:00:00+00:00",
+            order_id="o1",
+            refund_id="rf1",
+            lines=[{"sku": "b", "quantity": 1}],
+        ),
+        purchase("p2", [("a", "books", 1, "10.00")], at="2026-03-11T10:00:00+00:00"),
+    )
+    tiers = [(e.caused_by, e.reference, e.explanation) for e in ledger if e.kind is Kind.tier_changed]
+    assert tiers == [
+        ("p1", "silver", "no tier -> silver: spend in the last 30 days 120"),
+        ("f", "", "silver -> no tier: spend in the last 30 days 60"),
+    ]
+    assert ledger[-1].points == 10  # no multiplier: 70 spent in the window
+    assert refolded(ruleset, ledger).spend_log == state.spend_log
