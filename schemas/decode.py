@@ -98,8 +98,10 @@ def decode_event(raw: bytes | str, topic: str | None = None) -> events.Event:
         raise EventRejected(f"payload of {size} bytes exceeds the limit of {events.payload_size_max_bytes} bytes")
     # A repeated key keeps its last value in the parser, so `{"event_id": "a", ..., "event_id": "b"}` would be
     # event b. Checking every object for repeated keys doubles the decode time (a second, Python-level parse), so
-    # only a payload that names `event_id`, the idempotency key, twice is parsed again to check (docs/events.md).
-    if (raw.count(b'"event_id"') if isinstance(raw, bytes) else raw.count('"event_id"')) > 1:
+    # only a payload that names `event_id`, the idempotency key, twice is parsed again to check (docs/events.md),
+    # and one with a `\u` escape, which can spell a key another way (`"event\u005fid"`).
+    twice = raw.count(b'"event_id"') if isinstance(raw, bytes) else raw.count('"event_id"')
+    if twice > 1 or (b"\\u" in raw if isinstance(raw, bytes) else "\\u" in raw):
         repeated = _repeated_key(raw)
         if repeated is not None:
             raise EventRejected(f"the key {repeated[:60]!r} appears twice in one JSON object")

@@ -272,7 +272,10 @@ def _unawarded_if(result: ShadowResult) -> _Unawarded | None:
 def _note_unawarded(unawarded: _Unawarded, state: CustomerState, event: ev.Event) -> None:
     if isinstance(event, ev.PurchaseCompleted):
         if event.order_id not in state.orders and event.order_id not in unawarded:
-            unawarded[event.order_id] = (event.occurred_at, set(), [False])
+            # Refunds and a cancellation that came before the order are held in the state (engine `_hold`).
+            held = (state.held or {}).get(event.order_id, ())
+            refunds = {f"refund:{item['refund_id']}" for item in held if "refund_id" in item}
+            unawarded[event.order_id] = (event.occurred_at, refunds, [any(item.get("cancel") for item in held)])
     elif isinstance(event, ev.PurchaseRefunded | ev.PurchaseCancelled):
         known = unawarded.get(event.order_id)
         if known is None or event.order_id in state.orders:
@@ -1035,7 +1038,7 @@ def compensations(report: dict, *, cut_over: datetime, store_id: str = "replay")
             "allow_negative": True,
         }
         if restate:
-            event[RESTATED] = restate
+            event[RESTATED] = _restated_fitting(event, dict(restate))
         customer_orders = orders.get(row["customer_id"]) or []
         if customer_orders:
             event[REVALUED_ORDERS] = _fitting(event, customer_orders)
@@ -1043,6 +1046,22 @@ def compensations(report: dict, *, cut_over: datetime, store_id: str = "replay")
         rest = customer_orders[: len(customer_orders) - len(event.get(REVALUED_ORDERS, ()))]
         published += [(row["customer_id"], value) for value in _continuations(event, rest, version)]
     return published
+
+
+def _restated_fitting(event: dict, restated: dict) -> dict:
+    """`restated` cut until the compensation is under `compensation_bytes_max` without orders: the oldest referees'
+    points first, then the oldest days of cap usage (what is cut stays as it is live). A compensation over the
+    worker's limit would be refused whole, its balance change with it."""
+    while len(json.dumps({**event, RESTATED: restated}, separators=(",", ":")).encode()) > compensation_bytes_max:
+        referees = list((restated.get("referrer_points") or {}).items())
+        caps = restated.get("cap_usage_changes") or []
+        if referees:
+            restated["referrer_points"] = dict(referees[len(referees) // 4 + 1 :])
+        elif caps:
+            restated["cap_usage_changes"] = caps[len(caps) // 4 + 1 :]
+        else:
+            break
+    return restated
 
 
 def _continuations(first: dict, rest: list[dict], version: str) -> list[bytes]:

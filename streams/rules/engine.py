@@ -636,8 +636,9 @@ def _hold(entries: _Entries, order_id: str, held: dict) -> None:
             order_id=order_id,
         )
         return
-    if len(known) >= held_per_order_max:
-        explanation = f"no points were awarded for this order; {what} not held ({held_per_order_max} are already)"
+    orders_held = len(entries.state.held or ())
+    if len(known) >= held_per_order_max or (not known and orders_held >= held_orders_max):
+        explanation = f"no points were awarded for this order; {what} not held (the customer's limit is reached)"
         reference = None
     else:
         explanation = f"no points were awarded for this order; {what} is held and applied if the order arrives"
@@ -651,7 +652,10 @@ def _hold(entries: _Entries, order_id: str, held: dict) -> None:
     )
 
 
-held_per_order_max = 100  # refunds and cancellations held for one unknown order (state memory stays bounded)
+# State memory stays bounded: refunds and cancellations held for one unknown order, and unknown orders held per
+# customer (refunds of orders that earned nothing, below a minimum order total say, stay held).
+held_per_order_max = 20
+held_orders_max = 200
 
 
 def _apply_held(entries: _Entries, event: ev.PurchaseCompleted, held: list[dict]) -> None:
@@ -1104,6 +1108,8 @@ def _restate(entries: _Entries, restated: ev.RestatedCustomer) -> None:
         if referee not in state.referees_reversed and state.referees.get(referee) != points
     }
     referral = restated.referral
+    if state.referral_reversed:
+        referral = None  # the worker reversed it (a refund between the markers and the compensation): it stays so
     live_referral = (
         state.referred_by,
         state.referral_event,

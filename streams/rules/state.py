@@ -339,8 +339,14 @@ def _evolve_purchase(state: CustomerState, entry: LedgerEntry, kind: Kind, refer
     # A purchase.completed event can also release earlier pending lots: those `confirmed` entries carry the
     # event type of the new purchase but refer to another order, so they take the confirmation path below
     # (folding them as new order lines confirmed the same lot twice and invented a bonus to reverse).
-    # So do a purchase's reversals: the refunds and cancellation held until it arrived (engine `_apply_held`).
-    if entry.event_type == "purchase.completed" and kind is not Kind.confirmed and kind is not Kind.reversed:
+    # So do the entries of the refunds and cancellation held until the purchase arrived (engine `_apply_held`):
+    # reversals, and records tagged `;refund:<id>` or `;cancel`, which the purchase's own entries never are.
+    if (
+        entry.event_type == "purchase.completed"
+        and kind is not Kind.confirmed
+        and kind is not Kind.reversed
+        and ";" not in reference
+    ):
         if entry.rule_id in ("purchase.duplicate_order", "purchase.not_qualifying"):
             return
         state.first_order_done = True

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 from test_engine import event, purchase, run
 
 from schemas.ledger import Kind
-from streams.rules.ruleset import parse_ruleset
+from streams.batch import process_lines
+from streams.rules.ruleset import load_ruleset, parse_ruleset
 from streams.rules.state import CustomerState, evolve, rolling_spend
 
 BASE = "version: life-1\npurchase: {points_per_unit: '1'}\n"
@@ -333,3 +336,22 @@ def test_a_refund_inside_the_window_lowers_the_spend_and_the_tier_at_once():
     ]
     assert ledger[-1].points == 10  # no multiplier: 70 spent in the window
     assert refolded(ruleset, ledger).spend_log == state.spend_log
+
+
+def test_refunds_of_unknown_orders_held_per_customer_are_bounded():
+    """Refunds of orders that earned nothing stay held; without a bound per customer their state grew without end
+    (review: 5,000 refunds, 380 KB for one customer)."""
+    from streams.rules.engine import held_orders_max
+
+    ruleset = load_ruleset()
+    lines = [
+        json.dumps(
+            {"event_id": f"r{n}", "event_type": "purchase.refunded", "schema_version": 1, "store_id": "s1",
+             "occurred_at": "2026-03-01T10:00:00+00:00", "customer_id": "c1", "order_id": f"o{n}", "refund_id": f"f{n}"}
+        )
+        for n in range(held_orders_max + 5)
+    ]  # fmt: skip
+    result = process_lines(lines, ruleset)
+    assert len(result.states["c1"].held) == held_orders_max
+    assert "the customer's limit is reached" in result.ledger[-1].explanation
+    assert result.ledger[-1].reference is None

@@ -235,3 +235,8 @@ def test_a_repeated_event_id_key_is_refused_instead_of_keeping_the_last_value():
     assert reason_for(raw.encode()) == "the key 'event_id' appears twice in one JSON object"
     # "event_id" as a value is no repeated key.
     assert decode_event(with_(order_id="event_id", event_id="event_id")).event_id == "event_id"
+
+
+def test_an_event_id_key_spelled_with_an_escape_is_no_way_around_the_repeated_key_check():
+    raw = with_()[:-1] + ', "event\\u005fid": "e2"}'
+    assert reason_for(raw) == "the key 'event_id' appears twice in one JSON object"

@@ -180,3 +180,49 @@ def test_a_referral_reversed_after_an_apply_takes_back_what_the_new_rules_awarde
         assert balances == {"c1": 0, "c2": 50}
     else:
         assert balances == {"c1": 50, "c2": 100}
+
+
+def test_a_referral_the_worker_reversed_after_the_markers_stays_reversed():
+    """The referee's order is refunded live between the markers and the compensation: the worker reverses the
+    referral (-100). The compensation's restatement, taken before the markers, set it back to not reversed, and a
+    later cancellation reversed it a second time (review)."""
+    lines = [line.encode() for line in REFERRAL]
+    live = process_lines(lines, REFERRAL_OLD).states["c2"]
+    replayed = process_lines(lines, REFERRAL_NEW).states["c2"]
+    refund = _shopper("r4", "purchase.refunded", "2026-12-02T10:00:00+00:00", "c2", order_id="o1", refund_id="f1")
+    apply(live, decode_event(refund.encode()), REFERRAL_NEW)
+    assert live.referral_reversed
+    before = live.balance
+    report = {
+        "ruleset_version_new": REFERRAL_NEW.version,
+        "customers": [{"customer_id": "c2", "balance_before": before, "balance_after": before + 50, "delta": 50}],
+        RESTATED: {"c2": Restatement.of(replayed).restated(live.lifetime_earned, live.cap_usage, None, REFERRAL_NEW)},
+    }
+    ((_, compensation),) = compensations(report, cut_over=CUT_OVER)
+    apply(live, decode_event(compensation, REDEMPTIONS), REFERRAL_NEW)
+    assert live.referral_reversed
+    cancel = _shopper("r5", "purchase.cancelled", "2026-12-03T10:00:00+00:00", "c2", order_id="o1")
+    entries = apply(live, decode_event(cancel.encode()), REFERRAL_NEW)
+    assert "referral.referee.reversal" not in {entry.rule_id for entry in entries}
+
+
+def test_a_compensation_with_many_referees_stays_under_the_event_limit_with_its_balance_change():
+    """1,000 referees with long ids made the compensation 73 KiB: the worker refused it, balance change included,
+    while its continuation re-valued the orders (review). The oldest referees' restatement is cut instead."""
+    referees = {f"customer-{number:06d}-" + "x" * 50: 250 for number in range(1000)}
+    report = {
+        "ruleset_version_new": "v2",
+        "customers": [{"customer_id": "c9", "balance_before": 200_000, "balance_after": 250_000, "delta": 50_000}],
+        RESTATED: {
+            "c9": {"lifetime_earned_change": 50_000, "first_order_done": True, "cap_usage_changes": [],
+                   "referrer_points": referees, "referral": None}
+        },
+        "revalued_orders": {"c9": [{"order_id": "o1", "refunds": [], "lines": {"line:0": [10, 0]}, "bonuses": {}}]},
+    }  # fmt: skip
+    first, *rest = compensations(report, cut_over=CUT_OVER)
+    assert len(first[1]) <= 48 * 1024
+    adjusted = decode_event(first[1], REDEMPTIONS)
+    assert adjusted.points == 50_000 and [order.order_id for order in adjusted.revalued_orders] == ["o1"]
+    kept = list(adjusted.restated.referrer_points)
+    assert 100 < len(kept) < 1000 and kept == list(referees)[-len(kept) :]  # the newest kept
+    assert rest == []

@@ -427,3 +427,40 @@ def test_the_compensation_reviews_no_tier_on_the_lifetime_points_it_replaces():
     ledger = apply(state, decode_event(compensation, REDEMPTIONS), new)
     assert "tier" not in {entry.rule_id for entry in ledger}
     assert "replay.restate" in {entry.rule_id for entry in ledger}
+
+
+def test_an_order_whose_refund_was_held_before_it_is_re_valued_to_nothing_with_that_refund():
+    """A refund dated a minute before its order is held and applied by the purchase; the new rules award the order
+    nothing (a minimum order total of 100; it is 90.00). The replay's record of the order it awarded nothing missed
+    the held refund, so the live order (which has it) was not re-valued and a later refund took back the old points
+    (review: 450 where the new rules give 480)."""
+    history = [
+        *HISTORY[:2],
+        event(
+            "e4", "purchase.refunded", "2026-11-02T10:59:00+00:00", order_id="o2", refund_id="r0",
+            lines=[{"sku": "sku-0200", "quantity": 1}],
+        ),
+        event(
+            "e3", "purchase.completed", "2026-11-02T11:00:00+00:00", order_id="o2", currency="USD",
+            lines=[{"sku": "sku-0200", "category": "electronics", "quantity": 3, "unit_price": "30.00"}],
+        ),
+    ]  # fmt: skip
+    after = [
+        event(
+            "e5", "purchase.refunded", "2026-12-05T10:00:00+00:00", order_id="o2", refund_id="r2",
+            lines=[{"sku": "sku-0200", "quantity": 1}],
+        )
+    ]  # fmt: skip
+    new = _with_minimum_order_total(RULESETS / "seasonal-promotion.yaml", "100")
+    state = CustomerState("c1")
+    for line in history:
+        apply(state, decode_event(line.encode()), OLD)
+    assert "refund:r0" in state.orders["o2"].refund_ids
+    shadow = replay_messages(archived(history), new, keep_orders=True)
+    for _, compensation in compensations(
+        _report_with_restate(state, shadow), cut_over=datetime(2026, 12, 1, tzinfo=UTC)
+    ):
+        apply(state, decode_event(compensation, REDEMPTIONS), new)
+    for line in after:
+        apply(state, decode_event(line.encode()), new)
+    assert state.balance == process_lines([line.encode() for line in history + after], new).balances()["c1"]
