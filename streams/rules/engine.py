@@ -574,6 +574,24 @@ def _purchase_refunded(entries: _Entries, event: ev.PurchaseRefunded) -> None:
         lost = fully_refunded or (bonus.threshold is not None and remaining_total < bonus.threshold)
         if not lost:
             continue
+        lower = None if fully_refunded or bonus.threshold is None else _lower_threshold(entries, remaining_total)
+        if lower is not None and lower.minimum_total < bonus.threshold and 0 < min(lower.bonus, bonus.points):  # type: ignore[operator]
+            # The order still reaches a lower threshold: the bonus drops to that one's, as if the order had been
+            # this size from the start (before, it was reversed whole).
+            kept = min(lower.bonus, bonus.points)
+            entries.reverse(
+                bonus.points - kept,
+                pending=bonus.pending,
+                explanation=(
+                    f"refund {event.refund_id}: {rule_id} {bonus.points} -> {kept}: order total "
+                    f"{remaining_total:.2f} is now below {bonus.threshold} and reaches {lower.minimum_total}"
+                ),
+                order_id=event.order_id,
+                amount=lower.minimum_total,
+                reference=f"{rule_id};{tag}",
+            )
+            posted += 1
+            continue
         reason = (
             "the order is fully refunded"
             if fully_refunded
@@ -607,6 +625,12 @@ def _purchase_refunded(entries: _Entries, event: ev.PurchaseRefunded) -> None:
             reference=f";{tag}",
         )
     _reverse_referral(entries, event.order_id, order, closed=fully_refunded)
+
+
+def _lower_threshold(entries: _Entries, total: Decimal):
+    """The highest spend threshold of the rule set that `total` still reaches (None: none)."""
+    reached = [threshold for threshold in entries.ruleset.purchase.spend_thresholds if total >= threshold.minimum_total]
+    return max(reached, key=lambda threshold: threshold.minimum_total, default=None)
 
 
 def _purchase_completed_and_held(entries: _Entries, event: ev.PurchaseCompleted) -> None:

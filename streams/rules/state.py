@@ -398,7 +398,12 @@ def _evolve_purchase(state: CustomerState, entry: LedgerEntry, kind: Kind, refer
             if order.closed_at is None and order.closed():
                 order.closed_at = entry.occurred_at
         elif target in order.bonuses:
-            order.bonuses[target].reversed = True
+            bonus = order.bonuses[target]
+            if entry.amount and reversed_points < bonus.points:  # dropped to a lower threshold (its amount)
+                bonus.points -= reversed_points
+                bonus.threshold = Decimal(entry.amount)
+            else:
+                bonus.reversed = True
         if entry.pending_points:
             _reduce_lot(state, order_id, target, -entry.pending_points)
     elif kind is Kind.confirmed:
