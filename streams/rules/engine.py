@@ -575,10 +575,12 @@ def _purchase_refunded(entries: _Entries, event: ev.PurchaseRefunded) -> None:
         if not lost:
             continue
         lower = None if fully_refunded or bonus.threshold is None else _lower_threshold(entries, remaining_total)
-        if lower is not None and lower.minimum_total < bonus.threshold and 0 < min(lower.bonus, bonus.points):  # type: ignore[operator]
+        kept = 0 if lower is None else min(lower.bonus, bonus.points)
+        if lower is not None and kept == bonus.points:
+            continue  # a bonus capped at or below the lower threshold's keeps its value (until a full refund)
+        if lower is not None and kept > 0:
             # The order still reaches a lower threshold: the bonus drops to that one's, as if the order had been
             # this size from the start (before, it was reversed whole).
-            kept = min(lower.bonus, bonus.points)
             entries.reverse(
                 bonus.points - kept,
                 pending=bonus.pending,
