@@ -17,7 +17,7 @@ from typing import Literal
 from schemas import events as ev
 from schemas.decode import EventRejected
 from schemas.ledger import Kind, LedgerEntry, Source, ledger_entry_trusted, ledger_points_max
-from streams.rules.ruleset import Cap, Rounding, RuleSet
+from streams.rules.ruleset import Cap, PurchaseRules, Rounding, RuleSet, SpendThreshold
 from streams.rules.state import (
     COMPENSATION_ACTOR,
     COMPENSATION_PREFIX,
@@ -442,9 +442,8 @@ def _purchase_completed(entries: _Entries, event: ev.PurchaseCompleted) -> None:
     bonuses: list[tuple[str, int, Decimal | None, str]] = []
     if rules.first_order_bonus and not state.first_order_done:
         bonuses.append(("purchase.first_order_bonus", rules.first_order_bonus, None, "first qualifying order"))
-    reached = [threshold for threshold in rules.spend_thresholds if order_total >= threshold.minimum_total]
-    if reached:
-        best = reached[-1]
+    best = _threshold_reached(rules, order_total)
+    if best is not None:
         bonuses.append(
             (
                 "purchase.threshold_bonus",
@@ -574,7 +573,9 @@ def _purchase_refunded(entries: _Entries, event: ev.PurchaseRefunded) -> None:
         lost = fully_refunded or (bonus.threshold is not None and remaining_total < bonus.threshold)
         if not lost:
             continue
-        lower = None if fully_refunded or bonus.threshold is None else _lower_threshold(entries, remaining_total)
+        lower = None
+        if not fully_refunded and bonus.threshold is not None:
+            lower = _threshold_reached(entries.ruleset.purchase, remaining_total)
         kept = 0 if lower is None else min(lower.bonus, bonus.points)
         if lower is not None and kept == bonus.points:
             continue  # a bonus capped at or below the lower threshold's keeps its value (until a full refund)
@@ -629,10 +630,10 @@ def _purchase_refunded(entries: _Entries, event: ev.PurchaseRefunded) -> None:
     _reverse_referral(entries, event.order_id, order, closed=fully_refunded)
 
 
-def _lower_threshold(entries: _Entries, total: Decimal):
-    """The highest spend threshold of the rule set that `total` still reaches (None: none)."""
-    reached = [threshold for threshold in entries.ruleset.purchase.spend_thresholds if total >= threshold.minimum_total]
-    return max(reached, key=lambda threshold: threshold.minimum_total, default=None)
+def _threshold_reached(rules: PurchaseRules, total: Decimal) -> SpendThreshold | None:
+    """The highest spend threshold `total` reaches (None: none); the rule set keeps them sorted by minimum total."""
+    reached = [threshold for threshold in rules.spend_thresholds if total >= threshold.minimum_total]
+    return reached[-1] if reached else None
 
 
 def _purchase_completed_and_held(entries: _Entries, event: ev.PurchaseCompleted) -> None:
