@@ -13,7 +13,6 @@ audit of the running system found (each test fails on the code before the fix).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,13 +20,11 @@ from pathlib import Path
 import pytest
 import yaml
 from test_derived_events import RULES
-from test_replay_derived import live_archive
+from test_replay_derived import store_live_run
 
 from projections import LedgerSink, connect, migrate
 from projections import rebuild as rebuild_module
-from projections.archive import RawArchive
 from streams import cli
-from streams.batch import process_lines
 from streams.replay import compensation_prefix, version_conflict, write_csv
 from streams.rules.ruleset import load_ruleset, parse_ruleset
 from streams.simulate import generate_events
@@ -46,16 +43,7 @@ def offline(tmp_path, monkeypatch):
     dsn = f"chdb://{tmp_path / 'clickhouse'}"
     client = connect(dsn)
     migrate(client)
-    # Offsets from 0 in each partition (the helper numbers derived events from 1,000,000): no gap in the archive.
-    next_offset: dict[tuple[str, int], int] = {}
-    messages = []
-    for message in live_archive(lines, live_rules):
-        offset = next_offset.get((message.topic, message.partition), 0)
-        next_offset[(message.topic, message.partition)] = offset + 1
-        messages.append(dataclasses.replace(message, offset=offset))
-    RawArchive(client).write(messages, {})
-    live_run = process_lines(lines, live_rules)
-    LedgerSink(client).write(live_run.ledger)
+    live_run = store_live_run(client, lines, live_rules, gapless=True)  # no gap in the archive
     client.close()
     monkeypatch.setenv("LOYALTY_DATA_DIR", str(tmp_path / "data"))  # no run file there: the offline path
     monkeypatch.setenv("LOYALTY_CLICKHOUSE_DSN", dsn)

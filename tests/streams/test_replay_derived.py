@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from datetime import UTC
 
 from test_derived_events import PARTITIONS, RULES, drain, routed
 
-from projections.archive import ArchivedMessage
+from projections import LedgerSink
+from projections.archive import ArchivedMessage, RawArchive
 from schemas.decode import decode_event
 from schemas.topics import CONTROL_HEADER, DERIVED_SIDE, REFEREE_SIDE, SIDE_HEADER, TOPIC_RANK
 from streams.applier import StreamApplier
@@ -53,6 +55,23 @@ def live_archive(lines, ruleset) -> list[ArchivedMessage]:
         type(m)(m.topic, m.partition, 1_000_000 + n, m.key, m.value, m.headers) for n, m in enumerate(output.derived)
     ]
     return archived(messages + published)
+
+
+def store_live_run(client, lines, ruleset, *, gapless: bool = False):
+    """Write into a migrated ClickHouse what a live run of `lines` under `ruleset` leaves there: the raw archive (with
+    the derived events) and the ledger; returns the batch driver's result. `gapless`: offsets from 0 in each
+    partition (`live_archive` numbers derived events from 1,000,000, which the archive counts as a gap)."""
+    messages = live_archive(lines, ruleset)
+    if gapless:
+        next_offset: dict[tuple[str, int], int] = {}
+        for index, message in enumerate(messages):
+            offset = next_offset.get((message.topic, message.partition), 0)
+            next_offset[(message.topic, message.partition)] = offset + 1
+            messages[index] = dataclasses.replace(message, offset=offset)
+    RawArchive(client).write(messages, {})
+    result = process_lines(lines, ruleset)
+    LedgerSink(client).write(result.ledger)
+    return result
 
 
 def test_replay_under_other_referral_windows_equals_the_batch_driver():

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 from test_derived_events import RULES
-from test_replay_derived import live_archive
+from test_replay_derived import store_live_run
 
-from projections import LedgerSink, connect, migrate
-from projections.archive import RawArchive
+from projections import connect, migrate
 from streams.batch import process_lines
 from streams.replay import preview_customer
 from streams.rules.ruleset import load_ruleset, parse_ruleset
@@ -29,9 +28,7 @@ def live(tmp_path_factory):
     dsn = f"chdb://{tmp_path_factory.mktemp('preview') / 'clickhouse'}"
     client = connect(dsn)
     migrate(client)
-    RawArchive(client).write(live_archive(lines, live_rules), {})
-    live_run = process_lines(lines, live_rules)
-    LedgerSink(client).write(live_run.ledger)
+    live_run = store_live_run(client, lines, live_rules)
     yield client, lines, live_run, dsn
     client.close()
 
