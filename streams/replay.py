@@ -774,11 +774,13 @@ def _live_cap_usage(
     can still look at: from `cap_history_days_max` days before the last event before the markers (as the worker
     folds them, `state.evolve`: earned and pending entries that add points, and earlier apply's restatements).
     Returns the first of those days (None when nothing lies before the markers)."""
+    if not ruleset.caps:
+        return None, {}  # no usage to restate: the ledger is not read
     before, parameters = _before_markers(markers, ruleset.version)
     latest = client.query(
         f"SELECT max(occurred_at), count() FROM ledger_entries WHERE {before}", parameters=parameters
     ).result_rows[0]
-    if not latest[1] or not ruleset.caps:
+    if not latest[1]:
         return None, {}
     zone = ruleset.zone
     since = local_day(latest[0].replace(tzinfo=UTC), zone) - timedelta(days=cap_history_days_max)
