@@ -48,6 +48,7 @@ from streams.rules.state import (
     cap_history_days_max,
     local_day,
     order_lots,
+    referral_record,
 )
 from streams.settings import replay_processes_max
 
@@ -96,16 +97,8 @@ class Restatement:
         referrer_points = {
             referee: points for referee, points in state.referees.items() if referee not in state.referees_reversed
         }
-        referral = None
-        if state.referred_by is not None and state.referral_event is not None:
-            referral = {
-                "referred_by": state.referred_by,
-                "event_id": state.referral_event,
-                "order_id": state.referral_order,
-                "points": state.referral_points,
-                "reversed": state.referral_reversed,
-            }
-        return cls(state.lifetime_earned, state.first_order_done, dict(state.cap_usage), referrer_points, referral)
+        caps = dict(state.cap_usage)
+        return cls(state.lifetime_earned, state.first_order_done, caps, referrer_points, referral_record(state))
 
     def restated(
         self, live_lifetime: int, live_caps: Mapping[tuple[str, date], int], since: date | None, ruleset: RuleSet

@@ -31,6 +31,7 @@ from streams.rules.state import (
     evolve,
     local_day,
     order_lots,
+    referral_record,
     rolling_spend,
 )
 
@@ -1137,20 +1138,7 @@ def _restate(entries: _Entries, restated: ev.RestatedCustomer) -> None:
     referral = restated.referral
     if state.referral_reversed:
         referral = None  # the worker reversed it (a refund between the markers and the compensation): it stays so
-    live_referral = (
-        state.referred_by,
-        state.referral_event,
-        state.referral_order,
-        state.referral_points,
-        state.referral_reversed,
-    )
-    if referral is not None and live_referral == (
-        referral.referred_by,
-        referral.event_id,
-        referral.order_id,
-        referral.points,
-        referral.reversed,
-    ):
+    if referral is not None and referral.model_dump() == referral_record(state):
         referral = None
     if not change and first is None and not caps and not referrers and referral is None:
         return

@@ -441,6 +441,19 @@ RESTATE_PREFIX = "restate:"
 HELD_PREFIX = "held:"  # a refund or cancellation of an order not recorded yet (streams/rules/engine.py, `_hold`)
 
 
+def referral_record(state: CustomerState) -> dict | None:
+    """The customer's own referral as a referee, as a replay's restatement carries it (`ev.RestatedReferral`)."""
+    if state.referred_by is None or state.referral_event is None:
+        return None
+    return {
+        "referred_by": state.referred_by,
+        "event_id": state.referral_event,
+        "order_id": state.referral_order,
+        "points": state.referral_points,
+        "reversed": state.referral_reversed,
+    }
+
+
 def _restate(state: CustomerState, reference: str) -> None:
     """A replay's compensation restates what the new rules would have made of the customer's history besides balances
     and orders (streams/rules/engine.py, `_restate`): lifetime earned points, the first-order mark and the points
