@@ -316,6 +316,13 @@ class CapUsageChange(_Frozen):
     points: PointsChange
 
 
+# A compensation's restated lots: at most this many (older ones are merged into one: streams/replay.py,
+# `_restated_fitting`), each within the ledger's limit (schemas/ledger.py, `ledger_points_max`), as the balance.
+lots_restated_max = 2000
+balance_restated_max = 10**12
+LotPoints = Annotated[int, Field(strict=True, ge=1, le=balance_restated_max)]
+
+
 class RestatedReferral(_Frozen):
     """The customer's own referral (as a referee) under a new rule set: who referred them with which event, the
     qualifying order, the points it earned and whether it was reversed."""
@@ -332,13 +339,18 @@ class RestatedCustomer(_Frozen):
     lifetime earned points (tiers by lifetime points), whether a first qualifying order is behind the customer
     (the first-order bonus), the change of the points counted against caps on the recent days, and what the
     customer's referrals earned under the new rules (what a reversal of them takes back): per referee as a referrer,
-    and as a referee."""
+    and as a referee; with expiry by lot, the new rules' lots."""
 
     lifetime_earned_change: PointsChange = 0
     first_order_done: StrictBool = False
     cap_usage_changes: Annotated[list[CapUsageChange], Field(max_length=2000)] = []
     referrer_points: Annotated[dict[Identifier, Points], Field(max_length=1000)] = {}
     referral: RestatedReferral | None = None
+    # With a new rule set that expires points by lot: the customer's lots of available points under the new rules
+    # ([awarded at, points left], oldest first) and the available balance they belong to (lots can hold more than a
+    # balance that went below zero), so that expiry after the apply takes what the new rules' lots hold.
+    lots: Annotated[list[tuple[EventTime, LotPoints]], Field(max_length=lots_restated_max)] | None = None
+    lots_balance: Annotated[int, Field(strict=True, ge=-balance_restated_max, le=balance_restated_max)] = 0
 
 
 class PointsAdjusted(Envelope):

@@ -83,14 +83,16 @@ class ReplayRefused(RuntimeError):
 class Restatement:
     """What the replayed rules make of a customer's history besides balances and orders, for an apply's compensation
     (`restated`): lifetime earned points, the first-order mark, the points counted against caps per (source, local
-    day), and what the customer's referrals earned that no reversal took back (as a referrer per referee, and as a
-    referee)."""
+    day), what the customer's referrals earned that no reversal took back (as a referrer per referee, and as a
+    referee), and the lots of available points with the balance they belong to (for expiry by lot)."""
 
     lifetime_earned: int
     first_order_done: bool
     cap_usage: dict[tuple[str, date], int]
     referrer_points: dict[str, int]
     referral: dict | None  # the customer's own, as a referee (`ev.RestatedReferral`)
+    lots: tuple[tuple[datetime, int], ...] = ()
+    balance: int = 0
 
     @classmethod
     def of(cls, state: CustomerState) -> Restatement:
@@ -98,7 +100,16 @@ class Restatement:
             referee: points for referee, points in state.referees.items() if referee not in state.referees_reversed
         }
         caps = dict(state.cap_usage)
-        return cls(state.lifetime_earned, state.first_order_done, caps, referrer_points, referral_record(state))
+        lots = tuple((awarded_at, points) for awarded_at, points in state.lots)
+        return cls(
+            state.lifetime_earned,
+            state.first_order_done,
+            caps,
+            referrer_points,
+            referral_record(state),
+            lots,
+            state.balance,
+        )
 
     def restated(
         self, live_lifetime: int, live_caps: Mapping[tuple[str, date], int], since: date | None, ruleset: RuleSet
@@ -111,7 +122,24 @@ class Restatement:
             # The event holds at most 1,000; a reversal of an older referral takes back the live value.
             "referrer_points": dict(list(self.referrer_points.items())[-1000:]),
             "referral": self.referral,
+        } | (self.restated_lots() if ruleset.expiry.mode == "lot" else {})
+
+    def restated_lots(self) -> dict:
+        """The new rules' lots (at most `lots_restated_max`: the oldest merged into one) and the available balance they
+        belong to, which the worker's fold sets in place of its own (`state._restate_lots`)."""
+        return {
+            "lots": _merged_oldest([[at.isoformat(), points] for at, points in self.lots], ev.lots_restated_max),
+            "lots_balance": self.balance,
         }
+
+
+def _merged_oldest(lots: list[list], keep: int) -> list[list]:
+    """`lots` ([awarded at, points], oldest first) in at most `keep` lots: the oldest ones merged into one, dated at the
+    newest of them (their points expire with it, later rather than earlier than under the new rules)."""
+    if len(lots) <= keep:
+        return lots
+    merged = lots[: len(lots) - keep + 1]
+    return [[merged[-1][0], sum(points for _, points in merged)], *lots[len(lots) - keep + 1 :]]
 
 
 @dataclass
@@ -1045,15 +1073,18 @@ def compensations(report: dict, *, cut_over: datetime, store_id: str = "replay")
 
 def _restated_fitting(event: dict, restated: dict) -> dict:
     """`restated` cut until the compensation is under `compensation_bytes_max` without orders: the oldest referees'
-    points first, then the oldest days of cap usage (what is cut stays as it is live). A compensation over the
-    worker's limit would be refused whole, its balance change with it."""
+    points first, then the oldest days of cap usage (what is cut stays as it is live), then the oldest lots merged
+    into one. A compensation over the worker's limit would be refused whole, its balance change with it."""
     while len(json.dumps({**event, RESTATED: restated}, separators=(",", ":")).encode()) > compensation_bytes_max:
         referees = list((restated.get("referrer_points") or {}).items())
         caps = restated.get("cap_usage_changes") or []
+        lots = restated.get("lots") or []
         if referees:
             restated["referrer_points"] = dict(referees[len(referees) // 4 + 1 :])
         elif caps:
             restated["cap_usage_changes"] = caps[len(caps) // 4 + 1 :]
+        elif len(lots) > 1:
+            restated["lots"] = _merged_oldest(lots, len(lots) - len(lots) // 4 - 1)
         else:
             break
     return restated

@@ -1123,7 +1123,8 @@ def _restate(entries: _Entries, restated: ev.RestatedCustomer) -> None:
     events as under the new rules, and the change of the points counted against caps on the days a cap can still
     look at, so that a capped source earns after the apply what it earns under the new rules, and what the customer's
     referrals earned under the new rules, so that a referral reversed after the apply takes back the new rules'
-    points. The tier itself is reviewed at the customer's next event."""
+    points, and with expiry by lot the new rules' lots, so that expiry after the apply takes what they hold. The tier
+    itself is reviewed at the customer's next event."""
     state = entries.state
     change = restated.lifetime_earned_change
     first = restated.first_order_done if restated.first_order_done != state.first_order_done else None
@@ -1140,7 +1141,8 @@ def _restate(entries: _Entries, restated: ev.RestatedCustomer) -> None:
         referral = None  # the worker reversed it (a refund between the markers and the compensation): it stays so
     if referral is not None and referral.model_dump() == referral_record(state):
         referral = None
-    if not change and first is None and not caps and not referrers and referral is None:
+    lots = restated.lots
+    if not change and first is None and not caps and not referrers and referral is None and lots is None:
         return
     shown = []
     if change:
@@ -1162,6 +1164,13 @@ def _restate(entries: _Entries, restated: ev.RestatedCustomer) -> None:
             f"referred by {referral.referred_by} (order {referral.order_id}): {referral.points} points"
             + (", reversed" if referral.reversed else "")
         )
+    if lots is not None:
+        held = sum(points for _, points in lots)
+        shown.append(
+            f"expiry lots: {len(lots)} lots of {held} points"
+            + (f", the oldest awarded {lots[0][0].isoformat()}" if lots else "")
+            + (f" (for an available balance of {restated.lots_balance})" if held != restated.lots_balance else "")
+        )
     restatement: dict = {"first_order": first, "lifetime_earned_change": change}
     if caps:
         restatement["cap_usage_changes"] = caps
@@ -1169,6 +1178,9 @@ def _restate(entries: _Entries, restated: ev.RestatedCustomer) -> None:
         restatement["referrer_points"] = referrers
     if referral is not None:
         restatement["referral"] = referral.model_dump(mode="json")
+    if lots is not None:
+        restatement["lots"] = [[awarded_at.isoformat(), points] for awarded_at, points in lots]
+        restatement["lots_balance"] = restated.lots_balance
     document = json.dumps(restatement, separators=(",", ":"))
     entries.record(
         Source.adjustment,

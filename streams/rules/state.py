@@ -226,7 +226,7 @@ def evolve(state: CustomerState, entry: LedgerEntry, zone: ZoneInfo) -> None:
         _forget_old_cap_usage(state, zone)
 
     if entry.rule_id == RESTATE_RULE:
-        _restate(state, reference)
+        _restate(state, reference, entry.occurred_at)
     elif source is Source.purchase:
         _evolve_purchase(state, entry, kind, reference)
     elif source is Source.review:
@@ -454,12 +454,14 @@ def referral_record(state: CustomerState) -> dict | None:
     }
 
 
-def _restate(state: CustomerState, reference: str) -> None:
+def _restate(state: CustomerState, reference: str, moment: datetime) -> None:
     """A replay's compensation restates what the new rules would have made of the customer's history besides balances
     and orders (streams/rules/engine.py, `_restate`): lifetime earned points, the first-order mark and the points
     counted against caps per (source, local day), the points of the customer's referrals (as a referrer per referee,
-    and as a referee)."""
+    and as a referee), and the lots of available points."""
     document = json.loads(reference.removeprefix(RESTATE_PREFIX))
+    if document.get("lots") is not None:
+        _restate_lots(state, document["lots"], document.get("lots_balance", 0), moment)
     state.lifetime_earned += document["lifetime_earned_change"]
     changes = document.get("cap_usage_changes")
     if changes:
@@ -480,6 +482,32 @@ def _restate(state: CustomerState, reference: str) -> None:
         state.first_order_done = document["first_order"]
     elif document.get("first_order_done"):  # the first form of the entry (fcda4d0): set only
         state.first_order_done = True
+
+
+def _restate_lots(state: CustomerState, lots: list, lots_balance: int, moment: datetime) -> None:
+    """The compensation's lots (the new rules', before the cut-over markers) replace the worker's, with the lots of
+    points awarded after the compensation's time (events decided since the markers) kept after them. The lots then
+    hold the available balance as the new rules' lots held theirs (more when the balance went below zero once):
+    what events since the markers took is taken from the oldest lots, and what is missing (the pending points the
+    compensation's own entries released, say) is a lot at the compensation's time."""
+    restated = [[datetime.fromisoformat(awarded_at), points] for awarded_at, points in lots]
+    held = state.balance + sum(points for _, points in restated) - lots_balance
+    merged = sorted(restated + [list(lot) for lot in state.lots if lot[0] > moment], key=lambda lot: lot[0])
+    excess = sum(points for _, points in merged) - held
+    while excess > 0 and merged:
+        used = min(excess, merged[0][1])
+        merged[0][1] -= used
+        excess -= used
+        if merged[0][1] == 0:
+            merged.pop(0)
+    if excess < 0:
+        same = [lot for lot in merged if lot[0] == moment]
+        if same:
+            same[0][1] -= excess
+        else:
+            merged.append([moment, -excess])
+            merged.sort(key=lambda lot: lot[0])
+    state.lots = merged
 
 
 def order_lots(state: CustomerState, order_id: str) -> list[PendingLot]:
