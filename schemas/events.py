@@ -339,7 +339,7 @@ class RestatedCustomer(_Frozen):
     lifetime earned points (tiers by lifetime points), whether a first qualifying order is behind the customer
     (the first-order bonus), the change of the points counted against caps on the recent days, and what the
     customer's referrals earned under the new rules (what a reversal of them takes back): per referee as a referrer,
-    and as a referee; with expiry by lot, the new rules' lots."""
+    and as a referee; with expiry by lot, the new rules' lots, and with expiry by inactivity, the last activity."""
 
     lifetime_earned_change: PointsChange = 0
     first_order_done: StrictBool = False
@@ -351,6 +351,8 @@ class RestatedCustomer(_Frozen):
     # balance that went below zero), so that expiry after the apply takes what the new rules' lots hold.
     lots: Annotated[list[tuple[EventTime, LotPoints]], Field(max_length=lots_restated_max)] | None = None
     lots_balance: Annotated[int, Field(strict=True, ge=-balance_restated_max, le=balance_restated_max)] = 0
+    # With a new rule set that expires points after inactivity: the customer's last activity under the new rules.
+    last_activity_at: EventTime | None = None
 
 
 class PointsAdjusted(Envelope):

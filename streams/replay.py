@@ -84,7 +84,8 @@ class Restatement:
     """What the replayed rules make of a customer's history besides balances and orders, for an apply's compensation
     (`restated`): lifetime earned points, the first-order mark, the points counted against caps per (source, local
     day), what the customer's referrals earned that no reversal took back (as a referrer per referee, and as a
-    referee), and the lots of available points with the balance they belong to (for expiry by lot)."""
+    referee), the lots of available points with the balance they belong to (for expiry by lot), and the last
+    activity (for expiry by inactivity)."""
 
     lifetime_earned: int
     first_order_done: bool
@@ -93,6 +94,7 @@ class Restatement:
     referral: dict | None  # the customer's own, as a referee (`ev.RestatedReferral`)
     lots: tuple[tuple[datetime, int], ...] = ()
     balance: int = 0
+    last_activity_at: datetime | None = None
 
     @classmethod
     def of(cls, state: CustomerState) -> Restatement:
@@ -109,20 +111,26 @@ class Restatement:
             referral_record(state),
             lots,
             state.balance,
+            state.last_activity_at,
         )
 
     def restated(
         self, live_lifetime: int, live_caps: Mapping[tuple[str, date], int], since: date | None, ruleset: RuleSet
     ) -> dict:
         """The compensation's `restated` against the live figures before the markers."""
-        return {
+        restated = {
             "lifetime_earned_change": self.lifetime_earned - live_lifetime,
             "first_order_done": self.first_order_done,
             "cap_usage_changes": cap_usage_changes(live_caps, self.cap_usage, since, ruleset),
             # The event holds at most 1,000; a reversal of an older referral takes back the live value.
             "referrer_points": dict(list(self.referrer_points.items())[-1000:]),
             "referral": self.referral,
-        } | (self.restated_lots() if ruleset.expiry.mode == "lot" else {})
+        }
+        if ruleset.expiry.mode == "lot":
+            restated |= self.restated_lots()
+        elif ruleset.expiry.mode == "inactivity" and self.last_activity_at is not None:
+            restated["last_activity_at"] = self.last_activity_at.isoformat()
+        return restated
 
     def restated_lots(self) -> dict:
         """The new rules' lots (at most `lots_restated_max`: the oldest merged into one) and the available balance they

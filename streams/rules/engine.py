@@ -1123,8 +1123,8 @@ def _restate(entries: _Entries, restated: ev.RestatedCustomer) -> None:
     events as under the new rules, and the change of the points counted against caps on the days a cap can still
     look at, so that a capped source earns after the apply what it earns under the new rules, and what the customer's
     referrals earned under the new rules, so that a referral reversed after the apply takes back the new rules'
-    points, and with expiry by lot the new rules' lots, so that expiry after the apply takes what they hold. The tier
-    itself is reviewed at the customer's next event."""
+    points, with expiry by lot the new rules' lots, so that expiry after the apply takes what they hold, and with
+    expiry by inactivity the last activity. The tier itself is reviewed at the customer's next event."""
     state = entries.state
     change = restated.lifetime_earned_change
     first = restated.first_order_done if restated.first_order_done != state.first_order_done else None
@@ -1142,7 +1142,10 @@ def _restate(entries: _Entries, restated: ev.RestatedCustomer) -> None:
     if referral is not None and referral.model_dump() == referral_record(state):
         referral = None
     lots = restated.lots
-    if not change and first is None and not caps and not referrers and referral is None and lots is None:
+    active = restated.last_activity_at
+    if active is not None and active == state.last_activity_at:
+        active = None
+    if not change and first is None and not caps and not referrers and referral is None and lots is None and not active:
         return
     shown = []
     if change:
@@ -1171,6 +1174,9 @@ def _restate(entries: _Entries, restated: ev.RestatedCustomer) -> None:
             + (f", the oldest awarded {lots[0][0].isoformat()}" if lots else "")
             + (f" (for an available balance of {restated.lots_balance})" if held != restated.lots_balance else "")
         )
+    if active is not None:
+        was = state.last_activity_at.isoformat() if state.last_activity_at else "none"
+        shown.append(f"last activity {was} -> {active.isoformat()}")
     restatement: dict = {"first_order": first, "lifetime_earned_change": change}
     if caps:
         restatement["cap_usage_changes"] = caps
@@ -1181,6 +1187,8 @@ def _restate(entries: _Entries, restated: ev.RestatedCustomer) -> None:
     if lots is not None:
         restatement["lots"] = [[awarded_at.isoformat(), points] for awarded_at, points in lots]
         restatement["lots_balance"] = restated.lots_balance
+    if active is not None:
+        restatement["last_activity_at"] = active.isoformat()
     document = json.dumps(restatement, separators=(",", ":"))
     entries.record(
         Source.adjustment,

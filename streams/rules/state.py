@@ -458,10 +458,15 @@ def _restate(state: CustomerState, reference: str, moment: datetime) -> None:
     """A replay's compensation restates what the new rules would have made of the customer's history besides balances
     and orders (streams/rules/engine.py, `_restate`): lifetime earned points, the first-order mark and the points
     counted against caps per (source, local day), the points of the customer's referrals (as a referrer per referee,
-    and as a referee), and the lots of available points."""
+    and as a referee), the lots of available points and the last activity."""
     document = json.loads(reference.removeprefix(RESTATE_PREFIX))
     if document.get("lots") is not None:
         _restate_lots(state, document["lots"], document.get("lots_balance", 0), moment)
+    if document.get("last_activity_at") is not None:
+        # The new rules' last activity before the markers; activity after the compensation's time (events decided
+        # since the markers, or an old rules' return window ending later) is kept.
+        active, live = datetime.fromisoformat(document["last_activity_at"]), state.last_activity_at
+        state.last_activity_at = active if live is None or live <= moment else max(active, live)
     state.lifetime_earned += document["lifetime_earned_change"]
     changes = document.get("cap_usage_changes")
     if changes:

@@ -165,8 +165,13 @@ def main() -> None:
     parser.add_argument(
         "--lifetime-only", action="store_true", help="restate lifetime points and the first-order mark only"
     )
+    parser.add_argument("--rules", action="append", default=[], help="another rule set file to pair (repeatable)")
+    parser.add_argument("--involving", help="only the pairs with this rule set file name on one side")
     args = parser.parse_args()
-    for old, new in itertools.chain(((name, name) for name in NAMES), itertools.permutations(NAMES, 2)):
+    names = NAMES + [str(Path(name).resolve()) for name in args.rules]
+    for old, new in itertools.chain(((name, name) for name in names), itertools.permutations(names, 2)):
+        if args.involving and args.involving not in (Path(old).name, Path(new).name):
+            continue
         total, bad = differing(
             old,
             new,
@@ -180,7 +185,8 @@ def main() -> None:
         available = sum(1 for got, wanted in bad.values() if got[0] != wanted[0])
         in_total = sum(1 for got, wanted in bad.values() if sum(got) != sum(wanted))
         print(
-            f"{old:24} -> {new:24} customers {total}: available differs for {available:3}, available + pending for "
+            f"{Path(old).name:24} -> {Path(new).name:24} customers {total}: available differs for {available:3}, "
+            "available + pending for "
             f"{in_total:3}; e.g. {list(bad.items())[:1]}"
         )
 

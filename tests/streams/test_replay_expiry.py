@@ -1,5 +1,6 @@
-"""An apply into a rule set that expires points by lot restates the customer's lots, so that expiry after the apply
-takes what the new rules' lots hold, as `loyalty process` under the new rules over the whole log does.
+"""An apply into a rule set that expires points restates what expiry decides by: the customer's lots (expiry by lot),
+so that expiry after the apply takes what the new rules' lots hold, and the last activity (expiry by inactivity), as
+`loyalty process` under the new rules over the whole log does.
 
 Before, the worker kept the old rules' lots and the compensation's change was one lot at the cut-over: the new rules
 awarded an order 360 where the old ones gave 240, and when that order's lot expired after the apply, 190 expired
@@ -30,22 +31,22 @@ from streams.replay import (
     replay_messages,
 )
 from streams.rules.engine import apply
-from streams.rules.ruleset import load_ruleset, parse_ruleset
+from streams.rules.ruleset import RuleSet, load_ruleset, parse_ruleset
 from streams.rules.state import CustomerState, evolve
 
 OLD = load_ruleset(RULESETS / "default.yaml")  # no expiry: lots are kept but never expire
 
 
-def _new_rules():
-    """The default rules with 2 points per unit and lots that expire after 180 days."""
+def _rules(version: str, **sections) -> RuleSet:
     document = yaml.safe_load((RULESETS / "default.yaml").read_text())
-    document["version"] = "default-lots-2"
-    document["purchase"]["points_per_unit"] = "2"
-    document["expiry"] = {"mode": "lot", "days": 180}
+    document["version"] = version
+    for section, values in sections.items():
+        document[section] = values if not isinstance(document.get(section), dict) else document[section] | values
     return parse_ruleset(yaml.safe_dump(document))
 
 
-NEW = _new_rules()
+# 2 points per unit, and lots that expire after 180 days.
+NEW = _rules("default-lots-2", purchase={"points_per_unit": "2"}, expiry={"mode": "lot", "days": 180})
 CUT_OVER = datetime(2026, 6, 1, tzinfo=UTC)
 HISTORY = [
     event("e1", "customer.registered", "2026-01-05T10:00:00+00:00"),
@@ -78,6 +79,20 @@ AFTER = [
 ]
 
 
+def _compensation(new: RuleSet, live_balance: int, shadow, restated: dict, cut_over: datetime) -> bytes:
+    """The apply's compensation of c1 (`streams.replay.compensations`) from a replay kept for an apply."""
+    report = {
+        "ruleset_version_new": new.version,
+        "customers": [
+            {"customer_id": "c1", "balance_before": live_balance, "balance_after": shadow.balances["c1"],
+             "delta": shadow.balances["c1"] - live_balance}
+        ],
+        REVALUED_ORDERS: shadow.orders, PENDING_CHANGES: {}, RESTATED: {"c1": restated},
+    }  # fmt: skip
+    ((_, compensation),) = compensations(report, cut_over=cut_over)
+    return compensation
+
+
 def live_then_apply(between: list[str], *, restate_lots: bool = True) -> tuple[CustomerState, list]:
     """The live worker: HISTORY under the old rules, `between` under the new ones, the compensation, then AFTER."""
     state, ledger = CustomerState("c1"), []
@@ -90,15 +105,7 @@ def live_then_apply(between: list[str], *, restate_lots: bool = True) -> tuple[C
     restated = shadow.restate["c1"].restated(live_lifetime, {}, None, NEW)
     if not restate_lots:
         restated.pop("lots"), restated.pop("lots_balance")
-    report = {
-        "ruleset_version_new": NEW.version,
-        "customers": [
-            {"customer_id": "c1", "balance_before": live_balance, "balance_after": shadow.balances["c1"],
-             "delta": shadow.balances["c1"] - live_balance}
-        ],
-        REVALUED_ORDERS: shadow.orders, PENDING_CHANGES: {}, RESTATED: {"c1": restated},
-    }  # fmt: skip
-    ((_, compensation),) = compensations(report, cut_over=CUT_OVER)
+    compensation = _compensation(NEW, live_balance, shadow, restated, CUT_OVER)
     ledger += apply(state, decode_event(compensation, REDEMPTIONS), NEW)
     for line in AFTER:
         ledger += apply(state, decode_event(line.encode()), NEW)
@@ -176,3 +183,52 @@ def test_an_apply_into_lot_expiry_over_two_years_of_simulated_history_leaves_no_
     assert customers > 100 and different == {}
     monkeypatch.setattr(Restatement, "restated_lots", lambda self: {})
     assert tool.differing("advanced-coupons.yaml", "full-lifecycle.yaml", **arguments)[1]
+
+
+# Reviews earn nothing under the old rules, 25 under the new ones, which expire the balance after 60 days without
+# activity: under the new rules the review of 1 April is the last activity, under the old ones the order of 1 February.
+OLD_NO_REVIEWS = _rules("default-no-reviews", fixed={"review": 0})
+NEW_INACTIVITY = _rules("default-inactivity-60", expiry={"mode": "inactivity", "days": 60})
+ACTIVITY_HISTORY = [
+    HISTORY[0],
+    HISTORY[1],
+    event("e3", "review.approved", "2026-04-01T10:00:00+00:00", review_id="v1", sku="sku-0100", rating=5),
+]
+ACTIVITY_AFTER = [
+    event("t1", "clock.tick", "2026-05-15T10:00:00+00:00"),  # 43 days after the review, 103 after the order
+    event("t2", "clock.tick", "2026-06-05T10:00:00+00:00"),  # 65 days after the review
+]
+
+
+def _inactivity_apply(restate: bool) -> tuple[CustomerState, list]:
+    state, ledger = CustomerState("c1"), []
+    for line in ACTIVITY_HISTORY:
+        ledger += apply(state, decode_event(line.encode()), OLD_NO_REVIEWS)
+    shadow = replay_messages(archived(ACTIVITY_HISTORY), NEW_INACTIVITY, keep_orders=True)
+    restated = shadow.restate["c1"].restated(state.lifetime_earned, {}, None, NEW_INACTIVITY)
+    assert restated["last_activity_at"] == "2026-04-01T10:00:00+00:00"
+    if not restate:
+        del restated["last_activity_at"]
+    compensation = _compensation(NEW_INACTIVITY, state.balance, shadow, restated, datetime(2026, 5, 1, tzinfo=UTC))
+    ledger += apply(state, decode_event(compensation, REDEMPTIONS), NEW_INACTIVITY)
+    for line in ACTIVITY_AFTER:
+        ledger += apply(state, decode_event(line.encode()), NEW_INACTIVITY)
+    return state, ledger
+
+
+def test_after_an_apply_into_expiry_by_inactivity_the_last_activity_is_the_new_rules():
+    """Before, the worker kept the old rules' last activity (the order of 1 February), and the tick of 15 May expired
+    the whole balance, which under the new rules (a review earning points on 1 April) expires on 5 June."""
+    expected = process_lines([line.encode() for line in ACTIVITY_HISTORY + ACTIVITY_AFTER], NEW_INACTIVITY)
+    state, ledger = _inactivity_apply(restate=True)
+
+    def expired(entries):
+        return [(entry.caused_by, entry.points) for entry in entries if entry.rule_id == "expiry.inactivity"]
+
+    assert expired(ledger) == expired(expected.ledger) == [("t2", -(50 + 120 + 100 + 20 + 25))]
+    assert state.last_activity_at == expected.states["c1"].last_activity_at
+    folded = CustomerState("c1")
+    for entry in ledger:
+        evolve(folded, entry, NEW_INACTIVITY.zone)
+    assert folded.last_activity_at == state.last_activity_at
+    assert expired(_inactivity_apply(restate=False)[1])[0][0] == "t1"  # the old rules' activity: too early
