@@ -18,8 +18,10 @@ import pytest
 import yaml
 from test_replay_revalue import RULESETS, archived, event
 
+from projections import LedgerSink, connect, migrate
+from projections.archive import RawArchive
 from schemas.decode import decode_event
-from schemas.topics import REDEMPTIONS
+from schemas.topics import INPUT_TOPICS, REDEMPTIONS
 from streams.batch import process_lines
 from streams.replay import (
     PENDING_CHANGES,
@@ -28,6 +30,7 @@ from streams.replay import (
     Restatement,
     compensation_bytes_max,
     compensations,
+    dry_run,
     replay_messages,
 )
 from streams.rules.engine import apply
@@ -232,3 +235,24 @@ def test_after_an_apply_into_expiry_by_inactivity_the_last_activity_is_the_new_r
         evolve(folded, entry, NEW_INACTIVITY.zone)
     assert folded.last_activity_at == state.last_activity_at
     assert expired(_inactivity_apply(restate=False)[1])[0][0] == "t1"  # the old rules' activity: too early
+
+
+def test_a_dry_run_for_an_apply_on_the_archive_carries_the_new_rules_lots(tmp_path):
+    """The running system's path: the archive and the live ledger in chDB, a dry-run with cut-over markers (as
+    `--apply` runs it), and the compensation the worker decodes and folds."""
+    client = connect(f"chdb://{tmp_path / 'clickhouse'}")
+    try:
+        migrate(client)
+        RawArchive(client).write(archived(HISTORY), {})
+        live = process_lines([line.encode() for line in HISTORY], OLD)
+        LedgerSink(client).write(live.ledger)
+        markers = {(topic, 0): len(HISTORY) for topic in INPUT_TOPICS}
+        report = dry_run(client, NEW, current_point_value=OLD.redemption.point_value, markers=markers)
+    finally:
+        client.close()
+    assert report[RESTATED]["c1"]["lots"] == [["2026-02-01T10:00:00+00:00", 310], ["2026-05-01T10:00:00+00:00", 120]]
+    ((_, compensation),) = compensations(report, cut_over=CUT_OVER)
+    state = live.states["c1"]
+    apply(state, decode_event(compensation, REDEMPTIONS), NEW)
+    expected = process_lines([line.encode() for line in HISTORY], NEW).states["c1"]
+    assert (state.balance, state.lots) == (expected.balance, expected.lots)
