@@ -95,6 +95,7 @@ class Restatement:
     lots: tuple[tuple[datetime, int], ...] = ()
     balance: int = 0
     last_activity_at: datetime | None = None
+    last_event_at: datetime | None = None  # the newest event time folded: the lots cover the history up to it
 
     @classmethod
     def of(cls, state: CustomerState) -> Restatement:
@@ -112,6 +113,7 @@ class Restatement:
             lots,
             state.balance,
             state.last_activity_at,
+            state.last_event_at,
         )
 
     def restated(
@@ -133,11 +135,13 @@ class Restatement:
         return restated
 
     def restated_lots(self) -> dict:
-        """The new rules' lots (at most `lots_restated_max`: the oldest merged into one) and the available balance they
-        belong to, which the worker's fold sets in place of its own (`state._restate_lots`)."""
+        """The new rules' lots (at most `lots_restated_max`: the oldest merged into one), the available balance they
+        belong to and the newest event time they cover, which the worker's fold sets in place of its own lots of that
+        history (`state._restate_lots`)."""
         return {
             "lots": _merged_oldest([[at.isoformat(), points] for at, points in self.lots], ev.lots_restated_max),
             "lots_balance": self.balance,
+            "lots_until": None if self.last_event_at is None else self.last_event_at.isoformat(),
         }
 
 

@@ -1187,6 +1187,8 @@ def _restate(entries: _Entries, restated: ev.RestatedCustomer) -> None:
     if lots is not None:
         restatement["lots"] = [[awarded_at.isoformat(), points] for awarded_at, points in lots]
         restatement["lots_balance"] = restated.lots_balance
+        if restated.lots_until is not None:
+            restatement["lots_until"] = restated.lots_until.isoformat()
     if active is not None:
         restatement["last_activity_at"] = active.isoformat()
     document = json.dumps(restatement, separators=(",", ":"))

@@ -461,6 +461,9 @@ def _restate(state: CustomerState, reference: str, moment: datetime) -> None:
     and as a referee), the lots of available points and the last activity."""
     document = json.loads(reference.removeprefix(RESTATE_PREFIX))
     if document.get("lots") is not None:
+        until = document.get("lots_until")
+        if until is not None:
+            moment = max(moment, datetime.fromisoformat(until))
         _restate_lots(state, document["lots"], document.get("lots_balance", 0), moment)
     if document.get("last_activity_at") is not None:
         # The new rules' last activity before the markers; activity after the compensation's time (events decided
@@ -491,7 +494,8 @@ def _restate(state: CustomerState, reference: str, moment: datetime) -> None:
 
 def _restate_lots(state: CustomerState, lots: list, lots_balance: int, moment: datetime) -> None:
     """The compensation's lots (the new rules', before the cut-over markers) replace the worker's, with the lots of
-    points awarded after the compensation's time (events decided since the markers) kept after them. The lots then
+    points awarded after `moment` (events decided since the markers; `moment` is the compensation's time, or the
+    newest event time of the history the lots come from when that is later) kept after them. The lots then
     hold the available balance as the new rules' lots held theirs (more when the balance went below zero once):
     what events since the markers took is taken from the oldest lots, and what is missing (the pending points the
     compensation's own entries released, say) is a lot at the compensation's time."""

@@ -96,15 +96,17 @@ def _compensation(new: RuleSet, live_balance: int, shadow, restated: dict, cut_o
     return compensation
 
 
-def live_then_apply(between: list[str], *, restate_lots: bool = True) -> tuple[CustomerState, list]:
-    """The live worker: HISTORY under the old rules, `between` under the new ones, the compensation, then AFTER."""
+def live_then_apply(
+    between: list[str], *, restate_lots: bool = True, history: list[str] = HISTORY
+) -> tuple[CustomerState, list]:
+    """The live worker: `history` under the old rules, `between` under the new ones, the compensation, then AFTER."""
     state, ledger = CustomerState("c1"), []
-    for line in HISTORY:
+    for line in history:
         ledger += apply(state, decode_event(line.encode()), OLD)
     live_balance, live_lifetime = state.balance, state.lifetime_earned
     for line in between:
         ledger += apply(state, decode_event(line.encode()), NEW)
-    shadow = replay_messages(archived(HISTORY), NEW, keep_orders=True)
+    shadow = replay_messages(archived(history), NEW, keep_orders=True)
     restated = shadow.restate["c1"].restated(live_lifetime, {}, None, NEW)
     if not restate_lots:
         restated.pop("lots"), restated.pop("lots_balance")
@@ -134,6 +136,19 @@ def test_after_an_apply_lots_expire_as_under_the_new_rules(between):
     assert folded.lots == state.lots and folded.balance == state.balance
     # The scenario needs the lots: without them the old rules' lots expire (190 of o1's instead of 310).
     assert live_then_apply(BETWEEN[between], restate_lots=False)[0].balance != state.balance
+
+
+def test_lots_of_events_before_the_markers_dated_after_the_cut_over_are_restated_not_kept():
+    """A review before the markers dated five minutes after the cut-over (the store's clock ahead of the apply's):
+    its lot is one of the new rules' lots, not one of an event decided since the markers, so it is not counted
+    twice (and nothing is taken from the oldest lot to make up for it)."""
+    history = [
+        *HISTORY,
+        event("e9", "review.approved", "2026-06-01T00:05:00+00:00", review_id="v9", sku="s9", rating=4),
+    ]
+    expected = process_lines([line.encode() for line in history + AFTER], NEW).states["c1"]
+    state, _ = live_then_apply([], history=history)
+    assert (state.balance, state.lots) == (expected.balance, expected.lots)
 
 
 def test_lots_are_restated_only_for_a_rule_set_that_expires_by_lot():
