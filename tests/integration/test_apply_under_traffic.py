@@ -183,7 +183,28 @@ def test_an_apply_that_adds_a_return_window_moves_the_points_of_open_orders_to_p
     assert any(wanted.values())
 
 
-def _refunds_after_an_apply(tmp_path, new_rules) -> dict:
+def test_an_apply_into_expiry_by_lot_expires_the_new_rules_lots_after_it(tmp_path):
+    """The new rules expire points 180 days after each award. The history (January) is older than that at the apply
+    (its wall-clock time), so a tick of every customer after it expires what the new rules' lots hold, which is the
+    whole available balance; before the lots were restated, the compensation's change was one lot at the cut-over,
+    which stayed after the ticks."""
+    document = yaml.safe_load(NEW_RULES.read_text())
+    document["version"] += "-lots"
+    document["expiry"] = {"mode": "lot", "days": 180}
+    rules = tmp_path / "lots.yaml"
+    rules.write_text(yaml.safe_dump(document))
+    outcome = _refunds_after_an_apply(tmp_path, rules, ticks=True)
+    client = connect(outcome["dsn"])
+    try:
+        expired = client.query("SELECT count(), sum(points) FROM ledger_entries FINAL WHERE kind = 'expired'")
+    finally:
+        client.close()
+    count, points = expired.result_rows[0]
+    wanted = [entry.points for entry in outcome["expected"].ledger if entry.kind == "expired"]
+    assert (count, points) == (len(wanted), sum(wanted)) and count > 0
+
+
+def _refunds_after_an_apply(tmp_path, new_rules, *, ticks: bool = False) -> dict:
     history = list(generate_events(events=600, customers=40, seed=41))
     documents = [json.loads(line) for line in history]
     last = max(datetime.fromisoformat(document["occurred_at"]) for document in documents)
@@ -207,6 +228,11 @@ def _refunds_after_an_apply(tmp_path, new_rules) -> dict:
             later.append({**envelope, "event_id": f"late-refund-{number}", "event_type": "purchase.refunded",
                           "order_id": order["order_id"], "refund_id": f"late-{number}",
                           "lines": [{"sku": line["sku"], "quantity": 1}]})  # fmt: skip
+    if ticks:  # a tick of every customer after the refunds
+        customers = sorted({d["customer_id"] for d in documents})
+        moment = (after_apply + timedelta(hours=2)).isoformat()
+        envelope = {"schema_version": 1, "occurred_at": moment, "store_id": "s1", "event_type": "clock.tick"}
+        later += [{**envelope, "customer_id": customer, "event_id": f"late-tick-{customer}"} for customer in customers]
     arriving = [json.dumps(document) for document in later]
     expected_before = process_lines([line.encode() for line in history], load_ruleset())
     expected = process_lines([line.encode() for line in history + arriving], load_ruleset(new_rules))
