@@ -461,9 +461,23 @@ def openapi_document() -> dict[str, Any]:
                         "description": "apply: refuse while the worker lags by more input messages",
                     },
                     "processes": {"type": "integer", "minimum": 1, "description": "default: one per CPU"},
+                    "progress_id": {
+                        "type": "string",
+                        "pattern": "^[A-Za-z0-9_-]{1,64}$",
+                        "description": "an id of the caller's choosing: GET /api/replay/progress?id= tells how far "
+                        "this replay is while the request waits",
+                    },
                 },
                 "additionalProperties": False,
             },
+            "ReplayProgress": _object(
+                {
+                    "phase": {"type": "string", "description": "what the replay or apply is doing now"},
+                    "events": _integer("events replayed so far"),
+                    "estimate": _integer("about how many messages are archived (the progress bar's 100%)"),
+                    "done": {"type": "boolean", "description": "the report is (being) sent"},
+                }
+            ),
             "Report": {
                 "type": "object",
                 "description": "the replay or rebuild report; see docs/replay.md (`loyalty replay --json`, "
@@ -650,6 +664,26 @@ def openapi_document() -> dict[str, Any]:
                         "content": {"application/json": {"schema": _reference("ReplayRequest")}},
                     },
                     responses_extra={"400": bad_request, "409": refused},
+                )
+            },
+            "/api/replay/progress": {
+                "get": operation(
+                    "How far a replay is (the one POST /api/replay named by its progress_id)",
+                    _json_response("the replay's phase and events so far", _reference("ReplayProgress")),
+                    [
+                        {
+                            "name": "id",
+                            "in": "query",
+                            "required": True,
+                            "description": "the replay request's progress_id",
+                            "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                        }
+                    ],
+                    validated=False,
+                    responses_extra={
+                        "400": bad_request,
+                        "404": _json_response("no replay with this id (or no longer kept)", error),
+                    },
                 )
             },
             "/api/projections/rebuild": {

@@ -14,6 +14,7 @@ from streams.client import customer_path
 from streams.rules.ruleset import RuleSetInvalid, load_ruleset, parse_ruleset, read_ruleset_text
 
 progress_bar_width = 30  # characters of the replay's progress bar on a terminal
+progress_poll_s = 0.25  # how often the CLI asks the running system how far its replay is
 
 
 def _print_json(document: Any) -> None:
@@ -417,9 +418,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
             "lag_max": replay.lag_bound_messages if args.lag_max is None else args.lag_max,
             "processes": args.processes,
         }
-        if sys.stderr.isatty():  # the API answers once the replay is done
-            sys.stderr.write("replay: `loyalty up` replays; it answers when done (no progress bar through the API)\n")
-        report = _post(args, "/api/replay", body)
+        if sys.stderr.isatty():  # the API answers once the replay is done: the bar comes from its progress route
+            report = _post_replay_with_progress(args, body)
+        else:
+            report = _post(args, "/api/replay", body)
     else:
         from projections.archive import RawArchive
         from projections.client import connect
@@ -436,11 +438,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
         def progress(count: int) -> None:
             if terminal:
-                share = min(1.0, count / archived) if archived else 0.0
-                bar = "#" * round(share * progress_bar_width)
-                shown = f"{count:,} of ~{archived:,} events"
-                sys.stderr.write(f"\rreplay [{bar:<{progress_bar_width}}] {share:4.0%}  {shown}")
-                sys.stderr.flush()
+                _draw_replay_progress(count, archived)
 
         try:
             report = replay.dry_run(
@@ -469,6 +467,66 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if csv_error:
         return _fail(f"{csv_error}; the report above is complete" + (" and the apply was made" if args.apply else ""))
     return code
+
+
+def _draw_replay_progress(count: int, estimate: int, phase: str = "replaying") -> None:
+    """The replay's progress bar on the terminal (standard error), drawn over the line before; another phase than
+    replaying (an apply waits for its markers first) is shown as text."""
+    if phase == "replaying":
+        share = min(1.0, count / estimate) if estimate else 0.0
+        bar = "#" * round(share * progress_bar_width)
+        line = f"replay [{bar:<{progress_bar_width}}] {share:4.0%}  {count:,} of ~{estimate:,} events"
+    else:
+        line = f"replay: {phase}"
+    sys.stderr.write(f"\r{line}\x1b[K")  # \x1b[K: what a longer line before left is cleared
+    sys.stderr.flush()
+
+
+def _post_replay_with_progress(args: argparse.Namespace, body: dict) -> Any:
+    """POST /api/replay in a thread while the progress route (GET /api/replay/progress) is asked every
+    `progress_poll_s` and drawn; the bar's last state is the replay's final count. A running system without the route
+    (an older one) answers 404: the bar is left out. Ctrl-C stops waiting; the running system finishes the replay."""
+    import secrets
+    import threading
+
+    from streams.client import NotRunning, query_running_system
+
+    body = {**body, "progress_id": secrets.token_hex(8)}
+    outcome: dict[str, Any] = {}
+
+    def post() -> None:
+        try:
+            outcome["report"] = _post(args, "/api/replay", body)
+        except BaseException as error:  # raised again in the calling thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=post, name="replay-request", daemon=True)
+    thread.start()
+    settings, drawn = _settings(args), False
+
+    def draw() -> None:
+        nonlocal drawn
+        try:
+            run = query_running_system(settings, "/api/replay/progress", {"id": body["progress_id"]})
+        except NotRunning:
+            return  # not started yet, or an older running system
+        _draw_replay_progress(run["events"], run["estimate"], run["phase"])
+        drawn = True
+
+    try:
+        while thread.is_alive():
+            thread.join(progress_poll_s)
+            if thread.is_alive():
+                draw()
+        report = outcome.get("report")
+        if drawn and report is not None and report.get("events_replayed") is not None:
+            _draw_replay_progress(report["events_replayed"], report["events_replayed"])  # done: every event replayed
+    finally:
+        if drawn:
+            sys.stderr.write("\n")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["report"]
 
 
 def _unwritable(path: Path) -> str | None:

@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -34,6 +35,7 @@ log = logging.getLogger("loyalty")
 
 worker_stop_timeout_s = 20.0
 cutover_wait_s = 120.0
+replay_progress_kept = 16  # replays whose progress GET /api/replay/progress can still tell
 
 
 def configure_logging(level: str) -> None:
@@ -372,6 +374,7 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
             )
         context = ApiContext(client=client, client_lock=client_lock, ruleset=in_force, token=token, status=status)
         application = build_app(context)
+        replays = ReplayProgress()
         application.router.add_post(
             "/api/replay",
             _replay_handler(
@@ -383,8 +386,10 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
                 bootstrap,
                 settings.resolved_replay_processes(),
                 stopping,
+                replays,
             ),
         )
+        application.router.add_get("/api/replay/progress", replays.handler())
         application.router.add_post("/api/projections/rebuild", _rebuild_handler(client, client_lock))
         runner = web.AppRunner(application, access_log=None)
         await runner.setup()
@@ -461,9 +466,49 @@ async def ruleset_in_force(bootstrap: str, configured):
     return configured
 
 
-def _replay_handler(client, client_lock, context, monitor, projector, bootstrap, processes_default, stopping=None):
-    """POST /api/replay {"rules": YAML text, "apply": bool, "since": date|null, "lag_max": n, "processes": n|null};
-    with "customer": id instead, that customer's preview (`replay.preview_customer`)."""
+class ReplayProgress:
+    """How far the running system's replays are, by the id each caller chose (`progress_id` of POST /api/replay),
+    for GET /api/replay/progress?id=...: the CLI draws its progress bar from it while its POST waits for the report.
+
+    A run is {"phase", "events" (replayed so far), "estimate" (archived messages: the bar's 100%), "done"}; the
+    replay's thread updates it, the event loop reads it (single assignments of plain values). The last
+    `replay_progress_kept` runs are kept."""
+
+    id_pattern = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+    def __init__(self) -> None:
+        self.runs: dict[str, dict[str, Any]] = {}
+
+    def start(self, run_id: str) -> dict[str, Any]:
+        self.runs.pop(run_id, None)
+        run = self.runs[run_id] = {"phase": "starting", "events": 0, "estimate": 0, "done": False}
+        while len(self.runs) > replay_progress_kept:
+            self.runs.pop(next(iter(self.runs)))
+        return run
+
+    def handler(self):
+        from aiohttp import web
+
+        async def handle(request):
+            run_id = request.query.get("id", "")
+            if not self.id_pattern.match(run_id):
+                return web.json_response(
+                    {"error": "id: expected the progress_id of a replay request (1-64 of A-Z a-z 0-9 _ -)"}, status=400
+                )
+            run = self.runs.get(run_id)
+            if run is None:
+                return web.json_response({"error": f"no replay with progress id {run_id}"}, status=404)
+            return web.json_response(dict(run))
+
+        return handle
+
+
+def _replay_handler(
+    client, client_lock, context, monitor, projector, bootstrap, processes_default, stopping=None, replays=None
+):
+    """POST /api/replay {"rules": YAML text, "apply": bool, "since": date|null, "lag_max": n, "processes": n|null,
+    "progress_id": id|null}; with "customer": id instead, that customer's preview (`replay.preview_customer`). With a
+    progress id, GET /api/replay/progress tells how far it is (`ReplayProgress`)."""
     from aiohttp import web
 
     from streams import replay
@@ -505,20 +550,29 @@ def _replay_handler(client, client_lock, context, monitor, projector, bootstrap,
                 )
             await asyncio.sleep(0.5)
 
-    async def dry_run(new_rules, since: datetime | None, processes: int, current=None, markers=None) -> dict:
+    async def dry_run(new_rules, since: datetime | None, processes: int, current=None, markers=None, run=None) -> dict:
         """`current`: the rule set the live balances were valued by, when not the one in force now (an apply's);
         `markers`: an apply's cut-over markers (both sides cover what lies before them). The client lock keeps the
-        projector from writing meanwhile: both sides read one state of ClickHouse."""
-        async with client_lock:
-            report = await asyncio.to_thread(
-                replay.dry_run,
+        projector from writing meanwhile: both sides read one state of ClickHouse. `run`: the progress to update."""
+
+        def counted(events: int) -> None:
+            run["events"] = events
+
+        def replayed() -> dict:
+            if run:  # a progress asked for (`ReplayProgress.start`)
+                run["estimate"], run["phase"] = replay_archive_estimate(client), "replaying"
+            return replay.dry_run(
                 client,
                 new_rules,
                 current_point_value=(current or context.ruleset).redemption.point_value,
                 since=since,
                 processes=processes,
                 markers=markers,
+                progress=counted if run else None,
             )
+
+        async with client_lock:
+            report = await asyncio.to_thread(replayed)
         if markers is None:
             conflict = await version_conflict(new_rules)
             report["warnings"] = [f"--apply would refuse: {conflict}"] if conflict else []
@@ -529,13 +583,15 @@ def _replay_handler(client, client_lock, context, monitor, projector, bootstrap,
             known = await asyncio.to_thread(replay.known_rulesets, client)
         return replay.version_conflict(new_rules, known, context.ruleset)
 
-    async def _apply_replay(new_rules, text: str, lag_max: int, processes: int) -> dict:
+    async def _apply_replay(new_rules, text: str, lag_max: int, processes: int, run: dict) -> dict:
         from streams.cutover import publish_cutover
 
+        run["phase"] = "checking the rule set, the worker's lag and the archive"
         conflict = await version_conflict(new_rules)
         if conflict:
             raise replay.ReplayRefused(conflict)
         await allowed(lag_max)
+        run["phase"] = "publishing the rule set and the cut-over markers"
         async with client_lock:  # kept in ClickHouse too: a fresh embedded broker is rebuilt from there
             await asyncio.to_thread(
                 client.insert,
@@ -549,8 +605,10 @@ def _replay_handler(client, client_lock, context, monitor, projector, bootstrap,
         previous, context.ruleset = context.ruleset, new_rules
         # The comparison covers exactly what lies before the markers, on both sides: the events after them are
         # decided by the new rules already, and keep arriving while this runs.
+        run["phase"] = "waiting for the worker to pass the markers and the projector to store what lies before them"
         await before_markers_in_clickhouse(markers)
-        report = await dry_run(new_rules, None, processes, current=previous, markers=markers)
+        report = await dry_run(new_rules, None, processes, current=previous, markers=markers, run=run)
+        run["phase"] = "publishing the compensations"
         report["applied"] = await asyncio.to_thread(replay.apply_report, report, bootstrap=bootstrap)
         for key in (replay.REVALUED_ORDERS, replay.PENDING_CHANGES, replay.RESTATED):  # went into the compensations
             report.pop(key, None)
@@ -570,8 +628,14 @@ def _replay_handler(client, client_lock, context, monitor, projector, bootstrap,
             processes = int(body.get("processes") or processes_default)
             if not 1 <= processes <= replay.processes_max:
                 raise ValueError(f"processes must be in 1..{replay.processes_max}, got {processes}")
+            progress_id = body.get("progress_id")
+            if progress_id is not None and not ReplayProgress.id_pattern.match(str(progress_id)):
+                raise ValueError("progress_id must be 1-64 of A-Z a-z 0-9 _ -")
         except (ValueError, KeyError, TypeError, RuleSetInvalid) as error:
             return web.json_response({"error": f"bad replay request: {error}"}, status=400)
+        run: dict[str, Any] = {}  # not asked for: updated all the same, read by nobody
+        if progress_id is not None and replays is not None:
+            run = replays.start(str(progress_id))
         try:
             if body.get("customer") is not None:
                 if body.get("apply"):
@@ -581,11 +645,13 @@ def _replay_handler(client, client_lock, context, monitor, projector, bootstrap,
             elif body.get("apply") and stopping is not None and stopping.is_set():
                 raise replay.ReplayRefused("the system is stopping: its worker may not reach the cut-over markers")
             elif body.get("apply"):
-                report = await _apply_replay(new_rules, str(body["rules"]), lag_max, processes)
+                report = await _apply_replay(new_rules, str(body["rules"]), lag_max, processes, run)
             else:
-                report = await dry_run(new_rules, since, processes)
+                report = await dry_run(new_rules, since, processes, run=run)
         except replay.ReplayRefused as error:
             return web.json_response({"error": str(error)}, status=409)
+        finally:
+            run["phase"], run["done"] = "done", True
         return web.json_response(report)
 
     return handle
@@ -610,6 +676,12 @@ def _rebuild_handler(client, client_lock):
         return web.json_response(report)
 
     return handle
+
+
+def replay_archive_estimate(client) -> int:
+    from projections.archive import RawArchive
+
+    return RawArchive(client).estimate()
 
 
 def replay_archive_gaps(client) -> list:
