@@ -948,11 +948,21 @@ _derived_reasons = {
 }
 
 
-def derived_event_id(referral_event_id: str) -> str:
-    candidate = f"{referral_event_id}:reversed"
+def derived_event_id(referral_event_id: str, restated: bool = False) -> str:
+    """The id of the `referral.reversed` event derived for a referral event: `<referral event>:reversed`.
+
+    A referral decided once on the referee's side derives at most one such event (withdrawn when it arrives, or
+    reversed by a later refund), so the referral's event id names it. A referral a replay's apply restated on a
+    referee whose own entries never recorded it (`CustomerState.referral_restated`: the worker withdrew it, and the
+    new rules reward it) can derive a second one, its reversal by a refund after the apply, named
+    `<referral event>:reversed:restated` so that the referrer does not refuse it as a conflicting repeat of the
+    withdrawal. Every other id is unchanged (ledgers already written keep their entry ids).
+    """
+    candidate = f"{referral_event_id}:reversed:restated" if restated else f"{referral_event_id}:reversed"
     if len(candidate) <= ev.identifier_length_max:
         return candidate
-    return "reversed:" + hashlib.blake2b(referral_event_id.encode(), digest_size=16).hexdigest()
+    prefix = "reversed-restated:" if restated else "reversed:"
+    return prefix + hashlib.blake2b(referral_event_id.encode(), digest_size=16).hexdigest()
 
 
 def derived_events(state: CustomerState, event: ev.Event, entries: list[LedgerEntry]) -> list[ev.ReferralReversed]:
@@ -969,11 +979,12 @@ def derived_events(state: CustomerState, event: ev.Event, entries: list[LedgerEn
             continue
         if reason == "already_referred" and entry.reference == state.referred_by:
             continue  # the same referrer again: its own side already says the referee was rewarded
-        referral_event = event.event_id if isinstance(event, ev.ReferralCompleted) else state.referral_event
+        arriving = isinstance(event, ev.ReferralCompleted)  # else a refund reversing the customer's own referral
+        referral_event = event.event_id if arriving else state.referral_event
         assert referral_event is not None and entry.reference and entry.order_id
         derived.append(
             ev.ReferralReversed(
-                event_id=derived_event_id(referral_event),
+                event_id=derived_event_id(referral_event, restated=not arriving and state.referral_restated),
                 event_type="referral.reversed",
                 schema_version=1,
                 occurred_at=event.occurred_at,

@@ -161,6 +161,11 @@ class CustomerState:
     referral_order: str | None = None
     referral_points: int = 0
     referral_reversed: bool = False
+    # The referral is a replay's restatement of one this customer's own entries never recorded (the worker withdrew
+    # it, e.g. the qualifying order was unknown under the old rules): its referrer already received a derived
+    # `referral.reversed` for that referral event, so a reversal after the apply needs another derived event id
+    # (streams/rules/engine.py, `derived_event_id`).
+    referral_restated: bool = False
     orders: dict[str, OrderRecord] = field(default_factory=dict)
     pending_lots: list[PendingLot] = field(default_factory=list)
     cap_usage: dict[tuple[str, date], int] = field(default_factory=dict)  # (source, local day) -> points
@@ -257,6 +262,7 @@ def _evolve_referral(state: CustomerState, entry: LedgerEntry, reference: str) -
     elif rule_id == "referral.referee":
         state.referred_by = reference
         state.referral_event = entry.caused_by
+        state.referral_restated = False
         state.referral_order = entry.order_id
         state.referral_points = entry.points
     elif rule_id.startswith("promotion:"):
@@ -483,6 +489,8 @@ def _restate(state: CustomerState, reference: str, moment: datetime) -> None:
         state.referees[referee] = points
     referral = document.get("referral")
     if referral is not None:
+        if referral["event_id"] != state.referral_event:
+            state.referral_restated = True  # kept by a later restatement of the same referral event
         state.referred_by, state.referral_event = referral["referred_by"], referral["event_id"]
         state.referral_order, state.referral_points = referral["order_id"], referral["points"]
         state.referral_reversed = referral["reversed"]

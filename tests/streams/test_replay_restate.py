@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 import pytest
 import yaml
+from test_replay_derived import store_live_run
 from test_replay_revalue import RULESETS, archived, event
 
 from projections import LedgerSink, connect, migrate
@@ -204,6 +205,54 @@ def test_a_referral_the_worker_reversed_after_the_markers_stays_reversed():
     cancel = _shopper("r5", "purchase.cancelled", "2026-12-03T10:00:00+00:00", "c2", order_id="o1")
     entries = apply(live, decode_event(cancel.encode()), REFERRAL_NEW)
     assert "referral.referee.reversal" not in {entry.rule_id for entry in entries}
+
+
+def _minimum_rules(version: str, minimum: str):
+    document = yaml.safe_load(REFERRAL_OLD.model_dump_json())
+    document["version"], document["purchase"]["minimum_order_total"] = version, minimum
+    return parse_ruleset(yaml.safe_dump(document))
+
+
+# The referee's order (40.00) is below the old rules' minimum order total: not recorded, so the referral finds no
+# qualifying order and the worker withdraws the referrer's 200 (derived event `r3:reversed`). The new rules record
+# the order and reward the referral on both sides.
+WITHDRAWING, REWARDING = _minimum_rules("referrals-min-50", "50"), _minimum_rules("referrals-min-10", "10")
+
+
+def test_a_referral_the_worker_withdrew_and_the_new_rules_reward_is_reversed_by_a_refund_after_the_apply(tmp_path):
+    """The refund after the apply derives the referrer's `referral.reversed` again. It had the withdrawal's event id
+    (`r3:reversed`), so the referrer refused it as a conflicting repeat and kept the 200 points the new rules take
+    back (docs/replay.md, Known limits). A restarted worker folds the referee's ledger to the same derived event."""
+    lines = [line.encode() for line in REFERRAL]
+    client = connect(f"chdb://{tmp_path / 'clickhouse'}")
+    migrate(client)
+    try:
+        live = store_live_run(client, lines, WITHDRAWING, gapless=True)
+        assert [e.rule_id for e in live.ledger if e.caused_by == "r3:reversed"] == ["referral.referrer.withdrawn"]
+        markers = {(topic, partition): 100 for topic in INPUT_TOPICS for partition in range(4)}
+        report = dry_run(client, REWARDING, current_point_value=WITHDRAWING.redemption.point_value, markers=markers)
+    finally:
+        client.close()
+    states, ledgers = live.states, {customer_id: [] for customer_id in live.states}
+    for entry in live.ledger:
+        ledgers[entry.customer_id].append(entry)
+    for customer_id, compensation in compensations(report, cut_over=CUT_OVER):
+        ledgers[customer_id] += apply(states[customer_id], decode_event(compensation, REDEMPTIONS), REWARDING)
+    refund = decode_event(REFUND[0].encode())
+    folded = CustomerState("c2")  # what a restarted worker folds back from the referee's ledger
+    for entry in ledgers["c2"]:
+        evolve(folded, entry, REWARDING.zone)
+    entries = apply(states["c2"], refund, REWARDING)
+    (reversal,) = derived_events(states["c2"], refund, entries)
+    assert reversal.reason == "refunded"
+    apply(states["c1"], reversal, REWARDING)  # refused before: "event id r3:reversed was already applied ..."
+    expected = process_lines(lines + [line.encode() for line in REFUND], REWARDING).states
+    assert {c: (state.balance, state.pending) for c, state in states.items()} == {
+        c: (state.balance, state.pending) for c, state in expected.items()
+    }
+    assert expected["c1"].balance == 0
+    assert reversal.event_id == "r3:reversed:restated"
+    assert derived_events(folded, refund, apply(folded, refund, REWARDING)) == [reversal]
 
 
 def test_a_compensation_with_many_referees_stays_under_the_event_limit_with_its_balance_change():
