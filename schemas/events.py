@@ -351,9 +351,12 @@ class RestatedCustomer(_Frozen):
     # balance that went below zero), so that expiry after the apply takes what the new rules' lots hold.
     lots: Annotated[list[tuple[EventTime, LotPoints]], Field(max_length=lots_restated_max)] | None = None
     lots_balance: Annotated[int, Field(strict=True, ge=-balance_restated_max, le=balance_restated_max)] = 0
-    lots_until: EventTime | None = None  # the newest event time of the history they come from
-    # With a new rule set that expires points after inactivity: the customer's last activity under the new rules.
+    # With a new rule set that expires points after inactivity: the customer's last activity under the new rules
+    # (null: none; absent: not restated).
     last_activity_at: EventTime | None = None
+    # With a new rule set that expires points: the newest event time of the replayed history (before the markers).
+    # The worker's lots and activity after it come from events decided since the markers, and are kept.
+    history_until: EventTime | None = None
 
 
 class PointsAdjusted(Envelope):

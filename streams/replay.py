@@ -130,19 +130,23 @@ class Restatement:
         }
         if ruleset.expiry.mode == "lot":
             restated |= self.restated_lots()
-        elif ruleset.expiry.mode == "inactivity" and self.last_activity_at is not None:
-            restated["last_activity_at"] = self.last_activity_at.isoformat()
+        elif ruleset.expiry.mode == "inactivity":  # null: no activity under the new rules (the worker's is cleared)
+            restated["last_activity_at"] = _iso(self.last_activity_at)
+        if ruleset.expiry.mode != "none":
+            restated["history_until"] = _iso(self.last_event_at)
         return restated
 
     def restated_lots(self) -> dict:
-        """The new rules' lots (at most `lots_restated_max`: the oldest merged into one), the available balance they
-        belong to and the newest event time they cover, which the worker's fold sets in place of its own lots of that
-        history (`state._restate_lots`)."""
+        """The new rules' lots (at most `lots_restated_max`: the oldest merged into one) and the available balance they
+        belong to, which the worker's fold sets in place of its own lots of that history (`state._restate_lots`)."""
         return {
             "lots": _merged_oldest([[at.isoformat(), points] for at, points in self.lots], ev.lots_restated_max),
             "lots_balance": self.balance,
-            "lots_until": None if self.last_event_at is None else self.last_event_at.isoformat(),
         }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
 
 
 def _merged_oldest(lots: list[list], keep: int) -> list[list]:
@@ -1077,10 +1081,34 @@ def compensations(report: dict, *, cut_over: datetime, store_id: str = "replay")
         customer_orders = orders.get(row["customer_id"]) or []
         if customer_orders:
             event[REVALUED_ORDERS] = _fitting(event, customer_orders)
-        published.append((row["customer_id"], json.dumps(event, separators=(",", ":")).encode()))
         rest = customer_orders[: len(customer_orders) - len(event.get(REVALUED_ORDERS, ()))]
-        published += [(row["customer_id"], value) for value in _continuations(event, rest, version)]
+        restatement = None
+        if rest and restate:
+            # The restatement goes last, after every part's orders have moved their points between pending and
+            # available: the lots it sets hold the available balance as it is then (folding the first part's
+            # lots and then a continuation's moves dated the moved points at the cut-over, from the oldest lot).
+            restatement = event.pop(RESTATED)
+            event[REVALUED_ORDERS] = _fitting(event, customer_orders)
+            rest = customer_orders[: len(customer_orders) - len(event[REVALUED_ORDERS])]
+        published.append((row["customer_id"], json.dumps(event, separators=(",", ":")).encode()))
+        parts = _continuations(event, rest, version)
+        if restatement is not None:
+            parts.append(_restatement_part(event, restate, version, len(parts) + 2))
+        published += [(row["customer_id"], value) for value in parts]
     return published
+
+
+def _restatement_part(first: dict, restate: dict, version: str, part: int) -> bytes:
+    """The last, 0-point part of a compensation with continuations: the customer's restatement alone."""
+    event = {key: value for key, value in first.items() if key not in (RESTATED, REVALUED_ORDERS)}
+    event |= {
+        "event_id": f"{compensation_prefix}{version}#{part}:{first['customer_id']}"[:128],
+        "adjustment_id": f"{compensation_prefix}{version}#{part}"[:128],
+        "points": 0,
+        "note": f"replay: restated under rule set {version} (part {part})",
+    }
+    event[RESTATED] = _restated_fitting(event, dict(restate))
+    return json.dumps(event, separators=(",", ":")).encode()
 
 
 def _restated_fitting(event: dict, restated: dict) -> dict:

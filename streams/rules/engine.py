@@ -1153,11 +1153,11 @@ def _restate(entries: _Entries, restated: ev.RestatedCustomer) -> None:
     if referral is not None and referral.model_dump() == referral_record(state):
         referral = None
     lots = restated.lots
-    active = restated.last_activity_at
-    if active is not None and active == state.last_activity_at:
-        active = None
-    if not change and first is None and not caps and not referrers and referral is None and lots is None and not active:
-        return
+    # The last activity under the new rules, null when they see none: restated when it differs from the worker's.
+    activity = "last_activity_at" in restated.model_fields_set and restated.last_activity_at != state.last_activity_at
+    if not change and first is None and not caps and not referrers and referral is None and lots is None:
+        if not activity:
+            return
     shown = []
     if change:
         shown.append(f"lifetime earned points {state.lifetime_earned} -> {state.lifetime_earned + change}")
@@ -1185,9 +1185,11 @@ def _restate(entries: _Entries, restated: ev.RestatedCustomer) -> None:
             + (f", the oldest awarded {lots[0][0].isoformat()}" if lots else "")
             + (f" (for an available balance of {restated.lots_balance})" if held != restated.lots_balance else "")
         )
-    if active is not None:
-        was = state.last_activity_at.isoformat() if state.last_activity_at else "none"
-        shown.append(f"last activity {was} -> {active.isoformat()}")
+    if activity:
+        was, active = state.last_activity_at, restated.last_activity_at
+        shown.append(
+            f"last activity {was.isoformat() if was else 'none'} -> {active.isoformat() if active else 'none'}"
+        )
     restatement: dict = {"first_order": first, "lifetime_earned_change": change}
     if caps:
         restatement["cap_usage_changes"] = caps
@@ -1198,10 +1200,11 @@ def _restate(entries: _Entries, restated: ev.RestatedCustomer) -> None:
     if lots is not None:
         restatement["lots"] = [[awarded_at.isoformat(), points] for awarded_at, points in lots]
         restatement["lots_balance"] = restated.lots_balance
-        if restated.lots_until is not None:
-            restatement["lots_until"] = restated.lots_until.isoformat()
-    if active is not None:
-        restatement["last_activity_at"] = active.isoformat()
+    if activity:
+        active = restated.last_activity_at
+        restatement["last_activity_at"] = active.isoformat() if active else None
+    if (lots is not None or activity) and restated.history_until is not None:
+        restatement["history_until"] = restated.history_until.isoformat()
     document = json.dumps(restatement, separators=(",", ":"))
     entries.record(
         Source.adjustment,

@@ -466,16 +466,18 @@ def _restate(state: CustomerState, reference: str, moment: datetime) -> None:
     counted against caps per (source, local day), the points of the customer's referrals (as a referrer per referee,
     and as a referee), the lots of available points and the last activity."""
     document = json.loads(reference.removeprefix(RESTATE_PREFIX))
+    # What lies after the replayed history's newest event (the compensation's own entries aside) comes from events
+    # decided since the markers: the worker keeps it.
+    until = document.get("history_until")
+    until = datetime.fromisoformat(until) if until is not None else moment
     if document.get("lots") is not None:
-        until = document.get("lots_until")
-        if until is not None:
-            moment = max(moment, datetime.fromisoformat(until))
-        _restate_lots(state, document["lots"], document.get("lots_balance", 0), moment)
-    if document.get("last_activity_at") is not None:
-        # The new rules' last activity before the markers; activity after the compensation's time (events decided
-        # since the markers, or an old rules' return window ending later) is kept.
-        active, live = datetime.fromisoformat(document["last_activity_at"]), state.last_activity_at
-        state.last_activity_at = active if live is None or live <= moment else max(active, live)
+        _restate_lots(state, document["lots"], document.get("lots_balance", 0), until, moment)
+    if "last_activity_at" in document:
+        active, live = document["last_activity_at"], state.last_activity_at
+        active = None if active is None else datetime.fromisoformat(active)
+        if live is not None and live > until:  # since the markers (or an old rules' return window ending later)
+            active = live if active is None else max(active, live)
+        state.last_activity_at = active
     state.lifetime_earned += document["lifetime_earned_change"]
     changes = document.get("cap_usage_changes")
     if changes:
@@ -500,16 +502,17 @@ def _restate(state: CustomerState, reference: str, moment: datetime) -> None:
         state.first_order_done = True
 
 
-def _restate_lots(state: CustomerState, lots: list, lots_balance: int, moment: datetime) -> None:
+def _restate_lots(state: CustomerState, lots: list, lots_balance: int, until: datetime, moment: datetime) -> None:
     """The compensation's lots (the new rules', before the cut-over markers) replace the worker's, with the lots of
-    points awarded after `moment` (events decided since the markers; `moment` is the compensation's time, or the
-    newest event time of the history the lots come from when that is later) kept after them. The lots then
+    points awarded after `until` (the newest event of the replayed history: events decided since the markers) kept
+    after them, but for the lot of the compensation's own entries (at its time, `moment`). The lots then
     hold the available balance as the new rules' lots held theirs (more when the balance went below zero once):
     what events since the markers took is taken from the oldest lots, and what is missing (the pending points the
     compensation's own entries released, say) is a lot at the compensation's time."""
     restated = [[datetime.fromisoformat(awarded_at), points] for awarded_at, points in lots]
     held = state.balance + sum(points for _, points in restated) - lots_balance
-    merged = sorted(restated + [list(lot) for lot in state.lots if lot[0] > moment], key=lambda lot: lot[0])
+    later = [list(lot) for lot in state.lots if lot[0] > until and lot[0] != moment]
+    merged = sorted(restated + later, key=lambda lot: lot[0])
     excess = sum(points for _, points in merged) - held
     while excess > 0 and merged:
         used = min(excess, merged[0][1])

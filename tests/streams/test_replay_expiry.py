@@ -22,6 +22,7 @@ from projections import LedgerSink, connect, migrate
 from projections.archive import RawArchive
 from schemas.decode import decode_event
 from schemas.topics import INPUT_TOPICS, REDEMPTIONS
+from streams import replay as replay_module
 from streams.batch import process_lines
 from streams.replay import (
     PENDING_CHANGES,
@@ -271,3 +272,117 @@ def test_a_dry_run_for_an_apply_on_the_archive_carries_the_new_rules_lots(tmp_pa
     apply(state, decode_event(compensation, REDEMPTIONS), NEW)
     expected = process_lines([line.encode() for line in HISTORY], NEW).states["c1"]
     assert (state.balance, state.lots) == (expected.balance, expected.lots)
+
+
+def _run(old: RuleSet, new: RuleSet, history: list[str], between: list[str], after: list[str], cut_over: datetime):
+    """The live worker: `history` under `old`, `between` (since the markers) under `new`, the apply's compensations
+    (dated `cut_over`: in the running system, when they are published, after `between`), then `after` under `new`.
+    Returns (the worker's state, `process_lines` under `new` over everything, the state a restart folds back)."""
+    state, ledger = CustomerState("c1"), []
+    for line in history:
+        ledger += apply(state, decode_event(line.encode()), old)
+    live = (state.balance, state.pending, state.lifetime_earned)
+    for line in between:
+        ledger += apply(state, decode_event(line.encode()), new)
+    shadow = replay_messages(archived(history), new, keep_orders={"c1": live})
+    report = {
+        "ruleset_version_new": new.version,
+        "customers": [
+            {"customer_id": "c1", "balance_before": live[0], "balance_after": shadow.balances.get("c1", 0),
+             "delta": shadow.balances.get("c1", 0) - live[0]}
+        ],
+        REVALUED_ORDERS: shadow.orders,
+        PENDING_CHANGES: {"c1": (shadow.pending or {}).get("c1", 0) - live[1]},
+        RESTATED: {c: r.restated(live[2], {}, None, new) for c, r in shadow.restate.items()},
+    }  # fmt: skip
+    for _, value in compensations(report, cut_over=cut_over):
+        ledger += apply(state, decode_event(value, REDEMPTIONS), new)
+    for line in after:
+        ledger += apply(state, decode_event(line.encode()), new)
+    folded = CustomerState("c1")
+    for entry in ledger:
+        evolve(folded, entry, new.zone)
+    return state, process_lines([line.encode() for line in history + between + after], new).states["c1"], folded
+
+
+BOOK = [{"sku": "sku-0100", "category": "books", "quantity": 1, "unit_price": "120.00"}]
+FULL = RULESETS / "full-lifecycle.yaml"
+
+
+def _full(version: str, **sections) -> RuleSet:
+    document = yaml.safe_load(FULL.read_text())
+    document["version"] = version
+    for section, values in sections.items():
+        document[section] = document[section] | values
+    return parse_ruleset(yaml.safe_dump(document))
+
+
+def test_activity_since_the_markers_dated_before_the_compensation_is_kept():
+    """The running system dates a compensation when it publishes it, after the events decided since the markers: a
+    review ten minutes before it is activity the worker keeps (the review of the helper's review: dropped before, and
+    a tick on 10 April expired the whole balance)."""
+    old = _rules("default-inactive-1", expiry={"mode": "inactivity", "days": 60})
+    new = _rules("default-inactive-2", purchase={"points_per_unit": "2"}, expiry={"mode": "inactivity", "days": 60})
+    history = [
+        event("e1", "purchase.completed", "2026-02-01T10:00:00+00:00", order_id="o1", currency="USD", lines=BOOK)
+    ]
+    between = [event("e2", "review.approved", "2026-04-01T10:00:00+00:00", review_id="v1", sku="sku-0100", rating=5)]
+    after = [event("t1", "clock.tick", "2026-04-10T10:00:00+00:00")]
+    state, expected, folded = _run(old, new, history, between, after, datetime(2026, 4, 1, 10, 10, tzinfo=UTC))
+    assert (state.balance, state.last_activity_at) == (expected.balance, expected.last_activity_at) != (0, None)
+    assert folded.last_activity_at == state.last_activity_at
+
+
+def test_no_activity_under_the_new_rules_clears_the_workers():
+    """Under the new rules the orders below 1,000 earn nothing: the only history is an adjustment, which is no
+    activity, so inactivity never expires the 500 points (before, the old rules' order stayed the last activity)."""
+    old = _rules("default-inactive-1", expiry={"mode": "inactivity", "days": 60})
+    new = _rules(
+        "default-inactive-min", purchase={"minimum_order_total": "1000"}, expiry={"mode": "inactivity", "days": 60}
+    )
+    history = [
+        event("e0", "points.adjusted", "2026-01-20T10:00:00+00:00", adjustment_id="a1", points=500, note="gift",
+              actor="admin"),
+        event("e1", "purchase.completed", "2026-02-01T10:00:00+00:00", order_id="o1", currency="USD", lines=BOOK),
+    ]  # fmt: skip
+    after = [event("t1", "clock.tick", "2026-04-15T10:00:00+00:00")]
+    state, expected, folded = _run(old, new, history, [], after, datetime(2026, 3, 1, tzinfo=UTC))
+    assert (state.balance, state.last_activity_at) == (expected.balance, None) and expected.balance == 500
+    assert folded.last_activity_at is None
+
+
+def test_lots_since_the_markers_dated_before_the_compensation_keep_their_date():
+    """An order decided ten minutes before the compensation is published keeps its own lot (before, it was taken out
+    and came back dated at the compensation)."""
+    old = _full("fl-now-1", purchase={"pending_days": 0})
+    new = _full("fl-now-2", purchase={"pending_days": 0, "points_per_unit": "2"})
+    history = [
+        event("e1", "purchase.completed", "2026-02-01T10:00:00+00:00", order_id="o1", currency="USD", lines=BOOK)
+    ]
+    between = [
+        event("e2", "purchase.completed", "2026-04-01T10:00:00+00:00", order_id="o2", currency="USD", lines=BOOK)
+    ]
+    state, expected, folded = _run(old, new, history, between, [], datetime(2026, 4, 1, 10, 10, tzinfo=UTC))
+    assert state.lots == expected.lots == folded.lots and len(state.lots) == 2
+
+
+def test_with_continuations_the_restatement_comes_last_after_their_moves(monkeypatch):
+    """A customer whose open orders take a continuation (modelled: no order fits beside the restatement), and whose
+    new rules (a 3-day window) confirmed o1 before the markers where the live 14 days hold it pending. The
+    restatement is a last part of its own, after the parts' orders moved their points: the lots are the new rules'
+    (before, the first part's lots were cut by o1's pending points from the oldest lot, o0's, and the continuation
+    added them back at the cut-over: 300 points left after the tick of 5 August, where the new rules leave 160)."""
+    original = replay_module._fitting
+    monkeypatch.setattr(
+        replay_module, "_fitting", lambda event, orders: [] if RESTATED in event else original(event, orders)
+    )
+    old, new = _full("fl-c-1"), _full("fl-c-3", purchase={"pending_days": 3})
+    history = [
+        event("e0", "purchase.completed", "2026-01-10T10:00:00+00:00", order_id="o0", currency="USD", lines=BOOK),
+        event("e0t", "clock.tick", "2026-01-30T10:00:00+00:00"),
+        event("e1", "purchase.completed", "2026-05-25T10:00:00+00:00", order_id="o1", currency="USD", lines=BOOK),
+        event("e2", "review.approved", "2026-05-30T10:00:00+00:00", review_id="v1", sku="sku-0100", rating=5),
+    ]  # fmt: skip
+    after = [event("t1", "clock.tick", "2026-08-05T10:00:00+00:00")]
+    state, expected, folded = _run(old, new, history, [], after, datetime(2026, 6, 1, tzinfo=UTC))
+    assert (state.balance, state.lots) == (expected.balance, expected.lots) and folded.lots == state.lots
