@@ -46,9 +46,11 @@ from streams.rules.state import (
     RESTATE_RULE,
     CustomerState,
     cap_history_days_max,
+    evolve_expiry,
     local_day,
     order_lots,
     referral_record,
+    restate_expiry,
 )
 from streams.settings import replay_processes_max
 
@@ -95,10 +97,10 @@ class Restatement:
     lots: tuple[tuple[datetime, int], ...] = ()
     balance: int = 0
     last_activity_at: datetime | None = None
-    last_event_at: datetime | None = None  # the newest event time folded: the lots cover the history up to it
+    last_event_at: datetime | None = None  # the newest event of the history: the lots and activity cover it
 
     @classmethod
-    def of(cls, state: CustomerState) -> Restatement:
+    def of(cls, state: CustomerState, newest: datetime | None = None) -> Restatement:
         referrer_points = {
             referee: points for referee, points in state.referees.items() if referee not in state.referees_reversed
         }
@@ -113,7 +115,7 @@ class Restatement:
             lots,
             state.balance,
             state.last_activity_at,
-            state.last_event_at,
+            newest or state.last_event_at,
         )
 
     def restated(
@@ -182,7 +184,7 @@ def replay_messages(
     progress: Callable[[int], None] | None = None,
     refetch: Callable[[set[str]], Iterable[Any]] | None = None,
     processes: int = 1,
-    keep_orders: bool | Mapping[str, tuple[int, int, int]] = False,
+    keep_orders: bool | Mapping[str, tuple] = False,
 ) -> ShadowResult:
     """Run the core over archived messages sorted by (routing key, occurred_at, topic rank, offset).
 
@@ -228,7 +230,7 @@ def _replay(
     progress: Callable[[int], None] | None,
     refetch: Callable[[set[str]], Iterable[Any]] | None,
     processes: int,
-    keep_orders: bool | Mapping[str, tuple[int, int, int]],
+    keep_orders: bool | Mapping[str, tuple],
 ) -> ShadowResult:
     kept = keep_orders is not False
     result = ShadowResult(orders={} if kept else None, pending={} if kept else None, restate={} if kept else None)
@@ -252,23 +254,41 @@ def _replay(
         unawarded = _unawarded_if(result)
         state = _run_customer(customer_id, merged, ruleset, result, +1, None, unawarded)
         result.balances[customer_id] = state.balance
-        _keep_orders(result, state, unawarded)
+        _keep_orders(result, state, unawarded, merged)
     for customer_id, events in derived.items():  # a referrer with no archived event of their own
         unawarded = _unawarded_if(result)
         items = [(k, e, "customer") for k, e in events]
         state = _run_customer(customer_id, items, ruleset, result, +1, None, unawarded)
         result.balances[customer_id] = state.balance
-        _keep_orders(result, state, unawarded)
+        _keep_orders(result, state, unawarded, items)
     return result
 
 
-# With `keep_orders` given as the live (balance, pending) per customer: the orders of a customer whose replayed ones
-# equal the live ones are not kept (no compensation will carry them), so memory follows the customers an apply
-# compensates. One replay at a time per process uses it: `loyalty up` runs replays under its client lock.
-_orders_unless_balance: Mapping[str, tuple[int, int, int]] | None = None
+# With `keep_orders` given as the live (balance, pending, lifetime earned points[, (expiry mode, what expiry decides
+# by)]) per customer (`_live_balances`): the orders of a customer whose replayed figures equal the live ones are not
+# kept (no compensation will carry them), so memory follows the customers an apply compensates. One replay at a time
+# per process uses it: `loyalty up` runs replays under its client lock.
+_orders_unless_balance: Mapping[str, tuple] | None = None
 
 
-def _keep_orders(result: ShadowResult, state: CustomerState, unawarded: _Unawarded | None) -> None:
+def expiry_key(state: CustomerState, mode: str) -> Any:
+    """What expiry by `mode` decides by, comparable between the live ledger's fold and a replay: the lots of available
+    points (by lot), the last activity (by inactivity)."""
+    if mode == "lot":
+        return tuple((awarded_at, points) for awarded_at, points in state.lots)
+    return state.last_activity_at if mode == "inactivity" else None
+
+
+def _unchanged(live: Mapping[str, tuple], state: CustomerState) -> bool:
+    figures = live.get(state.customer_id, (0, 0, 0))
+    replayed: tuple = (state.balance, state.pending, state.lifetime_earned)
+    if len(figures) == 4:
+        mode = figures[3][0]
+        replayed = (*replayed, (mode, expiry_key(state, mode)))
+    return figures == replayed
+
+
+def _keep_orders(result: ShadowResult, state: CustomerState, unawarded: _Unawarded | None, items: list) -> None:
     if result.orders is None or result.pending is None or result.restate is None:
         return
     if state.pending:
@@ -276,16 +296,15 @@ def _keep_orders(result: ShadowResult, state: CustomerState, unawarded: _Unaward
     else:
         result.pending.pop(state.customer_id, None)
     live = _orders_unless_balance
-    if live is not None and live.get(state.customer_id, (0, 0, 0)) == (
-        state.balance,
-        state.pending,
-        state.lifetime_earned,
-    ):
+    if live is not None and _unchanged(live, state):
         orders = []
         result.restate.pop(state.customer_id, None)
     else:
         orders = _open_orders(state, unawarded or {})
-        result.restate[state.customer_id] = Restatement.of(state)
+        # The newest event of the customer's history, entries or not (an idle tick leaves none): what the worker's
+        # lots and activity hold beyond it comes from events decided since the markers.
+        newest = max((event.occurred_at for _, event, _ in items), default=None)
+        result.restate[state.customer_id] = Restatement.of(state, newest)
     if orders:
         result.orders[state.customer_id] = orders
     else:
@@ -364,7 +383,7 @@ def _first_pass(
         state = _run_customer(customer_id, items, ruleset, result, +1, derived, unawarded)
         result.balances[customer_id] = state.balance
         if result.orders is not None:
-            _keep_orders(result, state, unawarded)
+            _keep_orders(result, state, unawarded, items)
 
 
 def _check_once(customer_id: str, balances: dict[str, int]) -> None:
@@ -424,9 +443,7 @@ _process_ruleset: RuleSet | None = None
 _process_keeps_orders = False
 
 
-def _start_process(
-    ruleset: RuleSet, caller: int, keep_orders: bool | Mapping[str, tuple[int, int, int]] = False
-) -> None:
+def _start_process(ruleset: RuleSet, caller: int, keep_orders: bool | Mapping[str, tuple] = False) -> None:
     global _process_ruleset, _process_keeps_orders, _orders_unless_balance
     _process_ruleset = ruleset
     _process_keeps_orders = keep_orders is not False
@@ -486,7 +503,7 @@ def _first_pass_in_processes(
     derived: dict[str, list[tuple[tuple, ev.Event]]],
     progress: Callable[[int], None] | None,
     processes: int,
-    keep_orders: bool | Mapping[str, tuple[int, int, int]] = False,
+    keep_orders: bool | Mapping[str, tuple] = False,
 ) -> None:
     chunks = _chunks(messages, chunk_messages)
     first = next(chunks, None)
@@ -761,7 +778,7 @@ def dry_run(
         refetch=lambda keys: archive.stream_for_replay(keys=keys, before=markers),
         processes=processes,
         # An apply's compensations re-value the open orders of the customers whose balance changes.
-        keep_orders=_live_balances(live) if markers is not None else False,
+        keep_orders=_live_balances(live, _live_expiry(client, markers, ruleset)) if markers is not None else False,
     )
     elapsed = time.monotonic() - started
     report = compare(live, shadow, ruleset, current_point_value)
@@ -853,10 +870,11 @@ def _live_cap_usage(
     return since, usage
 
 
-def _live_balances(live: LiveFigures) -> dict[str, tuple[int, int, int]]:
-    """Per customer (balance, pending balance, lifetime earned points) live: the replay keeps the orders and lifetime
-    of the customers where one differs."""
-    return {
+def _live_balances(live: LiveFigures, expiry: tuple[str, dict[str, Any]] | None = None) -> dict[str, tuple]:
+    """Per customer (balance, pending balance, lifetime earned points) live, with `expiry` (the new rules' expiry mode
+    and per customer what it decides by, `_live_expiry`) also (mode, that): the replay keeps the orders and the
+    restatement of the customers where one differs."""
+    figures: dict[str, tuple] = {
         customer_id: (
             live.balances.get(customer_id, 0),
             live.pending.get(customer_id, 0),
@@ -864,6 +882,63 @@ def _live_balances(live: LiveFigures) -> dict[str, tuple[int, int, int]]:
         )
         for customer_id in set(live.balances) | set(live.pending) | set(live.lifetime)
     }
+    if expiry is not None:
+        mode, keys = expiry
+        figures = {customer_id: (*row, (mode, keys.get(customer_id))) for customer_id, row in figures.items()}
+    return figures
+
+
+class _LiveEntry(NamedTuple):
+    """What `state.evolve_expiry` reads of a ledger entry."""
+
+    kind: Kind
+    points: int
+    pending_points: int
+    occurred_at: datetime
+    available_at: datetime | None
+
+
+def _live_expiry(client, markers: Mapping[tuple[str, int], int], ruleset: RuleSet) -> tuple[str, dict[str, Any]] | None:
+    """When the new rules expire points: per customer what expiry decides by (`expiry_key`) in the live ledger before
+    the markers, folded as the worker folds it (`state.evolve_expiry`, and earlier applies' restatements). A customer
+    whose balances are the same under the new rules but whose lots or last activity are not (a change of the return
+    window alone dates them otherwise) is compensated too, with 0 points and the restatement. Reads every entry before
+    the markers once, ordered by customer and sequence."""
+    mode = ruleset.expiry.mode
+    if mode == "none":
+        return None
+    before, parameters = _before_markers(markers, ruleset.version)
+    parameters["restate_rule"] = RESTATE_RULE
+    keys: dict[str, Any] = {}
+    state: CustomerState | None = None
+    with client.query_row_block_stream(
+        "SELECT customer_id, kind, points, pending_points, occurred_at, available_at, "
+        "if(rule_id = {restate_rule:String}, ifNull(reference, ''), '') "
+        f"FROM ledger_entries FINAL WHERE {before} ORDER BY customer_id, sequence",
+        parameters=parameters,
+    ) as stream:
+        for block in stream:
+            for customer_id, kind, points, pending_points, occurred_at, available_at, restated in block:
+                if state is None or state.customer_id != customer_id:
+                    if state is not None:
+                        keys[state.customer_id] = expiry_key(state, mode)
+                    state = CustomerState(customer_id)
+                moment = _utc(occurred_at)
+                entry = _LiveEntry(Kind(kind), int(points), int(pending_points), moment, _utc(available_at))
+                state.balance += entry.points
+                evolve_expiry(state, entry, entry.kind)  # type: ignore[arg-type]
+                if restated:
+                    restate_expiry(state, restated, moment)
+    if state is not None:
+        keys[state.customer_id] = expiry_key(state, mode)
+    return mode, keys
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    """ClickHouse's DateTime64(6, 'UTC') as an aware datetime (the client may return it naive)."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
 
 
 def _pending_changes(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, int]:
@@ -1057,8 +1132,9 @@ def compensations(report: dict, *, cut_over: datetime, store_id: str = "replay")
     for row in report["customers"]:
         pending_change = pending.get(row["customer_id"], 0)
         restate = restated.get(row["customer_id"])
-        lifetime_change = restate["lifetime_earned_change"] if restate else 0
-        if row["delta"] == 0 and pending_change == 0 and lifetime_change == 0:
+        # An apply's replay keeps a restatement only for a customer whose figures differ (`_keep_orders`): balances,
+        # lifetime earned points, or what the new rules' expiry decides by.
+        if row["delta"] == 0 and pending_change == 0 and not restate:
             continue
         note = f"was {row['balance_before']}, now {row['balance_after']}"
         if pending_change:

@@ -213,10 +213,7 @@ def evolve(state: CustomerState, entry: LedgerEntry, zone: ZoneInfo) -> None:
 
     if kind in _earning_kinds and entry.points > 0:
         state.lifetime_earned += entry.points
-    active = activity_moment(entry)
-    if active is not None and (state.last_activity_at is None or active > state.last_activity_at):
-        state.last_activity_at = active
-    _evolve_lots(state, entry, kind)
+    evolve_expiry(state, entry, kind)
     if kind is Kind.tier_changed:
         state.tier = reference or None
     spent = spend_change(entry)
@@ -253,6 +250,16 @@ def evolve(state: CustomerState, entry: LedgerEntry, zone: ZoneInfo) -> None:
         # Only the decision itself marks a referral; guard records (no order yet, already referred) do not,
         # so a referral that arrives before the referee's order does not block a later, valid one.
         _evolve_referral(state, entry, reference)
+
+
+def evolve_expiry(state: CustomerState, entry: LedgerEntry, kind: Kind) -> None:
+    """What expiry decides by after one entry: the last activity (expiry by inactivity) and the lots of available
+    points (expiry by lot). Part of `evolve`; also folded alone over the live ledger by an apply
+    (streams/replay.py, `_live_expiry`), with `restate_expiry` for a replay's restatement entries."""
+    active = activity_moment(entry)
+    if active is not None and (state.last_activity_at is None or active > state.last_activity_at):
+        state.last_activity_at = active
+    _evolve_lots(state, entry, kind)
 
 
 def _evolve_referral(state: CustomerState, entry: LedgerEntry, reference: str) -> None:
@@ -466,18 +473,7 @@ def _restate(state: CustomerState, reference: str, moment: datetime) -> None:
     counted against caps per (source, local day), the points of the customer's referrals (as a referrer per referee,
     and as a referee), the lots of available points and the last activity."""
     document = json.loads(reference.removeprefix(RESTATE_PREFIX))
-    # What lies after the replayed history's newest event (the compensation's own entries aside) comes from events
-    # decided since the markers: the worker keeps it.
-    until = document.get("history_until")
-    until = datetime.fromisoformat(until) if until is not None else moment
-    if document.get("lots") is not None:
-        _restate_lots(state, document["lots"], document.get("lots_balance", 0), until, moment)
-    if "last_activity_at" in document:
-        active, live = document["last_activity_at"], state.last_activity_at
-        active = None if active is None else datetime.fromisoformat(active)
-        if live is not None and live > until:  # since the markers (or an old rules' return window ending later)
-            active = live if active is None else max(active, live)
-        state.last_activity_at = active
+    _restate_expiry(state, document, moment)
     state.lifetime_earned += document["lifetime_earned_change"]
     changes = document.get("cap_usage_changes")
     if changes:
@@ -500,6 +496,26 @@ def _restate(state: CustomerState, reference: str, moment: datetime) -> None:
         state.first_order_done = document["first_order"]
     elif document.get("first_order_done"):  # the first form of the entry (fcda4d0): set only
         state.first_order_done = True
+
+
+def restate_expiry(state: CustomerState, reference: str, moment: datetime) -> None:
+    """The lots and last activity a restatement entry (its `reference`, at `moment`) sets; the rest of `_restate`."""
+    _restate_expiry(state, json.loads(reference.removeprefix(RESTATE_PREFIX)), moment)
+
+
+def _restate_expiry(state: CustomerState, document: dict, moment: datetime) -> None:
+    # What lies after the replayed history's newest event (the compensation's own entries aside) comes from events
+    # decided since the markers: the worker keeps it.
+    until = document.get("history_until")
+    until = datetime.fromisoformat(until) if until is not None else moment
+    if document.get("lots") is not None:
+        _restate_lots(state, document["lots"], document.get("lots_balance", 0), until, moment)
+    if "last_activity_at" in document:
+        active, live = document["last_activity_at"], state.last_activity_at
+        active = None if active is None else datetime.fromisoformat(active)
+        if live is not None and live > until:  # since the markers (or an old rules' return window ending later)
+            active = live if active is None else max(active, live)
+        state.last_activity_at = active
 
 
 def _restate_lots(state: CustomerState, lots: list, lots_balance: int, until: datetime, moment: datetime) -> None:

@@ -32,6 +32,7 @@ from streams.replay import (
     compensation_bytes_max,
     compensations,
     dry_run,
+    expiry_key,
     replay_messages,
 )
 from streams.rules.engine import apply
@@ -282,9 +283,10 @@ def _run(old: RuleSet, new: RuleSet, history: list[str], between: list[str], aft
     for line in history:
         ledger += apply(state, decode_event(line.encode()), old)
     live = (state.balance, state.pending, state.lifetime_earned)
+    figures = (*live, (new.expiry.mode, expiry_key(state, new.expiry.mode)))  # as `replay._live_balances` gives them
     for line in between:
         ledger += apply(state, decode_event(line.encode()), new)
-    shadow = replay_messages(archived(history), new, keep_orders={"c1": live})
+    shadow = replay_messages(archived(history), new, keep_orders={"c1": figures})
     report = {
         "ruleset_version_new": new.version,
         "customers": [
@@ -386,3 +388,53 @@ def test_with_continuations_the_restatement_comes_last_after_their_moves(monkeyp
     after = [event("t1", "clock.tick", "2026-08-05T10:00:00+00:00")]
     state, expected, folded = _run(old, new, history, [], after, datetime(2026, 6, 1, tzinfo=UTC))
     assert (state.balance, state.lots) == (expected.balance, expected.lots) and folded.lots == state.lots
+
+
+def test_a_customer_whose_balances_are_equal_but_whose_lots_are_not_is_compensated_with_the_lots(tmp_path):
+    """Only the return window changes (none -> full-lifecycle's 14 days), and the order is confirmed before the markers:
+    balance, pending and lifetime points are the same, but under the new rules the lot is dated at the confirmation,
+    weeks later. The apply reads the live lots from the ledger (`replay._live_expiry`) and posts a 0-point
+    compensation with the new rules' lots (before: none, and the order's points expired 14 days early)."""
+    old = _full("fl-none-1", purchase={"pending_days": 0})
+    new = _full("fl-14-2")
+    history = [
+        event("e1", "purchase.completed", "2026-02-01T10:00:00+00:00", order_id="o1", currency="USD", lines=BOOK),
+        event("e2", "clock.tick", "2026-03-20T10:00:00+00:00"),  # confirms the new rules' pending points
+    ]
+    after = [event("t1", "clock.tick", "2026-08-10T10:00:00+00:00")]  # 190 days after the order, 176 after release
+    live = process_lines([line.encode() for line in history], old)
+    client = connect(f"chdb://{tmp_path / 'clickhouse'}")
+    try:
+        migrate(client)
+        RawArchive(client).write(archived(history), {})
+        LedgerSink(client).write(live.ledger)
+        markers = {(topic, 0): len(history) for topic in INPUT_TOPICS}
+        report = dry_run(client, new, current_point_value=old.redemption.point_value, markers=markers)
+    finally:
+        client.close()
+    assert report["customers"][0]["delta"] == 0 and "c1" in report[RESTATED]
+    ((_, compensation),) = compensations(report, cut_over=CUT_OVER)
+    assert json.loads(compensation)["points"] == 0
+    state = live.states["c1"]
+    apply(state, decode_event(compensation, REDEMPTIONS), new)
+    for line in after:
+        apply(state, decode_event(line.encode()), new)
+    expected = process_lines([line.encode() for line in history + after], new).states["c1"]
+    assert (state.balance, state.lots) == (expected.balance, expected.lots) and expected.balance > 0
+
+
+def test_a_customer_whose_balances_are_equal_but_whose_last_activity_is_not_is_compensated():
+    """Expiry after 60 days without activity; only the return window changes (30 days -> none). A pending purchase is
+    activity until its window ends: live 3 March, under the new rules 1 February. The balances are equal, the last
+    activity is not: a 0-point compensation sets the new rules' (before: none, and the balance outlived the new
+    rules' expiry)."""
+    old = _rules("default-window-30", purchase={"pending_days": 30}, expiry={"mode": "inactivity", "days": 60})
+    new = _rules("default-window-0", expiry={"mode": "inactivity", "days": 60})
+    history = [
+        event("e1", "purchase.completed", "2026-02-01T10:00:00+00:00", order_id="o1", currency="USD", lines=BOOK),
+        event("e2", "clock.tick", "2026-03-10T10:00:00+00:00"),
+    ]
+    after = [event("t1", "clock.tick", "2026-04-15T10:00:00+00:00")]  # > 60 days after 1 February, < after 3 March
+    state, expected, folded = _run(old, new, history, [], after, datetime(2026, 3, 15, tzinfo=UTC))
+    assert (state.balance, state.last_activity_at) == (expected.balance, expected.last_activity_at)
+    assert expected.balance == 0 and folded.last_activity_at == state.last_activity_at

@@ -34,6 +34,7 @@ from streams.replay import (
     REVALUED_ORDERS,
     Restatement,
     compensations,
+    expiry_key,
     replay_messages,
 )
 from streams.routing import routes_for
@@ -93,8 +94,20 @@ def differing(
         archived, new, refetch=lambda keys: [m for m in archived if m.routing_key in keys], keep_orders=True
     )
 
+    def unchanged(state: CustomerState) -> bool:
+        """The apply's selection (`replay._unchanged`): balances, lifetime points and what expiry decides by."""
+        restatement = shadow.restate.get(state.customer_id)
+        if restatement is None:
+            return (state.balance, state.pending, state.lifetime_earned) == (0, 0, 0)
+        replayed = (restatement.balance, (shadow.pending or {}).get(state.customer_id, 0), restatement.lifetime_earned)
+        mode = new.expiry.mode
+        key = {"lot": restatement.lots, "inactivity": restatement.last_activity_at}.get(mode)
+        return (*replayed, key) == (state.balance, state.pending, state.lifetime_earned, expiry_key(state, mode))
+
     def compensate(state: CustomerState) -> None:
         customer_id = state.customer_id
+        if unchanged(state):
+            return
         after = shadow.balances.get(customer_id, 0)
         pending = (shadow.pending or {}).get(customer_id, 0) - state.pending
         report = {
