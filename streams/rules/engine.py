@@ -57,12 +57,13 @@ def entry_id_for(event_id: str, customer_id: str, rule_id: str, ruleset_version:
 
 
 _points_max = Decimal(ledger_points_max)
+_points_min = -_points_max
 
 
 def round_points(value: Decimal, rounding: Rounding, rule_id: str = "", field: str | None = None) -> int:
     """`value` rounded to whole points. Beyond the ledger's limit the event is rejected, naming the rule and the
     event's field (a purchase line) that earned it."""
-    if not -_points_max <= value <= _points_max:
+    if not _points_min <= value <= _points_max:
         # Checked before rounding: a value of more than 28 digits cannot even be quantized.
         raise EventRejected(
             f"rule {rule_id} computes {value:,.0f} points for one ledger entry, beyond the ledger's limit of "
@@ -72,12 +73,15 @@ def round_points(value: Decimal, rounding: Rounding, rule_id: str = "", field: s
     return int(value.quantize(_one, rounding=_rounding_modes[rounding]))
 
 
+_shown_step, _shown_step_small = Decimal("0.0001"), Decimal("1e-12")
+
+
 def _shown(amount: Decimal) -> str:
     """A decimal for explanations: at most 4 decimals, no exponent; a value that is not 0 is never shown as 0
     (a share of 0.00003 rounded up by `ceil` to 1 point showed "= 0 -> ceil 1")."""
-    shown = amount.quantize(Decimal("0.0001"))
+    shown = amount.quantize(_shown_step)
     if not shown and amount:
-        shown = amount.quantize(Decimal("1e-12"))
+        shown = amount.quantize(_shown_step_small)
     return format(shown.normalize(), "f")
 
 
@@ -322,7 +326,8 @@ def _purchase_completed(entries: _Entries, event: ev.PurchaseCompleted) -> None:
             **order_detail,
         )
         return
-    subtotal = sum((line.unit_price * line.quantity for line in event.lines), _zero)
+    line_totals = [line.unit_price * line.quantity for line in event.lines]
+    subtotal = sum(line_totals, _zero)
     discount = min(event.discount_total, subtotal)
     order_total = subtotal - discount
     eligible, why = _eligible(state, event, ruleset)
@@ -364,17 +369,10 @@ def _purchase_completed(entries: _Entries, event: ev.PurchaseCompleted) -> None:
     cap_room, cap_description = _cap_room(state, entries, Source.purchase, ruleset)
     cap_room_first = cap_room
 
+    shown_default_rate = f"x rate {rules.points_per_unit.normalize():f}"  # for lines at the default rate, once
     for index, line in enumerate(event.lines):
-        line_total = line.unit_price * line.quantity
+        line_total = line_totals[index]
         line_base = line_total * earning_total / subtotal if subtotal and not full_share else line_total
-        detail = {
-            "order_id": event.order_id,
-            "sku": line.sku,
-            "category": line.category,
-            "quantity": line.quantity,
-            "amount": line_total * order_total / subtotal if subtotal else _zero,
-            "reference": f"line:{index}",
-        }
         product = rules.products.get(line.sku)
         category = rules.categories.get(line.category)
         if product is not None and product.excluded:
@@ -399,7 +397,7 @@ def _purchase_completed(entries: _Entries, event: ev.PurchaseCompleted) -> None:
             arithmetic = f"{line.quantity} x {line.unit_price} = {line_total}"
             if not full_share:
                 arithmetic += f"; share of earning total {earning_total}/{subtotal} -> {_shown(line_base)}"
-            shown_rate = f"x rate {rate.normalize():f}"
+            shown_rate = shown_default_rate
             if category is not None:
                 rule_id = f"purchase.category:{line.category}"
                 if category.rate is not None:
@@ -437,7 +435,12 @@ def _purchase_completed(entries: _Entries, event: ev.PurchaseCompleted) -> None:
             pending_points=points if pending else 0,
             available_at=available_at,
             explanation=arithmetic,
-            **detail,  # type: ignore[arg-type]
+            order_id=event.order_id,
+            sku=line.sku,
+            category=line.category,
+            quantity=line.quantity,
+            amount=line_total * order_total / subtotal if subtotal else _zero,
+            reference=f"line:{index}",
         )
 
     bonuses: list[tuple[str, int, Decimal | None, str]] = []
@@ -633,8 +636,10 @@ def _purchase_refunded(entries: _Entries, event: ev.PurchaseRefunded) -> None:
 
 def _threshold_reached(rules: PurchaseRules, total: Decimal) -> SpendThreshold | None:
     """The highest spend threshold `total` reaches (None: none); the rule set keeps them sorted by minimum total."""
-    reached = [threshold for threshold in rules.spend_thresholds if total >= threshold.minimum_total]
-    return reached[-1] if reached else None
+    for threshold in reversed(rules.spend_thresholds):  # the last one reached, sorted or not
+        if total >= threshold.minimum_total:
+            return threshold
+    return None
 
 
 def _purchase_completed_and_held(entries: _Entries, event: ev.PurchaseCompleted) -> None:
