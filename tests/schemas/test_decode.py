@@ -240,3 +240,38 @@ def test_a_repeated_event_id_key_is_refused_instead_of_keeping_the_last_value():
 def test_an_event_id_key_spelled_with_an_escape_is_no_way_around_the_repeated_key_check():
     raw = with_()[:-1] + ', "event\\u005fid": "e2"}'
     assert reason_for(raw) == "the key 'event_id' appears twice in one JSON object"
+
+
+@pytest.mark.parametrize(
+    ("occurred_at", "accepted"),
+    [
+        ("2000-01-01T00:00:00+00:00", True),
+        ("1999-12-31T23:59:59+00:00", False),
+        ("2000-01-01T00:59:59+01:00", False),  # 1999-12-31T23:59:59Z
+        ("2000-01-01T01:00:00+01:00", True),
+        ("1999-12-31T19:00:00-05:00", True),  # 2000-01-01T00:00:00Z
+        ("2099-12-31T23:59:59.999999+00:00", True),
+        ("2100-01-01T00:00:00+00:00", False),
+        ("2100-01-01T00:30:00+01:00", True),  # 2099-12-31T23:30:00Z
+        ("2099-12-31T23:30:00-01:00", False),  # 2100-01-01T00:30:00Z
+        ("2099-12-31T23:59:59+13:45", True),
+    ],
+)
+def test_the_supported_time_range_holds_at_every_offset(occurred_at, accepted):
+    """Decoded times share one TzInfo per offset and are checked against the range's bounds at that offset
+    (schemas/events.py): the same instants as the range in UTC, the first time an offset is seen and after."""
+    for _ in range(2):
+        if accepted:
+            assert decode_event(with_(occurred_at=occurred_at)).occurred_at.isoformat() == occurred_at
+        else:
+            assert (
+                reason_for(with_(occurred_at=occurred_at)) == "occurred_at: must be between 2000-01-01 and 2100-01-01"
+            )
+
+
+def test_times_with_the_same_offset_share_their_tzinfo_and_compare_as_before():
+    first = decode_event(with_(occurred_at="2026-01-01T10:00:00+01:00")).occurred_at
+    second = decode_event(with_(event_id="e2", occurred_at="2026-01-01T09:30:00+00:00")).occurred_at
+    third = decode_event(with_(event_id="e3", occurred_at="2026-01-01T11:00:00+01:00")).occurred_at
+    assert first.tzinfo is third.tzinfo and first.utcoffset() == third.utcoffset()
+    assert first < second < third and first.timestamp() < second.timestamp() < third.timestamp()
