@@ -373,8 +373,10 @@ class RestatedCustomer(_Frozen):
     lots: Annotated[list[tuple[EventTime, LotPoints]], Field(max_length=lots_restated_max)] | None = None
     lots_balance: Annotated[int, Field(strict=True, ge=-balance_restated_max, le=balance_restated_max)] = 0
     # With a new rule set that expires points after inactivity: the customer's last activity under the new rules
-    # (null: none; absent: not restated).
+    # (null: none; absent: not restated), and the live one before the markers: a worker whose own differs from it
+    # moved it with events since the markers, and keeps the later of the two.
     last_activity_at: EventTime | None = None
+    live_last_activity_at: EventTime | None = None
     # With a new rule set that expires points: the newest event time of the replayed history (before the markers).
     # The worker's lots and activity after it come from events decided since the markers, and are kept.
     history_until: EventTime | None = None

@@ -508,8 +508,8 @@ def _post_replay_with_progress(args: argparse.Namespace, body: dict) -> Any:
         nonlocal drawn
         try:
             run = query_running_system(settings, "/api/replay/progress", {"id": body["progress_id"]})
-        except NotRunning:
-            return  # not started yet, or an older running system
+        except (NotRunning, OSError):
+            return  # not started yet, an older running system, or a connection reset: the bar waits for the next
         _draw_replay_progress(run["events"], run["estimate"], run["phase"])
         drawn = True
 

@@ -119,9 +119,15 @@ class Restatement:
         )
 
     def restated(
-        self, live_lifetime: int, live_caps: Mapping[tuple[str, date], int], since: date | None, ruleset: RuleSet
+        self,
+        live_lifetime: int,
+        live_caps: Mapping[tuple[str, date], int],
+        since: date | None,
+        ruleset: RuleSet,
+        live_activity: datetime | None = None,
     ) -> dict:
-        """The compensation's `restated` against the live figures before the markers."""
+        """The compensation's `restated` against the live figures before the markers (`live_activity`: the live last
+        activity, `_live_expiry`'s, when the new rules expire after inactivity)."""
         restated = {
             "lifetime_earned_change": self.lifetime_earned - live_lifetime,
             "first_order_done": self.first_order_done,
@@ -134,6 +140,8 @@ class Restatement:
             restated |= self.restated_lots()
         elif ruleset.expiry.mode == "inactivity":  # null: no activity under the new rules (the worker's is cleared)
             restated["last_activity_at"] = _iso(self.last_activity_at)
+            # The worker keeps its own when events since the markers moved it from this one.
+            restated["live_last_activity_at"] = _iso(live_activity)
         if ruleset.expiry.mode != "none":
             restated["history_until"] = _iso(self.last_event_at)
         return restated
@@ -770,6 +778,7 @@ def dry_run(
 
     archive = RawArchive(client)
     live = live_figures(client, markers, ruleset.version)
+    expiry = _live_expiry(client, markers, ruleset) if markers is not None else None
     started = time.monotonic()
     shadow = replay_messages(
         archive.stream_for_replay(before=markers),
@@ -778,7 +787,7 @@ def dry_run(
         refetch=lambda keys: archive.stream_for_replay(keys=keys, before=markers),
         processes=processes,
         # An apply's compensations re-value the open orders of the customers whose balance changes.
-        keep_orders=_live_balances(live, _live_expiry(client, markers, ruleset)) if markers is not None else False,
+        keep_orders=_live_balances(live, expiry) if markers is not None else False,
     )
     elapsed = time.monotonic() - started
     report = compare(live, shadow, ruleset, current_point_value)
@@ -800,7 +809,11 @@ def dry_run(
         since, live_caps = _live_cap_usage(client, markers, ruleset, set(shadow.restate))
         report[RESTATED] = {  # the same
             customer_id: restatement.restated(
-                live.lifetime.get(customer_id, 0), live_caps.get(customer_id, {}), since, ruleset
+                live.lifetime.get(customer_id, 0),
+                live_caps.get(customer_id, {}),
+                since,
+                ruleset,
+                expiry[1].get(customer_id) if expiry is not None and expiry[0] == "inactivity" else None,
             )
             for customer_id, restatement in shadow.restate.items()
         }

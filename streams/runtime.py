@@ -559,7 +559,7 @@ def _replay_handler(
             run["events"] = events
 
         def replayed() -> dict:
-            if run:  # a progress asked for (`ReplayProgress.start`)
+            if run is not None:  # a progress asked for (`ReplayProgress.start`)
                 run["estimate"], run["phase"] = replay_archive_estimate(client), "replaying"
             return replay.dry_run(
                 client,
@@ -568,7 +568,7 @@ def _replay_handler(
                 since=since,
                 processes=processes,
                 markers=markers,
-                progress=counted if run else None,
+                progress=counted if run is not None else None,
             )
 
         async with client_lock:
@@ -583,15 +583,19 @@ def _replay_handler(
             known = await asyncio.to_thread(replay.known_rulesets, client)
         return replay.version_conflict(new_rules, known, context.ruleset)
 
-    async def _apply_replay(new_rules, text: str, lag_max: int, processes: int, run: dict) -> dict:
+    async def _apply_replay(new_rules, text: str, lag_max: int, processes: int, run: dict | None) -> dict:
         from streams.cutover import publish_cutover
 
-        run["phase"] = "checking the rule set, the worker's lag and the archive"
+        def phase(text: str) -> None:
+            if run is not None:
+                run["phase"] = text
+
+        phase("checking the rule set, the worker's lag and the archive")
         conflict = await version_conflict(new_rules)
         if conflict:
             raise replay.ReplayRefused(conflict)
         await allowed(lag_max)
-        run["phase"] = "publishing the rule set and the cut-over markers"
+        phase("publishing the rule set and the cut-over markers")
         async with client_lock:  # kept in ClickHouse too: a fresh embedded broker is rebuilt from there
             await asyncio.to_thread(
                 client.insert,
@@ -605,10 +609,10 @@ def _replay_handler(
         previous, context.ruleset = context.ruleset, new_rules
         # The comparison covers exactly what lies before the markers, on both sides: the events after them are
         # decided by the new rules already, and keep arriving while this runs.
-        run["phase"] = "waiting for the worker to pass the markers and the projector to store what lies before them"
+        phase("waiting for the worker to pass the markers and the projector to store what lies before them")
         await before_markers_in_clickhouse(markers)
         report = await dry_run(new_rules, None, processes, current=previous, markers=markers, run=run)
-        run["phase"] = "publishing the compensations"
+        phase("publishing the compensations")
         report["applied"] = await asyncio.to_thread(replay.apply_report, report, bootstrap=bootstrap)
         for key in (replay.REVALUED_ORDERS, replay.PENDING_CHANGES, replay.RESTATED):  # went into the compensations
             report.pop(key, None)
@@ -633,9 +637,7 @@ def _replay_handler(
                 raise ValueError("progress_id must be 1-64 of A-Z a-z 0-9 _ -")
         except (ValueError, KeyError, TypeError, RuleSetInvalid) as error:
             return web.json_response({"error": f"bad replay request: {error}"}, status=400)
-        run: dict[str, Any] = {}  # not asked for: updated all the same, read by nobody
-        if progress_id is not None and replays is not None:
-            run = replays.start(str(progress_id))
+        run = replays.start(str(progress_id)) if progress_id is not None and replays is not None else None
         try:
             if body.get("customer") is not None:
                 if body.get("apply"):
@@ -651,7 +653,8 @@ def _replay_handler(
         except replay.ReplayRefused as error:
             return web.json_response({"error": str(error)}, status=409)
         finally:
-            run["phase"], run["done"] = "done", True
+            if run is not None:
+                run["phase"], run["done"] = "done", True
         return web.json_response(report)
 
     return handle

@@ -1206,8 +1206,10 @@ def _restate(entries: _Entries, restated: ev.RestatedCustomer) -> None:
         restatement["lots"] = [[awarded_at.isoformat(), points] for awarded_at, points in lots]
         restatement["lots_balance"] = restated.lots_balance
     if activity:
-        active = restated.last_activity_at
+        active, before = restated.last_activity_at, restated.live_last_activity_at
         restatement["last_activity_at"] = active.isoformat() if active else None
+        if "live_last_activity_at" in restated.model_fields_set:
+            restatement["live_last_activity_at"] = before.isoformat() if before else None
     if (lots is not None or activity) and restated.history_until is not None:
         restatement["history_until"] = restated.history_until.isoformat()
     document = json.dumps(restatement, separators=(",", ":"))

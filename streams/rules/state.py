@@ -528,11 +528,19 @@ def _restate_expiry(state: CustomerState, document: dict, moment: datetime) -> N
     if document.get("lots") is not None:
         _restate_lots(state, document["lots"], document.get("lots_balance", 0), until, moment)
     if "last_activity_at" in document:
-        active, live = document["last_activity_at"], state.last_activity_at
-        active = None if active is None else datetime.fromisoformat(active)
-        if live is not None and live > until:  # since the markers (or an old rules' return window ending later)
-            active = live if active is None else max(active, live)
+        active, live = _moment_or_none(document["last_activity_at"]), state.last_activity_at
+        if "live_last_activity_at" in document:
+            # Events since the markers moved the worker's from the live one before them: it is kept if later.
+            moved = live is not None and live != _moment_or_none(document["live_last_activity_at"])
+        else:  # the first form of the entry: what lies after the history is taken for activity since the markers
+            moved = live is not None and live > until
+        if moved:
+            active = live if active is None or live > active else active
         state.last_activity_at = active
+
+
+def _moment_or_none(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
 
 
 def _restate_lots(state: CustomerState, lots: list, lots_balance: int, until: datetime, moment: datetime) -> None:

@@ -19,9 +19,9 @@ import yaml
 from test_replay_revalue import RULESETS, archived, event
 
 from projections import LedgerSink, connect, migrate
-from projections.archive import RawArchive
+from projections.archive import ArchivedMessage, RawArchive
 from schemas.decode import decode_event
-from schemas.topics import INPUT_TOPICS, REDEMPTIONS
+from schemas.topics import INPUT_TOPICS, REDEMPTIONS, TOPIC_RANK
 from streams import replay as replay_module
 from streams.batch import process_lines
 from streams.replay import (
@@ -225,7 +225,7 @@ def _inactivity_apply(restate: bool) -> tuple[CustomerState, list]:
     for line in ACTIVITY_HISTORY:
         ledger += apply(state, decode_event(line.encode()), OLD_NO_REVIEWS)
     shadow = replay_messages(archived(ACTIVITY_HISTORY), NEW_INACTIVITY, keep_orders=True)
-    restated = shadow.restate["c1"].restated(state.lifetime_earned, {}, None, NEW_INACTIVITY)
+    restated = shadow.restate["c1"].restated(state.lifetime_earned, {}, None, NEW_INACTIVITY, state.last_activity_at)
     assert restated["last_activity_at"] == "2026-04-01T10:00:00+00:00"
     if not restate:
         del restated["last_activity_at"]
@@ -284,6 +284,7 @@ def _run(old: RuleSet, new: RuleSet, history: list[str], between: list[str], aft
         ledger += apply(state, decode_event(line.encode()), old)
     live = (state.balance, state.pending, state.lifetime_earned)
     figures = (*live, (new.expiry.mode, expiry_key(state, new.expiry.mode)))  # as `replay._live_balances` gives them
+    live_activity = state.last_activity_at
     for line in between:
         ledger += apply(state, decode_event(line.encode()), new)
     shadow = replay_messages(archived(history), new, keep_orders={"c1": figures})
@@ -295,7 +296,7 @@ def _run(old: RuleSet, new: RuleSet, history: list[str], between: list[str], aft
         ],
         REVALUED_ORDERS: shadow.orders,
         PENDING_CHANGES: {"c1": (shadow.pending or {}).get("c1", 0) - live[1]},
-        RESTATED: {c: r.restated(live[2], {}, None, new) for c, r in shadow.restate.items()},
+        RESTATED: {c: r.restated(live[2], {}, None, new, live_activity) for c, r in shadow.restate.items()},
     }  # fmt: skip
     for _, value in compensations(report, cut_over=cut_over):
         ledger += apply(state, decode_event(value, REDEMPTIONS), new)
@@ -438,3 +439,57 @@ def test_a_customer_whose_balances_are_equal_but_whose_last_activity_is_not_is_c
     state, expected, folded = _run(old, new, history, [], after, datetime(2026, 3, 15, tzinfo=UTC))
     assert (state.balance, state.last_activity_at) == (expected.balance, expected.last_activity_at)
     assert expected.balance == 0 and folded.last_activity_at == state.last_activity_at
+
+
+WINDOW_30 = _rules("default-window-30", purchase={"pending_days": 30}, expiry={"mode": "inactivity", "days": 45})
+WINDOW_0 = _rules("default-window-0", expiry={"mode": "inactivity", "days": 45})
+
+
+def test_an_old_rules_return_window_ending_after_the_history_is_not_kept_as_activity():
+    """Old rules: a 30-day window (activity until it ends, 31 March); new rules: none (activity 1 March). The
+    compensation carries the live last activity before the markers, so the worker tells its own (the old window's
+    end, later than the history) from activity since the markers, and takes the new rules' (before, it kept 31
+    March: the balance expired a month later than under the new rules)."""
+    history = [
+        event("e1", "purchase.completed", "2026-03-01T10:00:00+00:00", order_id="o1", currency="USD", lines=BOOK)
+    ]
+    after = [event("t1", "clock.tick", "2026-04-20T10:00:00+00:00")]  # 50 days after 1 March, 20 after 31 March
+    state, expected, folded = _run(WINDOW_30, WINDOW_0, history, [], after, datetime(2026, 3, 10, tzinfo=UTC))
+    assert (state.balance, state.last_activity_at) == (expected.balance, expected.last_activity_at)
+    assert expected.balance == 0 and folded.last_activity_at == state.last_activity_at
+
+
+def test_applying_the_same_rule_set_again_posts_nothing(tmp_path):
+    """A second `--apply` of the same rule set (the documented retry) after the first was folded: the live lots and
+    activity now equal the new rules', so nothing is posted (the review found a 0-point repeat of the first
+    compensation with another note, which the worker refuses as a conflict, when the first had kept the old window's
+    end as the last activity)."""
+    history = [
+        event("e1", "purchase.completed", "2026-02-01T10:00:00+00:00", order_id="o1", currency="USD", lines=BOOK),
+        event("e2", "review.approved", "2026-02-10T10:00:00+00:00", review_id="v1", sku="sku-0100", rating=5),
+    ]
+    live = process_lines([line.encode() for line in history], WINDOW_30)
+
+    def report(directory, ledger, extra=()):
+        client = connect(f"chdb://{directory}")
+        try:
+            migrate(client)
+            RawArchive(client).write(archived(history) + list(extra), {})
+            LedgerSink(client).write(ledger)
+            markers = {(topic, 0): len(history) + len(extra) + 1 for topic in INPUT_TOPICS}
+            return dry_run(client, WINDOW_0, current_point_value=OLD.redemption.point_value, markers=markers)
+        finally:
+            client.close()
+
+    first = compensations(report(tmp_path / "first", live.ledger), cut_over=datetime(2026, 2, 11, tzinfo=UTC))
+    assert [customer for customer, _ in first] == ["c1"]
+    state, ledger = live.states["c1"], list(live.ledger)
+    for _, value in first:
+        ledger += apply(state, decode_event(value, REDEMPTIONS), WINDOW_0)
+    moment = datetime(2026, 2, 11, tzinfo=UTC)
+    extra = [
+        ArchivedMessage(REDEMPTIONS, 0, len(history) + number, "c1", value, 0, TOPIC_RANK[REDEMPTIONS],
+                        json.loads(value)["event_id"], moment)
+        for number, (_, value) in enumerate(first)
+    ]  # fmt: skip
+    assert compensations(report(tmp_path / "second", ledger, extra), cut_over=datetime(2026, 2, 12, tzinfo=UTC)) == []

@@ -52,7 +52,7 @@ def _moment(raw: bytes) -> datetime:
 
 
 def _restated(restatement: Restatement, state: CustomerState, since: date, new, lifetime_only: bool) -> dict:
-    restated = restatement.restated(state.lifetime_earned, state.cap_usage, since, new)
+    restated = restatement.restated(state.lifetime_earned, state.cap_usage, since, new, state.last_activity_at)
     if lifetime_only:  # the code before cap usage and referrals were restated
         restated |= {"cap_usage_changes": [], "referrer_points": {}, "referral": None}
     return restated
