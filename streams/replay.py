@@ -1172,10 +1172,11 @@ def compensations(report: dict, *, cut_over: datetime, store_id: str = "replay")
             event[REVALUED_ORDERS] = _fitting(event, customer_orders)
         rest = customer_orders[: len(customer_orders) - len(event.get(REVALUED_ORDERS, ()))]
         restatement = None
-        if rest and restate:
-            # The restatement goes last, after every part's orders have moved their points between pending and
-            # available: the lots it sets hold the available balance as it is then (folding the first part's
-            # lots and then a continuation's moves dated the moved points at the cut-over, from the oldest lot).
+        if rest and restate and restate.get("lots") is not None:
+            # Restated lots go last, after every part's orders have moved their points between pending and
+            # available: the lots hold the available balance as it is then (folding the first part's lots and then
+            # a continuation's moves dated the moved points at the cut-over, from the oldest lot). The rest of a
+            # restatement does not depend on the balance, and stays in the first part.
             restatement = event.pop(RESTATED)
             event[REVALUED_ORDERS] = _fitting(event, customer_orders)
             rest = customer_orders[: len(customer_orders) - len(event[REVALUED_ORDERS])]
