@@ -1190,15 +1190,21 @@ def compensations(report: dict, *, cut_over: datetime, store_id: str = "replay")
 
 def _restatement_part(first: dict, restate: dict, version: str, part: int) -> bytes:
     """The last, 0-point part of a compensation with continuations: the customer's restatement alone."""
+    event = _part(first, version, part, f"replay: restated under rule set {version} (part {part})")
+    event[RESTATED] = _restated_fitting(event, dict(restate))
+    return json.dumps(event, separators=(",", ":")).encode()
+
+
+def _part(first: dict, version: str, part: int, note: str) -> dict:
+    """A 0-point part after a customer's first compensation, without its restatement and orders:
+    `replay:<version>#<part>:<customer>`, adjustment id `replay:<version>#<part>`."""
     event = {key: value for key, value in first.items() if key not in (RESTATED, REVALUED_ORDERS)}
-    event |= {
+    return event | {
         "event_id": f"{compensation_prefix}{version}#{part}:{first['customer_id']}"[:128],
         "adjustment_id": f"{compensation_prefix}{version}#{part}"[:128],
         "points": 0,
-        "note": f"replay: restated under rule set {version} (part {part})",
+        "note": note,
     }
-    event[RESTATED] = _restated_fitting(event, dict(restate))
-    return json.dumps(event, separators=(",", ":")).encode()
 
 
 def _restated_fitting(event: dict, restated: dict) -> dict:
@@ -1226,13 +1232,7 @@ def _continuations(first: dict, rest: list[dict], version: str) -> list[bytes]:
     events = []
     part = 2
     while rest:
-        event = {key: value for key, value in first.items() if key not in (RESTATED, REVALUED_ORDERS)}
-        event |= {
-            "event_id": f"{compensation_prefix}{version}#{part}:{first['customer_id']}"[:128],
-            "adjustment_id": f"{compensation_prefix}{version}#{part}"[:128],
-            "points": 0,
-            "note": f"replay: open orders re-valued under rule set {version} (part {part})",
-        }
+        event = _part(first, version, part, f"replay: open orders re-valued under rule set {version} (part {part})")
         fitting = _fitting(event, rest)
         if not fitting:
             break  # an order alone over the size limit stays as it is live, and so do the older ones
