@@ -84,18 +84,21 @@ AFTER = [
 ]
 
 
-def _compensation(new: RuleSet, live_balance: int, shadow, restated: dict, cut_over: datetime) -> bytes:
-    """The apply's compensation of c1 (`streams.replay.compensations`) from a replay kept for an apply."""
+def _compensations(
+    new: RuleSet, live_balance: int, shadow, restated: dict | None, cut_over: datetime, pending_change: int = 0
+) -> list[bytes]:
+    """The apply's compensations of c1 (`streams.replay.compensations`) from a replay kept for an apply."""
+    after = shadow.balances.get("c1", 0)
     report = {
         "ruleset_version_new": new.version,
         "customers": [
-            {"customer_id": "c1", "balance_before": live_balance, "balance_after": shadow.balances["c1"],
-             "delta": shadow.balances["c1"] - live_balance}
+            {"customer_id": "c1", "balance_before": live_balance, "balance_after": after, "delta": after - live_balance}
         ],
-        REVALUED_ORDERS: shadow.orders, PENDING_CHANGES: {}, RESTATED: {"c1": restated},
-    }  # fmt: skip
-    ((_, compensation),) = compensations(report, cut_over=cut_over)
-    return compensation
+        REVALUED_ORDERS: shadow.orders,
+        PENDING_CHANGES: {"c1": pending_change},
+        RESTATED: {} if restated is None else {"c1": restated},
+    }
+    return [value for _, value in compensations(report, cut_over=cut_over)]
 
 
 def live_then_apply(
@@ -112,7 +115,7 @@ def live_then_apply(
     restated = shadow.restate["c1"].restated(live_lifetime, {}, None, NEW)
     if not restate_lots:
         restated.pop("lots"), restated.pop("lots_balance")
-    compensation = _compensation(NEW, live_balance, shadow, restated, CUT_OVER)
+    (compensation,) = _compensations(NEW, live_balance, shadow, restated, CUT_OVER)
     ledger += apply(state, decode_event(compensation, REDEMPTIONS), NEW)
     for line in AFTER:
         ledger += apply(state, decode_event(line.encode()), NEW)
@@ -229,7 +232,7 @@ def _inactivity_apply(restate: bool) -> tuple[CustomerState, list]:
     assert restated["last_activity_at"] == "2026-04-01T10:00:00+00:00"
     if not restate:
         del restated["last_activity_at"]
-    compensation = _compensation(NEW_INACTIVITY, state.balance, shadow, restated, datetime(2026, 5, 1, tzinfo=UTC))
+    (compensation,) = _compensations(NEW_INACTIVITY, state.balance, shadow, restated, datetime(2026, 5, 1, tzinfo=UTC))
     ledger += apply(state, decode_event(compensation, REDEMPTIONS), NEW_INACTIVITY)
     for line in ACTIVITY_AFTER:
         ledger += apply(state, decode_event(line.encode()), NEW_INACTIVITY)
@@ -288,17 +291,10 @@ def _run(old: RuleSet, new: RuleSet, history: list[str], between: list[str], aft
     for line in between:
         ledger += apply(state, decode_event(line.encode()), new)
     shadow = replay_messages(archived(history), new, keep_orders={"c1": figures})
-    report = {
-        "ruleset_version_new": new.version,
-        "customers": [
-            {"customer_id": "c1", "balance_before": live[0], "balance_after": shadow.balances.get("c1", 0),
-             "delta": shadow.balances.get("c1", 0) - live[0]}
-        ],
-        REVALUED_ORDERS: shadow.orders,
-        PENDING_CHANGES: {"c1": (shadow.pending or {}).get("c1", 0) - live[1]},
-        RESTATED: {c: r.restated(live[2], {}, None, new, live_activity) for c, r in shadow.restate.items()},
-    }  # fmt: skip
-    for _, value in compensations(report, cut_over=cut_over):
+    restatement = shadow.restate.get("c1")
+    restated = None if restatement is None else restatement.restated(live[2], {}, None, new, live_activity)
+    pending_change = (shadow.pending or {}).get("c1", 0) - live[1]
+    for value in _compensations(new, live[0], shadow, restated, cut_over, pending_change):
         ledger += apply(state, decode_event(value, REDEMPTIONS), new)
     for line in after:
         ledger += apply(state, decode_event(line.encode()), new)
