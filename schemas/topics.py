@@ -51,6 +51,10 @@ DERIVED_SIDE = b"derived"
 # Header of a cut-over marker: a control message (not an event) that switches the partition's rule set.
 CONTROL_HEADER = "loyalty-control"
 RULESET_CONTROL = b"ruleset"
+# Header of the marker an apply writes into every partition of the compensations' topic after its compensations
+# (value = the version): the worker holds a partition's events after a cut-over marker until it has applied the
+# compensations before this one (streams/applier.py, "Held for the compensations").
+COMPENSATED_CONTROL = b"compensated"
 
 # The archive's `referee_side` column (projections/archive.py) codes which of these headers an archived input
 # message carried: the projector writes the code, the restore gives the message its header back.
@@ -59,12 +63,13 @@ ARCHIVE_SIDE_HEADERS: dict[int, tuple[tuple[str, bytes], ...]] = {
     1: ((SIDE_HEADER, REFEREE_SIDE),),
     2: ((CONTROL_HEADER, RULESET_CONTROL),),
     3: ((SIDE_HEADER, DERIVED_SIDE),),
+    4: ((CONTROL_HEADER, COMPENSATED_CONTROL),),
 }
 
 
 def archive_side(headers) -> int:
     """The archive's side code of an input message's headers, a sequence of (name, bytes) pairs."""
-    for side in (2, 3, 1):  # a marker, a derived event, a referral's referee copy; else 0
+    for side in (2, 4, 3, 1):  # a marker, an apply's end, a derived event, a referral's referee copy; else 0
         if ARCHIVE_SIDE_HEADERS[side][0] in headers:
             return side
     return 0

@@ -12,6 +12,17 @@ event at least as late (or none is left); or until the event has waited `reorder
 (docs/architecture.md, "Per-customer order"). The settle adapts: it is at least `caught_up_settle_ms`, and
 at least twice the largest skew seen lately, the skew being how much later than a later event an event
 reached a partition that had been found caught up (a producer's topics running apart under load).
+
+Held for the compensations: `loyalty replay --apply` writes cut-over markers, replays the history before them and
+then posts its compensations (to the redemptions topic, keyed by customer) followed by an end marker in every
+partition of that topic. An event after a partition's marker is decided by the new rules, and it must be decided on
+the state the new rules give, which the compensation brings; so such events wait (outside the event-time buffer,
+unacked) until the end marker of that version in the redemptions topic's partition of the same number (a customer's
+partition in every topic). At the end marker the partition's compensations are applied first, then the waiting
+events, in event-time order. A partition waits at most `cutover_hold_ms` (an apply that failed after its markers
+posts no end marker) or until `held_max` events wait; then its events are released on the state they find, as
+before the compensation, and that is logged. Each end marker read (or wait given up) is recorded in
+loyalty.rulesets (`compensated:<version>:<partition>`), so a restarted worker does not wait again.
 """
 
 from __future__ import annotations
@@ -27,11 +38,20 @@ from typing import Any
 from schemas import events as ev
 from schemas.decode import EventRejected, decode_event
 from schemas.ledger import LedgerEntry
-from schemas.topics import CONTROL_HEADER, DERIVED_SIDE, REFEREE_SIDE, REFERRALS, RULESET_CONTROL, SIDE_HEADER
+from schemas.topics import (
+    COMPENSATED_CONTROL,
+    CONTROL_HEADER,
+    DERIVED_SIDE,
+    REDEMPTIONS,
+    REFEREE_SIDE,
+    REFERRALS,
+    RULESET_CONTROL,
+    SIDE_HEADER,
+)
 from streams.batch import order_key
 from streams.rules.engine import Side, apply, derived_events
 from streams.rules.ruleset import RuleSet
-from streams.rules.state import CustomerState, evolve
+from streams.rules.state import COMPENSATION_PREFIX, CustomerState, evolve
 
 TopicPartition = tuple[str, int]
 
@@ -144,6 +164,9 @@ class Output:
     duplicates: int = 0
     applied: int = 0
     activations: list[tuple[str, int, int, str]] = field(default_factory=list)  # topic, partition, offset, version
+    # (version, partition, how): partitions whose events after a cut-over stopped waiting for the compensations,
+    # how = "compensated" (the end marker was read), "timed out" or "too many held" (released without it).
+    compensated: list[tuple[str, int, str]] = field(default_factory=list)
     # Events derived for other customers (referral.reversed), to publish to their input topic before the ledger
     # entries of this release, so that a crash in between re-derives them instead of losing them.
     derived: list[InputMessage] = field(default_factory=list)
@@ -159,6 +182,16 @@ class _Held:
     side: Side
     ruleset: RuleSet
     fetched_caught_up_ms: float | None = None  # when a fetch had last found its partition caught up, if it had
+    waited: bool = False  # held for an apply's compensations: decided after them although dated before
+
+
+@dataclass(slots=True)
+class _Wait:
+    """A partition's events after a cut-over marker, waiting for the apply's compensations (module docstring)."""
+
+    version: str
+    since_ms: float  # when the first of them was taken (the driver's clock)
+    events: list[tuple[tuple, int, _Held]] = field(default_factory=list)
 
 
 class StreamApplier:
@@ -172,6 +205,7 @@ class StreamApplier:
         held_max: int = 200_000,
         partition_for: Callable[[bytes], int] | None = None,
         caught_up_settle_ms: float = 0.0,
+        cutover_hold_ms: float = 0.0,
     ) -> None:
         # The input partition of a customer key (the producers' partitioner), to route derived events; and the
         # partitions whose states this applier holds (restored), where a derived event is applied in place.
@@ -198,6 +232,11 @@ class StreamApplier:
         self.cutovers: dict[TopicPartition, list[tuple[int, RuleSet]]] = {}
         self.reorder_wait_ms = reorder_wait_ms
         self.held_max = held_max
+        # Held for the compensations (module docstring): 0 does not wait. (version, partition) whose wait is over,
+        # and per input partition the events waiting.
+        self.cutover_hold_ms = cutover_hold_ms
+        self.compensated: set[tuple[str, int]] = set()
+        self.waiting: dict[TopicPartition, _Wait] = {}
         self.states: dict[int, dict[str, CustomerState]] = {}
         # A heap of (order key, arrival number, held event): the arrival number breaks ties without ever
         # comparing the events themselves (a generated dataclass __lt__ cost 6% of the worker's time).
@@ -250,6 +289,7 @@ class StreamApplier:
     def forget(self, partition: int) -> None:
         self.local_partitions.discard(partition)
         self.states.pop(partition, None)
+        self.waiting = {tp: wait for tp, wait in self.waiting.items() if tp[1] != partition}  # unacked: re-delivered
         self.held = [item for item in self.held if item[2].message.partition != partition]
         heapq.heapify(self.held)
         self.latest_seen = {tp: seen for tp, seen in self.latest_seen.items() if tp[1] != partition}
@@ -268,11 +308,19 @@ class StreamApplier:
             cuts.sort(key=lambda cut: cut[0])
 
     def ruleset_for(self, topic: str, partition: int, offset: int) -> RuleSet:
-        chosen = self.ruleset
+        return self._cut_for(topic, partition, offset)[0]
+
+    def _cut_for(self, topic: str, partition: int, offset: int) -> tuple[RuleSet, bool]:
+        """The rule set of a message, and whether it comes after a cut-over marker (the last before it)."""
+        chosen, after_cut = self.ruleset, False
         for cut_offset, ruleset in self.cutovers.get((topic, partition), ()):
             if cut_offset < offset:
-                chosen = ruleset
-        return chosen
+                chosen, after_cut = ruleset, True
+        return chosen, after_cut
+
+    def compensations_read(self, version: str, partition: int) -> None:
+        """Record that the apply of `version` is over for `partition` (read from loyalty.rulesets at a start)."""
+        self.compensated.add((version, partition))
 
     def accept(self, messages: Iterable[InputMessage]) -> Output:
         """Decode messages; bad ones become dead letters at once, good ones wait for their turn.
@@ -288,6 +336,10 @@ class StreamApplier:
                     raise UnknownRuleset(version)
                 self.activate(message.topic, message.partition, message.offset, version)
                 output.activations.append((message.topic, message.partition, message.offset, version))
+                output.acks.append(message)
+                continue
+            if (CONTROL_HEADER, COMPENSATED_CONTROL) in message.headers:
+                self._compensated(message, output)
                 output.acks.append(message)
                 continue
             try:
@@ -308,11 +360,60 @@ class StreamApplier:
             if seen is None or event.occurred_at > seen:
                 self.latest_seen[tp] = event.occurred_at
             self.skew.arrived(event.occurred_at, message.fetch_time)
-            ruleset = self.ruleset_for(message.topic, message.partition, message.offset)
+            ruleset, after_cut = self._cut_for(message.topic, message.partition, message.offset)
             self._arrivals += 1
             held = _Held(message, event, side, ruleset, self._looked_caught_up.get(tp))
-            heapq.heappush(self.held, (order_key(event, message.offset), self._arrivals, held))
+            item = (order_key(event, message.offset), self._arrivals, held)
+            if after_cut and self.cutover_hold_ms > 0 and not self._compensation(message, event):
+                if (ruleset.version, message.partition) not in self.compensated:
+                    wait = self.waiting.get(tp)
+                    if wait is None:
+                        wait = self.waiting[tp] = _Wait(ruleset.version, message.received_ms)
+                    held.waited = True
+                    wait.events.append(item)
+                    continue
+            heapq.heappush(self.held, item)
         return output
+
+    @staticmethod
+    def _compensation(message: InputMessage, event: ev.Event) -> bool:
+        return message.topic == REDEMPTIONS and event.event_id.startswith(COMPENSATION_PREFIX)
+
+    def _compensated(self, message: InputMessage, output: Output) -> None:
+        """An apply's end marker in the redemptions topic: its compensations on this partition, which came before
+        it, are decided now (before events dated earlier: that is what they wait for), then the events waiting."""
+        version, partition = message.value.decode("utf-8", "replace"), message.partition
+        self._end_wait(version, partition, "compensated", output)
+        ours = [
+            item
+            for item in self.held
+            if item[2].message.partition == partition and self._compensation(item[2].message, item[2].event)
+        ]
+        if ours:
+            self.held = [item for item in self.held if item not in ours]
+            heapq.heapify(self.held)
+            for _, _, held in sorted(ours, key=lambda item: item[:2]):
+                self._apply(held, output)
+
+    def _end_wait(self, version: str, partition: int, how: str, output: Output) -> None:
+        """The wait for `version`'s compensations is over on `partition` (every topic): its events go to the buffer."""
+        if (version, partition) not in self.compensated:
+            self.compensated.add((version, partition))
+            output.compensated.append((version, partition, how))
+        for tp in [tp for tp, wait in self.waiting.items() if tp[1] == partition and wait.version == version]:
+            for item in self.waiting.pop(tp).events:
+                heapq.heappush(self.held, item)
+
+    def _give_up_waiting(self, now_ms: float, output: Output) -> None:
+        """Release the events of partitions that waited `cutover_hold_ms`, or of all when over `held_max` wait."""
+        too_many = self.waiting_count > self.held_max
+        for tp, wait in list(self.waiting.items()):
+            if tp in self.waiting and (too_many or now_ms - wait.since_ms >= self.cutover_hold_ms):
+                self._end_wait(wait.version, tp[1], "too many held" if too_many else "timed out", output)
+
+    @property
+    def waiting_count(self) -> int:
+        return sum(len(wait.events) for wait in self.waiting.values())
 
     def settle_ms(self, now_ms: float) -> float:
         """How long an event is held before partitions found caught up may be left out of its watermark."""
@@ -331,6 +432,8 @@ class StreamApplier:
         of that fetch (on the clock of `now_ms`); a plain set means fetched just now.
         """
         output = Output()
+        if self.waiting:
+            self._give_up_waiting(now_ms, output)
         assigned = list(assigned)
         if not isinstance(caught_up, Mapping):
             caught_up = dict.fromkeys(caught_up, now_ms)
@@ -380,7 +483,7 @@ class StreamApplier:
         if state is None:
             state = states[customer_id] = CustomerState(customer_id)
         fresh = event.event_id not in state.applied  # not a re-delivery
-        late = fresh and state.last_event_at is not None and event.occurred_at < state.last_event_at
+        late = fresh and not held.waited and state.last_event_at is not None and event.occurred_at < state.last_event_at
         try:
             entries = apply(state, event, held.ruleset, side=held.side)
         except EventRejected as error:

@@ -59,6 +59,11 @@ worker_consumer_lag = Gauge(
 worker_events_waiting = Gauge(
     "loyalty_worker_events_waiting", "Decoded events held in the event-time reorder buffer, not yet applied."
 )
+worker_events_held_for_apply = Gauge(
+    "loyalty_worker_events_held_for_apply",
+    "Events after a `loyalty replay --apply` cut-over held until the apply's compensations are applied "
+    "(LOYALTY_CUTOVER_HOLD_S at most).",
+)
 worker_events_late = Gauge(
     "loyalty_worker_events_late",
     "Events applied out of event-time order: their customer already had a later event applied (they arrived "
@@ -128,6 +133,7 @@ def record_consumer_lag(
     waiting: int,
     late: int = 0,
     settle_ms: float = 0.0,
+    held_for_apply: int = 0,
 ) -> None:
     """Set the lag gauge of every input topic (0 for topics with no assigned partition), and the reorder
     buffer's gauges."""
@@ -143,6 +149,7 @@ def record_consumer_lag(
         worker_consumer_lag.labels(topic=topic).set(value)
     worker_events_waiting.set(waiting)
     worker_events_late.set(late)
+    worker_events_held_for_apply.set(held_for_apply)
     worker_reorder_settle_ms.set(settle_ms)
 
 

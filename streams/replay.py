@@ -569,8 +569,8 @@ def _customers(messages: Iterable[_Fields], result: ShadowResult, progress: Call
 
 def _is_history(referee_side: int, event_id: str) -> bool:
     """Whether an archived message is part of the history a replay decides again."""
-    if referee_side == 2:
-        return False  # a cut-over marker, not an event
+    if referee_side in (2, 4):
+        return False  # a cut-over marker or an apply's end marker, not an event
     if referee_side == 3:
         return False  # an event the live engine derived: derived again under the replayed rules
     # A compensation posted by an earlier apply is part of the live ledger, not of the history.
@@ -1257,14 +1257,21 @@ def _fitting(event: dict, orders: list[dict]) -> list[dict]:
     return fitting
 
 
-def publish(bootstrap: str, events: list[tuple[str, bytes]]) -> int:
+def publish(bootstrap: str, events: list[tuple[str, bytes]], version: str | None = None) -> int:
+    """Send the compensations; with `version`, then the apply's end marker into every partition of their topic,
+    which ends the worker's wait for them (`streams.cutover.publish_compensated`). The compensations are flushed
+    (acknowledged) before the markers are sent, so no retry can put a marker before a compensation."""
+    from streams.cutover import publish_compensated
     from streams.producer import make_producer
 
     producer = make_producer(bootstrap)
     try:
-        for customer_id, value in events:
-            producer.send(REDEMPTIONS, value=value, key=customer_id.encode())
+        futures = [producer.send(REDEMPTIONS, value=value, key=customer_id.encode()) for customer_id, value in events]
         producer.flush()
+        for future in futures:
+            future.get(timeout=30)  # raises if one was not written: the apply reports it and is run again
+        if version is not None:
+            publish_compensated(producer, version)
     finally:
         producer.close()
     return len(events)
@@ -1305,5 +1312,5 @@ def apply_report(report: dict, *, bootstrap: str, cut_over: datetime | None = No
     """Publish the compensating adjustments of a dry-run report; returns what was published."""
     moment = cut_over or datetime.now(UTC)
     events = compensations(report, cut_over=moment)
-    published = publish(bootstrap, events) if events else 0
+    published = publish(bootstrap, events, report["ruleset_version_new"])  # the end markers even with none
     return {"compensations_published": published, "cut_over": moment.isoformat()}

@@ -460,7 +460,7 @@ async def ruleset_in_force(bootstrap: str, configured):
     recorded in loyalty.rulesets by the worker), else `configured`."""
     from streams import cutover
 
-    rulesets, activations = await cutover.read_rulesets(bootstrap)
+    rulesets, activations, _ = await cutover.read_rulesets(bootstrap)
     if activations and activations[-1][3] in rulesets:
         return rulesets[activations[-1][3]]
     return configured
@@ -545,8 +545,9 @@ def _replay_handler(
             if time.monotonic() > deadline:
                 raise replay.ReplayRefused(
                     f"the worker did not pass the cut-over markers, or the projector did not store what lies before "
-                    f"them, within {cutover_wait_s:.0f}s; the new rule set is in force from them, run --apply "
-                    "again to post the compensations"
+                    f"them, within {cutover_wait_s:.0f}s; the new rule set is in force from them, and the worker holds "
+                    "the events after them for the compensations (LOYALTY_CUTOVER_HOLD_S at most): run --apply "
+                    "again to post them"
                 )
             await asyncio.sleep(0.5)
 

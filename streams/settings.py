@@ -48,6 +48,13 @@ class Settings(BaseSettings):
         description="Least time an event is held before input partitions found caught up stop holding it back; "
         "raised by the skew measured between the input topics, never above reorder_wait_ms.",
     )
+    cutover_hold_s: float = Field(
+        900.0,
+        ge=0.0,
+        le=86_400.0,
+        description="After a `loyalty replay --apply` cut-over, how long the worker holds a partition's new events "
+        "for the apply's compensations, which they must be decided after (0: not at all; then it releases them).",
+    )
     sink_batch_rows_max: int = Field(20_000, ge=1, description="Ledger rows per ClickHouse insert.")
     sink_flush_interval_ms: int = Field(500, ge=10, description="Longest a ledger row waits before insert.")
     stop_drain_s: float = Field(

@@ -115,6 +115,7 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
         reorder_wait_ms=settings.reorder_wait_ms,
         partition_for=functools.partial(partition_for, partitions=settings.partitions),
         caught_up_settle_ms=min(settings.reorder_settle_ms, settings.reorder_wait_ms),
+        cutover_hold_ms=settings.cutover_hold_s * 1000,
     )
     counters = WorkerCounters()
     lock = asyncio.Lock()
@@ -143,9 +144,11 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
 
     async def load_rulesets() -> None:
         """Rule sets and cut-overs recorded in loyalty.rulesets (by `loyalty replay --apply`)."""
-        rulesets, activations = await cutover.read_rulesets(settings.kafka_bootstrap)
+        rulesets, activations, compensated = await cutover.read_rulesets(settings.kafka_bootstrap)
         for known in rulesets.values():
             applier.know_ruleset(known)
+        for version, partition in compensated:
+            applier.compensations_read(version, partition)
         for topic, partition, offset, version in activations:
             if version in applier.rulesets:
                 applier.activate(topic, partition, offset, version)
@@ -250,7 +253,7 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
     last_finish: list[asyncio.Future] = []  # the latest batch's finish: each batch acks after the one before
 
     async def send(output: Output) -> None:
-        if not (output.ledger or output.dead_letters or output.acks or output.derived):
+        if not (output.ledger or output.dead_letters or output.acks or output.derived or output.compensated):
             return
         kafka = await producer()
         if output.derived:
@@ -291,6 +294,21 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
             futures.append(await kafka.send(RULESETS, value=value, key=key, partition=0))
             log.info("rule set %s in force on %s/%d after offset %d", version, topic, partition, offset)
             metrics.record_ruleset(version)
+        for version, partition, how in output.compensated:
+            key, value = cutover.compensated_record(version, partition, how)
+            futures.append(await kafka.send(RULESETS, value=value, key=key, partition=0))
+            if how == "compensated":
+                log.info(
+                    "apply of %s: compensations applied on partition %d, its held events follow", version, partition
+                )
+            else:
+                log.warning(
+                    "apply of %s: partition %d's events released without its compensations (%s; "
+                    "LOYALTY_CUTOVER_HOLD_S): they are decided on the state before the compensations",
+                    version,
+                    partition,
+                    how,
+                )
         # The batch's acks wait for its sends in a task: the next batch is decided while this one is on its
         # way (the worker spent 22% of its time idle waiting for acks). A failed send crashes the worker
         # before any of its messages is acked; batches ack in order, and each input partition's messages in
@@ -410,7 +428,7 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
 
     @app.timer(interval=release_interval_s)
     async def release_waiting() -> None:
-        if applier.held_count:
+        if applier.held_count or applier.waiting:
             try:
                 async with lock:
                     await release()
@@ -427,18 +445,21 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
             applier.held_count,
             late=applier.late_events,
             settle_ms=applier.settle_ms(time.monotonic() * 1000),
+            held_for_apply=applier.waiting_count,
         )
 
     @app.timer(interval=10.0)
     async def report() -> None:
         settle_ms = applier.settle_ms(time.monotonic() * 1000)
         log.info(
-            "processed %d, duplicates %d, rejected %d, ledger entries %d, waiting %d, late %d, settle %d ms",
+            "processed %d, duplicates %d, rejected %d, ledger entries %d, waiting %d, held for an apply %d, late %d, "
+            "settle %d ms",
             counters.processed,
             counters.duplicates,
             counters.rejected,
             counters.ledger_entries,
             applier.held_count,
+            applier.waiting_count,
             applier.late_events,
             settle_ms,
         )

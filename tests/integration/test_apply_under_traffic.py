@@ -93,38 +93,34 @@ def test_an_apply_while_events_keep_arriving_compensates_exactly_what_lies_befor
     history = list(generate_events(events=800, customers=50, seed=37))
     last = max(datetime.fromisoformat(json.loads(line)["occurred_at"]) for line in history)
     arriving = _new_customers(1000, last)  # 2,000 events: about 50 s at the pace below, cut when the apply is done
+    arrived = _apply_during_traffic(tmp_path, history, arriving, NEW_RULES, wait_s=1.5)
+
+    # Live balances are the new rules' over the whole log, customer by customer (read after the owner stopped).
+    expected = process_lines([line.encode() for line in history + arrived], load_ruleset(NEW_RULES))
+    client = connect(f"chdb://{(tmp_path / 'data' / 'clickhouse').resolve()}")
+    try:
+        assert projected_balances(client) == expected.balances()
+    finally:
+        client.close()
+
+
+def _apply_during_traffic(tmp_path, history: list[str], arriving: list[str], rules, *, wait_s: float) -> list[str]:
+    """`loyalty up` decides `history`; then `arriving` is produced steadily, and `wait_s` into it the rules are
+    applied. The traffic stops when the apply returns; once every event and compensation is decided and projected,
+    a dry-run of the rules must change no customer. Returns the arriving lines that were sent."""
     expected_before = process_lines([line.encode() for line in history], load_ruleset())
     environment = _environment(tmp_path / "data")
-    log_path = tmp_path / "up.log"
-
-    up = _Up(environment, log_path)
-    stop_producing = threading.Event()
+    up = _Up(environment, tmp_path / "up.log")
+    stop_producing, sent = threading.Event(), []
     producer_thread: threading.Thread | None = None
-    sent: list[int] = []
     try:
         (tmp_path / "history.jsonl").write_text("".join(line + "\n" for line in history))
         produced = sum(run_cli(environment, "produce", str(tmp_path / "history.jsonl")).values())
         _wait_for(environment, produced, len(expected_before.ledger), up)
-
-        bootstrap = json.loads((tmp_path / "data" / "run.json").read_text())["kafka_bootstrap"]
-
-        def produce_steadily() -> None:
-            producer = make_producer(bootstrap)
-            try:
-                for start in range(0, len(arriving), 4):  # about 40 events a second
-                    if stop_producing.is_set():
-                        break
-                    produce_lines(producer, [line.encode() for line in arriving[start : start + 4]])
-                    sent.append(len(arriving[start : start + 4]))
-                    time.sleep(0.1)
-            finally:
-                producer.close()
-
-        producer_thread = threading.Thread(target=produce_steadily, name="arriving-events")
-        producer_thread.start()
-        time.sleep(1.5)
+        producer_thread = _produce_steadily(tmp_path, arriving, stop_producing, sent)
+        time.sleep(wait_s)
         sent_before_apply = sum(sent)
-        applied = run_cli(environment, "replay", "--rules", str(NEW_RULES), "--apply")
+        applied = run_cli(environment, "replay", "--rules", str(rules), "--apply")
         sent_during_apply = sum(sent) - sent_before_apply
         still_arriving = producer_thread.is_alive()
         stop_producing.set()
@@ -135,20 +131,87 @@ def test_an_apply_while_events_keep_arriving_compensates_exactly_what_lies_befor
         assert compensations > 0
 
         # Every event and every compensation decided and projected, then a replay agrees with the live balances.
-        _settled_and_replayed(environment, produced + len(arrived) + compensations, up)
+        _settled_and_replayed(environment, produced + len(arrived) + compensations, up, rules)
     finally:
         stop_producing.set()
         if producer_thread is not None:
             producer_thread.join(timeout=60)
         up.stop()
+    return arrived
 
-    # Live balances are the new rules' over the whole log, customer by customer (read after the owner stopped).
-    expected = process_lines([line.encode() for line in history + arrived], load_ruleset(NEW_RULES))
+
+def _produce_steadily(tmp_path, lines: list[str], stop: threading.Event, sent: list[int]) -> threading.Thread:
+    """A thread producing `lines`, 4 every 0.1 s (about 40 events a second), until they are out or `stop` is set;
+    `sent` gets the size of each group sent."""
+    bootstrap = json.loads((tmp_path / "data" / "run.json").read_text())["kafka_bootstrap"]
+
+    def produce() -> None:
+        producer = make_producer(bootstrap)
+        try:
+            for start in range(0, len(lines), 4):
+                if stop.is_set():
+                    break
+                produce_lines(producer, [line.encode() for line in lines[start : start + 4]])
+                sent.append(len(lines[start : start + 4]))
+                time.sleep(0.1)
+        finally:
+            producer.close()
+
+    thread = threading.Thread(target=produce, name="arriving-events")
+    thread.start()
+    return thread
+
+
+def test_events_of_known_customers_during_an_apply_are_decided_after_its_compensation(tmp_path):
+    """While the apply replays, refunds and ticks of the history's customers keep arriving. The worker holds what comes
+    after the markers until the compensations are applied (it logs it per partition), so each is decided on the new
+    rules' state: the live balances, available and pending, and the expired points equal `loyalty process` under the
+    new rules over the whole log. Before (as with `LOYALTY_CUTOVER_HOLD_S=0`), a tick among them expired the old rules'
+    lots and a refund reversed the old rules' award, and the compensation, computed from the history before the
+    markers, did not correct that: a dry-run afterwards found 32 customers changed (2026-11-28)."""
+    document = yaml.safe_load(NEW_RULES.read_text())
+    document["version"] += "-held"
+    document["expiry"] = {"mode": "lot", "days": 180}
+    rules = tmp_path / "held.yaml"
+    rules.write_text(yaml.safe_dump(document))
+    history = list(generate_events(events=600, customers=40, seed=43))
+    documents = [json.loads(line) for line in history]
+    closed = {d["order_id"] for d in documents if d["event_type"] in ("purchase.refunded", "purchase.cancelled")}
+    orders = [d for d in documents if d["event_type"] == "purchase.completed" and d["order_id"] not in closed]
+    customers = sorted({d["customer_id"] for d in documents})
+    start = max(datetime.fromisoformat(d["occurred_at"]) for d in documents)
+    start = max(start, datetime.now(UTC))  # about when the apply runs: its compensations carry the wall clock
+    arriving = []
+    for number in range(400):  # about 10 s of traffic: a tick of a customer, or a refund of an open order
+        envelope = {
+            "schema_version": 1,
+            "store_id": "s1",
+            "occurred_at": (start + timedelta(seconds=number)).isoformat(),
+        }
+        if number % 2 and orders:
+            order = orders.pop(0)
+            arriving.append({**envelope, "customer_id": order["customer_id"], "event_id": f"during-refund-{number}",
+                             "event_type": "purchase.refunded", "order_id": order["order_id"],
+                             "refund_id": f"during-{number}"})  # fmt: skip
+        else:
+            customer = customers[number % len(customers)]
+            arriving.append({**envelope, "customer_id": customer, "event_id": f"during-tick-{number}",
+                             "event_type": "clock.tick"})  # fmt: skip
+    lines = [json.dumps(line) for line in arriving]
+    arrived = _apply_during_traffic(tmp_path, history, lines, rules, wait_s=1.0)
+
+    log = (tmp_path / "up.log").read_text()
+    version = document["version"]
+    assert all(f"apply of {version}: compensations applied on partition {p}" in log for p in (0, 1)), log[-3000:]
+    expected = process_lines([line.encode() for line in history + arrived], load_ruleset(rules))
     client = connect(f"chdb://{(tmp_path / 'data' / 'clickhouse').resolve()}")
     try:
         assert projected_balances(client) == expected.balances()
+        pending = client.query("SELECT customer_id, sum(pending_points) FROM ledger_entries FINAL GROUP BY customer_id")
     finally:
         client.close()
+    wanted = {customer: state.pending for customer, state in expected.states.items() if state.pending}
+    assert {c: int(p) for c, p in pending.result_rows if p} == wanted
 
 
 def test_refunds_and_cancellations_after_an_apply_take_back_what_the_new_rules_awarded(tmp_path):

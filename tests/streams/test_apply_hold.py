@@ -1,0 +1,189 @@
+"""The worker holds a partition's events after a cut-over marker until the apply's compensations are applied.
+
+An event after the markers is decided by the new rules, on the state the new rules give, which only the compensation
+brings (its lots, last activity, re-valued orders). Before, such an event arriving while the apply replayed history
+was decided on the old rules' state: a tick among them expired the old rules' lots, and the compensation, computed
+from the history before the markers, took them again (the review of 2026-11-28 found -100 where 140 was due).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+
+from test_derived_events import PARTITIONS
+from test_replay_expiry import CUT_OVER, HISTORY, NEW, OLD, _compensations
+from test_replay_revalue import archived, event
+
+from schemas.topics import COMPENSATED_CONTROL, CONTROL_HEADER, INPUT_TOPICS, REDEMPTIONS, RULESET_CONTROL
+from streams.applier import InputMessage, StreamApplier
+from streams.batch import process_lines
+from streams.replay import replay_messages
+from streams.routing import partition_for, routes_for
+
+# Decided after the markers, dated before the compensation (the wall clock of the apply). The tick expires the lot
+# of o1 (1 February) under the new rules, which award it 310 points, not the old rules' 190.
+BETWEEN = [
+    event("b1", "review.approved", "2026-05-20T10:00:00+00:00", review_id="v1", sku="sku-0100", rating=5),
+    event("b2", "clock.tick", "2026-05-25T10:00:00+00:00"),
+    event("b3", "clock.tick", "2026-08-05T10:00:00+00:00"),
+]
+HOLD_MS = 60_000.0
+C1 = partition_for(b"c1", PARTITIONS)
+
+
+class _Log:
+    """Input partitions with their next offsets, as the producers and the apply write them."""
+
+    def __init__(self) -> None:
+        self.offsets: collections.Counter = collections.Counter()
+
+    def message(self, topic: str, partition: int, key: bytes, value: bytes, headers=(), at_ms: float = 0.0):
+        offset = self.offsets[(topic, partition)]
+        self.offsets[(topic, partition)] += 1
+        return InputMessage(topic, partition, offset, key, value, tuple(headers), received_ms=at_ms)
+
+    def lines(self, lines: list[str], at_ms: float = 0.0) -> list[InputMessage]:
+        messages = []
+        for line in lines:
+            for route in routes_for(line.encode()):
+                partition = partition_for(route.key, PARTITIONS)
+                messages.append(self.message(route.topic, partition, route.key, line.encode(), route.headers, at_ms))
+        return messages
+
+    def markers(self, version: str, header: bytes, topics, at_ms: float = 0.0) -> list[InputMessage]:
+        return [
+            self.message(topic, partition, b"", version.encode(), [(CONTROL_HEADER, header)], at_ms)
+            for topic in topics
+            for partition in range(PARTITIONS)
+        ]
+
+
+def _applier(hold_ms: float = HOLD_MS) -> StreamApplier:
+    applier = StreamApplier(
+        OLD, partition_for=functools.partial(partition_for, partitions=PARTITIONS), cutover_hold_ms=hold_ms
+    )
+    applier.local_partitions.update(range(PARTITIONS))
+    applier.know_ruleset(NEW)
+    return applier
+
+
+def _step(applier: StreamApplier, messages: list[InputMessage], now_ms: float):
+    """Accept, then release with every partition caught up (a single worker that read everything)."""
+    accepted = applier.accept(messages)
+    released = applier.release([], set(), now_ms)
+    return accepted, released
+
+
+def _compensation(log: _Log) -> InputMessage:
+    """c1's compensation, computed by the apply from the history before the markers."""
+    live = process_lines([line.encode() for line in HISTORY], OLD).states["c1"]
+    shadow = replay_messages(archived(HISTORY), NEW, keep_orders=True)
+    restated = shadow.restate["c1"].restated(live.lifetime_earned, {}, None, NEW)
+    (value,) = _compensations(NEW, live.balance, shadow, restated, CUT_OVER)
+    return log.message(REDEMPTIONS, C1, b"c1", value)
+
+
+def _live_apply(hold_ms: float = HOLD_MS):
+    """History under the old rules, the markers, BETWEEN arriving while the apply replays, then its compensation and
+    end markers. Returns the applier and every ledger entry it wrote, and what BETWEEN wrote before the end marker."""
+    applier, log, ledger = _applier(hold_ms), _Log(), []
+    for output in _step(applier, log.lines(HISTORY), 0.0):
+        ledger += [entry for _, entry, _ in output.ledger]
+    _step(applier, log.markers(NEW.version, RULESET_CONTROL, INPUT_TOPICS, 1_000.0), 1_000.0)
+    early = []
+    for output in _step(applier, log.lines(BETWEEN, 2_000.0), 2_000.0):
+        early += [entry for _, entry, _ in output.ledger]
+    for output in _step(
+        applier, [_compensation(log), *log.markers(NEW.version, COMPENSATED_CONTROL, [REDEMPTIONS])], 3_000.0
+    ):
+        ledger += [entry for _, entry, _ in output.ledger]
+    return applier, ledger + early, early
+
+
+def test_events_after_the_markers_wait_for_the_compensation_and_end_as_under_the_new_rules():
+    batch = process_lines([line.encode() for line in HISTORY + BETWEEN], NEW)
+    expected = batch.states["c1"]
+    applier, ledger, early = _live_apply()
+    assert early == []  # nothing of BETWEEN was decided before the compensation
+    state = applier.states[C1]["c1"]
+    assert (state.balance, state.lots) == (expected.balance, expected.lots)
+    expired = [entry.points for entry in ledger if entry.rule_id == "expiry.lot"]
+    assert expired == [entry.points for entry in batch.ledger if entry.rule_id == "expiry.lot"] == [-310]
+    assert applier.waiting == {} and applier.late_events == 0  # held on purpose, not late
+    assert {(NEW.version, partition) for partition in range(PARTITIONS)} <= applier.compensated
+
+    # Without the wait (the worker before): the tick expired the old rules' lot, and the balance ends elsewhere.
+    unheld, ledger, early = _live_apply(hold_ms=0.0)
+    assert [entry.points for entry in early if entry.rule_id == "expiry.lot"] == [-190]  # the old rules' lot of o1
+    assert unheld.states[C1]["c1"].balance != expected.balance
+
+
+def test_the_end_marker_applies_the_compensation_before_events_dated_earlier_and_says_so():
+    applier, log = _applier(), _Log()
+    _step(applier, log.lines(HISTORY), 0.0)
+    _step(applier, log.markers(NEW.version, RULESET_CONTROL, INPUT_TOPICS), 1_000.0)
+    accepted, released = _step(applier, log.lines(BETWEEN, 2_000.0), 2_000.0)
+    assert applier.waiting_count == len(BETWEEN) and not released.ledger and not released.acks
+    # The compensation alone is not held (it is what the others wait for), and the wait goes on without the marker.
+    accepted, released = _step(applier, [_compensation(log)], 3_000.0)
+    assert {entry.caused_by for _, entry, _ in released.ledger} == {f"replay:{NEW.version}:c1"}
+    assert applier.waiting_count == len(BETWEEN)
+    # Another partition's end marker ends nothing here.
+    other = (C1 + 1) % PARTITIONS
+    accepted = applier.accept(
+        [log.message(REDEMPTIONS, other, b"", NEW.version.encode(), [(CONTROL_HEADER, COMPENSATED_CONTROL)])]
+    )
+    assert accepted.compensated == [(NEW.version, other, "compensated")] and applier.waiting_count == len(BETWEEN)
+    marker = log.message(REDEMPTIONS, C1, b"", NEW.version.encode(), [(CONTROL_HEADER, COMPENSATED_CONTROL)])
+    accepted, released = _step(applier, [marker], 4_000.0)
+    assert accepted.compensated == [(NEW.version, C1, "compensated")] and marker in accepted.acks
+    assert applier.waiting_count == 0
+    decided = {entry.caused_by for _, entry, _ in released.ledger}
+    assert {"b1", "b3"} <= decided
+
+
+def test_a_partition_waits_at_most_the_hold_then_its_events_go_on_without_the_compensation():
+    applier, log = _applier(hold_ms=5_000.0), _Log()
+    _step(applier, log.lines(HISTORY), 0.0)
+    _step(applier, log.markers(NEW.version, RULESET_CONTROL, INPUT_TOPICS), 1_000.0)
+    _, released = _step(applier, log.lines(BETWEEN, 2_000.0), 2_000.0)
+    assert applier.waiting_count == len(BETWEEN)
+    released = applier.release([], set(), 6_999.0)
+    assert applier.waiting_count == len(BETWEEN) and not released.compensated
+    released = applier.release([], set(), 7_000.0)
+    assert released.compensated == [(NEW.version, C1, "timed out")] and applier.waiting_count == 0
+    assert {entry.caused_by for _, entry, _ in released.ledger} >= {"b1", "b3"}
+    # Later events of the partition are not held again for the same apply.
+    _, released = _step(applier, log.lines([event("b4", "clock.tick", "2026-09-01T10:00:00+00:00")], 8_000.0), 8_000.0)
+    assert applier.waiting_count == 0
+
+
+def test_over_held_max_events_waiting_the_partitions_are_released():
+    applier, log = _applier(), _Log()
+    applier.held_max = 2
+    _step(applier, log.lines(HISTORY), 0.0)
+    _step(applier, log.markers(NEW.version, RULESET_CONTROL, INPUT_TOPICS), 1_000.0)
+    _, released = _step(applier, log.lines(BETWEEN, 2_000.0), 2_000.0)
+    assert released.compensated == [(NEW.version, C1, "too many held")] and applier.waiting_count == 0
+
+
+def test_a_restarted_worker_that_read_the_end_of_the_apply_does_not_wait_again():
+    log = _Log()
+    history = log.lines(HISTORY)
+    markers = log.markers(NEW.version, RULESET_CONTROL, INPUT_TOPICS)
+    between = log.lines(BETWEEN, 2_000.0)
+    restarted = _applier()
+    for message in markers:  # from loyalty.rulesets: the activations and the end of the apply
+        restarted.activate(message.topic, message.partition, message.offset, NEW.version)
+    restarted.compensations_read(NEW.version, C1)
+    _step(restarted, history, 0.0)
+    _step(restarted, between, 2_000.0)
+    assert restarted.waiting_count == 0
+    # One that knows the cut-overs but not the end waits, although it never read the markers themselves.
+    waiting = _applier()
+    for message in markers:
+        waiting.activate(message.topic, message.partition, message.offset, NEW.version)
+    _step(waiting, history, 0.0)
+    _step(waiting, between, 2_000.0)
+    assert waiting.waiting_count == len(BETWEEN)
