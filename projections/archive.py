@@ -60,17 +60,17 @@ def describe_gaps(gaps: Iterable[tuple[str, int, int, int]]) -> str:
     return ", ".join(f"{topic}/{partition}: {have} of {want}" for topic, partition, have, want in gaps)
 
 
-def below_markers(markers: Mapping[tuple[str, int], int]) -> tuple[str, dict]:
+def below_markers(markers: Mapping[tuple[str, int], int], name: str = "marker") -> tuple[str, dict]:
     """A condition on raw_events' (topic, partition, offset): the message lies below its partition's offset in
-    `markers` (false in a partition without one), with its parameters."""
+    `markers` (false in a partition without one), with its parameters (named after `name`)."""
     items = sorted(markers.items())
     condition = (
-        "offset < arrayElement({marker_offsets:Array(UInt64)}, "
-        "indexOf({marker_keys:Array(String)}, concat(topic, '/', toString(partition))))"
+        f"offset < arrayElement({{{name}_offsets:Array(UInt64)}}, "
+        f"indexOf({{{name}_keys:Array(String)}}, concat(topic, '/', toString(partition))))"
     )
     return condition, {
-        "marker_keys": [f"{topic}/{partition}" for (topic, partition), _ in items],
-        "marker_offsets": [offset for _, offset in items],
+        f"{name}_keys": [f"{topic}/{partition}" for (topic, partition), _ in items],
+        f"{name}_offsets": [offset for _, offset in items],
     }
 
 
@@ -130,6 +130,17 @@ class RawArchive:
         """About how many messages are archived, read from the parts' row counts without a scan (copies of one
         message not yet merged away count twice): a progress bar's 100%, where `count` scanned every offset."""
         return int(self._client.query("SELECT count() FROM raw_events").result_rows[0][0])
+
+    def keys_between(self, low: Mapping[tuple[str, int], int], high: Mapping[tuple[str, int], int]) -> set[str]:
+        """The routing keys of the messages below `high` and not below `low` in their partition (offsets per input
+        partition, as `below_markers` reads them)."""
+        above, low_parameters = below_markers(low, "low")
+        below, high_parameters = below_markers(high, "high")
+        rows = self._client.query(
+            f"SELECT DISTINCT routing_key FROM raw_events WHERE {below} AND NOT ({above})",
+            parameters=low_parameters | high_parameters,
+        ).result_rows
+        return {row[0] for row in rows}
 
     def stream_for_replay(
         self,

@@ -15,19 +15,22 @@ reached a partition that had been found caught up (a producer's topics running a
 
 Held for the compensations: `loyalty replay --apply` writes cut-over markers, replays the history before them and
 then posts its compensations (to the redemptions topic, keyed by customer) followed by an end marker in every
-partition of that topic. An event after a partition's marker is decided by the new rules, and it must be decided on
-the state the new rules give, which the compensation brings; so such events wait (outside the event-time buffer,
-unacked) until the end marker of that version in the redemptions topic's partition of the same number (a customer's
-partition in every topic). At the end marker the partition's compensations are applied first, then the waiting
-events, in event-time order. A partition waits at most `cutover_hold_ms` (an apply that failed after its markers
-posts no end marker) or until `held_max` events wait; then its events are released on the state they find, as
-before the compensation, and that is logged. Each end marker read (or wait given up) is recorded in
-loyalty.rulesets (`compensated:<version>:<partition>`), so a restarted worker does not wait again.
+partition of that topic, naming the cut-over markers of that partition number in every topic (a customer's
+partition is the same in every topic). An event after a cut-over marker is decided by the new rules, and it must
+be decided on the state the new rules give, which the compensation brings; so such events wait (outside the
+event-time buffer, unacked) until an end marker names their cut-over. At the end marker the partition's
+compensations are applied first, then the waiting events, in event-time order. A wait ends without the
+compensations, its events then decided on the state they find and that logged, when a later cut-over marker comes
+in its topic partition (a new apply: its compensations start from what the worker decided, and it could not pass its
+markers while the events before them wait unacked), after `cutover_hold_ms` (an apply that failed after its
+markers posts no end marker), or when more than `held_max` events wait. Each end of a wait is recorded in
+loyalty.rulesets (`ended:<topic>:<partition>:<marker offset>`), so that a restarted worker does not wait again.
 """
 
 from __future__ import annotations
 
 import heapq
+import json
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -121,6 +124,19 @@ class SkewEstimate:
             self._start = 0
 
 
+def end_marker_cuts(value: bytes) -> tuple[str, dict[str, int]]:
+    """An apply's end marker: its version, and per input topic the offset of its cut-over marker in the partition
+    of the end marker's number (`streams.cutover.publish_compensated`). Raises ValueError when unreadable."""
+    try:
+        document = json.loads(value)
+        version, cuts = document["version"], document["cuts"]
+        if not isinstance(version, str) or not all(isinstance(o, int) and o >= 0 for o in cuts.values()):
+            raise TypeError("version must be text and every cut a non-negative offset")
+        return version, {str(topic): int(offset) for topic, offset in cuts.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{error.__class__.__name__}: {error}") from None
+
+
 class UnknownRuleset(RuntimeError):
     """A cut-over marker names a rule set this worker has not loaded from loyalty.rulesets (yet)."""
 
@@ -164,9 +180,10 @@ class Output:
     duplicates: int = 0
     applied: int = 0
     activations: list[tuple[str, int, int, str]] = field(default_factory=list)  # topic, partition, offset, version
-    # (version, partition, how): partitions whose events after a cut-over stopped waiting for the compensations,
-    # how = "compensated" (the end marker was read), "timed out" or "too many held" (released without it).
-    compensated: list[tuple[str, int, str]] = field(default_factory=list)
+    # (topic, partition, marker offset, version, how): cut-overs whose events stopped waiting for the compensations,
+    # how = "compensated" (the end marker was read), "superseded", "timed out" or "too many held" (without them).
+    # To record before the batch's acks, once its entries (the compensations') are written.
+    ended: list[tuple[str, int, int, str, str]] = field(default_factory=list)
     # Events derived for other customers (referral.reversed), to publish to their input topic before the ledger
     # entries of this release, so that a crash in between re-derives them instead of losing them.
     derived: list[InputMessage] = field(default_factory=list)
@@ -187,7 +204,7 @@ class _Held:
 
 @dataclass(slots=True)
 class _Wait:
-    """A partition's events after a cut-over marker, waiting for the apply's compensations (module docstring)."""
+    """A topic partition's events after a cut-over marker, waiting for the apply's compensations (module docstring)."""
 
     version: str
     since_ms: float  # when the first of them was taken (the driver's clock)
@@ -232,11 +249,11 @@ class StreamApplier:
         self.cutovers: dict[TopicPartition, list[tuple[int, RuleSet]]] = {}
         self.reorder_wait_ms = reorder_wait_ms
         self.held_max = held_max
-        # Held for the compensations (module docstring): 0 does not wait. (version, partition) whose wait is over,
-        # and per input partition the events waiting.
+        # Held for the compensations (module docstring): 0 does not wait. The cut-overs (topic, partition, marker
+        # offset) whose wait is over, and per cut-over the events waiting.
         self.cutover_hold_ms = cutover_hold_ms
-        self.compensated: set[tuple[str, int]] = set()
-        self.waiting: dict[TopicPartition, _Wait] = {}
+        self.ended: set[tuple[str, int, int]] = set()
+        self.waiting: dict[tuple[str, int, int], _Wait] = {}
         self.states: dict[int, dict[str, CustomerState]] = {}
         # A heap of (order key, arrival number, held event): the arrival number breaks ties without ever
         # comparing the events themselves (a generated dataclass __lt__ cost 6% of the worker's time).
@@ -289,7 +306,7 @@ class StreamApplier:
     def forget(self, partition: int) -> None:
         self.local_partitions.discard(partition)
         self.states.pop(partition, None)
-        self.waiting = {tp: wait for tp, wait in self.waiting.items() if tp[1] != partition}  # unacked: re-delivered
+        self.waiting = {cut: wait for cut, wait in self.waiting.items() if cut[1] != partition}  # unacked: re-delivered
         self.held = [item for item in self.held if item[2].message.partition != partition]
         heapq.heapify(self.held)
         self.latest_seen = {tp: seen for tp, seen in self.latest_seen.items() if tp[1] != partition}
@@ -310,17 +327,17 @@ class StreamApplier:
     def ruleset_for(self, topic: str, partition: int, offset: int) -> RuleSet:
         return self._cut_for(topic, partition, offset)[0]
 
-    def _cut_for(self, topic: str, partition: int, offset: int) -> tuple[RuleSet, bool]:
-        """The rule set of a message, and whether it comes after a cut-over marker (the last before it)."""
-        chosen, after_cut = self.ruleset, False
+    def _cut_for(self, topic: str, partition: int, offset: int) -> tuple[RuleSet, int | None]:
+        """The rule set of a message, and the offset of the cut-over marker it comes after (the last before it)."""
+        chosen, cut = self.ruleset, None
         for cut_offset, ruleset in self.cutovers.get((topic, partition), ()):
             if cut_offset < offset:
-                chosen, after_cut = ruleset, True
-        return chosen, after_cut
+                chosen, cut = ruleset, cut_offset
+        return chosen, cut
 
-    def compensations_read(self, version: str, partition: int) -> None:
-        """Record that the apply of `version` is over for `partition` (read from loyalty.rulesets at a start)."""
-        self.compensated.add((version, partition))
+    def wait_ended(self, topic: str, partition: int, offset: int) -> None:
+        """Record that the wait after the cut-over marker at `offset` is over (read from loyalty.rulesets)."""
+        self.ended.add((topic, partition, offset))
 
     def accept(self, messages: Iterable[InputMessage]) -> Output:
         """Decode messages; bad ones become dead letters at once, good ones wait for their turn.
@@ -337,9 +354,15 @@ class StreamApplier:
                 self.activate(message.topic, message.partition, message.offset, version)
                 output.activations.append((message.topic, message.partition, message.offset, version))
                 output.acks.append(message)
+                for cut in [cut for cut in self.waiting if cut[:2] == (message.topic, message.partition)]:
+                    if cut[2] < message.offset:
+                        self._end_wait(cut, "superseded", output)
                 continue
             if (CONTROL_HEADER, COMPENSATED_CONTROL) in message.headers:
-                self._compensated(message, output)
+                try:
+                    self._compensated(message, output)
+                except ValueError as error:
+                    output.dead_letters.append(DeadLetter(message, f"unreadable end marker of an apply: {error}"))
                 output.acks.append(message)
                 continue
             try:
@@ -360,15 +383,16 @@ class StreamApplier:
             if seen is None or event.occurred_at > seen:
                 self.latest_seen[tp] = event.occurred_at
             self.skew.arrived(event.occurred_at, message.fetch_time)
-            ruleset, after_cut = self._cut_for(message.topic, message.partition, message.offset)
+            ruleset, cut_offset = self._cut_for(message.topic, message.partition, message.offset)
             self._arrivals += 1
             held = _Held(message, event, side, ruleset, self._looked_caught_up.get(tp))
             item = (order_key(event, message.offset), self._arrivals, held)
-            if after_cut and self.cutover_hold_ms > 0 and not self._compensation(message, event):
-                if (ruleset.version, message.partition) not in self.compensated:
-                    wait = self.waiting.get(tp)
+            if cut_offset is not None and self.cutover_hold_ms > 0 and not self._compensation(message, event):
+                cut = (message.topic, message.partition, cut_offset)
+                if cut not in self.ended:
+                    wait = self.waiting.get(cut)
                     if wait is None:
-                        wait = self.waiting[tp] = _Wait(ruleset.version, message.received_ms)
+                        wait = self.waiting[cut] = _Wait(ruleset.version, message.received_ms)
                     held.waited = True
                     wait.events.append(item)
                     continue
@@ -377,39 +401,44 @@ class StreamApplier:
 
     @staticmethod
     def _compensation(message: InputMessage, event: ev.Event) -> bool:
+        """A compensation (or a part of one) an apply posted: what the events after its markers wait for."""
         return message.topic == REDEMPTIONS and event.event_id.startswith(COMPENSATION_PREFIX)
 
     def _compensated(self, message: InputMessage, output: Output) -> None:
         """An apply's end marker in the redemptions topic: its compensations on this partition, which came before
-        it, are decided now (before events dated earlier: that is what they wait for), then the events waiting."""
-        version, partition = message.value.decode("utf-8", "replace"), message.partition
-        self._end_wait(version, partition, "compensated", output)
-        ours = [
-            item
-            for item in self.held
-            if item[2].message.partition == partition and self._compensation(item[2].message, item[2].event)
-        ]
+        it, are decided now (before events dated earlier: that is what they wait for), then the events waiting after
+        the cut-over markers it names."""
+        version, cuts = end_marker_cuts(message.value)
+        partition = message.partition
+        ours, others = [], []
+        for item in self.held:
+            held = item[2]
+            mine = held.message.partition == partition and self._compensation(held.message, held.event)
+            (ours if mine else others).append(item)
         if ours:
-            self.held = [item for item in self.held if item not in ours]
+            self.held = others
             heapq.heapify(self.held)
             for _, _, held in sorted(ours, key=lambda item: item[:2]):
                 self._apply(held, output)
+        for topic, offset in cuts.items():
+            self._end_wait((topic, partition, offset), "compensated", output, version)
 
-    def _end_wait(self, version: str, partition: int, how: str, output: Output) -> None:
-        """The wait for `version`'s compensations is over on `partition` (every topic): its events go to the buffer."""
-        if (version, partition) not in self.compensated:
-            self.compensated.add((version, partition))
-            output.compensated.append((version, partition, how))
-        for tp in [tp for tp, wait in self.waiting.items() if tp[1] == partition and wait.version == version]:
-            for item in self.waiting.pop(tp).events:
-                heapq.heappush(self.held, item)
+    def _end_wait(self, cut: tuple[str, int, int], how: str, output: Output, version: str | None = None) -> None:
+        """The wait after a cut-over marker is over: its events go to the event-time buffer."""
+        wait = self.waiting.pop(cut, None)
+        if cut not in self.ended:
+            self.ended.add(cut)
+            output.ended.append((*cut, version or (wait.version if wait else ""), how))
+        for item in wait.events if wait is not None else ():
+            heapq.heappush(self.held, item)
 
     def _give_up_waiting(self, now_ms: float, output: Output) -> None:
-        """Release the events of partitions that waited `cutover_hold_ms`, or of all when over `held_max` wait."""
+        """End the waits that lasted `cutover_hold_ms` (with the others of their partition: one apply), or every wait
+        when more than `held_max` events wait."""
         too_many = self.waiting_count > self.held_max
-        for tp, wait in list(self.waiting.items()):
-            if tp in self.waiting and (too_many or now_ms - wait.since_ms >= self.cutover_hold_ms):
-                self._end_wait(wait.version, tp[1], "too many held" if too_many else "timed out", output)
+        late = {cut[1] for cut, wait in self.waiting.items() if now_ms - wait.since_ms >= self.cutover_hold_ms}
+        for cut in [cut for cut in self.waiting if too_many or cut[1] in late]:
+            self._end_wait(cut, "too many held" if too_many else "timed out", output)
 
     @property
     def waiting_count(self) -> int:

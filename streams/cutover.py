@@ -7,10 +7,12 @@ partition's marker with the old one, messages after it with the new one, so no e
 rule sets or by neither. When the worker reads a marker it records the activation (topic, partition,
 offset, version) in `loyalty.rulesets` before acking it, so a restarted worker knows every cut-over.
 
-After its compensations the apply writes an end marker (header `loyalty-control: compensated`, value = the
-version) into every partition of the compensations' topic: the worker holds a partition's events after a cut-over
-until it has read the end marker there and applied the compensations before it (streams/applier.py), and records
-`compensated:<version>:<partition>` in `loyalty.rulesets` so that a restarted worker does not hold them again.
+After its compensations the apply writes an end marker (header `loyalty-control: compensated`, value = JSON: the
+version and, per input topic, the offset of its cut-over marker in the partition of that number) into every
+partition of the compensations' topic: the worker holds the events after a cut-over marker until an end marker
+names it, and applies the compensations before that end marker first (streams/applier.py). Each end of such a wait
+is recorded as `ended:<topic>:<partition>:<marker offset>` in `loyalty.rulesets`, so that a restarted worker does
+not hold them again.
 """
 
 from __future__ import annotations
@@ -34,15 +36,16 @@ def activation_record(topic: str, partition: int, offset: int, version: str) -> 
     return f"activation:{topic}:{partition}:{offset}".encode(), json.dumps(document).encode()
 
 
-def compensated_record(version: str, partition: int, how: str) -> tuple[bytes, bytes]:
-    document = {"version": version, "partition": partition, "how": how}
-    return f"compensated:{version}:{partition}".encode(), json.dumps(document).encode()
+def ended_record(topic: str, partition: int, offset: int, version: str, how: str) -> tuple[bytes, bytes]:
+    """The end of the worker's wait for an apply's compensations after the cut-over marker at `offset`."""
+    document = {"topic": topic, "partition": partition, "offset": offset, "version": version, "how": how}
+    return f"ended:{topic}:{partition}:{offset}".encode(), json.dumps(document).encode()
 
 
 class Recorded(NamedTuple):
     rulesets: dict[str, RuleSet]
     activations: list[tuple[str, int, int, str]]  # topic, partition, offset, version, in the order recorded
-    compensated: set[tuple[str, int]]  # (version, partition) whose wait for the apply's compensations is over
+    ended: set[tuple[str, int, int]]  # cut-over markers (topic, partition, offset) after which nothing waits
 
 
 async def read_rulesets(bootstrap: str) -> Recorded:
@@ -55,7 +58,7 @@ async def read_rulesets(bootstrap: str) -> Recorded:
     await consumer.start()
     rulesets: dict[str, RuleSet] = {}
     activations: list[tuple[str, int, int, str]] = []
-    compensated: set[tuple[str, int]] = set()
+    ended: set[tuple[str, int, int]] = set()
     try:
         tp = TopicPartition(RULESETS, 0)
         consumer.assign([tp])
@@ -73,9 +76,9 @@ async def read_rulesets(bootstrap: str) -> Recorded:
                     activations.append(
                         (document["topic"], document["partition"], document["offset"], document["version"])
                     )
-                elif key.startswith("compensated:"):
+                elif key.startswith("ended:"):
                     document = json.loads(record.value)
-                    compensated.add((document["version"], document["partition"]))
+                    ended.add((document["topic"], document["partition"], document["offset"]))
             highwater = consumer.highwater(tp)
             if highwater is not None and await consumer.position(tp) >= highwater:
                 break
@@ -83,7 +86,7 @@ async def read_rulesets(bootstrap: str) -> Recorded:
                 raise RuntimeError("could not read loyalty.rulesets to its end")
     finally:
         await consumer.stop()
-    return Recorded(rulesets, activations, compensated)
+    return Recorded(rulesets, activations, ended)
 
 
 def publish_cutover(bootstrap: str, ruleset: RuleSet, text: str, partitions: int) -> dict[tuple[str, int], int]:
@@ -110,13 +113,19 @@ def publish_cutover(bootstrap: str, ruleset: RuleSet, text: str, partitions: int
         producer.close()
 
 
-def publish_compensated(producer, version: str) -> int:
+def end_marker(version: str, markers: dict[tuple[str, int], int], partition: int) -> bytes:
+    """The end marker's value for `partition`: the version and its cut-over marker's offset in every input topic."""
+    cuts = {topic: offset for (topic, number), offset in sorted(markers.items()) if number == partition}
+    return json.dumps({"version": version, "cuts": cuts}).encode()
+
+
+def publish_compensated(producer, version: str, markers: dict[tuple[str, int], int]) -> int:
     """After an apply's compensations (acknowledged), its end marker into every partition of their topic, with the
-    kafka-python producer that sent them; returns how many partitions."""
+    kafka-python producer that sent them; `markers`: the apply's cut-over markers. Returns how many partitions."""
     futures = [
         producer.send(
             REDEMPTIONS,
-            value=version.encode(),
+            value=end_marker(version, markers, partition),
             key=b"",
             partition=partition,
             headers=[(CONTROL_HEADER, COMPENSATED_CONTROL)],

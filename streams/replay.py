@@ -183,6 +183,8 @@ class ShadowResult:
     pending: dict[str, int] | None = None
     # With `keep_orders`, per customer kept: what the compensation restates under the new rules.
     restate: dict[str, Restatement] | None = None
+    # The events the replay derived (referral reversals), per customer receiving them: (order key, event).
+    derived: dict[str, list[tuple[tuple, ev.Event]]] = field(default_factory=dict)
 
 
 def replay_messages(
@@ -249,6 +251,7 @@ def _replay(
         _first_pass_in_processes(messages, ruleset, result, derived, progress, processes, keep_orders)
     if not derived:
         return result
+    result.derived = {customer_id: list(events) for customer_id, events in derived.items()}
     if refetch is None:
         result.derived_skipped = sum(len(events) for events in derived.values())
         return result
@@ -763,6 +766,133 @@ def _per_rule_rows(before: dict[str, int], after: dict[str, int]) -> list[dict]:
     ]
 
 
+@dataclass
+class Prepared:
+    """An apply's replay of the history below `horizon` (an offset per input partition), made before its cut-over
+    markers are written (`prepare`), so that the worker, which holds the events after the markers until the
+    compensations are applied, waits only for the replay of what arrived between the two (`dry_run(prepared=)`)."""
+
+    ruleset: RuleSet
+    horizon: dict[tuple[str, int], int]
+    shadow: ShadowResult
+    seconds: float
+
+
+def prepare(
+    client,
+    ruleset: RuleSet,
+    *,
+    horizon: Mapping[tuple[str, int], int],
+    processes: int = 1,
+    progress: Callable[[int], None] | None = None,
+) -> Prepared:
+    """Replay the archived history below `horizon` for an apply, comparing with the live entries of that history
+    (`horizon` must be a point the worker has passed, with everything below it archived and projected)."""
+    from projections.archive import RawArchive
+
+    live = live_figures(client, horizon, ruleset.version)
+    keep = _live_balances(live, _live_expiry(client, horizon, ruleset))
+    started = time.monotonic()
+    shadow = _replay_below(RawArchive(client), horizon, ruleset, progress, processes, keep)
+    return Prepared(ruleset, dict(horizon), shadow, time.monotonic() - started)
+
+
+def _replay_below(
+    archive,
+    bound: Mapping[tuple[str, int], int] | None,
+    ruleset: RuleSet,
+    progress: Callable[[int], None] | None,
+    processes: int,
+    keep_orders: bool | Mapping[str, tuple],
+) -> ShadowResult:
+    """`replay_messages` over the archive, below `bound` (an offset per input partition) when given."""
+    return replay_messages(
+        archive.stream_for_replay(before=bound),
+        ruleset,
+        progress=progress,
+        refetch=lambda keys: archive.stream_for_replay(keys=keys, before=bound),
+        processes=processes,
+        keep_orders=keep_orders,
+    )
+
+
+def _advance(
+    prepared: Prepared, archive, markers: Mapping[tuple[str, int], int], keep: Mapping[str, tuple]
+) -> ShadowResult:
+    """The prepared replay brought to the markers (`prepared` is spent): the customers with archived messages
+    between its horizon and the markers are taken out (their history below the horizon decided again, its figures
+    subtracted) and decided again over their history below the markers; so are the customers whose derived events
+    (referral reversals) those histories change. `keep` as `replay_messages`' `keep_orders`."""
+    ruleset, result = prepared.ruleset, prepared.shadow
+    changed = archive.keys_between(prepared.horizon, markers)
+    if not changed:
+        return result
+
+    def decide(stream, sign: int, read: ShadowResult, received: Mapping[str, list]) -> dict:
+        """Each customer's history as the replay decides it: its figures into `result` with `sign` (with the derived
+        events it `received`; with +1 also its balance and kept orders), the messages read and rejected into `read`;
+        returns what the histories derive for others (decided without what they received, as in the first pass)."""
+        derives: dict[str, list[tuple[tuple, ev.Event]]] = {}
+        for customer_id, items in _customers(_fields(stream), read, None):
+            extra = [(key, event, "customer") for key, event in received.get(customer_id, ())]
+            if extra:
+                _run_customer(customer_id, items, ruleset, ShadowResult(), +1, derives)
+                items = sorted(items + extra, key=lambda item: item[0])
+            unawarded = _unawarded_if(result) if sign > 0 else None
+            state = _run_customer(customer_id, items, ruleset, result, sign, None if extra else derives, unawarded)
+            if sign > 0:
+                result.balances[customer_id] = state.balance
+                _keep_orders(result, state, unawarded, items)
+        return derives
+
+    received = result.derived
+    taken = ShadowResult()  # what the taken-out histories added to the events read and rejected
+    derived_before = decide(archive.stream_for_replay(keys=changed, before=prepared.horizon), -1, taken, received)
+    derived_after: dict[str, list[tuple[tuple, ev.Event]]] = {}
+    for customer_id, items in _customers(
+        _fields(archive.stream_for_replay(keys=changed, before=markers)), ShadowResult(), None
+    ):
+        _run_customer(customer_id, items, ruleset, ShadowResult(), +1, derived_after)
+    received_now = _derived_again(received, derived_before, derived_after)
+    others = {c for c in {*received, *received_now} if _alike(received.get(c)) != _alike(received_now.get(c))}
+    others -= changed
+    if others:  # their history is the same, what they received is not
+        decide(archive.stream_for_replay(keys=others, before=markers), -1, taken, received)
+    for figures in (result.balances, result.orders or {}, result.pending or {}, result.restate or {}):
+        for customer_id in changed | others:
+            figures.pop(customer_id, None)
+    result.events -= taken.events
+    result.rejected -= taken.rejected
+    global _orders_unless_balance
+    _orders_unless_balance = keep
+    try:
+        with _fewer_collections():
+            decide(archive.stream_for_replay(keys=changed | others, before=markers), +1, result, received_now)
+    finally:
+        _orders_unless_balance = None
+    result.derived = received_now
+    return result
+
+
+def _alike(events: list[tuple[tuple, ev.Event]] | None) -> list:
+    return sorted((key, event.model_dump_json()) for key, event in events or ())
+
+
+def _derived_again(
+    received: Mapping[str, list[tuple[tuple, ev.Event]]],
+    before: Mapping[str, list[tuple[tuple, ev.Event]]],
+    after: Mapping[str, list[tuple[tuple, ev.Event]]],
+) -> dict[str, list[tuple[tuple, ev.Event]]]:
+    """What each customer receives once the derived events of some histories go from `before` to `after`."""
+    again = {customer_id: list(events) for customer_id, events in received.items()}
+    for customer_id, events in before.items():
+        gone = {(key, event.event_id) for key, event in events}
+        again[customer_id] = [item for item in again.get(customer_id, []) if (item[0], item[1].event_id) not in gone]
+    for customer_id, events in after.items():
+        again.setdefault(customer_id, []).extend(events)
+    return {customer_id: events for customer_id, events in again.items() if events}
+
+
 def dry_run(
     client,
     ruleset: RuleSet,
@@ -772,32 +902,35 @@ def dry_run(
     progress: Callable[[int], None] | None = None,
     processes: int = 1,
     markers: Mapping[tuple[str, int], int] | None = None,
+    prepared: Prepared | None = None,
 ) -> dict:
-    """`markers`: an apply's cut-over markers; both sides then cover what lies before them (see `live_figures`)."""
+    """`markers`: an apply's cut-over markers; both sides then cover what lies before them (see `live_figures`).
+    `prepared`: the apply's replay of the history below a point before the markers (`prepare`), which only the
+    customers with messages since then are decided again for (or all, when derived events are involved)."""
     from projections.archive import RawArchive
 
     archive = RawArchive(client)
     live = live_figures(client, markers, ruleset.version)
     expiry = _live_expiry(client, markers, ruleset) if markers is not None else None
     started = time.monotonic()
-    shadow = replay_messages(
-        archive.stream_for_replay(before=markers),
-        ruleset,
-        progress=progress,
-        refetch=lambda keys: archive.stream_for_replay(keys=keys, before=markers),
-        processes=processes,
+    if prepared is not None and markers is not None and prepared.ruleset is ruleset:
+        shadow = _advance(prepared, archive, markers, _live_balances(live, expiry))
+    else:
         # An apply's compensations re-value the open orders of the customers whose balance changes.
-        keep_orders=_live_balances(live, expiry) if markers is not None else False,
-    )
+        keep = _live_balances(live, expiry) if markers is not None else False
+        shadow = _replay_below(archive, markers, ruleset, progress, processes, keep)
     elapsed = time.monotonic() - started
     report = compare(live, shadow, ruleset, current_point_value)
+    if shadow is (prepared.shadow if prepared is not None else None):
+        report["replay_after_markers_s"] = round(elapsed, 3)  # what the worker waited for
+        elapsed += prepared.seconds
     if since is not None:  # the customers listed and counted; the totals and per-rule figures stay the whole history's
         active = _customers_active_since(client, since)
         report["customers"] = [row for row in report["customers"] if row["customer_id"] in active]
         report["customers_changed"] = sum(1 for row in report["customers"] if row["delta"] != 0)
         report["customers_losing_points"] = [row["customer_id"] for row in report["customers"] if row["delta"] < 0]
         report["since"] = since.isoformat()
-    report["archive_gaps"] = [list(gap) for gap in archive.gaps()]
+    report["archive_gaps"] = sorted(list(gap) for gap in archive.gaps())  # the query gives no order
     report["processes"] = processes
     report["elapsed_s"] = round(elapsed, 3)
     report["events_per_s"] = round(shadow.events / elapsed) if elapsed > 0 else None
@@ -1257,10 +1390,15 @@ def _fitting(event: dict, orders: list[dict]) -> list[dict]:
     return fitting
 
 
-def publish(bootstrap: str, events: list[tuple[str, bytes]], version: str | None = None) -> int:
-    """Send the compensations; with `version`, then the apply's end marker into every partition of their topic,
-    which ends the worker's wait for them (`streams.cutover.publish_compensated`). The compensations are flushed
-    (acknowledged) before the markers are sent, so no retry can put a marker before a compensation."""
+def publish(
+    bootstrap: str,
+    events: list[tuple[str, bytes]],
+    version: str | None = None,
+    markers: Mapping[tuple[str, int], int] | None = None,
+) -> int:
+    """Send the compensations; with the apply's `version` and cut-over `markers`, then its end marker into every
+    partition of their topic, which ends the worker's wait for them (`streams.cutover.publish_compensated`). The
+    compensations are flushed (acknowledged) before the markers are sent, so no retry puts a marker before one."""
     from streams.cutover import publish_compensated
     from streams.producer import make_producer
 
@@ -1270,8 +1408,8 @@ def publish(bootstrap: str, events: list[tuple[str, bytes]], version: str | None
         producer.flush()
         for future in futures:
             future.get(timeout=30)  # raises if one was not written: the apply reports it and is run again
-        if version is not None:
-            publish_compensated(producer, version)
+        if version is not None and markers is not None:
+            publish_compensated(producer, version, dict(markers))
     finally:
         producer.close()
     return len(events)
@@ -1308,9 +1446,16 @@ def check_apply_allowed(*, gaps: list, lag: int, lag_max: int) -> None:
         raise ReplayRefused(f"the worker lags by {lag} messages (bound {lag_max}); wait until it catches up")
 
 
-def apply_report(report: dict, *, bootstrap: str, cut_over: datetime | None = None) -> dict:
-    """Publish the compensating adjustments of a dry-run report; returns what was published."""
+def apply_report(
+    report: dict,
+    *,
+    bootstrap: str,
+    cut_over: datetime | None = None,
+    markers: Mapping[tuple[str, int], int] | None = None,
+) -> dict:
+    """Publish the compensating adjustments of a dry-run report, then (with the apply's cut-over `markers`) its end
+    markers, even with no compensation: they end the worker's wait. Returns what was published."""
     moment = cut_over or datetime.now(UTC)
     events = compensations(report, cut_over=moment)
-    published = publish(bootstrap, events, report["ruleset_version_new"])  # the end markers even with none
+    published = publish(bootstrap, events, report["ruleset_version_new"], markers)
     return {"compensations_published": published, "cut_over": moment.isoformat()}

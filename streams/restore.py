@@ -14,9 +14,9 @@ Before the worker and the projector start, `restore_topics` writes back:
   event (the header a worker's restore needs), so the worker rebuilds every customer's state by folding it;
   a customer's last event is left out when its input is archived, since it may be only partly projected
   (`_LEDGER_SQL`): the worker decides it again;
-- the rule-set documents and one activation per archived cut-over marker, in the order they were archived, and
-  the end of the wait for each apply's compensations per archived end marker (an apply that wrote none, having
-  failed after its markers, makes the worker hold the events after them again, `LOYALTY_CUTOVER_HOLD_S` at most);
+- the rule-set documents and one activation per archived cut-over marker, in the order they were archived, each
+  with the end of the worker's wait after it for the apply's compensations: every archived event was decided before
+  the restart (an apply that was running then died with it, and is run again);
 - and the projector's ledger positions set to the rebuilt ledger's end (everything in it is projected).
 
 It refuses, with the reason, when the archive cannot give the inputs back at their offsets (gaps, positions the
@@ -36,7 +36,7 @@ from projections.queries import entry_of_row
 from projections.sink import LEDGER_COLUMNS
 from schemas.ledger import LedgerEntry
 from schemas.topics import ARCHIVE_SIDE_HEADERS, INPUT_TOPICS, LEDGER, RULESETS
-from streams.cutover import activation_record, compensated_record, ruleset_record
+from streams.cutover import activation_record, ended_record, ruleset_record
 from streams.routing import partition_for
 
 log = logging.getLogger("loyalty")
@@ -149,9 +149,7 @@ def _restore_rulesets(client: Any, producer: Any) -> int:
     for topic, partition, offset, version, _ in markers:
         key, value = activation_record(topic, int(partition), int(offset), _text(version))
         futures.append(producer.send(RULESETS, key=key, value=value, partition=0))
-    ends = client.query("SELECT DISTINCT partition, value FROM raw_events WHERE referee_side = 4").result_rows
-    for partition, version in sorted(ends):
-        key, value = compensated_record(_text(version), int(partition), "compensated")
+        key, value = ended_record(topic, int(partition), int(offset), _text(version), "restored")
         futures.append(producer.send(RULESETS, key=key, value=value, partition=0))
     producer.flush()
     for future in futures:

@@ -521,9 +521,10 @@ def _replay_handler(
             gaps = await asyncio.to_thread(replay_archive_gaps, client)
         replay.check_apply_allowed(gaps=gaps, lag=sum(counts["consumer_lag"].values()), lag_max=lag_max)
 
-    async def before_markers_in_clickhouse(markers: dict[tuple[str, int], int]) -> None:
+    async def before_markers_in_clickhouse(markers: dict[tuple[str, int], int], refusal: str | None = None) -> None:
         """Wait until the worker has passed every marker, and everything before the markers is archived and its
-        entries projected; events after them may go on arriving meanwhile."""
+        entries projected; events after them may go on arriving meanwhile. `refusal`: the message if it does not
+        happen within the wait (else one about cut-over markers)."""
         deadline = time.monotonic() + cutover_wait_s
         ledger_end: dict[tuple[str, int], int] | None = None
         while True:
@@ -543,6 +544,8 @@ def _replay_handler(
                 ):
                     return
             if time.monotonic() > deadline:
+                if refusal is not None:
+                    raise replay.ReplayRefused(refusal)
                 raise replay.ReplayRefused(
                     f"the worker did not pass the cut-over markers, or the projector did not store what lies before "
                     f"them, within {cutover_wait_s:.0f}s; the new rule set is in force from them, and the worker holds "
@@ -551,16 +554,48 @@ def _replay_handler(
                 )
             await asyncio.sleep(0.5)
 
-    async def dry_run(new_rules, since: datetime | None, processes: int, current=None, markers=None, run=None) -> dict:
+    async def prepared_history(new_rules, processes: int, run: dict | None):
+        """An apply's replay of the history the worker has decided (below its committed offsets, once archived and
+        projected), before the markers are written: after them, only what arrived since is replayed, while the worker
+        holds the events after the markers (`replay.prepare`)."""
+        committed = await asyncio.to_thread(monitor.committed)
+        horizon = {
+            (topic, partition): committed.get((topic, partition), 0)
+            for topic in INPUT_TOPICS
+            for partition in range(projector.partitions)
+        }
+        # Offsets below the horizon are decided: wait as for markers one below it (each is then passed).
+        await before_markers_in_clickhouse(
+            {tp: offset - 1 for tp, offset in horizon.items()},
+            refusal=f"the projector did not store what the worker had decided within {cutover_wait_s:.0f}s; nothing "
+            "was changed: run --apply again",
+        )
+
+        def counted(events: int) -> None:
+            run["events"] = events
+
+        def replayed():
+            if run is not None:
+                run["estimate"], run["phase"] = replay_archive_estimate(client), "replaying"
+            progress = counted if run is not None else None
+            return replay.prepare(client, new_rules, horizon=horizon, processes=processes, progress=progress)
+
+        async with client_lock:
+            return await asyncio.to_thread(replayed)
+
+    async def dry_run(
+        new_rules, since: datetime | None, processes: int, current=None, markers=None, run=None, prepared=None
+    ) -> dict:
         """`current`: the rule set the live balances were valued by, when not the one in force now (an apply's);
-        `markers`: an apply's cut-over markers (both sides cover what lies before them). The client lock keeps the
-        projector from writing meanwhile: both sides read one state of ClickHouse. `run`: the progress to update."""
+        `markers`: an apply's cut-over markers (both sides cover what lies before them); `prepared`: its replay of the
+        history before them (`prepared_history`). The client lock keeps the projector from writing meanwhile: both
+        sides read one state of ClickHouse. `run`: the progress to update."""
 
         def counted(events: int) -> None:
             run["events"] = events
 
         def replayed() -> dict:
-            if run is not None:  # a progress asked for (`ReplayProgress.start`)
+            if run is not None and prepared is None:  # a progress asked for (`ReplayProgress.start`)
                 run["estimate"], run["phase"] = replay_archive_estimate(client), "replaying"
             return replay.dry_run(
                 client,
@@ -570,6 +605,7 @@ def _replay_handler(
                 processes=processes,
                 markers=markers,
                 progress=counted if run is not None else None,
+                prepared=prepared,
             )
 
         async with client_lock:
@@ -596,6 +632,8 @@ def _replay_handler(
         if conflict:
             raise replay.ReplayRefused(conflict)
         await allowed(lag_max)
+        phase("waiting for the projector to store what the worker has decided")
+        prepared = await prepared_history(new_rules, processes, run)
         phase("publishing the rule set and the cut-over markers")
         async with client_lock:  # kept in ClickHouse too: a fresh embedded broker is rebuilt from there
             await asyncio.to_thread(
@@ -612,9 +650,12 @@ def _replay_handler(
         # decided by the new rules already, and keep arriving while this runs.
         phase("waiting for the worker to pass the markers and the projector to store what lies before them")
         await before_markers_in_clickhouse(markers)
-        report = await dry_run(new_rules, None, processes, current=previous, markers=markers, run=run)
+        phase("replaying what arrived since; the worker holds the events after the markers until the compensations")
+        report = await dry_run(
+            new_rules, None, processes, current=previous, markers=markers, run=run, prepared=prepared
+        )
         phase("publishing the compensations")
-        report["applied"] = await asyncio.to_thread(replay.apply_report, report, bootstrap=bootstrap)
+        report["applied"] = await asyncio.to_thread(replay.apply_report, report, bootstrap=bootstrap, markers=markers)
         for key in (replay.REVALUED_ORDERS, replay.PENDING_CHANGES, replay.RESTATED):  # went into the compensations
             report.pop(key, None)
         report["applied"]["markers"] = {

@@ -144,11 +144,11 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
 
     async def load_rulesets() -> None:
         """Rule sets and cut-overs recorded in loyalty.rulesets (by `loyalty replay --apply`)."""
-        rulesets, activations, compensated = await cutover.read_rulesets(settings.kafka_bootstrap)
+        rulesets, activations, ended = await cutover.read_rulesets(settings.kafka_bootstrap)
         for known in rulesets.values():
             applier.know_ruleset(known)
-        for version, partition in compensated:
-            applier.compensations_read(version, partition)
+        for topic, partition, offset in ended:
+            applier.wait_ended(topic, partition, offset)
         for topic, partition, offset, version in activations:
             if version in applier.rulesets:
                 applier.activate(topic, partition, offset, version)
@@ -253,7 +253,7 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
     last_finish: list[asyncio.Future] = []  # the latest batch's finish: each batch acks after the one before
 
     async def send(output: Output) -> None:
-        if not (output.ledger or output.dead_letters or output.acks or output.derived or output.compensated):
+        if not (output.ledger or output.dead_letters or output.acks or output.derived or output.ended):
             return
         kafka = await producer()
         if output.derived:
@@ -294,19 +294,23 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
             futures.append(await kafka.send(RULESETS, value=value, key=key, partition=0))
             log.info("rule set %s in force on %s/%d after offset %d", version, topic, partition, offset)
             metrics.record_ruleset(version)
-        for version, partition, how in output.compensated:
-            key, value = cutover.compensated_record(version, partition, how)
-            futures.append(await kafka.send(RULESETS, value=value, key=key, partition=0))
+        for topic, partition, offset, version, how in output.ended:
             if how == "compensated":
                 log.info(
-                    "apply of %s: compensations applied on partition %d, its held events follow", version, partition
+                    "apply of %s: compensations applied on partition %d, the held events of %s/%d follow",
+                    version,
+                    partition,
+                    topic,
+                    partition,
                 )
             else:
                 log.warning(
-                    "apply of %s: partition %d's events released without its compensations (%s; "
-                    "LOYALTY_CUTOVER_HOLD_S): they are decided on the state before the compensations",
+                    "apply of %s: the events of %s/%d after its cut-over at offset %d are released without its "
+                    "compensations (%s; LOYALTY_CUTOVER_HOLD_S): they are decided on the state before them",
                     version,
+                    topic,
                     partition,
+                    offset,
                     how,
                 )
         # The batch's acks wait for its sends in a task: the next batch is decided while this one is on its
@@ -358,6 +362,14 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
                 await previous
             if failed:
                 return  # the worker is crashing: this batch may hold duplicates of events whose write failed
+            if output.ended:
+                # Recorded once this batch's entries (the compensations') and every earlier batch's are written, and
+                # before its acks: a restart then either waits again (nothing recorded, nothing acked) or finds every
+                # compensation in the ledger.
+                kafka = await producer()
+                records = [cutover.ended_record(*ended) for ended in output.ended]
+                sent = [await kafka.send(RULESETS, value=value, key=key, partition=0) for key, value in records]
+                await asyncio.gather(*sent)
             for token in acks.done(((message.topic, message.partition), message.offset) for message in output.acks):
                 token.ack()
         except BaseException as error:

@@ -1,0 +1,95 @@
+"""An apply replays the history before it writes its markers (`replay.prepare`); after them it decides again only the
+customers with messages since (`dry_run(prepared=)`). The report, and so the compensations, must be the very same as
+a whole replay's at the markers: the worker holds the events after the markers until the compensations arrive, so
+this second step is what it waits for."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+from test_derived_events import PARTITIONS, drain, routed
+from test_replay_derived import archived
+
+from projections import LedgerSink, connect, migrate
+from projections.archive import RawArchive
+from schemas.topics import INPUT_TOPICS
+from streams.applier import StreamApplier
+from streams.batch import process_lines
+from streams.replay import dry_run, prepare
+from streams.routing import partition_for
+from streams.rules.ruleset import load_ruleset
+from streams.simulate import generate_events
+
+RULESETS = "streams/rules/rulesets"
+UNTIMED = ("elapsed_s", "events_per_s", "replay_after_markers_s")
+
+
+def _store(client, lines: list[bytes], ruleset) -> dict[tuple[str, int], int]:
+    """The archive and ledger of a live run of `lines` under `ruleset`; returns the next offset of every partition."""
+    applier = StreamApplier(ruleset, partition_for=functools.partial(partition_for, partitions=PARTITIONS))
+    inputs = routed(lines)
+    _, output = drain(applier, inputs)
+    published = [  # the derived events the worker published, after the inputs in their partitions
+        type(m)(m.topic, m.partition, 1_000_000 + n, m.key, m.value, m.headers) for n, m in enumerate(output.derived)
+    ]
+    messages = archived(inputs + published)
+    RawArchive(client).write(messages, {})
+    LedgerSink(client).write(process_lines(lines, ruleset).ledger)
+    ends = {(topic, partition): 0 for topic in INPUT_TOPICS for partition in range(PARTITIONS)}
+    for message in messages:
+        ends[(message.topic, message.partition)] = max(ends[(message.topic, message.partition)], message.offset + 1)
+    return ends
+
+
+def _both(client, new, old, markers, horizon) -> tuple[dict, dict]:
+    value = old.redemption.point_value
+    whole = dry_run(client, new, current_point_value=value, markers=markers)
+    prepared = prepare(client, new, horizon=horizon)
+    stepped = dry_run(client, new, current_point_value=value, markers=markers, prepared=prepared)
+    return whole, stepped
+
+
+def _same(whole: dict, stepped: dict) -> None:
+    for key in UNTIMED:
+        whole.pop(key, None)
+    timing = {key: stepped.pop(key, None) for key in UNTIMED}
+    assert stepped == whole
+    assert timing["replay_after_markers_s"] is not None
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "share"),
+    [
+        ("default", "full-lifecycle", 0.5),
+        ("full-lifecycle", "seasonal-promotion", 0.8),
+        ("advanced-coupons", "default", 0.2),
+        ("default", "advanced-coupons", 1.0),  # the horizon at the markers: nothing to decide again
+    ],
+)
+def test_an_apply_prepared_before_its_markers_reports_what_a_whole_replay_at_them_does(tmp_path, old, new, share):
+    generated = generate_events(events=3000, customers=150, seed=11, mean_gap_seconds=3000, disputed_referral_share=0)
+    whole, stepped = _reports(tmp_path, old, new, generated, share)
+    assert whole["customers_changed"] > 0
+    _same(whole, stepped)
+
+
+def test_with_derived_events_between_the_two_their_receivers_are_decided_again_and_it_reports_the_same(tmp_path):
+    generated = generate_events(events=3000, customers=120, seed=5, mean_gap_seconds=5000, disputed_referral_share=0.3)
+    whole, stepped = _reports(tmp_path, "full-lifecycle", "default", generated, 0.5)
+    _same(whole, stepped)
+
+
+def _reports(tmp_path, old: str, new: str, generated, share: float) -> tuple[dict, dict]:
+    """A live run of the generated log under `old`; the reports of an apply of `new` with markers at its end, by a
+    whole replay and prepared with a horizon at `share` of every partition."""
+    old_rules, new_rules = load_ruleset(f"{RULESETS}/{old}.yaml"), load_ruleset(f"{RULESETS}/{new}.yaml")
+    lines = [line.encode() for line in generated]
+    client = connect(f"chdb://{tmp_path / 'clickhouse'}")
+    try:
+        migrate(client)
+        markers = _store(client, lines, old_rules)
+        horizon = {tp: int(end * share) for tp, end in markers.items()}
+        return _both(client, new_rules, old_rules, markers, horizon)
+    finally:
+        client.close()
