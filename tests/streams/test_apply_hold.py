@@ -238,3 +238,15 @@ def test_an_unreadable_end_marker_is_dead_lettered_with_the_reason():
     accepted = applier.accept([message])
     assert [dead.reason[:30] for dead in accepted.dead_letters] == ["unreadable end marker of an ap"]
     assert message in accepted.acks
+
+
+def test_an_apply_of_the_same_version_after_a_wait_timed_out_holds_the_events_after_its_own_markers():
+    applier, log = _applier(hold_ms=5_000.0), _Log()
+    _step(applier, log.lines(HISTORY), 0.0)
+    _step(applier, log.markers(NEW.version), 1_000.0)
+    _step(applier, log.lines(BETWEEN[:1], 2_000.0), 2_000.0)
+    _, released = _step(applier, [], 8_000.0)
+    assert {how for *_, how in released.ended} == {"timed out"} and applier.waiting_count == 0
+    _step(applier, log.markers(NEW.version, 9_000.0), 9_000.0)  # the apply run again
+    _step(applier, log.lines(BETWEEN[1:], 10_000.0), 10_000.0)
+    assert applier.waiting_count == len(BETWEEN) - 1
