@@ -267,7 +267,9 @@ def _promotions(ruleset: RuleSet, source: Source, moment: datetime) -> list:
 
 
 def _eligible(state: CustomerState, event: ev.Event, ruleset: RuleSet) -> tuple[bool, str]:
-    segment = getattr(event, "customer_segment", None) or state.segment
+    # The event's own segment (purchases and registrations carry one) from its fields: `getattr` with a default on a
+    # model without the field goes through pydantic's `__getattr__`, which raises and catches: about 4 us per event.
+    segment = event.__dict__.get("customer_segment") or state.segment
     if segment is not None and segment in ruleset.eligibility.excluded_segments:
         return False, f"segment {segment!r} does not earn points"
     return True, ""
