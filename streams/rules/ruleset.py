@@ -269,6 +269,14 @@ class RuleSet(_Strict):
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
 
+    @cached_property
+    def caps_by_source(self) -> dict[str, list[Cap]]:
+        """The caps per source, in the file's order (most sources have none, and every award asks)."""
+        caps: dict[str, list[Cap]] = {}
+        for cap in self.caps:
+            caps.setdefault(cap.source, []).append(cap)
+        return caps
+
 
 class RuleSetInvalid(ValueError):
     """A rule set file that cannot be used; `problems` lists (path of the bad key, reason)."""
