@@ -247,7 +247,7 @@ def evolve(state: CustomerState, entry: LedgerEntry, zone: ZoneInfo) -> None:
     if entry.rule_id == RESTATE_RULE:
         _restate(state, reference, entry.occurred_at)
     elif source is _PURCHASE:
-        _evolve_purchase(state, entry, kind, reference)
+        _evolve_purchase(state, entry, kind, reference, spent)
     elif source is _REVIEW:
         if entry.sku:
             state.reviewed_skus = _with(state.reviewed_skus, entry.sku)
@@ -364,7 +364,8 @@ def rolling_spend(
     return total
 
 
-def _evolve_purchase(state: CustomerState, entry: LedgerEntry, kind: Kind, reference: str) -> None:
+def _evolve_purchase(state: CustomerState, entry: LedgerEntry, kind: Kind, reference: str, spent: Decimal) -> None:
+    """`spent`: the entry's `spend_change`, which for a purchase line's own entry is its amount (or 0)."""
     order_id = entry.order_id or ""
     # A purchase.completed event can also release earlier pending lots: those `confirmed` entries carry the
     # event type of the new purchase but refer to another order, so they take the confirmation path below
@@ -391,7 +392,7 @@ def _evolve_purchase(state: CustomerState, entry: LedgerEntry, kind: Kind, refer
             order.lines[reference] = LineAward(
                 sku=entry.sku or "",
                 quantity=entry.quantity or 0,
-                amount=Decimal(entry.amount or "0"),
+                amount=spent or Decimal(entry.amount or "0"),  # the amount parsed once, but for a 0 spend
                 points=points,
                 pending=pending,
                 category=entry.category,
