@@ -6,6 +6,7 @@ this second step is what it waits for."""
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 from test_derived_events import PARTITIONS, drain, routed
@@ -13,10 +14,10 @@ from test_replay_derived import archived
 
 from projections import LedgerSink, connect, migrate
 from projections.archive import RawArchive
-from schemas.topics import INPUT_TOPICS
+from schemas.topics import INPUT_TOPICS, PURCHASES, TOPIC_RANK
 from streams.applier import StreamApplier
 from streams.batch import process_lines
-from streams.replay import dry_run, prepare
+from streams.replay import ReplayRefused, dry_run, prepare
 from streams.routing import partition_for
 from streams.rules.ruleset import load_ruleset
 from streams.simulate import generate_events
@@ -91,5 +92,40 @@ def _reports(tmp_path, old: str, new: str, generated, share: float) -> tuple[dic
         markers = _store(client, lines, old_rules)
         horizon = {tp: int(end * share) for tp, end in markers.items()}
         return _both(client, new_rules, old_rules, markers, horizon)
+    finally:
+        client.close()
+
+
+def test_a_customer_keyed_otherwise_between_the_two_is_refused_as_by_a_whole_replay(tmp_path):
+    """A foreign producer's event of a customer under another routing key, arriving after the horizon: a whole replay
+    refuses (the customer would be decided from two fresh states); the prepared one decided the customer from that
+    one event alone (balance_after 0 here, a compensation taking every point) and reported it."""
+    old_rules, new_rules = load_ruleset(f"{RULESETS}/default.yaml"), load_ruleset(f"{RULESETS}/full-lifecycle.yaml")
+    lines = [line.encode() for line in generate_events(events=400, customers=20, seed=3)]
+    foreign = {
+        "event_id": "foreign-1",
+        "event_type": "purchase.completed",
+        "schema_version": 1,
+        "occurred_at": "2026-01-01T00:00:30+00:00",
+        "customer_id": "c000003",
+        "store_id": "s1",
+        "order_id": "o-foreign",
+        "currency": "USD",
+        "lines": [{"sku": "HM-1", "category": "home", "quantity": 1, "unit_price": "500.00"}],
+    }
+    client = connect(f"chdb://{tmp_path / 'clickhouse'}")
+    try:
+        migrate(client)
+        horizon = _store(client, lines, old_rules)
+        offset = horizon[(PURCHASES, 0)]
+        message = (PURCHASES, 0, offset, "someone-else", json.dumps(foreign).encode(), 0, TOPIC_RANK[PURCHASES])
+        RawArchive(client).write([message], {})
+        markers = {**horizon, (PURCHASES, 0): offset + 1}
+        value = old_rules.redemption.point_value
+        with pytest.raises(ReplayRefused, match="c000003"):
+            dry_run(client, new_rules, current_point_value=value, markers=markers)
+        prepared = prepare(client, new_rules, horizon=horizon)
+        with pytest.raises(ReplayRefused, match="c000003"):
+            dry_run(client, new_rules, current_point_value=value, markers=markers, prepared=prepared)
     finally:
         client.close()
