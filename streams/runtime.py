@@ -634,6 +634,9 @@ def _replay_handler(
         await allowed(lag_max)
         phase("waiting for the projector to store what the worker has decided")
         prepared = await prepared_history(new_rules, processes, run)
+        # Again: the worker may have fallen behind while the history was replayed (minutes on a large archive), and
+        # the bound is what lets it pass the markers within the wait; past it, refuse while nothing is changed.
+        await allowed(lag_max)
         phase("publishing the rule set and the cut-over markers")
         async with client_lock:  # kept in ClickHouse too: a fresh embedded broker is rebuilt from there
             await asyncio.to_thread(
