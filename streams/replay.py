@@ -776,6 +776,8 @@ class Prepared:
     horizon: dict[tuple[str, int], int]
     shadow: ShadowResult
     seconds: float
+    # The live figures its kept orders and restatements were decided against (`keep_orders`), per customer.
+    live: Mapping[str, tuple] = field(default_factory=dict)
 
 
 def prepare(
@@ -794,7 +796,7 @@ def prepare(
     keep = _live_balances(live, _live_expiry(client, horizon, ruleset))
     started = time.monotonic()
     shadow = _replay_below(RawArchive(client), horizon, ruleset, progress, processes, keep)
-    return Prepared(ruleset, dict(horizon), shadow, time.monotonic() - started)
+    return Prepared(ruleset, dict(horizon), shadow, time.monotonic() - started, keep)
 
 
 def _replay_below(
@@ -825,15 +827,22 @@ def _advance(
     (referral reversals) those histories change. `keep` as `replay_messages`' `keep_orders`."""
     ruleset, result = prepared.ruleset, prepared.shadow
     changed = archive.keys_between(prepared.horizon, markers)
-    if not changed:
+    # Customers whose live figures moved with no message of theirs in between (a referral reversal the worker
+    # derived in place, its copy after the markers): what is kept for them is decided against the live ones again.
+    moved = {c for c in {*keep, *prepared.live} if keep.get(c) != prepared.live.get(c)} - changed
+    if not changed and not moved:
         return result
 
-    def decide(stream, sign: int, read: ShadowResult, received: Mapping[str, list]) -> dict:
+    def decide(stream, sign: int, read: ShadowResult, received: Mapping[str, list], covering: set[str]) -> dict:
         """Each customer's history as the replay decides it: its figures into `result` with `sign` (with the derived
         events it `received`; with +1 also its balance and kept orders), the messages read and rejected into `read`;
-        returns what the histories derive for others (decided without what they received, as in the first pass)."""
+        returns what the histories derive for others (decided without what they received, as in the first pass).
+        A customer of `covering` with no history in `stream` but derived events received is decided from those
+        alone, as `_replay` decides a referrer with no archived event of their own."""
         derives: dict[str, list[tuple[tuple, ev.Event]]] = {}
+        seen: set[str] = set()
         for customer_id, items in _customers(_fields(stream), read, None):
+            seen.add(customer_id)
             if sign > 0:
                 # As a whole replay refuses (`_check_once`): the figures of the customers decided again were taken
                 # out, so one still here was decided under another routing key, or comes twice in this stream.
@@ -847,11 +856,22 @@ def _advance(
             if sign > 0:
                 result.balances[customer_id] = state.balance
                 _keep_orders(result, state, unawarded, items)
+        for customer_id in sorted(covering - seen):
+            items = [(key, event, "customer") for key, event in received.get(customer_id, ())]
+            if not items:
+                continue
+            unawarded = _unawarded_if(result) if sign > 0 else None
+            state = _run_customer(customer_id, items, ruleset, result, sign, None, unawarded)
+            if sign > 0:
+                result.balances[customer_id] = state.balance
+                _keep_orders(result, state, unawarded, items)
         return derives
 
     received = result.derived
     taken = ShadowResult()  # what the taken-out histories added to the events read and rejected
-    derived_before = decide(archive.stream_for_replay(keys=changed, before=prepared.horizon), -1, taken, received)
+    derived_before = decide(
+        archive.stream_for_replay(keys=changed, before=prepared.horizon), -1, taken, received, changed
+    )
     derived_after: dict[str, list[tuple[tuple, ev.Event]]] = {}
     for customer_id, items in _customers(
         _fields(archive.stream_for_replay(keys=changed, before=markers)), ShadowResult(), None
@@ -859,9 +879,9 @@ def _advance(
         _run_customer(customer_id, items, ruleset, ShadowResult(), +1, derived_after)
     received_now = _derived_again(received, derived_before, derived_after)
     others = {c for c in {*received, *received_now} if _alike(received.get(c)) != _alike(received_now.get(c))}
-    others -= changed
+    others = (others | moved) - changed
     if others:  # their history is the same, what they received is not
-        decide(archive.stream_for_replay(keys=others, before=markers), -1, taken, received)
+        decide(archive.stream_for_replay(keys=others, before=markers), -1, taken, received, others)
     for figures in (result.balances, result.orders or {}, result.pending or {}, result.restate or {}):
         for customer_id in changed | others:
             figures.pop(customer_id, None)
@@ -871,7 +891,13 @@ def _advance(
     _orders_unless_balance = keep
     try:
         with _fewer_collections():
-            decide(archive.stream_for_replay(keys=changed | others, before=markers), +1, result, received_now)
+            decide(
+                archive.stream_for_replay(keys=changed | others, before=markers),
+                +1,
+                result,
+                received_now,
+                changed | others,
+            )
     finally:
         _orders_unless_balance = None
     result.derived = received_now

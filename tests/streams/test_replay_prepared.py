@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+from datetime import UTC, datetime
 
 import pytest
 from test_derived_events import PARTITIONS, drain, routed
@@ -14,10 +15,11 @@ from test_replay_derived import archived
 
 from projections import LedgerSink, connect, migrate
 from projections.archive import RawArchive
+from schemas.ledger import LedgerEntry
 from schemas.topics import INPUT_TOPICS, PURCHASES, TOPIC_RANK
 from streams.applier import StreamApplier
 from streams.batch import process_lines
-from streams.replay import ReplayRefused, dry_run, prepare
+from streams.replay import ReplayRefused, _advance, _live_balances, _replay_below, dry_run, live_figures, prepare
 from streams.routing import partition_for
 from streams.rules.ruleset import load_ruleset
 from streams.simulate import generate_events
@@ -129,3 +131,84 @@ def test_a_customer_keyed_otherwise_between_the_two_is_refused_as_by_a_whole_rep
             dry_run(client, new_rules, current_point_value=value, markers=markers, prepared=prepared)
     finally:
         client.close()
+
+
+def test_a_customer_whose_live_figures_moved_with_no_message_in_between_is_kept_as_by_a_whole_replay(tmp_path):
+    """Between the prepare and the markers the worker applies in place a referral reversal it derived for a referrer
+    (old rules) from a referee's refund before the markers; the published copy lands after the referrer's marker, so
+    the referrer has no message in between. A whole replay keeps the referrer's orders and restatement (the live
+    figures now differ); the prepared one had decided them against the live figures of the prepare (equal: none)."""
+    old_rules = load_ruleset(f"{RULESETS}/default.yaml")
+    new_rules = old_rules.model_copy(update={"version": "default-again"})  # the same rules: nobody differs at first
+    lines = [line.encode() for line in generate_events(events=1500, customers=60, seed=9, mean_gap_seconds=3000)]
+    client = connect(f"chdb://{tmp_path / 'clickhouse'}")
+    try:
+        migrate(client)
+        markers = _store(client, lines, old_rules)
+        horizon = {tp: end if tp[1] == 0 else end // 2 for tp, end in markers.items()}  # partition 0: none between
+        referrer = next(
+            e.customer_id
+            for e in process_lines(lines, old_rules).ledger
+            if partition_for(e.customer_id.encode(), PARTITIONS) == 0
+        )
+        prepared = prepare(client, new_rules, horizon=horizon)
+        sequence, balance = client.query(
+            "SELECT max(sequence), argMax(balance_after, sequence) FROM ledger_entries WHERE customer_id = {c:String}",
+            parameters={"c": referrer},
+        ).result_rows[0]
+        reversal = LedgerEntry(
+            entry_id=f"reversal-{referrer}",
+            customer_id=referrer,
+            store_id="s1",
+            kind="reversed",
+            sequence=int(sequence) + 1,
+            points=-200,
+            balance_after=int(balance) - 200,
+            source="referral",
+            rule_id="referral.referrer.reversal",
+            ruleset_version=old_rules.version,
+            caused_by="ev-referral:reversed",
+            event_type="referral.reversed",
+            fingerprint="f",
+            occurred_at=datetime(2026, 3, 1, tzinfo=UTC),
+        )
+        LedgerSink(client).write([reversal])
+        value = old_rules.redemption.point_value
+        whole = dry_run(client, new_rules, current_point_value=value, markers=markers)
+        stepped = dry_run(client, new_rules, current_point_value=value, markers=markers, prepared=prepared)
+    finally:
+        client.close()
+    assert referrer in whole["restated"]
+    _same(whole, stepped)
+
+
+def test_a_referrer_with_no_history_below_the_horizon_has_its_derived_figures_taken_back(tmp_path):
+    """The prepare decides a referrer with no archived event below the horizon from the reversals derived for them
+    alone (as `_replay` does); when their history arrives in between, those figures are taken back too (they were
+    not: the replay's entries counted them twice). Compared with a whole replay at the markers, figure by figure."""
+    old_rules, new_rules = load_ruleset(f"{RULESETS}/full-lifecycle.yaml"), load_ruleset(f"{RULESETS}/default.yaml")
+    generated = generate_events(events=3000, customers=120, seed=60, mean_gap_seconds=5000, disputed_referral_share=0.5)
+    lines = [line.encode() for line in generated]
+    client = connect(f"chdb://{tmp_path / 'clickhouse'}")
+    try:
+        migrate(client)
+        markers = _store(client, lines, old_rules)
+        horizon = {tp: 0 if tp[1] == 0 else end for tp, end in markers.items()}  # partition 0's history in between
+        archive = RawArchive(client)
+        keep = _live_balances(live_figures(client, markers, new_rules.version), None)
+        whole = _replay_below(archive, markers, new_rules, None, 1, keep)
+        stepped = _advance(prepare(client, new_rules, horizon=horizon), archive, markers, keep)
+    finally:
+        client.close()
+    for name in (
+        "balances",
+        "points_by_rule",
+        "issued",
+        "events",
+        "rejected",
+        "entries",
+        "orders",
+        "pending",
+        "restate",
+    ):
+        assert getattr(stepped, name) == getattr(whole, name), name
