@@ -15,8 +15,9 @@ Before the worker and the projector start, `restore_topics` writes back:
   a customer's last event is left out when its input is archived, since it may be only partly projected
   (`_LEDGER_SQL`): the worker decides it again;
 - the rule-set documents and one activation per archived cut-over marker, in the order they were archived, each
-  with the end of the worker's wait after it for the apply's compensations: every archived event was decided before
-  the restart (an apply that was running then died with it, and is run again);
+  with the end of the worker's wait after it for the apply's compensations: an apply that was running at the restart
+  died with it (run it again), and the events it held, archived undecided, are decided without waiting, as after a
+  wait that timed out;
 - and the projector's ledger positions set to the rebuilt ledger's end (everything in it is projected).
 
 It refuses, with the reason, when the archive cannot give the inputs back at their offsets (gaps, positions the
