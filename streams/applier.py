@@ -565,14 +565,21 @@ class StreamApplier:
             self._arrivals += 1
             # Decided by its cause's rule set: the cause's offset lies in another topic's partition, so it says nothing
             # about this partition's cut-over markers (comparing the two picked either rule set by chance).
-            heapq.heappush(
-                self.held,
-                (
-                    order_key(event, cause.message.offset),
-                    self._arrivals,
-                    _Held(message, event, "customer", cause.ruleset),
-                ),
-            )
+            held = _Held(message, event, "customer", cause.ruleset)
+            item = (order_key(event, cause.message.offset), self._arrivals, held)
+            # Decided by the rules of a cut-over whose wait for the compensations is still on in its own partition
+            # (the referrer's compensation has not come yet): it waits there too, as its published copy would.
+            cuts = self.cutovers.get((REFERRALS, partition), ())
+            if self.cutover_hold_ms > 0 and cuts and cuts[-1][1] is cause.ruleset:
+                cut = (REFERRALS, partition, cuts[-1][0])
+                if cut not in self.ended:
+                    wait = self.waiting.get(cut)
+                    if wait is None:
+                        wait = self.waiting[cut] = _Wait(cause.ruleset.version, cause.message.received_ms)
+                    held.waited = True
+                    wait.events.append(item)
+                    return
+            heapq.heappush(self.held, item)
 
     @property
     def held_count(self) -> int:

@@ -250,3 +250,51 @@ def test_an_apply_of_the_same_version_after_a_wait_timed_out_holds_the_events_af
     _step(applier, log.markers(NEW.version, 9_000.0), 9_000.0)  # the apply run again
     _step(applier, log.lines(BETWEEN[1:], 10_000.0), 10_000.0)
     assert applier.waiting_count == len(BETWEEN) - 1
+
+
+def test_a_reversal_derived_for_a_referrer_whose_partition_still_waits_waits_for_the_referrers_compensation():
+    """The referee's refund after the markers is decided once the referee's partition has its compensation; it
+    derives the referrer's `referral.reversed`, and the referrer's partition has not read its end marker yet: the
+    reversal waits for it, so it takes back what the new rules awarded (250), not the old rules' 200."""
+    from test_replay_restate import CUT_OVER as REFERRAL_CUT_OVER
+    from test_replay_restate import REFERRAL, REFERRAL_NEW, REFERRAL_OLD, REFUND
+
+    from schemas.decode import decode_event
+    from streams.replay import RESTATED, Restatement, compensations
+
+    referrer, referee = partition_for(b"c1", PARTITIONS), partition_for(b"c2", PARTITIONS)
+    assert referrer != referee
+    applier = StreamApplier(
+        REFERRAL_OLD, partition_for=functools.partial(partition_for, partitions=PARTITIONS), cutover_hold_ms=HOLD_MS
+    )
+    applier.local_partitions.update(range(PARTITIONS))
+    applier.know_ruleset(REFERRAL_NEW)
+    log = _Log()
+    _step(applier, log.lines(REFERRAL), 0.0)
+    live = {customer: (state.balance, state.lifetime_earned) for customer, state in
+            {**applier.states[referrer], **applier.states[referee]}.items()}  # fmt: skip
+    replayed = process_lines([line.encode() for line in REFERRAL], REFERRAL_NEW).states
+
+    def compensation(customer: str) -> InputMessage:
+        before, lifetime = live[customer]
+        after = replayed[customer].balance
+        report = {
+            "ruleset_version_new": REFERRAL_NEW.version,
+            "customers": [{"customer_id": customer, "balance_before": before, "balance_after": after,
+                           "delta": after - before}],
+            RESTATED: {customer: Restatement.of(replayed[customer]).restated(lifetime, {}, None, REFERRAL_NEW)},
+        }  # fmt: skip
+        ((_, value),) = compensations(report, cut_over=REFERRAL_CUT_OVER)
+        assert decode_event(value, REDEMPTIONS).customer_id == customer
+        return log.message(REDEMPTIONS, partition_for(customer.encode(), PARTITIONS), customer.encode(), value)
+
+    _step(applier, log.markers(REFERRAL_NEW.version), 1_000.0)
+    _step(applier, log.lines(REFUND, 2_000.0), 2_000.0)
+    _, released = _step(applier, [compensation("c2"), log.end(REFERRAL_NEW.version, referee)], 3_000.0)
+    assert "r4" in _caused(released) and [m.key for m in released.derived] == [b"c1"]
+    assert applier.waiting_count == 1  # the reversal, in the referrer's partition
+    _step(applier, [compensation("c1"), log.end(REFERRAL_NEW.version, referrer)], 4_000.0)
+    expected = process_lines([line.encode() for line in REFERRAL + REFUND], REFERRAL_NEW).states
+    states = {**applier.states[referrer], **applier.states[referee]}
+    assert {c: state.balance for c, state in states.items()} == {c: s.balance for c, s in expected.items()}
+    assert expected["c1"].balance == 0
