@@ -67,7 +67,9 @@ def main() -> None:
         took = time.monotonic() - began
         stop.set()
         traffic.join()
-        time.sleep(5)
+        deadline = time.monotonic() + 600
+        while any(cli(environment, "status")["consumer_lag"].values()) and time.monotonic() < deadline:
+            time.sleep(1)  # until the worker has decided every compensation and held event
     finally:
         stop.set()
         up.stop()
