@@ -52,8 +52,9 @@ DERIVED_SIDE = b"derived"
 CONTROL_HEADER = "loyalty-control"
 RULESET_CONTROL = b"ruleset"
 # Header of the marker an apply writes into every partition of the compensations' topic after its compensations
-# (value = the version): the worker holds a partition's events after a cut-over marker until it has applied the
-# compensations before this one (streams/applier.py, "Held for the compensations").
+# (value = JSON: the version and the apply's cut-over offsets of that partition number, `streams.cutover.end_marker`):
+# the worker holds the events after a cut-over marker until it has applied the compensations before the end marker
+# that names it (streams/applier.py, "Held for the compensations").
 COMPENSATED_CONTROL = b"compensated"
 
 # The archive's `referee_side` column (projections/archive.py) codes which of these headers an archived input

@@ -387,17 +387,26 @@ class StreamApplier:
             self._arrivals += 1
             held = _Held(message, event, side, ruleset, self._looked_caught_up.get(tp))
             item = (order_key(event, message.offset), self._arrivals, held)
-            if cut_offset is not None and self.cutover_hold_ms > 0 and not self._compensation(message, event):
+            if cut_offset is not None and not self._compensation(message, event):
                 cut = (message.topic, message.partition, cut_offset)
-                if cut not in self.ended:
-                    wait = self.waiting.get(cut)
-                    if wait is None:
-                        wait = self.waiting[cut] = _Wait(ruleset.version, message.received_ms)
-                    held.waited = True
-                    wait.events.append(item)
+                if self._held_for_compensations(cut, ruleset.version, message.received_ms, item):
                     continue
             heapq.heappush(self.held, item)
         return output
+
+    def _held_for_compensations(
+        self, cut: tuple[str, int, int], version: str, since_ms: float, item: tuple[tuple, int, _Held]
+    ) -> bool:
+        """Put `item` in the wait after the cut-over marker `cut`, unless that wait is over (or waits are off);
+        whether it did."""
+        if self.cutover_hold_ms <= 0 or cut in self.ended:
+            return False
+        wait = self.waiting.get(cut)
+        if wait is None:
+            wait = self.waiting[cut] = _Wait(version, since_ms)
+        item[2].waited = True
+        wait.events.append(item)
+        return True
 
     @staticmethod
     def _compensation(message: InputMessage, event: ev.Event) -> bool:
@@ -570,14 +579,9 @@ class StreamApplier:
             # Decided by the rules of a cut-over whose wait for the compensations is still on in its own partition
             # (the referrer's compensation has not come yet): it waits there too, as its published copy would.
             cuts = self.cutovers.get((REFERRALS, partition), ())
-            if self.cutover_hold_ms > 0 and cuts and cuts[-1][1] is cause.ruleset:
+            if cuts and cuts[-1][1] is cause.ruleset:
                 cut = (REFERRALS, partition, cuts[-1][0])
-                if cut not in self.ended:
-                    wait = self.waiting.get(cut)
-                    if wait is None:
-                        wait = self.waiting[cut] = _Wait(cause.ruleset.version, cause.message.received_ms)
-                    held.waited = True
-                    wait.events.append(item)
+                if self._held_for_compensations(cut, cause.ruleset.version, cause.message.received_ms, item):
                     return
             heapq.heappush(self.held, item)
 

@@ -840,6 +840,14 @@ def _advance(
         A customer of `covering` with no history in `stream` but derived events received is decided from those
         alone, as `_replay` decides a referrer with no archived event of their own."""
         derives: dict[str, list[tuple[tuple, ev.Event]]] = {}
+
+        def settle(customer_id: str, items: list, derived: dict | None) -> None:
+            unawarded = _unawarded_if(result) if sign > 0 else None
+            state = _run_customer(customer_id, items, ruleset, result, sign, derived, unawarded)
+            if sign > 0:
+                result.balances[customer_id] = state.balance
+                _keep_orders(result, state, unawarded, items)
+
         seen: set[str] = set()
         for customer_id, items in _customers(_fields(stream), read, None):
             seen.add(customer_id)
@@ -851,20 +859,11 @@ def _advance(
             if extra:
                 _run_customer(customer_id, items, ruleset, ShadowResult(), +1, derives)
                 items = sorted(items + extra, key=lambda item: item[0])
-            unawarded = _unawarded_if(result) if sign > 0 else None
-            state = _run_customer(customer_id, items, ruleset, result, sign, None if extra else derives, unawarded)
-            if sign > 0:
-                result.balances[customer_id] = state.balance
-                _keep_orders(result, state, unawarded, items)
+            settle(customer_id, items, None if extra else derives)
         for customer_id in sorted(covering - seen):
             items = [(key, event, "customer") for key, event in received.get(customer_id, ())]
-            if not items:
-                continue
-            unawarded = _unawarded_if(result) if sign > 0 else None
-            state = _run_customer(customer_id, items, ruleset, result, sign, None, unawarded)
-            if sign > 0:
-                result.balances[customer_id] = state.balance
-                _keep_orders(result, state, unawarded, items)
+            if items:
+                settle(customer_id, items, None)
         return derives
 
     received = result.derived
@@ -943,7 +942,8 @@ def dry_run(
     live = live_figures(client, markers, ruleset.version)
     expiry = _live_expiry(client, markers, ruleset) if markers is not None else None
     started = time.monotonic()
-    if prepared is not None and markers is not None and prepared.ruleset is ruleset:
+    advanced = prepared is not None and markers is not None and prepared.ruleset is ruleset
+    if advanced:
         shadow = _advance(prepared, archive, markers, _live_balances(live, expiry))
     else:
         # An apply's compensations re-value the open orders of the customers whose balance changes.
@@ -951,7 +951,7 @@ def dry_run(
         shadow = _replay_below(archive, markers, ruleset, progress, processes, keep)
     elapsed = time.monotonic() - started
     report = compare(live, shadow, ruleset, current_point_value)
-    if shadow is (prepared.shadow if prepared is not None else None):
+    if advanced:
         report["replay_after_markers_s"] = round(elapsed, 3)  # what the worker waited for
         elapsed += prepared.seconds
     if since is not None:  # the customers listed and counted; the totals and per-rule figures stay the whole history's

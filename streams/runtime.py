@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -571,17 +572,24 @@ def _replay_handler(
             "was changed: run --apply again",
         )
 
-        def counted(events: int) -> None:
-            run["events"] = events
-
         def replayed():
-            if run is not None:
-                run["estimate"], run["phase"] = replay_archive_estimate(client), "replaying"
-            progress = counted if run is not None else None
+            progress = replaying(run)
             return replay.prepare(client, new_rules, horizon=horizon, processes=processes, progress=progress)
 
         async with client_lock:
             return await asyncio.to_thread(replayed)
+
+    def replaying(run: dict | None) -> Callable[[int], None] | None:
+        """In a replay's thread: the progress asked for (`ReplayProgress.start`) shown as replaying, with the
+        archive's size as its 100%; returns what counts the events replayed into it."""
+        if run is None:
+            return None
+        run["estimate"], run["phase"] = replay_archive_estimate(client), "replaying"
+
+        def counted(events: int) -> None:
+            run["events"] = events
+
+        return counted
 
     async def dry_run(
         new_rules, since: datetime | None, processes: int, current=None, markers=None, run=None, prepared=None
@@ -591,12 +599,9 @@ def _replay_handler(
         history before them (`prepared_history`). The client lock keeps the projector from writing meanwhile: both
         sides read one state of ClickHouse. `run`: the progress to update."""
 
-        def counted(events: int) -> None:
-            run["events"] = events
-
         def replayed() -> dict:
-            if run is not None and prepared is None:  # a progress asked for (`ReplayProgress.start`)
-                run["estimate"], run["phase"] = replay_archive_estimate(client), "replaying"
+            # After the markers with the history replayed before, the apply's phase says what is going on.
+            progress = replaying(run) if prepared is None else None
             return replay.dry_run(
                 client,
                 new_rules,
@@ -604,7 +609,7 @@ def _replay_handler(
                 since=since,
                 processes=processes,
                 markers=markers,
-                progress=counted if run is not None else None,
+                progress=progress,
                 prepared=prepared,
             )
 
