@@ -56,6 +56,12 @@ RULESET_CONTROL = b"ruleset"
 # the worker holds the events after a cut-over marker until it has applied the compensations before the end marker
 # that names it (streams/applier.py, "Held for the compensations").
 COMPENSATED_CONTROL = b"compensated"
+# Header of an apply's plan, written into every partition of the compensations' topic before its compensations
+# (value = JSON: the version, the cut-over offsets of that partition number, and the customers of that partition the
+# apply compensates, with how many compensation messages each gets; in parts, `streams.cutover.plan_records`): once
+# the worker has read every part, the events of the other customers stop waiting, and a customer's own events wait only
+# for that customer's compensations (streams/applier.py, "Held for the compensations").
+PLAN_CONTROL = b"plan"
 
 # The archive's `referee_side` column (projections/archive.py) codes which of these headers an archived input
 # message carried: the projector writes the code, the restore gives the message its header back.
@@ -65,12 +71,13 @@ ARCHIVE_SIDE_HEADERS: dict[int, tuple[tuple[str, bytes], ...]] = {
     2: ((CONTROL_HEADER, RULESET_CONTROL),),
     3: ((SIDE_HEADER, DERIVED_SIDE),),
     4: ((CONTROL_HEADER, COMPENSATED_CONTROL),),
+    5: ((CONTROL_HEADER, PLAN_CONTROL),),
 }
 
 
 def archive_side(headers) -> int:
     """The archive's side code of an input message's headers, a sequence of (name, bytes) pairs."""
-    for side in (2, 4, 3, 1):  # a marker, an apply's end, a derived event, a referral's referee copy; else 0
+    for side in (2, 4, 5, 3, 1):  # a marker, an apply's end and plan, a derived event, a referee copy; else 0
         if ARCHIVE_SIDE_HEADERS[side][0] in headers:
             return side
     return 0

@@ -19,7 +19,11 @@ partition of that topic, naming the cut-over markers of that partition number in
 partition is the same in every topic). An event after a cut-over marker is decided by the new rules, and it must
 be decided on the state the new rules give, which the compensation brings; so such events wait (outside the
 event-time buffer, unacked) until an end marker names their cut-over. At the end marker the partition's
-compensations are applied first, then the waiting events, in event-time order. A wait ends without the
+compensations are applied first, then the waiting events, in event-time order. Before its compensations the apply
+writes its plan into every partition of the redemptions topic (the customers it compensates there, with how many
+messages each, in parts): once every part is read, the events of the customers it does not name stop waiting, and a
+named customer's events stop waiting once that customer's compensations are applied; the plan's parts are acked when
+the wait ends, so that a restart before it reads the whole plan again. A wait ends without the
 compensations, its events then decided on the state they find and that logged, when a later cut-over marker comes
 in its topic partition (a new apply: its compensations start from what the worker decided, and it could not pass its
 markers while the events before them wait unacked), after `cutover_hold_ms` (an apply that failed after its
@@ -45,6 +49,7 @@ from schemas.topics import (
     COMPENSATED_CONTROL,
     CONTROL_HEADER,
     DERIVED_SIDE,
+    PLAN_CONTROL,
     REDEMPTIONS,
     REFEREE_SIDE,
     REFERRALS,
@@ -128,13 +133,32 @@ def end_marker_cuts(value: bytes) -> tuple[str, dict[str, int]]:
     """An apply's end marker: its version, and per input topic the offset of its cut-over marker in the partition
     of the end marker's number (`streams.cutover.publish_compensated`). Raises ValueError when unreadable."""
     try:
-        document = json.loads(value)
-        version, cuts = document["version"], document["cuts"]
-        if not isinstance(version, str) or not all(isinstance(o, int) and o >= 0 for o in cuts.values()):
-            raise TypeError("version must be text and every cut a non-negative offset")
-        return version, {str(topic): int(offset) for topic, offset in cuts.items()}
+        return _version_and_cuts(json.loads(value))
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{error.__class__.__name__}: {error}") from None
+
+
+def plan_part(value: bytes) -> tuple[str, dict[str, int], int, int, dict[str, int]]:
+    """A part of an apply's plan (`streams.cutover.plan_records`): its version, cut-over offsets per input topic, part
+    number, number of parts and customers (customer -> compensation messages). Raises ValueError when unreadable."""
+    try:
+        document = json.loads(value)
+        version, cuts = _version_and_cuts(document)
+        part, parts, customers = document["part"], document["parts"], document["customers"]
+        if not (isinstance(part, int) and isinstance(parts, int) and 0 <= part < parts):
+            raise TypeError("part must be a number below parts")
+        if not all(isinstance(count, int) and count > 0 for count in customers.values()):
+            raise TypeError("every customer needs a positive number of compensation messages")
+        return version, cuts, part, parts, {str(customer): count for customer, count in customers.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{error.__class__.__name__}: {error}") from None
+
+
+def _version_and_cuts(document: dict) -> tuple[str, dict[str, int]]:
+    version, cuts = document["version"], document["cuts"]
+    if not isinstance(version, str) or not all(isinstance(o, int) and o >= 0 for o in cuts.values()):
+        raise TypeError("version must be text and every cut a non-negative offset")
+    return version, {str(topic): int(offset) for topic, offset in cuts.items()}
 
 
 class UnknownRuleset(RuntimeError):
@@ -184,6 +208,8 @@ class Output:
     # how = "compensated" (the end marker was read), "superseded", "timed out" or "too many held" (without them).
     # To record before the batch's acks, once its entries (the compensations') are written.
     ended: list[tuple[str, int, int, str, str]] = field(default_factory=list)
+    # (partition, version, customers): an apply's plan read in full; the other customers' events stop waiting.
+    planned: list[tuple[int, str, int]] = field(default_factory=list)
     # Events derived for other customers (referral.reversed), to publish to their input topic before the ledger
     # entries of this release, so that a crash in between re-derives them instead of losing them.
     derived: list[InputMessage] = field(default_factory=list)
@@ -203,12 +229,34 @@ class _Held:
 
 
 @dataclass(slots=True)
+class _Plan:
+    """An apply's plan for one partition number (`streams.cutover.plan_records`), shared by the waits of its topics."""
+
+    parts: int
+    customers: dict[str, int] = field(default_factory=dict)  # customer -> compensation messages not applied yet
+    parts_read: set[int] = field(default_factory=set)
+    messages: list[InputMessage] = field(default_factory=list)  # its parts, acked when the redemptions wait ends
+
+    @property
+    def complete(self) -> bool:
+        return len(self.parts_read) == self.parts
+
+
+@dataclass(slots=True)
 class _Wait:
     """A topic partition's events after a cut-over marker, waiting for the apply's compensations (module docstring)."""
 
     version: str
     since_ms: float  # when the first of them was taken (the driver's clock)
-    events: list[tuple[tuple, int, _Held]] = field(default_factory=list)
+    events: dict[str, list[tuple[tuple, int, _Held]]] = field(default_factory=dict)  # per customer, in arrival order
+    count: int = 0
+    plan: _Plan | None = None  # once a part of the apply's plan is read
+
+
+def _customer_of(held: _Held) -> str:
+    """Whose state an event is decided on: a referral's referee copy is the referee's."""
+    event = held.event
+    return event.referee_id if held.side == "referee" else event.customer_id  # type: ignore[union-attr]
 
 
 class StreamApplier:
@@ -358,6 +406,14 @@ class StreamApplier:
                     if cut[2] < message.offset:
                         self._end_wait(cut, "superseded", output)
                 continue
+            if (CONTROL_HEADER, PLAN_CONTROL) in message.headers:
+                try:
+                    if self._planned(message, output):
+                        continue  # acked when the wait ends: a restart reads every part again
+                except ValueError as error:
+                    output.dead_letters.append(DeadLetter(message, f"unreadable plan of an apply: {error}"))
+                output.acks.append(message)
+                continue
             if (CONTROL_HEADER, COMPENSATED_CONTROL) in message.headers:
                 try:
                     self._compensated(message, output)
@@ -404,9 +460,67 @@ class StreamApplier:
         wait = self.waiting.get(cut)
         if wait is None:
             wait = self.waiting[cut] = _Wait(version, since_ms)
+        customer = _customer_of(item[2])
+        if wait.plan is not None and wait.plan.complete and customer not in wait.plan.customers:
+            return False  # the apply compensates this customer with nothing (more): nothing to wait for
         item[2].waited = True
-        wait.events.append(item)
+        wait.events.setdefault(customer, []).append(item)
+        wait.count += 1
         return True
+
+    def _planned(self, message: InputMessage, output: Output) -> bool:
+        """A part of an apply's plan in the redemptions topic. Once every part of the partition's plan is read, the
+        events of the customers it does not name stop waiting; whether the message's ack waits for the end of the
+        wait (so that a restart before it reads the whole plan again). Raises ValueError when unreadable."""
+        version, cuts, part, parts, customers = plan_part(message.value)
+        partition = message.partition
+        waits = []
+        for topic, offset in cuts.items():
+            cut = (topic, partition, offset)
+            if self.cutover_hold_ms <= 0 or cut in self.ended:
+                continue
+            wait = self.waiting.get(cut)
+            if wait is None:
+                wait = self.waiting[cut] = _Wait(version, message.received_ms)
+            waits.append((cut, wait))
+        plan = next((wait.plan for _, wait in waits if wait.plan is not None), None) or _Plan(parts)
+        if plan.complete:
+            return False  # a part read again (the whole plan is known)
+        plan.parts_read.add(part)
+        plan.customers.update(customers)
+        kept = False
+        for cut, wait in waits:
+            wait.plan = plan
+            if cut[0] == REDEMPTIONS:
+                plan.messages.append(message)
+                kept = True
+        if plan.complete and waits:
+            output.planned.append((partition, version, len(plan.customers)))
+            for _, wait in waits:
+                for customer in [customer for customer in wait.events if customer not in plan.customers]:
+                    self._release_customer(wait, customer)
+        return kept
+
+    def _release_customer(self, wait: _Wait, customer: str) -> None:
+        """A customer's events stop waiting: they go to the event-time buffer."""
+        items = wait.events.pop(customer, ())
+        wait.count -= len(items)
+        for item in items:
+            heapq.heappush(self.held, item)
+
+    def _compensation_applied(self, partition: int, customer: str) -> None:
+        """One of a customer's compensation messages is decided: after the last one the plan names, the customer's
+        events stop waiting."""
+        waits = [wait for cut, wait in self.waiting.items() if cut[1] == partition and wait.plan is not None]
+        plan = waits[0].plan if waits else None
+        if plan is None or not plan.complete or customer not in plan.customers:
+            return
+        plan.customers[customer] -= 1
+        if plan.customers[customer] > 0:
+            return
+        del plan.customers[customer]
+        for wait in waits:
+            self._release_customer(wait, customer)
 
     @staticmethod
     def _compensation(message: InputMessage, event: ev.Event) -> bool:
@@ -438,8 +552,13 @@ class StreamApplier:
         if cut not in self.ended:
             self.ended.add(cut)
             output.ended.append((*cut, version or (wait.version if wait else ""), how))
-        for item in wait.events if wait is not None else ():
-            heapq.heappush(self.held, item)
+        if wait is None:
+            return
+        for customer in list(wait.events):
+            self._release_customer(wait, customer)
+        if wait.plan is not None and cut[0] == REDEMPTIONS:
+            output.acks.extend(wait.plan.messages)  # the plan's parts, in this partition
+            wait.plan.messages.clear()
 
     def _give_up_waiting(self, now_ms: float, output: Output) -> None:
         """End the waits that lasted `cutover_hold_ms` (with the others of their partition: one apply), or every wait
@@ -451,7 +570,7 @@ class StreamApplier:
 
     @property
     def waiting_count(self) -> int:
-        return sum(len(wait.events) for wait in self.waiting.values())
+        return sum(wait.count for wait in self.waiting.values())
 
     def settle_ms(self, now_ms: float) -> float:
         """How long an event is held before partitions found caught up may be left out of its watermark."""
@@ -514,9 +633,14 @@ class StreamApplier:
         return output
 
     def _apply(self, held: _Held, output: Output) -> None:
+        self._decide(held, output)
+        if self.waiting and self._compensation(held.message, held.event):
+            self._compensation_applied(held.message.partition, held.event.customer_id)
+
+    def _decide(self, held: _Held, output: Output) -> None:
         message, event = held.message, held.event
         states = self.states.setdefault(message.partition, {})
-        customer_id = event.referee_id if held.side == "referee" else event.customer_id  # type: ignore[union-attr]
+        customer_id = _customer_of(held)
         state = states.get(customer_id)
         if state is None:
             state = states[customer_id] = CustomerState(customer_id)

@@ -13,6 +13,11 @@ partition of the compensations' topic: the worker holds the events after a cut-o
 names it, and applies the compensations before that end marker first (streams/applier.py). Each end of such a wait
 is recorded as `ended:<topic>:<partition>:<marker offset>` in `loyalty.rulesets`, so that a restarted worker does
 not hold them again.
+
+Before its compensations the apply writes its plan (header `loyalty-control: plan`) into every partition of the same
+topic: which customers of that partition it compensates, with how many messages each, in parts of at most
+`plan_part_bytes`. Once the worker has read every part of a partition's plan, the events of the customers it does not
+name stop waiting, and each named customer's events wait only until that customer's compensations are applied.
 """
 
 from __future__ import annotations
@@ -21,10 +26,21 @@ import json
 import time
 from typing import NamedTuple
 
-from schemas.topics import COMPENSATED_CONTROL, CONTROL_HEADER, INPUT_TOPICS, REDEMPTIONS, RULESET_CONTROL, RULESETS
+from schemas.topics import (
+    COMPENSATED_CONTROL,
+    CONTROL_HEADER,
+    INPUT_TOPICS,
+    PLAN_CONTROL,
+    REDEMPTIONS,
+    RULESET_CONTROL,
+    RULESETS,
+)
 from streams.rules.ruleset import RuleSet, parse_ruleset
 
 read_timeout_s = 30.0
+# A part of an apply's plan stays under this (the worker refuses events over 64 KiB; the plan is no event, but its
+# parts are read in the worker's batches like one).
+plan_part_bytes = 48 * 1024
 
 
 def ruleset_record(version: str, text: str) -> tuple[bytes, bytes]:
@@ -117,6 +133,50 @@ def end_marker(version: str, markers: dict[tuple[str, int], int], partition: int
     """The end marker's value for `partition`: the version and its cut-over marker's offset in every input topic."""
     cuts = {topic: offset for (topic, number), offset in sorted(markers.items()) if number == partition}
     return json.dumps({"version": version, "cuts": cuts}).encode()
+
+
+def plan_records(
+    version: str, markers: dict[tuple[str, int], int], customers: dict[str, int], partitions: int
+) -> list[tuple[int, bytes]]:
+    """An apply's plan as (partition, value) records: per partition of the compensations' topic, the customers of that
+    partition it compensates (customer -> number of compensation messages, sorted), in parts of at most
+    `plan_part_bytes`; every partition gets at least one part, each part says its number and how many there are."""
+    from streams.routing import partition_for
+
+    per_partition: dict[int, dict[str, int]] = {partition: {} for partition in range(partitions)}
+    for customer, count in sorted(customers.items()):
+        per_partition[partition_for(customer.encode(), partitions)][customer] = count
+    records = []
+    for partition, named in per_partition.items():
+        cuts = {topic: offset for (topic, number), offset in sorted(markers.items()) if number == partition}
+        overhead = len(json.dumps({"version": version, "cuts": cuts, "part": 10**6, "parts": 10**6, "customers": {}}))
+        parts: list[dict[str, int]] = [{}]
+        size = overhead
+        for customer, count in named.items():
+            item = len(json.dumps({customer: count})) + 1
+            if parts[-1] and size + item > plan_part_bytes:
+                parts.append({})
+                size = overhead
+            parts[-1][customer] = count
+            size += item
+        for number, part in enumerate(parts):
+            document = {"version": version, "cuts": cuts, "part": number, "parts": len(parts), "customers": part}
+            records.append((partition, json.dumps(document).encode()))
+    return records
+
+
+def publish_plan(producer, version: str, markers: dict[tuple[str, int], int], customers: dict[str, int]) -> int:
+    """Before an apply's compensations, its plan into every partition of their topic (`plan_records`), acknowledged
+    before any compensation is sent, with the kafka-python producer that sends them. Returns how many parts."""
+    partitions = len(producer.partitions_for(REDEMPTIONS))
+    futures = [
+        producer.send(REDEMPTIONS, value=value, key=b"", partition=partition, headers=[(CONTROL_HEADER, PLAN_CONTROL)])
+        for partition, value in plan_records(version, markers, customers, partitions)
+    ]
+    producer.flush()
+    for future in futures:
+        future.get(timeout=30)
+    return len(futures)
 
 
 def publish_compensated(producer, version: str, markers: dict[tuple[str, int], int]) -> int:

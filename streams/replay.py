@@ -23,7 +23,7 @@ import multiprocessing
 import os
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -572,8 +572,8 @@ def _customers(messages: Iterable[_Fields], result: ShadowResult, progress: Call
 
 def _is_history(referee_side: int, event_id: str) -> bool:
     """Whether an archived message is part of the history a replay decides again."""
-    if referee_side in (2, 4):
-        return False  # a cut-over marker or an apply's end marker, not an event
+    if referee_side in (2, 4, 5):
+        return False  # a cut-over marker, an apply's end marker or its plan, not an event
     if referee_side == 3:
         return False  # an event the live engine derived: derived again under the replayed rules
     # A compensation posted by an earlier apply is part of the live ledger, not of the history.
@@ -1426,14 +1426,17 @@ def publish(
     version: str | None = None,
     markers: Mapping[tuple[str, int], int] | None = None,
 ) -> int:
-    """Send the compensations; with the apply's `version` and cut-over `markers`, then its end marker into every
-    partition of their topic, which ends the worker's wait for them (`streams.cutover.publish_compensated`). The
-    compensations are flushed (acknowledged) before the markers are sent, so no retry puts a marker before one."""
-    from streams.cutover import publish_compensated
+    """Send the compensations; with the apply's `version` and cut-over `markers`, first its plan (who is compensated:
+    the worker releases the other customers' events at once, `streams.cutover.publish_plan`) and after them its end
+    marker into every partition of their topic, which ends the worker's wait (`streams.cutover.publish_compensated`).
+    Each step is flushed (acknowledged) before the next is sent, so no retry reorders them."""
+    from streams.cutover import publish_compensated, publish_plan
     from streams.producer import make_producer
 
     producer = make_producer(bootstrap)
     try:
+        if version is not None and markers is not None:
+            publish_plan(producer, version, dict(markers), dict(Counter(customer_id for customer_id, _ in events)))
         futures = [producer.send(REDEMPTIONS, value=value, key=customer_id.encode()) for customer_id, value in events]
         producer.flush()
         for future in futures:

@@ -253,6 +253,14 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
     last_finish: list[asyncio.Future] = []  # the latest batch's finish: each batch acks after the one before
 
     async def send(output: Output) -> None:
+        for partition, version, customers in output.planned:
+            log.info(
+                "apply of %s: plan read on partition %d, %d customers to compensate; the other customers' held events "
+                "follow",
+                version,
+                partition,
+                customers,
+            )
         if not (output.ledger or output.dead_letters or output.acks or output.derived or output.ended):
             return
         kafka = await producer()

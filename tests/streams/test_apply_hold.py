@@ -10,16 +10,26 @@ from __future__ import annotations
 
 import collections
 import functools
+import json
 
 from test_derived_events import PARTITIONS
 from test_replay_expiry import CUT_OVER, HISTORY, NEW, OLD, _compensations
 from test_replay_revalue import archived, event
 
-from schemas.topics import COMPENSATED_CONTROL, CONTROL_HEADER, INPUT_TOPICS, REDEMPTIONS, RULESET_CONTROL
-from streams.applier import InputMessage, StreamApplier
+from schemas.topics import (
+    COMPENSATED_CONTROL,
+    CONTROL_HEADER,
+    INPUT_TOPICS,
+    PLAN_CONTROL,
+    REDEMPTIONS,
+    RULESET_CONTROL,
+    archive_side,
+)
+from streams import cutover
+from streams.applier import InputMessage, StreamApplier, plan_part
 from streams.batch import process_lines
-from streams.cutover import end_marker
-from streams.replay import replay_messages
+from streams.cutover import end_marker, plan_records
+from streams.replay import _is_history, replay_messages
 from streams.routing import partition_for, routes_for
 
 # Decided after the markers, dated before the compensation (the wall clock of the apply). The tick expires the lot
@@ -70,6 +80,13 @@ class _Log:
 
     def ends(self, version: str) -> list[InputMessage]:
         return [self.end(version, partition) for partition in range(PARTITIONS)]
+
+    def plans(self, version: str, customers: dict[str, int]) -> list[InputMessage]:
+        """An apply's plan in every partition of the redemptions topic, naming the latest cut-overs."""
+        return [
+            self.message(REDEMPTIONS, partition, b"", value, [(CONTROL_HEADER, PLAN_CONTROL)])
+            for partition, value in plan_records(version, self.cuts, customers, PARTITIONS)
+        ]
 
 
 def _applier(hold_ms: float = HOLD_MS) -> StreamApplier:
@@ -252,10 +269,9 @@ def test_an_apply_of_the_same_version_after_a_wait_timed_out_holds_the_events_af
     assert applier.waiting_count == len(BETWEEN) - 1
 
 
-def test_a_reversal_derived_for_a_referrer_whose_partition_still_waits_waits_for_the_referrers_compensation():
-    """The referee's refund after the markers is decided once the referee's partition has its compensation; it
-    derives the referrer's `referral.reversed`, and the referrer's partition has not read its end marker yet: the
-    reversal waits for it, so it takes back what the new rules awarded (250), not the old rules' 200."""
+def _referral_apply():
+    """c2 referred by c1; the apply into REFERRAL_NEW gives the referral other points. Returns the applier after the
+    history and the markers, the log, each customer's compensation, the two partitions and what the new rules give."""
     from test_replay_restate import CUT_OVER as REFERRAL_CUT_OVER
     from test_replay_restate import REFERRAL, REFERRAL_NEW, REFERRAL_OLD, REFUND
 
@@ -289,12 +305,167 @@ def test_a_reversal_derived_for_a_referrer_whose_partition_still_waits_waits_for
         return log.message(REDEMPTIONS, partition_for(customer.encode(), PARTITIONS), customer.encode(), value)
 
     _step(applier, log.markers(REFERRAL_NEW.version), 1_000.0)
-    _step(applier, log.lines(REFUND, 2_000.0), 2_000.0)
-    _, released = _step(applier, [compensation("c2"), log.end(REFERRAL_NEW.version, referee)], 3_000.0)
+    expected = process_lines([line.encode() for line in REFERRAL + REFUND], REFERRAL_NEW).states
+    return applier, log, compensation, referrer, referee, REFUND, REFERRAL_NEW.version, expected
+
+
+def _balances(applier: StreamApplier, referrer: int, referee: int) -> dict[str, int]:
+    return {
+        customer: state.balance for customer, state in {**applier.states[referrer], **applier.states[referee]}.items()
+    }
+
+
+def test_a_reversal_derived_for_a_referrer_whose_partition_still_waits_waits_for_the_referrers_compensation():
+    """The referee's refund after the markers is decided once the referee's partition has its compensation; it
+    derives the referrer's `referral.reversed`, and the referrer's partition has not read its end marker yet: the
+    reversal waits for it, so it takes back what the new rules awarded (250), not the old rules' 200."""
+    applier, log, compensation, referrer, referee, refund, version, expected = _referral_apply()
+    _step(applier, log.lines(refund, 2_000.0), 2_000.0)
+    _, released = _step(applier, [compensation("c2"), log.end(version, referee)], 3_000.0)
     assert "r4" in _caused(released) and [m.key for m in released.derived] == [b"c1"]
     assert applier.waiting_count == 1  # the reversal, in the referrer's partition
-    _step(applier, [compensation("c1"), log.end(REFERRAL_NEW.version, referrer)], 4_000.0)
-    expected = process_lines([line.encode() for line in REFERRAL + REFUND], REFERRAL_NEW).states
-    states = {**applier.states[referrer], **applier.states[referee]}
-    assert {c: state.balance for c, state in states.items()} == {c: s.balance for c, s in expected.items()}
+    _step(applier, [compensation("c1"), log.end(version, referrer)], 4_000.0)
+    assert _balances(applier, referrer, referee) == {c: s.balance for c, s in expected.items()}
     assert expected["c1"].balance == 0
+
+
+def test_with_the_plan_a_derived_reversal_waits_only_for_a_referrer_the_apply_compensates():
+    # Both compensated: the reversal waits for the referrer's compensation, not for the end marker.
+    applier, log, compensation, referrer, referee, refund, version, expected = _referral_apply()
+    _step(applier, log.lines(refund, 2_000.0), 2_000.0)
+    _step(applier, log.plans(version, {"c1": 1, "c2": 1}), 2_500.0)
+    _, released = _step(applier, [compensation("c2")], 3_000.0)
+    assert "r4" in _caused(released) and [m.key for m in released.derived] == [b"c1"]
+    assert applier.waiting_count == 1  # the reversal, in the referrer's partition
+    _step(applier, [compensation("c1")], 4_000.0)
+    assert applier.waiting_count == 0
+    assert _balances(applier, referrer, referee) == {c: s.balance for c, s in expected.items()}
+    # The referee alone compensated (the referrer's figures equal under both rule sets, say): the reversal goes on.
+    applier, log, compensation, referrer, referee, refund, version, _ = _referral_apply()
+    _step(applier, log.lines(refund, 2_000.0), 2_000.0)
+    _step(applier, log.plans(version, {"c2": 1}), 2_500.0)
+    _, released = _step(applier, [compensation("c2")], 3_000.0)
+    assert _caused(released) == {f"replay:{version}:c2", "r4", "r3:reversed"}  # r3: the referral
+    assert applier.waiting_count == 0
+
+
+def _other(event_id: str, event_type: str, at: str, **fields) -> str:
+    """An event of z1, a customer the apply does not compensate."""
+    envelope = {"event_id": event_id, "event_type": event_type, "schema_version": 1, "occurred_at": at}
+    return json.dumps({**envelope, "customer_id": "z1", "store_id": "s1", **fields})
+
+
+OTHER = [
+    _other("z-1", "customer.registered", "2026-05-21T10:00:00+00:00"),
+    _other("z-2", "review.approved", "2026-05-22T10:00:00+00:00", review_id="zv1", sku="sku-0100", rating=4),
+]
+
+
+def _ids(messages) -> set[tuple[str, int, int]]:
+    return {(message.topic, message.partition, message.offset) for message in messages}
+
+
+def test_after_the_plan_only_the_customers_it_names_wait_each_until_its_own_compensation():
+    """The apply's plan says who it compensates: the other customers' events go on as soon as it is read, and a named
+    customer's events as soon as that customer's compensation is decided, before the end marker."""
+    applier, log = _applier(), _Log()
+    _step(applier, log.lines(HISTORY), 0.0)
+    _step(applier, log.markers(NEW.version), 1_000.0)
+    _, released = _step(applier, log.lines(BETWEEN + OTHER, 2_000.0), 2_000.0)
+    assert applier.waiting_count == len(BETWEEN) + len(OTHER) and not released.ledger
+    plans = log.plans(NEW.version, {"c1": 1})
+    accepted, released = _step(applier, plans, 3_000.0)
+    assert sorted(accepted.planned) == [
+        (partition, NEW.version, int(partition == C1)) for partition in range(PARTITIONS)
+    ]
+    assert _caused(released) == {"z-1", "z-2"} and applier.waiting_count == len(BETWEEN)
+    assert not _ids(plans) & _ids(accepted.acks)  # acked when the wait ends: a restart before it reads the plan again
+    _, released = _step(applier, [_compensation(log)], 4_000.0)
+    assert _caused(released) >= {f"replay:{NEW.version}:c1", "b1", "b3"} and applier.waiting_count == 0
+    expected = process_lines([line.encode() for line in HISTORY + BETWEEN + OTHER], NEW).states
+    for customer in ("c1", "z1"):
+        state = applier.states[partition_for(customer.encode(), PARTITIONS)][customer]
+        assert (state.balance, state.lots) == (expected[customer].balance, expected[customer].lots)
+    # A later event of c1 does not wait: its compensation is behind it.
+    later = log.lines([event("b4", "review.approved", "2026-09-01T10:00:00+00:00", review_id="v2", sku="sku-0200",
+                             rating=5)], 5_000.0)  # fmt: skip
+    _, released = _step(applier, later, 5_000.0)
+    assert "b4" in _caused(released) and applier.waiting_count == 0
+    accepted, _ = _step(applier, log.ends(NEW.version), 6_000.0)
+    assert {how for *_, how in accepted.ended} == {"compensated"} and _ids(plans) <= _ids(accepted.acks)
+    assert not applier.waiting
+
+
+def test_a_plan_in_parts_releases_nothing_until_every_part_is_read(monkeypatch):
+    monkeypatch.setattr(cutover, "plan_part_bytes", 400)
+    applier, log = _applier(), _Log()
+    _step(applier, log.lines(HISTORY), 0.0)
+    _step(applier, log.markers(NEW.version), 1_000.0)
+    _step(applier, log.lines(OTHER, 2_000.0), 2_000.0)
+    named = {f"customer-{number:04d}": 1 for number in range(200)} | {"c1": 1}
+    parts = [
+        message for message in log.plans(NEW.version, named) if message.partition == partition_for(b"z1", PARTITIONS)
+    ]
+    assert len(parts) > 2 and all(len(message.value) <= 400 for message in parts)
+    for part in parts[:-1]:
+        accepted, released = _step(applier, [part], 3_000.0)
+        assert not accepted.planned and not released.ledger and applier.waiting_count == len(OTHER)
+    accepted, released = _step(applier, parts[-1:], 3_000.0)
+    assert accepted.planned and _caused(released) == {"z-1", "z-2"} and applier.waiting_count == 0
+
+
+def test_plan_records_put_each_customer_in_its_partition_in_parts_under_the_limit():
+    cuts = {(topic, partition): 10 + partition for topic in INPUT_TOPICS for partition in range(3)}
+    customers = {f"customer-{number:05d}": 1 + number % 3 for number in range(5_000)}
+    records = plan_records("v2", cuts, customers, 3)
+    assert {partition for partition, _ in records} == {0, 1, 2}
+    seen: dict[str, int] = {}
+    for partition, value in records:
+        assert len(value) <= cutover.plan_part_bytes
+        version, part_cuts, part, parts, named = plan_part(value)
+        assert version == "v2" and part_cuts == dict.fromkeys(INPUT_TOPICS, 10 + partition) and 0 <= part < parts
+        assert all(partition_for(customer.encode(), 3) == partition for customer in named)
+        seen.update(named)
+    assert seen == customers
+    assert len(plan_records("v2", cuts, {}, 3)) == 3  # a partition with nobody to compensate still gets its plan
+
+
+def test_a_plan_is_archived_as_a_control_message_and_replayed_as_none():
+    assert archive_side([(CONTROL_HEADER, PLAN_CONTROL)]) == 5
+    assert not _is_history(5, "")
+
+
+def test_a_worker_restarted_before_the_end_marker_reads_the_plan_again_and_its_compensation_as_a_repeat():
+    """The plan's parts are acked only when the wait ends, so a restart before it re-delivers them, with the
+    compensation (applied already: a repeat, which writes nothing) and the events after the markers."""
+    applier, log = _applier(), _Log()
+    written = []
+    for output in _step(applier, log.lines(HISTORY), 0.0):
+        written += [entry for _, entry, _ in output.ledger]
+    markers = log.markers(NEW.version, 1_000.0)
+    _step(applier, markers, 1_000.0)
+    between = log.lines(BETWEEN + OTHER, 2_000.0)
+    plans = log.plans(NEW.version, {"c1": 1})
+    compensation = _compensation(log)
+    for batch in (between, plans, [compensation]):
+        for output in _step(applier, batch, 3_000.0):
+            written += [entry for _, entry, _ in output.ledger]
+    assert applier.waiting_count == 0 and {"b1", "z-2"} <= {entry.caused_by for entry in written}
+
+    restarted = _applier()
+    for partition in range(PARTITIONS):
+        mine = [entry for entry in written if partition_for(entry.customer_id.encode(), PARTITIONS) == partition]
+        restarted.restore(partition, mine)
+        restarted.finish_restore(partition)
+    for message in markers:  # from loyalty.rulesets: the activations, no end of a wait
+        restarted.activate(message.topic, message.partition, message.offset, NEW.version)
+    _, released = _step(restarted, between, 10_000.0)
+    assert restarted.waiting_count == len(BETWEEN) + len(OTHER) and not released.ledger
+    _step(restarted, plans, 11_000.0)
+    assert restarted.waiting_count == len(BETWEEN)
+    _, released = _step(restarted, [compensation], 12_000.0)
+    assert restarted.waiting_count == 0 and not released.ledger  # every one of them a repeat
+    for customer in ("c1", "z1"):
+        partition = partition_for(customer.encode(), PARTITIONS)
+        before, after = applier.states[partition][customer], restarted.states[partition][customer]
+        assert (after.balance, after.lots, after.sequence) == (before.balance, before.lots, before.sequence)
