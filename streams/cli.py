@@ -564,6 +564,10 @@ def _print_replay(report: dict, as_json: bool) -> int:
             f"applied: {report['applied']['compensations_published']} compensating adjustments at "
             f"{report['applied']['cut_over']}"
         )
+        steps = report["applied"].get("after_markers_s")
+        if steps:
+            shown = ", ".join(f"{step.replace('_', ' ')} {seconds:.1f} s" for step, seconds in steps.items())
+            print(f"  after the markers: {shown}")
     for warning in report.get("warnings", ()):
         print(f"warning: {warning}")
     if report.get("archive_gaps"):

@@ -1425,6 +1425,7 @@ def publish(
     events: list[tuple[str, bytes]],
     version: str | None = None,
     markers: Mapping[tuple[str, int], int] | None = None,
+    moments: dict[str, float] | None = None,
 ) -> int:
     """Send the compensations; with the apply's `version` and cut-over `markers`, first its plan (who is compensated:
     the worker releases the other customers' events at once, `streams.cutover.publish_plan`) and after them its end
@@ -1433,14 +1434,17 @@ def publish(
     from streams.cutover import publish_compensated, publish_plan
     from streams.producer import make_producer
 
+    moments = {} if moments is None else moments  # when each step was done (time.monotonic()), filled in
     producer = make_producer(bootstrap)
     try:
         if version is not None and markers is not None:
             publish_plan(producer, version, dict(markers), dict(Counter(customer_id for customer_id, _ in events)))
+            moments["plan_published"] = time.monotonic()
         futures = [producer.send(REDEMPTIONS, value=value, key=customer_id.encode()) for customer_id, value in events]
         producer.flush()
         for future in futures:
             future.get(timeout=30)  # raises if one was not written: the apply reports it and is run again
+        moments["compensations_published"] = time.monotonic()
         if version is not None and markers is not None:
             publish_compensated(producer, version, dict(markers))
     finally:
@@ -1490,5 +1494,6 @@ def apply_report(
     markers, even with no compensation: they end the worker's wait. Returns what was published."""
     moment = cut_over or datetime.now(UTC)
     events = compensations(report, cut_over=moment)
-    published = publish(bootstrap, events, report["ruleset_version_new"], markers)
-    return {"compensations_published": published, "cut_over": moment.isoformat()}
+    moments = {"compensations_built": time.monotonic()}
+    published = publish(bootstrap, events, report["ruleset_version_new"], markers, moments)
+    return {"compensations_published": published, "cut_over": moment.isoformat(), "moments": moments}

@@ -656,14 +656,21 @@ def _replay_handler(
         previous, context.ruleset = context.ruleset, new_rules
         # The comparison covers exactly what lies before the markers, on both sides: the events after them are
         # decided by the new rules already, and keep arriving while this runs.
+        began = time.monotonic()
         phase("waiting for the worker to pass the markers and the projector to store what lies before them")
         await before_markers_in_clickhouse(markers)
+        passed = time.monotonic()
         phase("replaying what arrived since; the worker holds the events after the markers until the compensations")
         report = await dry_run(
             new_rules, None, processes, current=previous, markers=markers, run=run, prepared=prepared
         )
+        compared = time.monotonic()
         phase("publishing the compensations")
         report["applied"] = await asyncio.to_thread(replay.apply_report, report, bootstrap=bootstrap, markers=markers)
+        # When each step after the markers was done, in seconds after them: the worker holds events meanwhile
+        # (docs/replay.md, step 4).
+        moments = {"worker_passed_markers": passed, "compared": compared, **report["applied"].pop("moments")}
+        report["applied"]["after_markers_s"] = {step: round(moment - began, 3) for step, moment in moments.items()}
         for key in (replay.REVALUED_ORDERS, replay.PENDING_CHANGES, replay.RESTATED):  # went into the compensations
             report.pop(key, None)
         report["applied"]["markers"] = {

@@ -127,3 +127,22 @@ def test_dashboard_passes_every_given_option_to_the_api_even_zero_or_empty(monke
     monkeypatch.setattr(streams.client, "query_running_system", lambda settings, path, params: asked.append(params))
     main(["dashboard", "--data-dir", str(tmp_path), "--json", "--limit", "0", "--from", ""])
     assert asked == [{"from": "", "granularity": "day", "by": "source", "limit": 0}]
+
+
+def test_an_applied_replay_says_when_each_step_after_the_markers_was_done(capsys):
+    from streams.cli import _print_replay
+
+    totals = {"issued": 10, "outstanding": 5, "liability": "0.05"}
+    report = {
+        "events_replayed": 3, "ruleset_version_new": "v2", "ruleset_versions_live": ["v1"],
+        "totals": {"before": totals, "after": totals}, "customers_changed": 1, "customers_losing_points": [],
+        "per_rule": [],
+        "applied": {"compensations_published": 1, "cut_over": "2026-11-28T07:00:00+00:00",
+                    "after_markers_s": {"worker_passed_markers": 1.2, "compared": 1.5, "compensations_built": 2.0,
+                                        "plan_published": 2.1, "compensations_published": 3.25}},
+    }  # fmt: skip
+    assert _print_replay(report, as_json=False) == 0
+    assert (
+        "  after the markers: worker passed markers 1.2 s, compared 1.5 s, compensations built 2.0 s, plan published "
+        "2.1 s, compensations published 3.2 s\n"
+    ) in capsys.readouterr().out

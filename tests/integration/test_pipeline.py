@@ -192,6 +192,11 @@ def test_stream_worker_and_projections_equal_the_batch_driver(broker, system, tm
     # One per customer whose balance changes, and per customer whose lifetime earned points alone change (a refunded
     # order earns and reverses other amounts under the new rules: the balance stays, tiers by lifetime points move).
     assert 0 < report["customers_changed"] <= applied["applied"]["compensations_published"] <= len(report["customers"])
+    # When the apply did each step after its markers (the worker holds events meanwhile), in that order.
+    steps = applied["applied"]["after_markers_s"]
+    order = ["worker_passed_markers", "compared", "compensations_built", "plan_published", "compensations_published"]
+    assert list(steps) == order and 0 <= steps["worker_passed_markers"]
+    assert [steps[step] for step in order] == sorted(steps[step] for step in order)
     # The running system values and reports by the rule set it now decides with.
     assert run_cli(environment, "status")["ruleset_version"] == load_ruleset(new_rules_path).version
     deadline = time.monotonic() + WAIT_S

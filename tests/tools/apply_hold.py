@@ -84,6 +84,7 @@ def main() -> None:
         "apply_s": round(took, 1),
         "replay_s": report.get("elapsed_s"),
         "replay_after_markers_s": report.get("replay_after_markers_s"),
+        "after_markers_s": report["applied"].get("after_markers_s"),  # when the apply did what, after its markers
         "held_s": round((max(ended) - min(cut)).total_seconds(), 1) if cut and ended else None,
         # The customers the apply does not compensate wait until the plan is read (code before the plan: None).
         "others_held_s": round((max(planned) - min(cut)).total_seconds(), 1) if cut and planned else None,
