@@ -235,6 +235,8 @@ class _Plan:
     parts: int
     customers: dict[str, int] = field(default_factory=dict)  # customer -> compensation messages not applied yet
     parts_read: set[int] = field(default_factory=set)
+    # The compensations decided, (customer, event id): a copy read again counts once.
+    counted: set[tuple[str, str]] = field(default_factory=set)
     messages: list[InputMessage] = field(default_factory=list)  # its parts, acked when the redemptions wait ends
 
     @property
@@ -508,13 +510,15 @@ class StreamApplier:
         for item in items:
             heapq.heappush(self.held, item)
 
-    def _compensation_applied(self, partition: int, customer: str) -> None:
+    def _compensation_applied(self, partition: int, event: ev.Event) -> None:
         """One of a customer's compensation messages is decided: after the last one the plan names, the customer's
-        events stop waiting."""
+        events stop waiting. A message read again (re-delivered, or written twice by a producer's retry) counts once."""
         waits = [wait for cut, wait in self.waiting.items() if cut[1] == partition and wait.plan is not None]
         plan = waits[0].plan if waits else None
-        if plan is None or not plan.complete or customer not in plan.customers:
+        customer, counted = event.customer_id, (event.customer_id, event.event_id)
+        if plan is None or not plan.complete or customer not in plan.customers or counted in plan.counted:
             return
+        plan.counted.add(counted)
         plan.customers[customer] -= 1
         if plan.customers[customer] > 0:
             return
@@ -635,7 +639,7 @@ class StreamApplier:
     def _apply(self, held: _Held, output: Output) -> None:
         self._decide(held, output)
         if self.waiting and self._compensation(held.message, held.event):
-            self._compensation_applied(held.message.partition, held.event.customer_id)
+            self._compensation_applied(held.message.partition, held.event)
 
     def _decide(self, held: _Held, output: Output) -> None:
         message, event = held.message, held.event

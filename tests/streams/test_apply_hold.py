@@ -469,3 +469,36 @@ def test_a_worker_restarted_before_the_end_marker_reads_the_plan_again_and_its_c
         partition = partition_for(customer.encode(), PARTITIONS)
         before, after = applier.states[partition][customer], restarted.states[partition][customer]
         assert (after.balance, after.lots, after.sequence) == (before.balance, before.lots, before.sequence)
+
+
+def _split_compensation(log: _Log, monkeypatch) -> list[InputMessage]:
+    """c1's compensation in two messages (the restated lots in the second), as an apply posts one that is too large."""
+    from streams import replay
+
+    monkeypatch.setattr(replay, "compensation_bytes_max", 1000)
+    live = process_lines([line.encode() for line in HISTORY], OLD).states["c1"]
+    shadow = replay_messages(archived(HISTORY), NEW, keep_orders=True)
+    restated = shadow.restate["c1"].restated(live.lifetime_earned, {}, None, NEW)
+    values = _compensations(NEW, live.balance, shadow, restated, CUT_OVER)
+    assert len(values) == 2 and b'"restated"' in values[1]
+    return [log.message(REDEMPTIONS, C1, b"c1", value) for value in values]
+
+
+def test_a_compensation_read_twice_counts_once_toward_its_customers_release(monkeypatch):
+    """A redemptions partition kept through a rebalance is fetched again from its commit, which the plan holds back:
+    the compensations after the plan come again, the first part of c1's while its second is still to come. The copy
+    is no further compensation: c1's events wait for the second part (the restated lots, which the tick expires)."""
+    applier, log = _applier(), _Log()
+    _step(applier, log.lines(HISTORY), 0.0)
+    _step(applier, log.markers(NEW.version), 1_000.0)
+    _step(applier, log.lines(BETWEEN, 2_000.0), 2_000.0)
+    first, second = _split_compensation(log, monkeypatch)
+    _step(applier, [*log.plans(NEW.version, {"c1": 2}), first], 3_000.0)
+    assert applier.waiting_count == len(BETWEEN)
+    _, released = _step(applier, [first], 4_000.0)  # re-delivered: the same message again
+    assert not released.ledger and applier.waiting_count == len(BETWEEN)
+    _, released = _step(applier, [second], 5_000.0)
+    assert {"b1", "b3"} <= _caused(released) and applier.waiting_count == 0
+    expected = process_lines([line.encode() for line in HISTORY + BETWEEN], NEW).states["c1"]
+    state = applier.states[C1]["c1"]
+    assert (state.balance, state.lots) == (expected.balance, expected.lots)
