@@ -486,17 +486,19 @@ class StreamApplier:
                 wait = self.waiting[cut] = _Wait(version, message.received_ms)
             waits.append((cut, wait))
         plan = next((wait.plan for _, wait in waits if wait.plan is not None), None) or _Plan(parts)
-        if plan.complete:
-            return False  # a part read again (the whole plan is known)
-        plan.parts_read.add(part)
-        plan.customers.update(customers)
+        complete = plan.complete
+        if not complete:
+            plan.parts_read.add(part)
+            plan.customers.update(customers)
         kept = False
         for cut, wait in waits:
             wait.plan = plan
             if cut[0] == REDEMPTIONS:
+                # A part read again (the partition fetched again from its commit) is kept too: acking its offset now
+                # would let the commit pass the plan before the wait ends.
                 plan.messages.append(message)
                 kept = True
-        if plan.complete and waits:
+        if plan.complete and waits and not complete:
             output.planned.append((partition, version, len(plan.customers)))
             for _, wait in waits:
                 for customer in [customer for customer in wait.events if customer not in plan.customers]:

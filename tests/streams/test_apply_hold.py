@@ -380,6 +380,8 @@ def test_after_the_plan_only_the_customers_it_names_wait_each_until_its_own_comp
     ]
     assert _caused(released) == {"z-1", "z-2"} and applier.waiting_count == len(BETWEEN)
     assert not _ids(plans) & _ids(accepted.acks)  # acked when the wait ends: a restart before it reads the plan again
+    again, _ = _step(applier, plans, 3_500.0)  # read again (fetched again from the commit): not acked either
+    assert not again.planned and not _ids(plans) & _ids(again.acks) and applier.waiting_count == len(BETWEEN)
     _, released = _step(applier, [_compensation(log)], 4_000.0)
     assert _caused(released) >= {f"replay:{NEW.version}:c1", "b1", "b3"} and applier.waiting_count == 0
     expected = process_lines([line.encode() for line in HISTORY + BETWEEN + OTHER], NEW).states
