@@ -36,8 +36,6 @@ def main() -> None:
     sys.path[:0] = [str(repo), str(repo / "tests/integration")]
     from test_embedded_restart import _environment, _Up, _wait_for
 
-    from streams.batch import process_lines
-    from streams.rules.ruleset import load_ruleset
     from streams.simulate import generate_events
 
     def cli(environment: dict, *arguments: str) -> dict:
@@ -52,12 +50,13 @@ def main() -> None:
     environment.update(PYTHONPATH=str(repo), LOYALTY_REORDER_WAIT_MS="2000", LOYALTY_REORDER_SETTLE_MS="300")
     history = list(generate_events(events=args.events, customers=args.customers, seed=8))
     (work / "history.jsonl").write_text("".join(line + "\n" for line in history))
-    expected = process_lines([line.encode() for line in history], load_ruleset())
     up = _Up(environment, work / "up.log")
     stop = threading.Event()
     try:
         produced = sum(cli(environment, "produce", str(work / "history.jsonl")).values())
-        _wait_for(environment, produced, len(expected.ledger), up)
+        # Every input decided and projected. Not the batch driver's exact ledger: on a loaded host a backlog this size
+        # outlasts the 2 s reorder wait, and events decided out of event-time order change entries (counted as late).
+        _wait_for(environment, produced, 0, up, inputs=produced)
         bootstrap = json.loads((work / "data/run.json").read_text())["kafka_bootstrap"]
         last = max(datetime.fromisoformat(json.loads(line)["occurred_at"]) for line in history)
         traffic = threading.Thread(target=_registrations, args=(bootstrap, last, stop))
@@ -85,6 +84,7 @@ def main() -> None:
         "replay_s": report.get("elapsed_s"),
         "replay_after_markers_s": report.get("replay_after_markers_s"),
         "after_markers_s": report["applied"].get("after_markers_s"),  # when the apply did what, after its markers
+        "late_before_apply": int(re.findall(r" late (\d+),", log[: log.find("in force on")])[-1]),
         "held_s": round((max(ended) - min(cut)).total_seconds(), 1) if cut and ended else None,
         # The customers the apply does not compensate wait until the plan is read (code before the plan: None).
         "others_held_s": round((max(planned) - min(cut)).total_seconds(), 1) if cut and planned else None,
