@@ -249,7 +249,7 @@ class _Wait:
     """A topic partition's events after a cut-over marker, waiting for the apply's compensations (module docstring)."""
 
     version: str
-    since_ms: float  # when the first of them was taken (the driver's clock)
+    since_ms: float  # when the first of them was taken, or a later plan part or compensation (the driver's clock)
     events: dict[str, list[tuple[tuple, int, _Held]]] = field(default_factory=dict)  # per customer, in arrival order
     count: int = 0
     plan: _Plan | None = None  # once a part of the apply's plan is read
@@ -449,8 +449,17 @@ class StreamApplier:
                 cut = (message.topic, message.partition, cut_offset)
                 if self._held_for_compensations(cut, ruleset.version, message.received_ms, item):
                     continue
+            elif self.waiting and self._compensation(message, event):
+                self._progress(message.partition, message.received_ms)
             heapq.heappush(self.held, item)
         return output
+
+    def _progress(self, partition: int, now_ms: float) -> None:
+        """A part of an apply's plan or a compensation arrived in this partition: the apply is alive, so its waits
+        here count `cutover_hold_ms` from now (an apply of any size is waited for while its compensations flow)."""
+        for cut, wait in self.waiting.items():
+            if cut[1] == partition and wait.since_ms < now_ms:
+                wait.since_ms = now_ms
 
     def _held_for_compensations(
         self, cut: tuple[str, int, int], version: str, since_ms: float, item: tuple[tuple, int, _Held]
@@ -485,6 +494,7 @@ class StreamApplier:
             if wait is None:
                 wait = self.waiting[cut] = _Wait(version, message.received_ms)
             waits.append((cut, wait))
+        self._progress(partition, message.received_ms)
         plan = next((wait.plan for _, wait in waits if wait.plan is not None), None) or _Plan(parts)
         complete = plan.complete
         if not complete:
@@ -567,8 +577,9 @@ class StreamApplier:
             wait.plan.messages.clear()
 
     def _give_up_waiting(self, now_ms: float, output: Output) -> None:
-        """End the waits that lasted `cutover_hold_ms` (with the others of their partition: one apply), or every wait
-        when more than `held_max` events wait."""
+        """End the waits that lasted `cutover_hold_ms` since their first event or their apply's last sign of life in
+        the partition (`_progress`), with the others of their partition (one apply), or every wait when more than
+        `held_max` events wait."""
         too_many = self.waiting_count > self.held_max
         late = {cut[1] for cut, wait in self.waiting.items() if now_ms - wait.since_ms >= self.cutover_hold_ms}
         for cut in [cut for cut in self.waiting if too_many or cut[1] in late]:

@@ -53,7 +53,8 @@ class Settings(BaseSettings):
         ge=0.0,
         le=86_400.0,
         description="After a `loyalty replay --apply` cut-over, how long the worker holds a partition's new events "
-        "for the apply's compensations, which they must be decided after (0: not at all; then it releases them).",
+        "for the apply's compensations, which they must be decided after, with no sign of the apply: counted from the "
+        "first held event and again from each part of its plan or compensation (0: not at all; then it releases them).",
     )
     sink_batch_rows_max: int = Field(20_000, ge=1, description="Ledger rows per ClickHouse insert.")
     sink_flush_interval_ms: int = Field(500, ge=10, description="Longest a ledger row waits before insert.")

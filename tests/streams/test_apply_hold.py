@@ -81,10 +81,10 @@ class _Log:
     def ends(self, version: str) -> list[InputMessage]:
         return [self.end(version, partition) for partition in range(PARTITIONS)]
 
-    def plans(self, version: str, customers: dict[str, int]) -> list[InputMessage]:
+    def plans(self, version: str, customers: dict[str, int], at_ms: float = 0.0) -> list[InputMessage]:
         """An apply's plan in every partition of the redemptions topic, naming the latest cut-overs."""
         return [
-            self.message(REDEMPTIONS, partition, b"", value, [(CONTROL_HEADER, PLAN_CONTROL)])
+            self.message(REDEMPTIONS, partition, b"", value, [(CONTROL_HEADER, PLAN_CONTROL)], at_ms)
             for partition, value in plan_records(version, self.cuts, customers, PARTITIONS)
         ]
 
@@ -504,3 +504,23 @@ def test_a_compensation_read_twice_counts_once_toward_its_customers_release(monk
     expected = process_lines([line.encode() for line in HISTORY + BETWEEN], NEW).states["c1"]
     state = applier.states[C1]["c1"]
     assert (state.balance, state.lots) == (expected.balance, expected.lots)
+
+
+def test_a_wait_times_out_only_after_the_hold_without_a_plan_part_or_compensation_of_its_partition():
+    """An apply with many compensations keeps its waits alive while they arrive: the hold counts from the last one
+    (before, from the first held event, so a large apply outlasted the default 900 s and its last customers' events
+    were decided without their compensations)."""
+    applier, log = _applier(hold_ms=5_000.0), _Log()
+    _step(applier, log.lines(HISTORY), 0.0)
+    _step(applier, log.markers(NEW.version), 1_000.0)
+    _step(applier, log.lines(BETWEEN, 2_000.0), 2_000.0)
+    _step(applier, log.plans(NEW.version, {"c1": 2}, 5_000.0), 5_000.0)  # c1's compensation in two messages
+    compensation = _compensation(log)
+    compensation.received_ms = 9_000.0
+    _, released = _step(applier, [compensation], 9_000.0)  # the first: c1 still waits for the second
+    assert applier.waiting_count == len(BETWEEN) and C1 not in {partition for _, partition, *_ in released.ended}
+    released = applier.release([], set(), 13_999.0)  # 12 s after the first held event, 5 s after the compensation
+    assert applier.waiting_count == len(BETWEEN) and C1 not in {partition for _, partition, *_ in released.ended}
+    released = applier.release([], set(), 14_000.0)
+    assert {(partition, how) for _, partition, _, _, how in released.ended} == {(C1, "timed out")}
+    assert applier.waiting_count == 0 and {"b1", "b3"} <= _caused(released)
