@@ -1328,9 +1328,13 @@ def compensations(report: dict, *, cut_over: datetime, store_id: str = "replay")
             "actor": COMPENSATION_ACTOR,
             "allow_negative": True,
         }
+        customer_orders = orders.get(row["customer_id"]) or []
+        whole = _whole_if_fitting(event, restate, customer_orders) if len(customer_orders) <= 200 else None
+        if whole is not None:  # what the steps below give when everything fits, serialised once instead of thrice
+            published.append((row["customer_id"], whole))
+            continue
         if restate:
             event[RESTATED] = _restated_fitting(event, dict(restate))
-        customer_orders = orders.get(row["customer_id"]) or []
         if customer_orders:
             event[REVALUED_ORDERS] = _fitting(event, customer_orders)
         rest = customer_orders[: len(customer_orders) - len(event.get(REVALUED_ORDERS, ()))]
@@ -1349,6 +1353,19 @@ def compensations(report: dict, *, cut_over: datetime, store_id: str = "replay")
             parts.append(_restatement_part(event, restate, version, len(parts) + 2))
         published += [(row["customer_id"], value) for value in parts]
     return published
+
+
+def _whole_if_fitting(event: dict, restate: dict | None, orders: list[dict]) -> bytes | None:
+    """The compensation with its whole restatement and every order, if `_fitting` would keep every order (then
+    `_restated_fitting` keeps the whole restatement too): its JSON is 3 bytes shorter than `_fitting`'s bound. Tried
+    only up to 200 orders: more hardly fit in `compensation_bytes_max`, and a try that fails is work done twice."""
+    whole = dict(event)
+    if restate:
+        whole[RESTATED] = dict(restate)
+    if orders:
+        whole[REVALUED_ORDERS] = orders
+    value = json.dumps(whole, separators=(",", ":")).encode()
+    return value if len(value) + 3 <= compensation_bytes_max else None
 
 
 def _restatement_part(first: dict, restate: dict, version: str, part: int) -> bytes:

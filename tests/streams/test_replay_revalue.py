@@ -464,3 +464,48 @@ def test_an_order_whose_refund_was_held_before_it_is_re_valued_to_nothing_with_t
     for line in after:
         apply(state, decode_event(line.encode()), new)
     assert state.balance == process_lines([line.encode() for line in history + after], new).balances()["c1"]
+
+
+def test_a_compensation_that_fits_whole_is_serialised_once_and_equals_the_stepwise_one(monkeypatch):
+    """`compensations` writes a customer whose restatement and orders all fit at once (`_whole_if_fitting`); it must
+    give exactly what cutting them to fit gives, near the size limit too (a small limit puts many customers on it)."""
+    import random
+
+    from streams import replay
+
+    monkeypatch.setattr(replay, "compensation_bytes_max", 2_000)
+    rng = random.Random(5)
+
+    def order(number: int) -> dict:
+        lines = [{"line": k, "points": rng.randint(0, 900), "sku": "s" * rng.randint(3, 30)} for k in range(3)]
+        return {"order_id": f"o{number}" + "x" * rng.randint(0, 40), "lines": lines[: rng.randint(1, 3)]}
+
+    customers, orders, restated = [], {}, {}
+    for number in range(400):
+        customer, delta = f"customer-{number:04d}", rng.choice([0, 5, -7])
+        customers.append({"customer_id": customer, "balance_before": 10, "balance_after": 10 + delta, "delta": delta})
+        orders[customer] = [order(k) for k in range(rng.choice([0, 1, 2, 4, 8, 16, 40]))]
+        if rng.random() < 0.7:
+            lots = [["2026-01-01T00:00:00+00:00", rng.randint(1, 99)] for _ in range(rng.choice([0, 2, 30]))]
+            restated[customer] = {"lifetime_earned_change": rng.randint(-5, 5), "lots": lots or None,
+                                  "referrer_points": {f"r{k}": 10 for k in range(rng.choice([0, 3, 60]))}}  # fmt: skip
+    report = {"ruleset_version_new": "v2", "customers": customers, replay.REVALUED_ORDERS: orders,
+              replay.RESTATED: restated, replay.PENDING_CHANGES: {}}  # fmt: skip
+    moment = datetime(2026, 11, 28, tzinfo=UTC)
+    whole = replay.compensations(report, cut_over=moment)
+    monkeypatch.setattr(replay, "_whole_if_fitting", lambda *arguments: None)
+    stepwise = replay.compensations(report, cut_over=moment)
+    assert whole == stepwise
+    fitting = sum(1 for customer in customers if len([c for c, _ in stepwise if c == customer["customer_id"]]) == 1)
+    assert 50 < fitting < len(customers)  # both paths taken: customers that fit whole, and ones cut into parts
+    # At the edge: limits around each customer's whole size, where one byte decides between the two paths.
+    monkeypatch.undo()
+    sizes = {customer: len(value) for customer, value in whole if customer in orders and orders[customer]}
+    for customer in sorted(sizes)[:40]:
+        single = {**report, "customers": [row for row in customers if row["customer_id"] == customer]}
+        for limit in range(sizes[customer] - 1, sizes[customer] + 5):
+            monkeypatch.setattr(replay, "compensation_bytes_max", limit)
+            whole = replay.compensations(single, cut_over=moment)
+            monkeypatch.setattr(replay, "_whole_if_fitting", lambda *arguments: None)
+            assert whole == replay.compensations(single, cut_over=moment), (customer, limit)
+            monkeypatch.undo()
