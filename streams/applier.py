@@ -304,6 +304,9 @@ class StreamApplier:
         self.cutover_hold_ms = cutover_hold_ms
         self.ended: set[tuple[str, int, int]] = set()
         self.waiting: dict[tuple[str, int, int], _Wait] = {}
+        # Per partition (of the redemptions topic), the offset of the last plan part or compensation that renewed the
+        # partition's waits (`_progress`): one read again (fetched again from the commit) is no sign of the apply.
+        self._signs_of_life: dict[TopicPartition, int] = {}
         self.states: dict[int, dict[str, CustomerState]] = {}
         # A heap of (order key, arrival number, held event): the arrival number breaks ties without ever
         # comparing the events themselves (a generated dataclass __lt__ cost 6% of the worker's time).
@@ -356,6 +359,7 @@ class StreamApplier:
     def forget(self, partition: int) -> None:
         self.local_partitions.discard(partition)
         self.states.pop(partition, None)
+        self._signs_of_life = {tp: offset for tp, offset in self._signs_of_life.items() if tp[1] != partition}
         self.waiting = {cut: wait for cut, wait in self.waiting.items() if cut[1] != partition}  # unacked: re-delivered
         self.held = [item for item in self.held if item[2].message.partition != partition]
         heapq.heapify(self.held)
@@ -450,13 +454,19 @@ class StreamApplier:
                 if self._held_for_compensations(cut, ruleset.version, message.received_ms, item):
                     continue
             elif self.waiting and self._compensation(message, event):
-                self._progress(message.partition, message.received_ms)
+                self._progress(message)
             heapq.heappush(self.held, item)
         return output
 
-    def _progress(self, partition: int, now_ms: float) -> None:
+    def _progress(self, message: InputMessage) -> None:
         """A part of an apply's plan or a compensation arrived in this partition: the apply is alive, so its waits
-        here count `cutover_hold_ms` from now (an apply of any size is waited for while its compensations flow)."""
+        here count `cutover_hold_ms` from now (an apply of any size is waited for while its compensations flow). Not
+        a message read again (a rebalance fetches the partition again from its commit, which the plan holds back):
+        that says nothing of the apply, and repeated rebalances would keep the wait of one that died on for ever."""
+        tp, partition, now_ms = (message.topic, message.partition), message.partition, message.received_ms
+        if message.offset <= self._signs_of_life.get(tp, -1):
+            return
+        self._signs_of_life[tp] = message.offset
         for cut, wait in self.waiting.items():
             if cut[1] == partition and wait.since_ms < now_ms:
                 wait.since_ms = now_ms
@@ -494,7 +504,7 @@ class StreamApplier:
             if wait is None:
                 wait = self.waiting[cut] = _Wait(version, message.received_ms)
             waits.append((cut, wait))
-        self._progress(partition, message.received_ms)
+        self._progress(message)
         plan = next((wait.plan for _, wait in waits if wait.plan is not None), None) or _Plan(parts)
         complete = plan.complete
         if not complete:

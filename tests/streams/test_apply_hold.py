@@ -9,6 +9,7 @@ from the history before the markers, took them again (the review of 2026-11-28 f
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import json
 
@@ -523,4 +524,27 @@ def test_a_wait_times_out_only_after_the_hold_without_a_plan_part_or_compensatio
     assert applier.waiting_count == len(BETWEEN) and C1 not in {partition for _, partition, *_ in released.ended}
     released = applier.release([], set(), 14_000.0)
     assert {(partition, how) for _, partition, _, _, how in released.ended} == {(C1, "timed out")}
+    assert applier.waiting_count == 0 and {"b1", "b3"} <= _caused(released)
+
+
+def test_a_plan_part_or_compensation_read_again_is_no_sign_of_life_of_the_apply():
+    """An apply that died after its plan and a first compensation: a rebalance that keeps the partition fetches the
+    redemptions partition again from its commit (which the plan holds back), so both come again. A copy read again
+    says nothing of the apply: the hold counts from the last message read for the first time, and so ends; were the
+    copies a sign of life, a rebalance every `cutover_hold_ms` would keep the events waiting for ever."""
+    applier, log = _applier(hold_ms=5_000.0), _Log()
+    _step(applier, log.lines(HISTORY), 0.0)
+    _step(applier, log.markers(NEW.version), 1_000.0)
+    _step(applier, log.lines(BETWEEN, 2_000.0), 2_000.0)
+    plans = log.plans(NEW.version, {"c1": 2}, 3_000.0)  # c1's compensation in two messages: the second never comes
+    compensation = _compensation(log)
+    compensation.received_ms = 3_000.0
+    _step(applier, [*plans, compensation], 3_000.0)
+    assert applier.waiting_count == len(BETWEEN)
+    again = [dataclasses.replace(message, received_ms=7_000.0) for message in [*plans, compensation]]
+    _, released = _step(applier, again, 7_000.0)  # the rebalance: read again
+    assert applier.waiting_count == len(BETWEEN) and not released.ended
+    released = applier.release([], set(), 8_000.0)  # 5 s after the last message read for the first time
+    assert (C1, "timed out") in {(partition, how) for _, partition, _, _, how in released.ended}
+    assert {how for *_, how in released.ended} == {"timed out"}
     assert applier.waiting_count == 0 and {"b1", "b3"} <= _caused(released)
