@@ -57,7 +57,7 @@ from schemas.topics import (
     SIDE_HEADER,
 )
 from streams.batch import order_key
-from streams.rules.engine import Side, apply, derived_events
+from streams.rules.engine import Side, apply, derived_events, is_compensation
 from streams.rules.ruleset import RuleSet
 from streams.rules.state import COMPENSATION_PREFIX, CustomerState, evolve
 
@@ -550,8 +550,11 @@ class StreamApplier:
 
     @staticmethod
     def _compensation(message: InputMessage, event: ev.Event) -> bool:
-        """A compensation (or a part of one) an apply posted: what the events after its markers wait for."""
-        return message.topic == REDEMPTIONS and event.event_id.startswith(COMPENSATION_PREFIX)
+        """A compensation (or a part of one) an apply posted: what the events after its markers wait for. As the core
+        tells it (its actor and adjustment id), not by the event id alone, which any producer may choose."""
+        return (
+            message.topic == REDEMPTIONS and event.event_id.startswith(COMPENSATION_PREFIX) and is_compensation(event)
+        )
 
     def _compensated(self, message: InputMessage, output: Output) -> None:
         """An apply's end marker in the redemptions topic: its compensations on this partition, which came before

@@ -1360,7 +1360,7 @@ def decide(
             )
         return []
     entries = _Entries(state, event, ruleset, fingerprint)
-    compensation = _is_compensation(event)
+    compensation = is_compensation(event)
     # A replay's compensation is no event of the customer's: it releases, expires and reviews nothing. Its amounts
     # were computed from the live balances before it, and expiring the old rules' lots at it took the points a
     # second time (a history older than the new rules' expiry ended in debt: -675 where 50 is due).
@@ -1385,7 +1385,7 @@ def decide(
     return entries.entries
 
 
-def _is_compensation(event: ev.Event) -> bool:
+def is_compensation(event: ev.Event) -> bool:
     """A `loyalty replay --apply` compensation (streams/replay.py, `compensations`)."""
     if not isinstance(event, ev.PointsAdjusted):
         return False

@@ -548,3 +548,15 @@ def test_a_plan_part_or_compensation_read_again_is_no_sign_of_life_of_the_apply(
     assert (C1, "timed out") in {(partition, how) for _, partition, _, _, how in released.ended}
     assert {how for *_, how in released.ended} == {"timed out"}
     assert applier.waiting_count == 0 and {"b1", "b3"} <= _caused(released)
+
+
+def test_a_redemption_whose_id_merely_starts_like_a_compensation_waits_like_any_event():
+    """Event ids are the producers' choice: only what the core takes for a compensation (its actor and adjustment
+    id) is one, so a store's redemption with such an id is held after the markers, not decided ahead of them."""
+    applier, log = _applier(), _Log()
+    _step(applier, log.lines(HISTORY), 0.0)
+    _step(applier, log.markers(NEW.version), 1_000.0)
+    redemption = event(f"replay:{NEW.version}:c1", "points.redeem_requested", "2026-05-21T10:00:00+00:00",
+                       redemption_id="d1", points=10)  # fmt: skip
+    _, released = _step(applier, log.lines([redemption], 2_000.0), 2_000.0)
+    assert applier.waiting_count == 1 and not released.ledger
