@@ -1359,8 +1359,16 @@ def decide(
                 f"conflict: event id {event.event_id} was already applied with different content", "event_id"
             )
         return []
-    entries = _Entries(state, event, ruleset, fingerprint)
     compensation = is_compensation(event)
+    if not compensation and event.event_id.startswith(COMPENSATION_PREFIX):
+        # Reserved: the worker and replay tell an apply's compensations by it, so another event under such an id
+        # would be decided ahead of the events held for them, and left out of the history a replay decides.
+        raise EventRejected(
+            f"{event.event_id} starts with {COMPENSATION_PREFIX!r}, which is reserved for the compensations "
+            "of `loyalty replay --apply`",
+            "event_id",
+        )
+    entries = _Entries(state, event, ruleset, fingerprint)
     # A replay's compensation is no event of the customer's: it releases, expires and reviews nothing. Its amounts
     # were computed from the live balances before it, and expiring the old rules' lots at it took the points a
     # second time (a history older than the new rules' expiry ended in debt: -675 where 50 is due).

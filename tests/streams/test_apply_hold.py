@@ -560,3 +560,11 @@ def test_a_redemption_whose_id_merely_starts_like_a_compensation_waits_like_any_
                        redemption_id="d1", points=10)  # fmt: skip
     _, released = _step(applier, log.lines([redemption], 2_000.0), 2_000.0)
     assert applier.waiting_count == 1 and not released.ledger
+    # The id is reserved: once it goes on, the core refuses it, as every driver does (`loyalty process` too).
+    _, released = _step(applier, log.ends(NEW.version), 3_000.0)
+    assert [dead.reason for dead in released.dead_letters] == [
+        f"event_id: replay:{NEW.version}:c1 starts with 'replay:', which is reserved for the compensations of "
+        "`loyalty replay --apply`"
+    ]
+    batch = process_lines([line.encode() for line in [*HISTORY, redemption]], NEW)
+    assert [rejection.reason for rejection in batch.rejected] == [released.dead_letters[0].reason]
