@@ -60,7 +60,7 @@ COMPENSATED_CONTROL = b"compensated"
 # (value = JSON: the version, the cut-over offsets of that partition number, and the customers of that partition the
 # apply compensates, with how many compensation messages each gets; in parts, `streams.cutover.plan_records`): once
 # the worker has read every part, the events of the other customers stop waiting, and a customer's own events wait only
-# for that customer's compensations (streams/applier.py, "Held for the compensations").
+# for that customer's compensations, a referrer's for the end marker (streams/applier.py, "Held for the compensations").
 PLAN_CONTROL = b"plan"
 
 # The archive's `referee_side` column (projections/archive.py) codes which of these headers an archived input

@@ -22,7 +22,8 @@ event-time buffer, unacked) until an end marker names their cut-over. At the end
 compensations are applied first, then the waiting events, in event-time order. Before its compensations the apply
 writes its plan into every partition of the redemptions topic (the customers it compensates there, with how many
 messages each, in parts): once every part is read, the events of the customers it does not name stop waiting, and a
-named customer's events stop waiting once that customer's compensations are applied; the plan's parts are acked when
+named customer's events stop waiting once that customer's compensations are applied, but for referrers, who wait for
+the end marker (a referee's held refund derives a reversal into their state); the plan's parts are acked when
 the wait ends, so that a restart before it reads the whole plan again. A wait ends without the
 compensations, its events then decided on the state they find and that logged, when a later cut-over marker comes
 in its topic partition (a new apply: its compensations start from what the worker decided, and it could not pass its
@@ -483,7 +484,12 @@ class StreamApplier:
             wait = self.waiting[cut] = _Wait(version, since_ms)
         customer = _customer_of(item[2])
         if wait.plan is not None and wait.plan.complete and customer not in wait.plan.customers:
-            return False  # the apply compensates this customer with nothing (more): nothing to wait for
+            held = item[2]
+            if not (
+                self._referrer(cut[1], customer)
+                or (held.side == "customer" and isinstance(held.event, ev.ReferralCompleted))
+            ):
+                return False  # the apply compensates this customer with nothing (more): nothing to wait for
         item[2].waited = True
         wait.events.setdefault(customer, []).append(item)
         wait.count += 1
@@ -520,10 +526,26 @@ class StreamApplier:
                 kept = True
         if plan.complete and waits and not complete:
             output.planned.append((partition, version, len(plan.customers)))
+            held = {customer for _, wait in waits for customer in wait.events}
+            free = [c for c in held if c not in plan.customers and not self._referrer(partition, c)]
             for _, wait in waits:
-                for customer in [customer for customer in wait.events if customer not in plan.customers]:
+                for customer in free:
                     self._release_customer(wait, customer)
         return kept
+
+    def _referrer(self, partition: int, customer: str) -> bool:
+        """Whether a customer referred others (or a held referral of theirs will say so): a referee's held event, a
+        refund, derives a `referral.reversed` into the referrer's state, which the referrer's later events must come
+        after (as in `loyalty process`). Such a customer waits for the end marker, named by the plan or not."""
+        state = self.states.get(partition, {}).get(customer)
+        if state is not None and (state.referees or state.referees_reversed):
+            return True
+        return any(
+            held.side == "customer" and isinstance(held.event, ev.ReferralCompleted)
+            for cut, wait in self.waiting.items()
+            if cut[1] == partition
+            for _, _, held in wait.events.get(customer, ())
+        )
 
     def _release_customer(self, wait: _Wait, customer: str) -> None:
         """A customer's events stop waiting: they go to the event-time buffer."""
@@ -545,6 +567,8 @@ class StreamApplier:
         if plan.customers[customer] > 0:
             return
         del plan.customers[customer]
+        if self._referrer(partition, customer):
+            return  # waits for the end marker: a referee's held events can still change its state
         for wait in waits:
             self._release_customer(wait, customer)
 

@@ -17,7 +17,8 @@ not hold them again.
 Before its compensations the apply writes its plan (header `loyalty-control: plan`) into every partition of the same
 topic: which customers of that partition it compensates, with how many messages each, in parts of at most
 `plan_part_bytes`. Once the worker has read every part of a partition's plan, the events of the customers it does not
-name stop waiting, and each named customer's events wait only until that customer's compensations are applied.
+name stop waiting, and each named customer's events wait only until that customer's compensations are applied (a
+referrer's until the end marker: streams/applier.py).
 """
 
 from __future__ import annotations

@@ -330,8 +330,9 @@ def test_a_reversal_derived_for_a_referrer_whose_partition_still_waits_waits_for
     assert expected["c1"].balance == 0
 
 
-def test_with_the_plan_a_derived_reversal_waits_only_for_a_referrer_the_apply_compensates():
-    # Both compensated: the reversal waits for the referrer's compensation, not for the end marker.
+def test_with_the_plan_a_derived_reversal_waits_with_its_referrer_for_the_end_marker():
+    # A referrer waits for its partition's end marker, named by the plan or not: a named referee's held refund
+    # derives a reversal into its state, which its later events must come after (the test below).
     applier, log, compensation, referrer, referee, refund, version, expected = _referral_apply()
     _step(applier, log.lines(refund, 2_000.0), 2_000.0)
     _step(applier, log.plans(version, {"c1": 1, "c2": 1}), 2_500.0)
@@ -339,15 +340,19 @@ def test_with_the_plan_a_derived_reversal_waits_only_for_a_referrer_the_apply_co
     assert "r4" in _caused(released) and [m.key for m in released.derived] == [b"c1"]
     assert applier.waiting_count == 1  # the reversal, in the referrer's partition
     _step(applier, [compensation("c1")], 4_000.0)
+    assert applier.waiting_count == 1  # c1 referred c2: it waits for the end marker
+    _step(applier, [log.end(version, referrer)], 5_000.0)
     assert applier.waiting_count == 0
     assert _balances(applier, referrer, referee) == {c: s.balance for c, s in expected.items()}
-    # The referee alone compensated (the referrer's figures equal under both rule sets, say): the reversal goes on.
+    # The referee alone compensated (the referrer's figures equal under both rule sets, say): the referee's events go
+    # on after its compensation, the reversal they derive waits with the referrer for the referrer's end marker.
     applier, log, compensation, referrer, referee, refund, version, _ = _referral_apply()
     _step(applier, log.lines(refund, 2_000.0), 2_000.0)
     _step(applier, log.plans(version, {"c2": 1}), 2_500.0)
     _, released = _step(applier, [compensation("c2")], 3_000.0)
-    assert _caused(released) == {f"replay:{version}:c2", "r4", "r3:reversed"}  # r3: the referral
-    assert applier.waiting_count == 0
+    assert _caused(released) == {f"replay:{version}:c2", "r4"} and applier.waiting_count == 1
+    _, released = _step(applier, [log.end(version, referrer)], 4_000.0)
+    assert _caused(released) == {"r3:reversed"} and applier.waiting_count == 0  # r3: the referral
 
 
 def _other(event_id: str, event_type: str, at: str, **fields) -> str:
@@ -568,3 +573,47 @@ def test_a_redemption_whose_id_merely_starts_like_a_compensation_waits_like_any_
     ]
     batch = process_lines([line.encode() for line in [*HISTORY, redemption]], NEW)
     assert [rejection.reason for rejection in batch.rejected] == [released.dead_letters[0].reason]
+
+
+def test_a_referrer_the_plan_does_not_name_waits_for_the_end_marker_behind_a_named_referees_reversal():
+    """The new rules change the referee's points only, so the plan names c2, not its referrer c1. c2's refund after
+    the markers waits for c2's compensation and then derives c1's `referral.reversed`; c1's redemption after that
+    refund must be decided after the reversal, as `loyalty process` decides it (refused: the 200 points are gone).
+    Released at the plan, the redemption went first and the reversal left c1 200 points in debt."""
+    from test_replay_restate import CUT_OVER as REFERRAL_CUT_OVER
+    from test_replay_restate import REFERRAL, REFUND, _referral_rules, _shopper
+
+    from streams.replay import RESTATED, Restatement, compensations
+
+    old, new = _referral_rules("referrals-a", 200, 100), _referral_rules("referrals-b", 200, 150)
+    redeem = [_shopper("r5", "points.redeem_requested", "2026-12-06T10:00:00+00:00", "c1", redemption_id="d1",
+                       points=200)]  # fmt: skip
+    live = process_lines([line.encode() for line in REFERRAL], old).states
+    replayed = process_lines([line.encode() for line in REFERRAL], new).states
+    report = {
+        "ruleset_version_new": new.version,
+        "customers": [{"customer_id": "c2", "balance_before": live["c2"].balance,
+                       "balance_after": replayed["c2"].balance, "delta": replayed["c2"].balance - live["c2"].balance}],
+        RESTATED: {"c2": Restatement.of(replayed["c2"]).restated(live["c2"].lifetime_earned, {}, None, new)},
+    }  # fmt: skip
+    assert live["c1"].balance == replayed["c1"].balance and live["c2"].balance != replayed["c2"].balance
+    applier = StreamApplier(
+        old, partition_for=functools.partial(partition_for, partitions=PARTITIONS), cutover_hold_ms=HOLD_MS
+    )
+    applier.local_partitions.update(range(PARTITIONS))
+    applier.know_ruleset(new)
+    log = _Log()
+    _step(applier, log.lines(REFERRAL), 0.0)
+    _step(applier, log.markers(new.version, 1_000.0), 1_000.0)
+    _step(applier, log.lines(REFUND + redeem, 2_000.0), 2_000.0)
+    _, released = _step(applier, log.plans(new.version, {"c2": 1}, 3_000.0), 3_000.0)
+    assert "r5" not in _caused(released)  # c1 is a referrer: a named referee's held events can change its state
+    ((_, value),) = compensations(report, cut_over=REFERRAL_CUT_OVER)
+    _step(applier, [log.message(REDEMPTIONS, partition_for(b"c2", PARTITIONS), b"c2", value)], 4_000.0)
+    _step(applier, log.ends(new.version), 5_000.0)
+    applier.release([], set(), 20_000.0)
+    assert applier.waiting_count == 0
+    expected = process_lines([line.encode() for line in REFERRAL + REFUND + redeem], new).states
+    referrer, referee = partition_for(b"c1", PARTITIONS), partition_for(b"c2", PARTITIONS)
+    assert _balances(applier, referrer, referee) == {customer: s.balance for customer, s in expected.items()}
+    assert expected["c1"].balance == 0
