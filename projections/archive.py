@@ -34,8 +34,9 @@ class ArchivedMessage:
     offset: int
     routing_key: str
     value: bytes
-    # 0: the envelope's customer; 1: the referee's copy of a referral; 2: a control message; 3: an event the engine
-    # derived (referral.reversed), which a replay derives again under its own rules instead of reading it
+    # 0: the envelope's customer; 1: the referee's copy of a referral; 2: a cut-over marker; 3: an event the engine
+    # derived (referral.reversed), which a replay derives again under its own rules instead of reading it; 4: an
+    # apply's end marker; 5: a part of an apply's plan (schemas.topics.ARCHIVE_SIDE_HEADERS)
     referee_side: int
     topic_rank: int
     event_id: str
