@@ -132,8 +132,12 @@ def publish_cutover(bootstrap: str, ruleset: RuleSet, text: str, partitions: int
 
 def end_marker(version: str, markers: dict[tuple[str, int], int], partition: int) -> bytes:
     """The end marker's value for `partition`: the version and its cut-over marker's offset in every input topic."""
-    cuts = {topic: offset for (topic, number), offset in sorted(markers.items()) if number == partition}
-    return json.dumps({"version": version, "cuts": cuts}).encode()
+    return json.dumps({"version": version, "cuts": _cuts_of(markers, partition)}).encode()
+
+
+def _cuts_of(markers: dict[tuple[str, int], int], partition: int) -> dict[str, int]:
+    """The apply's cut-over marker offset per input topic in the partitions of number `partition`."""
+    return {topic: offset for (topic, number), offset in sorted(markers.items()) if number == partition}
 
 
 def plan_records(
@@ -149,7 +153,7 @@ def plan_records(
         per_partition[partition_for(customer.encode(), partitions)][customer] = count
     records = []
     for partition, named in per_partition.items():
-        cuts = {topic: offset for (topic, number), offset in sorted(markers.items()) if number == partition}
+        cuts = _cuts_of(markers, partition)
         overhead = len(json.dumps({"version": version, "cuts": cuts, "part": 10**6, "parts": 10**6, "customers": {}}))
         parts: list[dict[str, int]] = [{}]
         size = overhead
@@ -169,29 +173,26 @@ def plan_records(
 def publish_plan(producer, version: str, markers: dict[tuple[str, int], int], customers: dict[str, int]) -> int:
     """Before an apply's compensations, its plan into every partition of their topic (`plan_records`), acknowledged
     before any compensation is sent, with the kafka-python producer that sends them. Returns how many parts."""
-    partitions = len(producer.partitions_for(REDEMPTIONS))
-    futures = [
-        producer.send(REDEMPTIONS, value=value, key=b"", partition=partition, headers=[(CONTROL_HEADER, PLAN_CONTROL)])
-        for partition, value in plan_records(version, markers, customers, partitions)
-    ]
-    producer.flush()
-    for future in futures:
-        future.get(timeout=30)
-    return len(futures)
+    records = plan_records(version, markers, customers, len(producer.partitions_for(REDEMPTIONS)))
+    return _send_controls(producer, records, PLAN_CONTROL)
 
 
 def publish_compensated(producer, version: str, markers: dict[tuple[str, int], int]) -> int:
     """After an apply's compensations (acknowledged), its end marker into every partition of their topic, with the
     kafka-python producer that sent them; `markers`: the apply's cut-over markers. Returns how many partitions."""
-    futures = [
-        producer.send(
-            REDEMPTIONS,
-            value=end_marker(version, markers, partition),
-            key=b"",
-            partition=partition,
-            headers=[(CONTROL_HEADER, COMPENSATED_CONTROL)],
-        )
+    records = [
+        (partition, end_marker(version, markers, partition))
         for partition in sorted(producer.partitions_for(REDEMPTIONS))
+    ]
+    return _send_controls(producer, records, COMPENSATED_CONTROL)
+
+
+def _send_controls(producer, records: list[tuple[int, bytes]], control: bytes) -> int:
+    """Send (partition, value) control messages of kind `control` to the compensations' topic and wait until the
+    broker has them all (nothing sent after them can overtake them); returns how many."""
+    futures = [
+        producer.send(REDEMPTIONS, value=value, key=b"", partition=partition, headers=[(CONTROL_HEADER, control)])
+        for partition, value in records
     ]
     producer.flush()
     for future in futures:
