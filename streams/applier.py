@@ -256,6 +256,11 @@ class _Wait:
     plan: _Plan | None = None  # once a part of the apply's plan is read
 
 
+def _refers(held: _Held) -> bool:
+    """A referral decided on its referrer's side: its customer is (or becomes) a referrer."""
+    return held.side == "customer" and isinstance(held.event, ev.ReferralCompleted)
+
+
 def _customer_of(held: _Held) -> str:
     """Whose state an event is decided on: a referral's referee copy is the referee's."""
     event = held.event
@@ -477,23 +482,26 @@ class StreamApplier:
     ) -> bool:
         """Put `item` in the wait after the cut-over marker `cut`, unless that wait is over (or waits are off);
         whether it did."""
-        if self.cutover_hold_ms <= 0 or cut in self.ended:
-            return False
-        wait = self.waiting.get(cut)
+        wait = self._wait_after(cut, version, since_ms)
         if wait is None:
-            wait = self.waiting[cut] = _Wait(version, since_ms)
+            return False
         customer = _customer_of(item[2])
         if wait.plan is not None and wait.plan.complete and customer not in wait.plan.customers:
-            held = item[2]
-            if not (
-                self._referrer(cut[1], customer)
-                or (held.side == "customer" and isinstance(held.event, ev.ReferralCompleted))
-            ):
+            if not (self._referrer(cut[1], customer) or _refers(item[2])):
                 return False  # the apply compensates this customer with nothing (more): nothing to wait for
         item[2].waited = True
         wait.events.setdefault(customer, []).append(item)
         wait.count += 1
         return True
+
+    def _wait_after(self, cut: tuple[str, int, int], version: str, since_ms: float) -> _Wait | None:
+        """The wait after the cut-over marker `cut`, begun now if need be; None when it is over (or waits are off)."""
+        if self.cutover_hold_ms <= 0 or cut in self.ended:
+            return None
+        wait = self.waiting.get(cut)
+        if wait is None:
+            wait = self.waiting[cut] = _Wait(version, since_ms)
+        return wait
 
     def _planned(self, message: InputMessage, output: Output) -> bool:
         """A part of an apply's plan in the redemptions topic. Once every part of the partition's plan is read, the
@@ -504,12 +512,9 @@ class StreamApplier:
         waits = []
         for topic, offset in cuts.items():
             cut = (topic, partition, offset)
-            if self.cutover_hold_ms <= 0 or cut in self.ended:
-                continue
-            wait = self.waiting.get(cut)
-            if wait is None:
-                wait = self.waiting[cut] = _Wait(version, message.received_ms)
-            waits.append((cut, wait))
+            wait = self._wait_after(cut, version, message.received_ms)
+            if wait is not None:
+                waits.append((cut, wait))
         self._progress(message)
         plan = next((wait.plan for _, wait in waits if wait.plan is not None), None) or _Plan(parts)
         complete = plan.complete
@@ -541,7 +546,7 @@ class StreamApplier:
         if state is not None and (state.referees or state.referees_reversed):
             return True
         return any(
-            held.side == "customer" and isinstance(held.event, ev.ReferralCompleted)
+            _refers(held)
             for cut, wait in self.waiting.items()
             if cut[1] == partition
             for _, _, held in wait.events.get(customer, ())
