@@ -90,12 +90,13 @@ class _Log:
         ]
 
 
-def _applier(hold_ms: float = HOLD_MS) -> StreamApplier:
+def _applier(hold_ms: float = HOLD_MS, old=OLD, new=NEW) -> StreamApplier:
+    """A worker's applier holding every partition, deciding by `old` and knowing `new` (the apply's rule set)."""
     applier = StreamApplier(
-        OLD, partition_for=functools.partial(partition_for, partitions=PARTITIONS), cutover_hold_ms=hold_ms
+        old, partition_for=functools.partial(partition_for, partitions=PARTITIONS), cutover_hold_ms=hold_ms
     )
     applier.local_partitions.update(range(PARTITIONS))
-    applier.know_ruleset(NEW)
+    applier.know_ruleset(new)
     return applier
 
 
@@ -281,11 +282,7 @@ def _referral_apply():
 
     referrer, referee = partition_for(b"c1", PARTITIONS), partition_for(b"c2", PARTITIONS)
     assert referrer != referee
-    applier = StreamApplier(
-        REFERRAL_OLD, partition_for=functools.partial(partition_for, partitions=PARTITIONS), cutover_hold_ms=HOLD_MS
-    )
-    applier.local_partitions.update(range(PARTITIONS))
-    applier.know_ruleset(REFERRAL_NEW)
+    applier = _applier(old=REFERRAL_OLD, new=REFERRAL_NEW)
     log = _Log()
     _step(applier, log.lines(REFERRAL), 0.0)
     live = {customer: (state.balance, state.lifetime_earned) for customer, state in
@@ -597,11 +594,7 @@ def test_a_referrer_the_plan_does_not_name_waits_for_the_end_marker_behind_a_nam
         RESTATED: {"c2": Restatement.of(replayed["c2"]).restated(live["c2"].lifetime_earned, {}, None, new)},
     }  # fmt: skip
     assert live["c1"].balance == replayed["c1"].balance and live["c2"].balance != replayed["c2"].balance
-    applier = StreamApplier(
-        old, partition_for=functools.partial(partition_for, partitions=PARTITIONS), cutover_hold_ms=HOLD_MS
-    )
-    applier.local_partitions.update(range(PARTITIONS))
-    applier.know_ruleset(new)
+    applier = _applier(old=old, new=new)
     log = _Log()
     _step(applier, log.lines(REFERRAL), 0.0)
     _step(applier, log.markers(new.version, 1_000.0), 1_000.0)
