@@ -275,3 +275,52 @@ def test_times_with_the_same_offset_share_their_tzinfo_and_compare_as_before():
     third = decode_event(with_(event_id="e3", occurred_at="2026-01-01T11:00:00+01:00")).occurred_at
     assert first.tzinfo is third.tzinfo and first.utcoffset() == third.utcoffset()
     assert first < second < third and first.timestamp() < second.timestamp() < third.timestamp()
+
+
+def _models(module):
+    from pydantic import BaseModel
+
+    return [
+        value
+        for value in vars(module).values()
+        if isinstance(value, type) and issubclass(value, BaseModel) and value.__module__ == module.__name__
+    ]
+
+
+@pytest.mark.parametrize("module_name", ["schemas.events", "schemas.ledger"])
+def test_no_field_defaults_to_a_mutable_value(module_name):
+    """pydantic deep-copies a mutable default (`= []`, `= {}`) each time a field is left out: for a compensation
+    with open orders that was half of its decode time (41 us against 16 for five orders). `default_factory` it is."""
+    import importlib
+
+    module = importlib.import_module(module_name)
+    mutable = [
+        f"{model.__name__}.{name}"
+        for model in _models(module)
+        for name, field in model.model_fields.items()
+        if isinstance(field.default, list | dict | set)
+    ]
+    assert _models(module)
+    assert mutable == []
+
+
+def test_a_compensations_left_out_collections_are_empty_and_not_shared():
+    from schemas.events import PointsAdjusted
+
+    document = {
+        **{key: VALID[key] for key in ("schema_version", "occurred_at", "customer_id", "store_id")},
+        "event_id": "replay:v2:c1",
+        "event_type": "points.adjusted",
+        "adjustment_id": "replay:v2",
+        "points": 5,
+        "note": "n",
+        "actor": "replay",
+        "revalued_orders": [{"order_id": "o1", "lines": {"line:0": [5, 0]}, "bonuses": {}}] * 2,
+        "restated": {"lifetime_earned_change": 5},
+    }
+    event = decode_event(json.dumps(document))
+    assert isinstance(event, PointsAdjusted)
+    first, second = event.revalued_orders
+    assert (first.refunds, first.pending, first.details) == ([], {}, {})
+    assert first.refunds is not second.refunds and first.pending is not second.pending
+    assert (event.restated.cap_usage_changes, event.restated.referrer_points) == ([], {})
