@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 
+import pytest
 from test_derived_events import PARTITIONS
 from test_replay_expiry import CUT_OVER, HISTORY, NEW, OLD, _compensations
 from test_replay_revalue import archived, event
@@ -23,6 +24,7 @@ from schemas.topics import (
     INPUT_TOPICS,
     PLAN_CONTROL,
     REDEMPTIONS,
+    REFERRALS,
     RULESET_CONTROL,
     archive_side,
 )
@@ -50,6 +52,7 @@ class _Log:
     def __init__(self) -> None:
         self.offsets: collections.Counter = collections.Counter()
         self.cuts: dict[tuple[str, int], int] = {}  # the latest cut-over markers
+        self.unread: list[InputMessage] = []  # markers written that the worker has not read yet
 
     def message(self, topic: str, partition: int, key: bytes, value: bytes, headers=(), at_ms: float = 0.0):
         offset = self.offsets[(topic, partition)]
@@ -271,9 +274,10 @@ def test_an_apply_of_the_same_version_after_a_wait_timed_out_holds_the_events_af
     assert applier.waiting_count == len(BETWEEN) - 1
 
 
-def _referral_apply():
+def _referral_apply(unread: tuple[tuple[str, int], ...] = ()):
     """c2 referred by c1; the apply into REFERRAL_NEW gives the referral other points. Returns the applier after the
-    history and the markers, the log, each customer's compensation, the two partitions and what the new rules give."""
+    history and the markers, the log, each customer's compensation, the two partitions and what the new rules give.
+    `unread`: topic partitions whose markers the worker has not read yet (`log.unread`; a partition it lags behind)."""
     from test_replay_restate import CUT_OVER as REFERRAL_CUT_OVER
     from test_replay_restate import REFERRAL, REFERRAL_NEW, REFERRAL_OLD, REFUND
 
@@ -302,7 +306,9 @@ def _referral_apply():
         assert decode_event(value, REDEMPTIONS).customer_id == customer
         return log.message(REDEMPTIONS, partition_for(customer.encode(), PARTITIONS), customer.encode(), value)
 
-    _step(applier, log.markers(REFERRAL_NEW.version), 1_000.0)
+    markers = log.markers(REFERRAL_NEW.version)
+    log.unread = [marker for marker in markers if (marker.topic, marker.partition) in unread]
+    _step(applier, [marker for marker in markers if marker not in log.unread], 1_000.0)
     expected = process_lines([line.encode() for line in REFERRAL + REFUND], REFERRAL_NEW).states
     return applier, log, compensation, referrer, referee, REFUND, REFERRAL_NEW.version, expected
 
@@ -350,6 +356,34 @@ def test_with_the_plan_a_derived_reversal_waits_with_its_referrer_for_the_end_ma
     assert _caused(released) == {f"replay:{version}:c2", "r4"} and applier.waiting_count == 1
     _, released = _step(applier, [log.end(version, referrer)], 4_000.0)
     assert _caused(released) == {"r3:reversed"} and applier.waiting_count == 0  # r3: the referral
+
+
+@pytest.mark.parametrize("planned", [True, False])
+def test_a_referrers_referrals_marker_read_after_the_referees_refund_arrived_holds_the_reversal_all_the_same(planned):
+    """docs/replay.md listed as not corrected a reversal derived before the worker has read the cut-over marker of the
+    referrer's partition in loyalty.referrals: it is not held, and is decided on the referrer's old-rules state (fed
+    that marker only after the referee's compensation and end marker, c1 ends at 50, where `loyalty process` under
+    the new rules gives 0). With the wait on, no such reversal is derived: the refund after the markers waits for the
+    referee's plan or end marker, and the apply posts those only once the worker has committed past every marker, the
+    referrals' too (`test_replay_refusals.py`), so a worker lagging on the referrer's referrals partition reads its
+    marker first, and the reversal waits there for the referrer's compensation."""
+    lagging = (REFERRALS, partition_for(b"c1", PARTITIONS))  # the referrals partition of the referrer, c1
+    applier, log, compensation, referrer, referee, refund, version, expected = _referral_apply(unread=(lagging,))
+    _, released = _step(applier, log.lines(refund, 2_000.0), 2_000.0)
+    assert not released.ledger and not released.derived and applier.waiting_count == 1  # the refund waits
+    assert lagging not in applier.cutovers and len(log.unread) == 1
+    _step(applier, log.unread, 2_500.0)  # the worker passes every marker before the apply posts anything more
+    if planned:
+        _step(applier, log.plans(version, {"c1": 1, "c2": 1}), 3_000.0)
+        _, released = _step(applier, [compensation("c2")], 3_500.0)
+    else:
+        _, released = _step(applier, [compensation("c2"), log.end(version, referee)], 3_500.0)
+    assert "r4" in _caused(released) and [m.key for m in released.derived] == [b"c1"]
+    assert "r3:reversed" not in _caused(released) and applier.waiting_count == 1  # held in the referrer's partition
+    _step(applier, [compensation("c1"), *log.ends(version)], 4_000.0)
+    assert applier.waiting_count == 0
+    assert _balances(applier, referrer, referee) == {c: s.balance for c, s in expected.items()}
+    assert expected["c1"].balance == 0
 
 
 def _other(event_id: str, event_type: str, at: str, **fields) -> str:

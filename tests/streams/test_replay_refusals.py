@@ -117,3 +117,82 @@ def test_an_apply_checks_the_lag_again_after_replaying_the_history_before_writin
     assert not marked, "markers written although the worker lags by 50,000 messages"
     assert response.status == 409
     assert "lags by 50000 messages" in json.loads(response.text)["error"]
+
+
+@pytest.mark.parametrize("passes", [True, False])
+def test_an_apply_posts_its_plan_and_compensations_only_once_the_worker_passed_every_marker(monkeypatch, passes):
+    """What lets the worker hold a referee's events after the markers and the reversals they derive: nothing the apply
+    posts after its markers (plan, compensations, end markers: `replay.apply_report`) comes before the worker has
+    committed past every cut-over marker, the one in the referrer's loyalty.referrals partition too. The worker records
+    and acks a marker as it reads it, so a refund released by the plan or an end marker cannot derive a reversal into a
+    partition whose marker it has not read (`test_apply_hold.py`). Here the worker lags on loyalty.referrals/1: the
+    apply waits for it, and without it refuses with nothing posted."""
+    import asyncio
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from schemas.topics import INPUT_TOPICS, REFERRALS
+    from streams import cutover, replay, runtime
+    from streams.rules.ruleset import load_ruleset
+    from streams.runtime import _replay_handler
+
+    root = Path(__file__).resolve().parents[2]
+    rules = (root / "streams/rules/rulesets/seasonal-promotion.yaml").read_text()
+    markers = {(topic, partition): 10 for topic in INPUT_TOPICS for partition in range(2)}
+    seen = {"markers": False, "polls": 0, "committed": {}}  # polls of the committed offsets after the markers
+    posted = []
+
+    class Monitor:
+        async def counts(self) -> dict:
+            return {"consumer_lag": {}}
+
+        def committed(self) -> dict:
+            if not seen["markers"]:
+                return {}
+            seen["polls"] += 1
+            committed = {tp: offset + 1 for tp, offset in markers.items()}
+            if not (passes and seen["polls"] > 2):
+                committed[(REFERRALS, 1)] = markers[(REFERRALS, 1)]  # the marker itself not acked yet
+            seen["committed"] = committed
+            return committed
+
+        def ends_fetched_after(self, topic, moment) -> dict:
+            return {}
+
+    def publish_cutover(*args, **kwargs):
+        seen["markers"] = True
+        return dict(markers)
+
+    def apply_report(report, *, bootstrap, markers):
+        posted.append(seen["committed"])
+        return {"compensations_published": 0, "moments": {}}
+
+    monkeypatch.setattr(runtime, "cutover_wait_s", 2.0)
+    monkeypatch.setattr(runtime, "replay_archive_gaps", lambda client: [])
+    monkeypatch.setattr(runtime, "replay_archive_estimate", lambda client: 0)
+    monkeypatch.setattr(replay, "known_rulesets", lambda client: {})
+    monkeypatch.setattr(replay, "prepare", lambda *args, **kwargs: object())
+    monkeypatch.setattr(replay, "dry_run", lambda *args, **kwargs: {"ruleset_version_new": "seasonal"})
+    monkeypatch.setattr(replay, "apply_report", apply_report)
+    monkeypatch.setattr(cutover, "publish_cutover", publish_cutover)
+    client = SimpleNamespace(insert=lambda *args, **kwargs: None)
+    context = SimpleNamespace(ruleset=load_ruleset(root / "streams/rules/rulesets/default.yaml"))
+    archived = {tp: offset + 1 for tp, offset in markers.items()}
+    projector = SimpleNamespace(partitions=2, archived_to=archived, projected_to={})
+
+    class Request:
+        async def json(self) -> dict:
+            return {"rules": rules, "apply": True}
+
+    async def ask():
+        handle = _replay_handler(client, asyncio.Lock(), context, Monitor(), projector, "127.0.0.1:9", 1)
+        return await handle(Request())
+
+    response = asyncio.run(ask())
+    if passes:
+        assert response.status == 200 and len(posted) == 1 and seen["polls"] > 2
+        assert all(posted[0][tp] > offset for tp, offset in markers.items())
+    else:
+        assert response.status == 409 and not posted
+        assert "the worker did not pass the cut-over markers" in json.loads(response.text)["error"]
