@@ -600,7 +600,7 @@ class StreamApplier:
             self.held = others
             heapq.heapify(self.held)
             for _, _, held in sorted(ours, key=lambda item: item[:2]):
-                self._apply(held, output)
+                self._apply(held, output, message.received_ms)
         for topic, offset in cuts.items():
             self._end_wait((topic, partition, offset), "compensated", output, version)
 
@@ -688,15 +688,16 @@ class StreamApplier:
                     if mark is None or not (mark is _EVERYTHING or key[0] < mark):
                         break
             heapq.heappop(self.held)
-            self._apply(head, output)
+            self._apply(head, output, now_ms)
         return output
 
-    def _apply(self, held: _Held, output: Output) -> None:
-        self._decide(held, output)
+    def _apply(self, held: _Held, output: Output, now_ms: float) -> None:
+        """Decide a released event; `now_ms`: when (the driver's clock), for a wait a derived event begins."""
+        self._decide(held, output, now_ms)
         if self.waiting and self._compensation(held.message, held.event):
             self._compensation_applied(held.message.partition, held.event)
 
-    def _decide(self, held: _Held, output: Output) -> None:
+    def _decide(self, held: _Held, output: Output, now_ms: float) -> None:
         message, event = held.message, held.event
         states = self.states.setdefault(message.partition, {})
         customer_id = _customer_of(held)
@@ -722,7 +723,7 @@ class StreamApplier:
         if fresh and message.offset >= 0:
             self.skew.late(event.occurred_at, message.fetch_time, held.fetched_caught_up_ms)
         for derived in derived_events(state, event, entries):
-            self._derive(derived, held, output)
+            self._derive(derived, held, output, now_ms)
         output.ledger.extend((message.partition, entry, message) for entry in entries)
         if message.offset < 0:
             return  # applied in place (see `_derive`): not an input message, nothing to ack or count
@@ -742,7 +743,7 @@ class StreamApplier:
                 f"{state.last_event_at.isoformat()}"  # type: ignore[union-attr]
             )
 
-    def _derive(self, event: ev.Event, cause: _Held, output: Output) -> None:
+    def _derive(self, event: ev.Event, cause: _Held, output: Output, now_ms: float) -> None:
         """Publish a derived event to its customer's partition and, when this applier holds that partition,
         apply it here, in order: it joins the heap at (its time, after every input topic), so it is applied
         before any later event of that customer, exactly where the batch driver applies it. Its published
@@ -760,11 +761,14 @@ class StreamApplier:
             held = _Held(message, event, "customer", cause.ruleset)
             item = (order_key(event, cause.message.offset), self._arrivals, held)
             # Decided by the rules of a cut-over whose wait for the compensations is still on in its own partition
-            # (the referrer's compensation has not come yet): it waits there too, as its published copy would.
+            # (the referrer's compensation has not come yet): it waits there too, as its published copy would. A wait
+            # it begins counts the hold from now, as its published copy's would from when it is read: from the
+            # cause's arrival (the refund waited for the referee's compensation meanwhile), a wait begun after an
+            # apply longer than the hold timed out at once and the reversal was decided before the referrer's.
             cuts = self.cutovers.get((REFERRALS, partition), ())
             if cuts and cuts[-1][1] is cause.ruleset:
                 cut = (REFERRALS, partition, cuts[-1][0])
-                if self._held_for_compensations(cut, cause.ruleset.version, cause.message.received_ms, item):
+                if self._held_for_compensations(cut, cause.ruleset.version, now_ms, item):
                     return
             heapq.heappush(self.held, item)
 

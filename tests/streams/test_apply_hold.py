@@ -386,6 +386,44 @@ def test_a_referrers_referrals_marker_read_after_the_referees_refund_arrived_hol
     assert expected["c1"].balance == 0
 
 
+def test_a_reversal_that_begins_its_referrers_wait_counts_the_hold_from_then_not_from_its_refunds_arrival():
+    """The refund arrived at 2 s and waited for the referee's compensation, which came at 100 s (the referee's wait
+    kept alive by its plan at 50 s; the hold is 60 s). The reversal it derives is the first event held in the
+    referrer's partition, whose plan the worker has not read yet: the wait it begins counts from 100 s. Before, it
+    counted from the refund's arrival, timed out at the next release, and the reversal was decided before the
+    referrer's compensation: c1 ended at 50 where `loyalty process` under the new rules gives 0."""
+    applier, log, compensation, referrer, referee, refund, version, expected = _referral_apply()
+    _step(applier, log.lines(refund, 2_000.0), 2_000.0)
+    plans = log.plans(version, {"c1": 1, "c2": 1}, 50_000.0)
+    _step(applier, [plan for plan in plans if plan.partition == referee], 50_000.0)
+    later = compensation("c2")
+    later.received_ms = 100_000.0
+    _, released = _step(applier, [later], 100_000.0)
+    assert "r4" in _caused(released) and applier.waiting_count == 1  # the reversal, in the referrer's partition
+    released = applier.release([], set(), 100_001.0)
+    assert not released.ended and applier.waiting_count == 1
+    assert applier.waiting[(REFERRALS, referrer, log.cuts[(REFERRALS, referrer)])].since_ms == 100_000.0
+    for plan in plans:
+        plan.received_ms = 100_500.0
+    _step(applier, [plan for plan in plans if plan.partition == referrer], 100_500.0)
+    accepted, released = _step(applier, [compensation("c1"), *log.ends(version)], 101_000.0)
+    assert "r3:reversed" in _caused(released) and applier.waiting_count == 0
+    assert {how for *_, how in accepted.ended} == {"compensated"}
+    assert _balances(applier, referrer, referee) == {c: s.balance for c, s in expected.items()}
+    assert expected["c1"].balance == 0
+    # The wait still ends, `cutover_hold_ms` after it began, when the apply shows no more sign of life there.
+    applier, log, compensation, referrer, referee, refund, version, _ = _referral_apply()
+    _step(applier, log.lines(refund, 2_000.0), 2_000.0)
+    _step(applier, [plan for plan in log.plans(version, {"c2": 1}, 50_000.0) if plan.partition == referee], 50_000.0)
+    later = compensation("c2")
+    later.received_ms = 100_000.0
+    _step(applier, [later], 100_000.0)
+    assert applier.waiting_count == 1 and not applier.release([], set(), 159_999.0).ended
+    released = applier.release([], set(), 160_000.0)
+    assert (referrer, "timed out") in {(partition, how) for _, partition, _, _, how in released.ended}
+    assert _caused(released) == {"r3:reversed"} and applier.waiting_count == 0
+
+
 def _other(event_id: str, event_type: str, at: str, **fields) -> str:
     """An event of z1, a customer the apply does not compensate."""
     envelope = {"event_id": event_id, "event_type": event_type, "schema_version": 1, "occurred_at": at}

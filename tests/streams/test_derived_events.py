@@ -109,6 +109,6 @@ def test_a_derived_event_applied_in_place_is_decided_by_its_cause_rule_set():
         b'"2026-01-02T00:00:00+00:00", "customer_id": "referrer", "store_id": "s1", "referee_id": "referee", '
         b'"order_id": "o1", "referral_event_id": "ref1"}'
     )
-    applier._derive(reversal, cause, Output())
+    applier._derive(reversal, cause, Output(), 0.0)
     ((_, _, held),) = applier.held
     assert held.ruleset is old
