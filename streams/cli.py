@@ -454,7 +454,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
         finally:
             if terminal:
                 sys.stderr.write("\n")
-        conflict = replay.version_conflict(new_rules, replay.known_rulesets(client), current)
+        # The rule set in force is the last one an apply activated (as a restarted `loyalty up` takes it), if any.
+        known, activated = replay.known_rulesets(client), replay.activated_versions(client)
+        in_force = current
+        if activated and activated[-1] in known:
+            in_force = parse_ruleset(known[activated[-1]], f"version {activated[-1]}")
+        conflict = replay.version_conflict(new_rules, known, in_force, activated)
         report["warnings"] = [f"--apply would refuse: {conflict}"] if conflict else []
         client.close()
     csv_error = None

@@ -1256,12 +1256,31 @@ def known_rulesets(client) -> dict[str, str]:
     return {version: text for version, text in rows}
 
 
-def version_conflict(new: RuleSet, known: Mapping[str, str], in_force: RuleSet) -> str | None:
-    """Why `new` cannot be applied under its version: another rule set was applied, or is in force, with that version.
+def activated_versions(client) -> list[str]:
+    """The versions of the archived cut-over markers, in the order they were first archived (the applies' order, as
+    `streams.restore` writes their activations back): the last one is the rule set in force."""
+    rows = client.query(
+        "SELECT any(value), min(archived_at) AS first FROM raw_events WHERE referee_side = 2 "
+        "GROUP BY topic, partition, offset ORDER BY first, topic, partition, offset"
+    ).result_rows
+    versions: list[str] = []
+    for value, _ in rows:
+        version = value.decode() if isinstance(value, bytes) else str(value)
+        if not versions or versions[-1] != version:
+            versions.append(version)
+    return versions
+
+
+def version_conflict(
+    new: RuleSet, known: Mapping[str, str], in_force: RuleSet, activated: Iterable[str] = ()
+) -> str | None:
+    """Why `new` cannot be applied under its version: another rule set was applied, or is in force, with that version;
+    or it was applied before and another one since (`activated`: the versions of the applies, `activated_versions`).
 
     Compensation ids, the worker's rule sets and the ledger's `ruleset_version` all name a rule set by its version,
     so a second rule set under one version would be taken for the first: its compensations refused as conflicts,
-    and the entries of the two indistinguishable."""
+    and the entries of the two indistinguishable. The same holds for the same rules applied again after another rule
+    set (A -> B -> A -> B): the second apply's compensations have the first one's ids."""
     from streams.rules.ruleset import RuleSetInvalid, parse_ruleset
 
     others = []
@@ -1276,6 +1295,12 @@ def version_conflict(new: RuleSet, known: Mapping[str, str], in_force: RuleSet) 
         return (
             f"rule set version {new.version} is already in use with other rules: give the new rule set a version of "
             "its own (its `version` key)"
+        )
+    if new.version != in_force.version and new.version in set(activated):
+        return (
+            f"rule set version {new.version} was applied before and replaced since by {in_force.version}: its "
+            "compensations would have the ids of the first apply's, which the worker refuses as conflicting repeats; "
+            "give the rule set a version of its own (its `version` key)"
         )
     return None
 

@@ -623,7 +623,8 @@ def _replay_handler(
     async def version_conflict(new_rules) -> str | None:
         async with client_lock:
             known = await asyncio.to_thread(replay.known_rulesets, client)
-        return replay.version_conflict(new_rules, known, context.ruleset)
+            activated = await asyncio.to_thread(replay.activated_versions, client)
+        return replay.version_conflict(new_rules, known, context.ruleset, activated)
 
     async def _apply_replay(new_rules, text: str, lag_max: int, processes: int, run: dict | None) -> dict:
         from streams.cutover import publish_cutover

@@ -6,6 +6,9 @@ audit of the running system found (each test fails on the code before the fix).
 - `--apply --csv <bad path>` applied the change, then failed on the CSV; `--csv <directory>` was a traceback.
 - A rule set under a version already in use with other rules was applied, and every compensation was refused by
   the worker as a conflict, while the command said it worked; the dry-run said nothing.
+- A rule set applied before and replaced since by another was applied again under its version (A -> B -> A -> B):
+  its compensations had the first apply's ids and the worker refused every one as a conflicting repeat, while the
+  command said it worked and the new rules were in force on the old balances; the dry-run said nothing.
 - The text dry-run did not mention archive gaps; an unreadable rules file was a traceback; `--lag-max` took
   negative numbers.
 - An interrupted offline rebuild left half-filled `__rebuild` tables that queries could read.
@@ -208,3 +211,50 @@ def test_the_csv_shows_a_customer_id_a_spreadsheet_would_run_as_a_formula_as_tex
         "'-neg,5,0,-5",
         '"a,""b",0,0,0',
     ]
+
+
+def _archive_markers(dsn: str, versions: list[str]) -> None:
+    """Cut-over markers of `versions` in the archive, in that order (one apply each, archived a moment apart)."""
+    from projections.archive import ArchivedMessage, RawArchive
+
+    client = connect(dsn)
+    try:
+        end = client.query("SELECT max(offset) + 1 FROM raw_events WHERE topic = 'loyalty.purchases' AND partition = 0")
+        for index, version in enumerate(versions):  # at the partition's end: no gap
+            offset = int(end.result_rows[0][0]) + index
+            marker = ArchivedMessage(
+                "loyalty.purchases", 0, offset, "", version.encode(), 2, 0, "", datetime(2026, 1, 1, tzinfo=UTC)
+            )
+            RawArchive(client).write([marker], {})
+            client.command("SELECT sleep(0.01)")  # archived_at apart: the order of the applies
+    finally:
+        client.close()
+
+
+def test_a_rule_set_applied_before_and_replaced_since_is_flagged(offline, capsys, tmp_path):
+    """A -> B -> A -> B: the second apply of B would publish compensations under the first one's ids."""
+    dsn, _ = offline
+    first = parse_ruleset(NEW_RULES.read_text())
+    document = yaml.safe_load(NEW_RULES.read_text())
+    document["version"] = "second"
+    second_text = yaml.safe_dump(document)
+    second = parse_ruleset(second_text)
+    known = {first.version: NEW_RULES.read_text(), "second": second_text}
+    reason = f"rule set version {first.version} was applied before and replaced since by second"
+    assert reason in version_conflict(first, known, second, activated=[first.version, "second"])
+    assert version_conflict(first, known, first, activated=["second", first.version]) is None  # in force: again
+    assert version_conflict(second, known, first, activated=[first.version]) is None  # recorded, never activated
+
+    client = connect(dsn)
+    try:
+        client.insert("rulesets", [[first.version, "second"], [NEW_RULES.read_text(), second_text]],
+                      column_names=("version", "text"), column_oriented=True)  # fmt: skip
+    finally:
+        client.close()
+    _archive_markers(dsn, [first.version, "second"])
+    code = cli.main(["replay", "--rules", str(NEW_RULES), "--dry-run"])
+    assert code == 0
+    assert f"warning: --apply would refuse: {reason}" in capsys.readouterr().out
+    (tmp_path / "second.yaml").write_text(second_text)  # the one in force (the last activated): no warning
+    assert cli.main(["replay", "--rules", str(tmp_path / "second.yaml"), "--dry-run"]) == 0
+    assert "warning" not in capsys.readouterr().out

@@ -95,6 +95,7 @@ def test_an_apply_checks_the_lag_again_after_replaying_the_history_before_writin
     monkeypatch.setattr(runtime, "replay_archive_gaps", lambda client: [])
     monkeypatch.setattr(runtime, "replay_archive_estimate", lambda client: 0)
     monkeypatch.setattr(replay, "known_rulesets", lambda client: {})
+    monkeypatch.setattr(replay, "activated_versions", lambda client: [])
     monkeypatch.setattr(replay, "prepare", prepare)
     monkeypatch.setattr(cutover, "publish_cutover", publish_cutover)
     client = SimpleNamespace(insert=lambda *args, **kwargs: None)
@@ -172,6 +173,7 @@ def test_an_apply_posts_its_plan_and_compensations_only_once_the_worker_passed_e
     monkeypatch.setattr(runtime, "replay_archive_gaps", lambda client: [])
     monkeypatch.setattr(runtime, "replay_archive_estimate", lambda client: 0)
     monkeypatch.setattr(replay, "known_rulesets", lambda client: {})
+    monkeypatch.setattr(replay, "activated_versions", lambda client: [])
     monkeypatch.setattr(replay, "prepare", lambda *args, **kwargs: object())
     monkeypatch.setattr(replay, "dry_run", lambda *args, **kwargs: {"ruleset_version_new": "seasonal"})
     monkeypatch.setattr(replay, "apply_report", apply_report)
@@ -196,3 +198,47 @@ def test_an_apply_posts_its_plan_and_compensations_only_once_the_worker_passed_e
     else:
         assert response.status == 409 and not posted
         assert "the worker did not pass the cut-over markers" in json.loads(response.text)["error"]
+
+
+def test_an_apply_of_a_rule_set_replaced_since_is_refused_before_its_markers(monkeypatch):
+    """A -> B -> A -> B: the compensations of the second apply of B have the ids of the first one's, which the worker
+    refuses as conflicting repeats; the apply refuses instead, with nothing changed."""
+    import asyncio
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from streams import cutover, replay
+    from streams.rules.ruleset import load_ruleset, parse_ruleset
+    from streams.runtime import _replay_handler
+
+    root = Path(__file__).resolve().parents[2]
+    rules = (root / "streams/rules/rulesets/seasonal-promotion.yaml").read_text()
+    default = load_ruleset(root / "streams/rules/rulesets/default.yaml")
+    new = parse_ruleset(rules)
+    marked = []
+
+    def publish_cutover(*args, **kwargs):
+        marked.append(True)
+        raise RuntimeError("markers written")
+
+    monkeypatch.setattr(replay, "known_rulesets", lambda client: {new.version: rules})
+    monkeypatch.setattr(replay, "activated_versions", lambda client: [new.version, default.version])
+    monkeypatch.setattr(cutover, "publish_cutover", publish_cutover)
+    context = SimpleNamespace(ruleset=default)  # B applied, then A again: A in force
+
+    class Request:
+        async def json(self) -> dict:
+            return {"rules": rules, "apply": True}
+
+    async def ask():
+        handle = _replay_handler(SimpleNamespace(), asyncio.Lock(), context, None, None, "127.0.0.1:9", 1)
+        return await handle(Request())
+
+    try:
+        response = asyncio.run(ask())
+    except (RuntimeError, AttributeError) as error:  # past the check: markers, or the lag check without a monitor
+        pytest.fail(f"not refused: {error!r}")
+    assert not marked
+    assert response.status == 409
+    assert f"version {new.version} was applied before and replaced since" in json.loads(response.text)["error"]
