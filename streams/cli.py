@@ -214,6 +214,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     error = document.get("clickhouse_error") or document.get("projection_error")
     if error:
         print(f"  ClickHouse error: {error}")
+    if document.get("ruleset_version"):
+        print(f"  rule set in force: {document['ruleset_version']}")  # after an apply: the new one (docs/replay.md)
     return 0
 
 

@@ -146,3 +146,20 @@ def test_an_applied_replay_says_when_each_step_after_the_markers_was_done(capsys
         "  after the markers: worker passed markers 1.2 s, compared 1.5 s, compensations built 2.0 s, plan published "
         "2.1 s, compensations published 3.2 s\n"
     ) in capsys.readouterr().out
+
+
+def test_the_text_status_names_the_rule_set_in_force(monkeypatch, capsys):
+    # docs/replay.md tells the operator to check `loyalty status`'s ruleset_version after an apply: only --json had it.
+    status = {
+        "consumer_lag": {"loyalty.purchases": 0},
+        "events_processed": 10,
+        "events_rejected": 0,
+        "ledger_entries_emitted": 20,
+        "ledger_rows_projected": 20,
+        "projection_backlog": 0,
+        "aggregate_days_pending": 0,
+        "ruleset_version": "default-2",
+    }
+    monkeypatch.setattr(client_module, "query_running_system", lambda settings, path, params=None: status)
+    assert main(["status"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "  rule set in force: default-2"
