@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -54,4 +55,26 @@ def _request(
             reason = error.reason
         raise NotRunning(f"{path}: {error.code} {reason}") from None
     except urllib.error.URLError as error:
-        raise NotRunning(f"the running system at {run['url']} does not answer ({error.reason})") from None
+        message = f"the running system at {run['url']} does not answer ({error.reason})"
+        if _gone(run.get("pid")):
+            from streams.runtime import run_file_path
+
+            path = run_file_path(settings)
+            message += (
+                f"; {path} names process {run['pid']}, which is not running here: a `loyalty up` that was killed "
+                f"leaves it behind (remove {path} to work offline, or start `loyalty up`)"
+            )
+        raise NotRunning(message) from None
+
+
+def _gone(pid: Any) -> bool:
+    """Whether `pid` names no process on this host (False when unknown: a run file of another host or container)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists (another user's), or cannot be told
+        return False
+    return False

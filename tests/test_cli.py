@@ -163,3 +163,15 @@ def test_the_text_status_names_the_rule_set_in_force(monkeypatch, capsys):
     monkeypatch.setattr(client_module, "query_running_system", lambda settings, path, params=None: status)
     assert main(["status"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "  rule set in force: default-2"
+
+
+def test_a_run_file_left_by_a_killed_system_is_named_as_such(tmp_path, capsys):
+    # A `loyalty up` killed with SIGKILL leaves run.json behind: every command then said only "does not answer",
+    # and the commands with an offline path (replay --dry-run, projections rebuild) would not take it.
+    never_a_pid = 2**22 + 1  # above the largest pid_max Linux allows
+    (tmp_path / "run.json").write_text(json.dumps({"url": "http://127.0.0.1:9", "token": "t", "pid": never_a_pid}))
+    assert main(["status", "--data-dir", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "does not answer" in error
+    assert f"names process {never_a_pid}, which is not running here" in error
+    assert f"remove {tmp_path / 'run.json'}" in error
