@@ -59,6 +59,8 @@ compensation_prefix = COMPENSATION_PREFIX
 # An apply refuses while the worker lags by more input messages than this (`--lag-max`): the cut-over waits for
 # the worker to pass its markers. Events keep arriving meanwhile: the comparison covers what lies before them.
 lag_bound_messages = 10_000
+# A preview through the running system waits this long at most for the projector to store what the worker decided.
+preview_settle_s = 10.0
 # A task of a replay process: at least this many archived messages, cut between two customers. Deciding them takes
 # about half a second, next to which sending them costs little; the pool's queue holds a few megabytes.
 chunk_messages = 5_000
@@ -751,6 +753,26 @@ def compare(live: LiveFigures, shadow: ShadowResult, ruleset: RuleSet, current_p
         },
         "per_rule": _per_rule_rows(live.points_by_rule, shadow.points_by_rule),
     }
+
+
+def note_undecided(report: dict, customers: set[str], *, stored: bool) -> None:
+    """A preview through the running system under traffic: `customers` have archived messages at or after the worker's
+    committed offsets, which it had not decided (or not committed) when the replay ran, so their live balances lack
+    what the replay counts; `stored`: whether everything below those offsets was projected by then. Adds
+    `undecided` to the report and a warning, so that lag is not read as the rule change."""
+    changed = sum(1 for row in report["customers"] if row["delta"] != 0 and row["customer_id"] in customers)
+    report["undecided"] = {"customers": len(customers), "customers_changed": changed, "ledger_stored": stored}
+    if customers:
+        report.setdefault("warnings", []).append(
+            f"{len(customers)} customers had archived events the worker had not decided yet ({changed} of them among "
+            "the customers changed): their differences include that lag, not only the rule change; preview again "
+            "once `loyalty status` shows no lag"
+        )
+    if not stored:
+        report.setdefault("warnings", []).append(
+            f"the projector had not stored every entry the worker had decided within {preview_settle_s:g} s: "
+            "customers with recent events can show differences that are only that lag"
+        )
 
 
 def _per_rule_rows(before: dict[str, int], after: dict[str, int]) -> list[dict]:

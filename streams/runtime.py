@@ -512,6 +512,7 @@ def _replay_handler(
     progress id, GET /api/replay/progress tells how far it is (`ReplayProgress`)."""
     from aiohttp import web
 
+    from projections.archive import RawArchive
     from streams import replay
     from streams.rules.ruleset import RuleSetInvalid, parse_ruleset
 
@@ -522,11 +523,13 @@ def _replay_handler(
             gaps = await asyncio.to_thread(replay_archive_gaps, client)
         replay.check_apply_allowed(gaps=gaps, lag=sum(counts["consumer_lag"].values()), lag_max=lag_max)
 
-    async def before_markers_in_clickhouse(markers: dict[tuple[str, int], int], refusal: str | None = None) -> None:
+    async def before_markers_in_clickhouse(
+        markers: dict[tuple[str, int], int], refusal: str | None = None, wait_s: float | None = None
+    ) -> None:
         """Wait until the worker has passed every marker, and everything before the markers is archived and its
         entries projected; events after them may go on arriving meanwhile. `refusal`: the message if it does not
-        happen within the wait (else one about cut-over markers)."""
-        deadline = time.monotonic() + cutover_wait_s
+        happen within the wait (else one about cut-over markers); `wait_s`: the wait (default `cutover_wait_s`)."""
+        deadline = time.monotonic() + (cutover_wait_s if wait_s is None else wait_s)
         ledger_end: dict[tuple[str, int], int] | None = None
         while True:
             if ledger_end is None:
@@ -599,9 +602,14 @@ def _replay_handler(
         history before them (`prepared_history`). The client lock keeps the projector from writing meanwhile: both
         sides read one state of ClickHouse. `run`: the progress to update."""
 
+        decided = await decided_offsets() if markers is None else None
+        undecided: set[str] = set()
+
         def replayed() -> dict:
             # After the markers with the history replayed before, the apply's phase says what is going on.
             progress = replaying(run) if prepared is None else None
+            if decided is not None:  # under the lock: what is archived cannot move until the replay has read it
+                undecided.update(RawArchive(client).keys_between(decided[0], dict(projector.archived_to)))
             return replay.dry_run(
                 client,
                 new_rules,
@@ -618,7 +626,27 @@ def _replay_handler(
         if markers is None:
             conflict = await version_conflict(new_rules)
             report["warnings"] = [f"--apply would refuse: {conflict}"] if conflict else []
+        if decided is not None:
+            replay.note_undecided(report, undecided, stored=decided[1])
         return report
+
+    async def decided_offsets() -> tuple[dict[tuple[str, int], int], bool]:
+        """For a preview under traffic: the worker's committed offsets, once what lies below them is archived and its
+        entries projected (waiting `replay.preview_settle_s` at most), and whether it was. The archived messages from
+        these offsets on are not decided yet, or their entries not stored: their customers' differences can be lag."""
+        committed = await asyncio.to_thread(monitor.committed)
+        offsets = {
+            (topic, partition): committed.get((topic, partition), 0)
+            for topic in INPUT_TOPICS
+            for partition in range(projector.partitions)
+        }
+        try:
+            await before_markers_in_clickhouse(
+                {tp: offset - 1 for tp, offset in offsets.items()}, refusal="", wait_s=replay.preview_settle_s
+            )
+        except replay.ReplayRefused:
+            return offsets, False
+        return offsets, True
 
     async def version_conflict(new_rules) -> str | None:
         async with client_lock:
