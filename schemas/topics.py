@@ -47,6 +47,10 @@ SIDE_HEADER = "loyalty-side"
 REFEREE_SIDE = b"referee"
 # The same header marks an event the engine derived for another customer (streams/applier.py, `_derive`).
 DERIVED_SIDE = b"derived"
+# Header of a derived event's published copy: the version of the rule set that decided its cause (the event it was
+# derived from). A worker that reads the copy after a cut-over marker of another rule set knows its cause is history
+# before the markers, which the apply's compensation covers (streams/applier.py, `_decide_derived`).
+CAUSE_RULESET_HEADER = "loyalty-cause-ruleset"
 
 # Header of a cut-over marker: a control message (not an event) that switches the partition's rule set.
 CONTROL_HEADER = "loyalty-control"

@@ -30,6 +30,11 @@ in its topic partition (a new apply: its compensations start from what the worke
 markers while the events before them wait unacked), after `cutover_hold_ms` (an apply that failed after its
 markers posts no end marker), or when more than `held_max` events wait. Each end of a wait is recorded in
 loyalty.rulesets (`ended:<topic>:<partition>:<marker offset>`), so that a restarted worker does not wait again.
+
+A derived event's published copy after a cut-over marker whose header names another rule set as its cause's (its cause
+is history before the markers) is recorded with 0 points once the apply has compared (its plan read) or its
+compensations are applied (its end marker read, recorded as `compensated`), and decided by its cause's rule set
+otherwise (`_decide_derived`; docs/replay.md step 4).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from schemas import events as ev
 from schemas.decode import EventRejected, decode_event
 from schemas.ledger import LedgerEntry
 from schemas.topics import (
+    CAUSE_RULESET_HEADER,
     COMPENSATED_CONTROL,
     CONTROL_HEADER,
     DERIVED_SIDE,
@@ -58,7 +64,7 @@ from schemas.topics import (
     SIDE_HEADER,
 )
 from streams.batch import order_key
-from streams.rules.engine import Side, apply, derived_events, is_compensation
+from streams.rules.engine import Side, apply, apply_covered, derived_events, is_compensation
 from streams.rules.ruleset import RuleSet
 from streams.rules.state import COMPENSATION_PREFIX, CustomerState, evolve
 
@@ -227,6 +233,10 @@ class _Held:
     ruleset: RuleSet
     fetched_caught_up_ms: float | None = None  # when a fetch had last found its partition caught up, if it had
     waited: bool = False  # held for an apply's compensations: decided after them although dated before
+    # A derived event's published copy after a cut-over marker (`cut`) of another rule set than its cause's (`cause`):
+    # its cause is history before the markers, which the apply's compensation covers (`_decide_derived`).
+    cause: RuleSet | None = None
+    cut: tuple[str, int, int] | None = None
 
 
 @dataclass(slots=True)
@@ -309,6 +319,11 @@ class StreamApplier:
         # offset) whose wait is over, and per cut-over the events waiting.
         self.cutover_hold_ms = cutover_hold_ms
         self.ended: set[tuple[str, int, int]] = set()
+        # The cut-overs whose apply has compared the live entries before its markers (its plan read in full) or whose
+        # compensations are applied (its end marker read; recorded as such in loyalty.rulesets, `wait_ended`): a
+        # derived event's copy after such a marker whose cause is history before the markers is covered by them.
+        self.compensated: set[tuple[str, int, int]] = set()
+        self._planned_cuts: set[tuple[str, int, int]] = set()
         self.waiting: dict[tuple[str, int, int], _Wait] = {}
         # Per partition (of the redemptions topic), the offset of the last plan part or compensation that renewed the
         # partition's waits (`_progress`): one read again (fetched again from the commit) is no sign of the apply.
@@ -395,9 +410,11 @@ class StreamApplier:
                 chosen, cut = ruleset, cut_offset
         return chosen, cut
 
-    def wait_ended(self, topic: str, partition: int, offset: int) -> None:
-        """Record that the wait after the cut-over marker at `offset` is over (read from loyalty.rulesets)."""
+    def wait_ended(self, topic: str, partition: int, offset: int, how: str = "") -> None:
+        """Record that the wait after the cut-over marker at `offset` is over (read from loyalty.rulesets), and how."""
         self.ended.add((topic, partition, offset))
+        if how == "compensated":
+            self.compensated.add((topic, partition, offset))
 
     def accept(self, messages: Iterable[InputMessage]) -> Output:
         """Decode messages; bad ones become dead letters at once, good ones wait for their turn.
@@ -454,6 +471,8 @@ class StreamApplier:
             ruleset, cut_offset = self._cut_for(message.topic, message.partition, message.offset)
             self._arrivals += 1
             held = _Held(message, event, side, ruleset, self._looked_caught_up.get(tp))
+            if cut_offset is not None and (SIDE_HEADER, DERIVED_SIDE) in message.headers:
+                self._cause_before_the_markers(held, (message.topic, message.partition, cut_offset))
             item = (order_key(event, message.offset), self._arrivals, held)
             if cut_offset is not None and not self._compensation(message, event):
                 cut = (message.topic, message.partition, cut_offset)
@@ -463,6 +482,19 @@ class StreamApplier:
                 self._progress(message)
             heapq.heappush(self.held, item)
         return output
+
+    def _cause_before_the_markers(self, held: _Held, cut: tuple[str, int, int]) -> None:
+        """A derived event's published copy after the cut-over marker `cut`: when its header names another rule set
+        than the cut-over's as its cause's, the cause was decided before the markers (in its own partition), so it is
+        history the apply replays, deriving the event again under the new rules (streams/replay.py skips the archived
+        copies); `_decide_derived` then decides the copy. A copy without the header (published by older code) or of an
+        unknown rule set is decided by its position, as before."""
+        version = next((value for name, value in held.message.headers if name == CAUSE_RULESET_HEADER), None)
+        if version is None:
+            return
+        cause = self.rulesets.get(version.decode("utf-8", "replace"))
+        if cause is not None and cause.version != held.ruleset.version and isinstance(held.event, ev.ReferralReversed):
+            held.cause, held.cut = cause, cut
 
     def _progress(self, message: InputMessage) -> None:
         """A part of an apply's plan or a compensation arrived in this partition: the apply is alive, so its waits
@@ -529,6 +561,9 @@ class StreamApplier:
                 # would let the commit pass the plan before the wait ends.
                 plan.messages.append(message)
                 kept = True
+        if plan.complete:
+            # The apply has compared the live entries before its markers: what is undecided now was not among them.
+            self._planned_cuts.update((topic, partition, offset) for topic, offset in cuts.items())
         if plan.complete and waits and not complete:
             output.planned.append((partition, version, len(plan.customers)))
             held = {customer for _, wait in waits for customer in wait.events}
@@ -607,9 +642,13 @@ class StreamApplier:
     def _end_wait(self, cut: tuple[str, int, int], how: str, output: Output, version: str | None = None) -> None:
         """The wait after a cut-over marker is over: its events go to the event-time buffer."""
         wait = self.waiting.pop(cut, None)
-        if cut not in self.ended:
+        # An end marker read after the wait ended otherwise (timed out, ...) is recorded too: the compensations are
+        # applied, which decides how a later derived copy is (`_decide_derived`), after a restart as well.
+        if cut not in self.ended or (how == "compensated" and cut not in self.compensated):
             self.ended.add(cut)
             output.ended.append((*cut, version or (wait.version if wait else ""), how))
+        if how == "compensated":
+            self.compensated.add(cut)
         if wait is None:
             return
         for customer in list(wait.events):
@@ -707,7 +746,10 @@ class StreamApplier:
         fresh = event.event_id not in state.applied  # not a re-delivery
         late = fresh and not held.waited and state.last_event_at is not None and event.occurred_at < state.last_event_at
         try:
-            entries = apply(state, event, held.ruleset, side=held.side)
+            if held.cause is not None:
+                entries = self._decide_derived(held, state)
+            else:
+                entries = apply(state, event, held.ruleset, side=held.side)
         except EventRejected as error:
             # A conflict is decided per customer, so each copy of a referral that conflicts on its own
             # customer's state is dead-lettered (the batch driver lists it once per side too).
@@ -733,6 +775,25 @@ class StreamApplier:
             output.applied += 1
         output.acks.append(message)
 
+    def _decide_derived(self, held: _Held, state: CustomerState) -> list[LedgerEntry]:
+        """A derived event's copy after a cut-over marker, whose cause was decided by an earlier rule set (before the
+        markers, `_cause_before_the_markers`). When the apply that wrote the marker has compared the live entries (its
+        plan read in full) or its compensations are applied (its end marker read, now or before a restart), the copy
+        was not among the live entries it compared (undecided now, so then too) and its replay of the history derived
+        the event again under the new rules: the compensation holds what the event does, and the copy is recorded
+        with 0 points. Otherwise (no wait, or one that ended without them: timed out, superseded, too many held, a
+        rebuilt broker) it is decided by its cause's rule set, as the worker holding both partitions decides it in
+        place, and as the next apply counts it: an entry of a rule set other than its new one is a live entry."""
+        cause, cut = held.cause, held.cut
+        assert cause is not None and cut is not None
+        if cut in self.compensated or cut in self._planned_cuts:
+            why = (
+                f"derived from an event decided under rule set {cause.version} before the cut-over to "
+                f"{held.ruleset.version}: the apply's compensation already holds its effect"
+            )
+            return apply_covered(state, held.event, held.ruleset, why)  # type: ignore[arg-type]
+        return apply(state, held.event, cause, side=held.side)
+
     def _count_late(self, held: _Held, customer_id: str, state: CustomerState) -> None:
         self.late_events += 1
         if len(self.late_examples) < late_examples_max:
@@ -752,7 +813,8 @@ class StreamApplier:
         key = event.customer_id.encode()
         value = event.model_dump_json().encode()
         partition = self.partition_for(key) if self.partition_for is not None else cause.message.partition
-        message = InputMessage(REFERRALS, partition, -1, key, value, ((SIDE_HEADER, DERIVED_SIDE),))
+        headers = ((SIDE_HEADER, DERIVED_SIDE), (CAUSE_RULESET_HEADER, cause.ruleset.version.encode()))
+        message = InputMessage(REFERRALS, partition, -1, key, value, headers)
         output.derived.append(message)
         if partition in self.local_partitions:
             self._arrivals += 1

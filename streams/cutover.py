@@ -62,7 +62,9 @@ def ended_record(topic: str, partition: int, offset: int, version: str, how: str
 class Recorded(NamedTuple):
     rulesets: dict[str, RuleSet]
     activations: list[tuple[str, int, int, str]]  # topic, partition, offset, version, in the order recorded
-    ended: set[tuple[str, int, int]]  # cut-over markers (topic, partition, offset) after which nothing waits
+    # Cut-over markers (topic, partition, offset) after which nothing waits, with how the wait ended (the last record:
+    # "compensated" once the apply's end marker was read, even after a wait that ended otherwise).
+    ended: dict[tuple[str, int, int], str]
 
 
 async def read_rulesets(bootstrap: str) -> Recorded:
@@ -75,7 +77,7 @@ async def read_rulesets(bootstrap: str) -> Recorded:
     await consumer.start()
     rulesets: dict[str, RuleSet] = {}
     activations: list[tuple[str, int, int, str]] = []
-    ended: set[tuple[str, int, int]] = set()
+    ended: dict[tuple[str, int, int], str] = {}
     try:
         tp = TopicPartition(RULESETS, 0)
         consumer.assign([tp])
@@ -95,7 +97,9 @@ async def read_rulesets(bootstrap: str) -> Recorded:
                     )
                 elif key.startswith("ended:"):
                     document = json.loads(record.value)
-                    ended.add((document["topic"], document["partition"], document["offset"]))
+                    cut = (document["topic"], document["partition"], document["offset"])
+                    if ended.get(cut) != "compensated":  # once compensated, always
+                        ended[cut] = str(document.get("how", ""))
             highwater = consumer.highwater(tp)
             if highwater is not None and await consumer.position(tp) >= highwater:
                 break

@@ -17,7 +17,8 @@ Before the worker and the projector start, `restore_topics` writes back:
 - the rule-set documents and one activation per archived cut-over marker, in the order they were archived, each
   with the end of the worker's wait after it for the apply's compensations: an apply that was running at the restart
   died with it (run it again), and the events it held, archived undecided, are decided without waiting, as after a
-  wait that timed out;
+  wait that timed out; the end is recorded "compensated" when an archived end marker names the marker (its
+  compensations are archived before it), "restored" otherwise;
 - and the projector's ledger positions set to the rebuilt ledger's end (everything in it is projected).
 
 It refuses, with the reason, when the archive cannot give the inputs back at their offsets (gaps, positions the
@@ -37,6 +38,7 @@ from projections.queries import entry_of_row
 from projections.sink import LEDGER_COLUMNS
 from schemas.ledger import LedgerEntry
 from schemas.topics import ARCHIVE_SIDE_HEADERS, INPUT_TOPICS, LEDGER, RULESETS
+from streams.applier import end_marker_cuts
 from streams.cutover import activation_record, ended_record, ruleset_record
 from streams.routing import partition_for
 
@@ -147,15 +149,35 @@ def _restore_rulesets(client: Any, producer: Any) -> int:
         "SELECT topic, partition, offset, any(value), min(archived_at) AS first FROM raw_events "
         "WHERE referee_side = 2 GROUP BY topic, partition, offset ORDER BY first, topic, partition, offset"
     ).result_rows
+    compensated = _compensated_cuts(client)
     for topic, partition, offset, version, _ in markers:
         key, value = activation_record(topic, int(partition), int(offset), _text(version))
         futures.append(producer.send(RULESETS, key=key, value=value, partition=0))
-        key, value = ended_record(topic, int(partition), int(offset), _text(version), "restored")
+        # "compensated" when the apply's end marker naming it is archived: its compensations, before it in the same
+        # partition, are archived too and decided by the worker (again, or already), so a derived event's copy after
+        # the marker whose cause is history is covered by them (streams/applier.py, `_decide_derived`).
+        how = "compensated" if (topic, int(partition), int(offset)) in compensated else "restored"
+        key, value = ended_record(topic, int(partition), int(offset), _text(version), how)
         futures.append(producer.send(RULESETS, key=key, value=value, partition=0))
     producer.flush()
     for future in futures:
         future.get(timeout=30)  # raises if a document or an activation was not written
     return len(documents)
+
+
+def _compensated_cuts(client: Any) -> set[tuple[str, int, int]]:
+    """The cut-over markers (topic, partition, offset) an archived end marker of an apply names."""
+    rows = client.query(
+        "SELECT partition, any(value) FROM raw_events WHERE referee_side = 4 GROUP BY topic, partition, offset"
+    ).result_rows
+    cuts = set()
+    for partition, value in rows:
+        try:
+            _, named = end_marker_cuts(value if isinstance(value, bytes) else str(value).encode())
+        except ValueError:
+            continue  # the worker dead-letters it: it ends no wait
+        cuts.update((topic, int(partition), offset) for topic, offset in named.items())
+    return cuts
 
 
 def _restore_inputs(client: Any, producer: Any) -> int:

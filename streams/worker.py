@@ -147,8 +147,8 @@ def create_app(settings: Settings, ruleset: RuleSet | None = None) -> faust.App:
         rulesets, activations, ended = await cutover.read_rulesets(settings.kafka_bootstrap)
         for known in rulesets.values():
             applier.know_ruleset(known)
-        for topic, partition, offset in ended:
-            applier.wait_ended(topic, partition, offset)
+        for (topic, partition, offset), how in ended.items():
+            applier.wait_ended(topic, partition, offset, how)
         for topic, partition, offset, version in activations:
             if version in applier.rulesets:
                 applier.activate(topic, partition, offset, version)

@@ -1489,3 +1489,27 @@ def apply(
     for entry in entries:
         evolve(state, entry, ruleset.zone)
     return entries
+
+
+COVERED_RULE = "referral.referrer.covered"
+
+
+def apply_covered(state: CustomerState, event: ev.ReferralReversed, ruleset: RuleSet, why: str) -> list[LedgerEntry]:
+    """Decide a derived `referral.reversed` whose effect an apply's compensation already holds (streams/applier.py,
+    `_decide_derived`): one 0-point `recorded` entry that marks the event applied (a copy read again is a repeat) and
+    changes nothing else of the state (no pending points released, no activity, no referral bookkeeping). An event
+    already applied gives nothing, as in `decide`; the same id with other content raises EventRejected."""
+    assert event.customer_id == state.customer_id, "event decided against another customer's state"
+    fingerprint = event_fingerprint(event)
+    seen = state.applied.get(event.event_id)
+    if seen is not None:
+        if seen != fingerprint:
+            raise EventRejected(
+                f"conflict: event id {event.event_id} was already applied with different content", "event_id"
+            )
+        return []
+    entries = _Entries(state, event, ruleset, fingerprint)
+    entries.record(Source.referral, COVERED_RULE, why, order_id=event.order_id, reference=event.referee_id)
+    for entry in entries.entries:
+        evolve(state, entry, ruleset.zone)
+    return entries.entries

@@ -19,6 +19,7 @@ from test_replay_expiry import CUT_OVER, HISTORY, NEW, OLD, _compensations
 from test_replay_revalue import archived, event
 
 from schemas.topics import (
+    CAUSE_RULESET_HEADER,
     COMPENSATED_CONTROL,
     CONTROL_HEADER,
     INPUT_TOPICS,
@@ -34,6 +35,7 @@ from streams.batch import process_lines
 from streams.cutover import end_marker, plan_records
 from streams.replay import _is_history, replay_messages
 from streams.routing import partition_for, routes_for
+from streams.rules.engine import COVERED_RULE
 
 # Decided after the markers, dated before the compensation (the wall clock of the apply). The tick expires the lot
 # of o1 (1 February) under the new rules, which award it 310 points, not the old rules' 190.
@@ -684,14 +686,27 @@ def test_a_referrer_the_plan_does_not_name_waits_for_the_end_marker_behind_a_nam
     assert expected["c1"].balance == 0
 
 
-def _refund_before_the_markers(old, new, *, workers: int):
+@dataclasses.dataclass
+class _Run:
+    """What `_refund_before_the_markers` ended with."""
+
+    got: dict[str, int]  # each customer's balance
+    expected: dict[str, int]  # `loyalty process` under the new rules over the whole log
+    ledger: list  # c1's entries
+    b: StreamApplier  # the worker holding c1's partition
+    b_ledger: list  # its entries, in the order written
+    b_outputs: list  # its outputs
+    copies: list[InputMessage]  # the published copies of the reversal, as B read them
+
+
+def _refund_before_the_markers(old, new, *, workers: int, timed_out: bool = False) -> _Run:
     """c2 referred by c1 (REFERRAL), then c2's refund (REFUND) written before the markers in c2's partition, decided
     under `old` only after the worker has read the markers of c1's partition: the reversal it derives for c1 lands in
     loyalty.referrals after c1's marker. With `workers=2` worker A holds every partition but c1's and publishes the
     reversal; worker B holds c1's and reads the published copy. The apply then compares the live entries before the
-    markers (every entry so far: none is of `new`) with a replay of the history before them (REFERRAL + REFUND, the
-    reversal derived again under `new`), posts the compensations and end markers. Returns (each customer's balance,
-    `loyalty process` under `new` over the whole log, c1's ledger)."""
+    markers (every entry so far of another rule set than `new`) with a replay of the history before them (REFERRAL +
+    REFUND, the reversal derived again under `new`), posts the compensations and end markers. `timed_out`: the apply
+    is slow, and the workers' waits time out (`HOLD_MS`) before it compares."""
     from test_replay_derived import archived as archived_messages
     from test_replay_restate import CUT_OVER as REFERRAL_CUT_OVER
     from test_replay_restate import REFERRAL, REFUND
@@ -704,7 +719,7 @@ def _refund_before_the_markers(old, new, *, workers: int):
     if workers == 2:
         a.local_partitions.discard(referrer)
         b.local_partitions.intersection_update({referrer})
-    log, ledger = _Log(), []
+    log, ledger, b_ledger, b_outputs = _Log(), [], [], []
 
     def feed(messages: list[InputMessage], at_ms: float) -> list:
         outputs = []
@@ -713,6 +728,9 @@ def _refund_before_the_markers(old, new, *, workers: int):
             for output in _step(applier, mine, at_ms):
                 ledger.extend(entry for _, entry, _ in output.ledger)
                 outputs.append(output)
+                if applier is b:
+                    b_outputs.append(output)
+                    b_ledger.extend(entry for _, entry, _ in output.ledger)
         return outputs
 
     history = log.lines(REFERRAL)
@@ -727,6 +745,10 @@ def _refund_before_the_markers(old, new, *, workers: int):
     copies = [log.message(m.topic, m.partition, m.key, m.value, m.headers, 2_000.0) for m in published]
     assert copies[0].offset > log.cuts[(REFERRALS, referrer)]  # after the referrer's referrals marker
     feed(copies, 2_000.0)
+    later = 0.0
+    if timed_out:
+        later = 2_000.0 + HOLD_MS
+        assert any(how == "timed out" for output in feed([], later) for *_, how in output.ended)
     # The apply, once the workers have passed every marker: live entries before the markers, replay of the history.
     live: dict[str, int] = collections.Counter()
     for entry in ledger:
@@ -747,16 +769,20 @@ def _refund_before_the_markers(old, new, *, workers: int):
                            "delta": after - live[customer]}],
             RESTATED: {customer: shadow.restate[customer].restated(state.lifetime_earned, {}, None, new)},
         }  # fmt: skip
-        ((_, value),) = compensations(report, cut_over=REFERRAL_CUT_OVER)
-        values.append(log.message(REDEMPTIONS, partition, customer.encode(), value))
-    feed([*values, *log.ends(new.version)], 3_000.0)
+        for _, value in compensations(report, cut_over=REFERRAL_CUT_OVER):
+            values.append(log.message(REDEMPTIONS, partition, customer.encode(), value))
+    feed([*values, *log.ends(new.version)], later + 3_000.0)
     assert a.waiting_count == b.waiting_count == 0
     got = {"c1": b.states[referrer]["c1"].balance, "c2": a.states[referee]["c2"].balance}
     expected = process_lines([line.encode() for line in REFERRAL + REFUND], new).states
-    return (
+    return _Run(
         got,
         {customer: state.balance for customer, state in expected.items()},
         [e for e in ledger if e.customer_id == "c1"],
+        b,
+        b_ledger,
+        b_outputs,
+        copies,
     )
 
 
@@ -784,45 +810,107 @@ def test_a_reversal_from_a_refund_before_the_markers_derived_in_place_is_in_the_
     from test_replay_restate import REFERRAL_NEW, REFERRAL_OLD
 
     new = REFERRAL_NEW if window == 30 else _window(REFERRAL_NEW, "referrals-3d", window)
-    got, expected, ledger = _refund_before_the_markers(REFERRAL_OLD, new, workers=1)
+    run = _refund_before_the_markers(REFERRAL_OLD, new, workers=1)
+    got, expected, ledger = run.got, run.expected, run.ledger
     assert got == expected and expected["c1"] == (0 if window == 30 else 250)
     reversal = [(e.points, e.ruleset_version) for e in ledger if e.caused_by == "r3:reversed"]
     assert reversal == [(-200, REFERRAL_OLD.version)]
 
 
-PUBLISHED_AFTER_THE_MARKER = (
-    "docs/replay.md Known limits: a published reversal of a refund before the markers, read after the referrer's "
-    "marker by another worker, is decided after the compensation"
-)
+def _reversal(run: _Run) -> list[tuple[str, int, str]]:
+    return [(e.rule_id, e.points, e.ruleset_version) for e in run.ledger if e.caused_by == "r3:reversed"]
 
 
-@pytest.mark.xfail(strict=True, reason=PUBLISHED_AFTER_THE_MARKER)
 def test_a_published_reversal_of_a_refund_before_the_markers_read_by_another_worker_is_counted_once():
     """The referrer's partition is held by another worker (B). The reversal's published copy lies after c1's referrals
-    marker: B decides it by its position, under the new rules, held until c1's end marker, so after c1's compensation;
-    the apply's live entries before the markers do not contain it (not decided yet), and its replay of the history
-    before them (the refund is there) derives the reversal again: the compensation takes 200 (0 - 200), and the copy
-    takes the 200 that `referrer_points` left in place (the new rules reversed c2, so nothing is restated for them)
-    a second time. c1 ends at -200 where `loyalty process` under the new rules gives 0."""
+    marker and names the rule set of its cause (the refund, decided under the old rules before c2's marker): B holds it
+    until c1's end marker, like any event after the marker. The apply's live entries before the markers do not contain
+    it (not decided yet), and its replay of the history before them (the refund is there) derives the reversal again:
+    the compensation takes 200 (0 - 200). The copy, decided after that, is covered by it: a 0-point entry. c1 ends at 0
+    as under `loyalty process` under the new rules (before the fix -200: the copy, decided by its position under the
+    new rules, took the 200 again)."""
     from test_replay_restate import REFERRAL_NEW, REFERRAL_OLD
 
-    got, expected, ledger = _refund_before_the_markers(REFERRAL_OLD, REFERRAL_NEW, workers=2)
-    assert [(e.rule_id, e.points) for e in ledger if e.caused_by.startswith("r3")] == [
-        ("referral.referrer", 200), ("referral.referrer.reversal", -200)  # the copy, after the compensation of -200
-    ]  # fmt: skip
-    assert [e.ruleset_version for e in ledger if e.caused_by == "r3:reversed"] == [REFERRAL_NEW.version]
-    assert (got["c1"], expected["c1"]) == (-200, 0)  # documents the defect; the fix makes this 0
-    assert got == expected
+    run = _refund_before_the_markers(REFERRAL_OLD, REFERRAL_NEW, workers=2)
+    assert (CAUSE_RULESET_HEADER, REFERRAL_OLD.version.encode()) in run.copies[0].headers
+    assert _reversal(run) == [(COVERED_RULE, 0, REFERRAL_NEW.version)]
+    assert run.got == run.expected and run.got["c1"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="docs/replay.md Known limits: as above, the other way round")
 def test_a_published_reversal_the_new_rules_do_not_make_is_not_taken_after_the_compensation():
     """The same, with a new referral return window of 3 days: the refund (4 days after the order) reverses the referral
     under the old rules (30 days) and not under the new ones. The apply compensates c1 +50 (250 under the new rules,
-    200 live) and restates its referral of c2 at 250; B's copy, decided after that, takes the 250 back: c1 ends at 0
-    where `loyalty process` under the new rules gives 250."""
+    200 live) and restates its referral of c2 at 250; B's copy, decided after that, is covered: c1 ends at 250 as under
+    `loyalty process` under the new rules (before the fix 0: the copy took the restated 250 back)."""
     from test_replay_restate import REFERRAL_NEW, REFERRAL_OLD
 
-    got, expected, _ = _refund_before_the_markers(REFERRAL_OLD, _window(REFERRAL_NEW, "referrals-3d", 3), workers=2)
-    assert (got["c1"], expected["c1"]) == (0, 250)
-    assert got == expected
+    new = _window(REFERRAL_NEW, "referrals-3d", 3)
+    run = _refund_before_the_markers(REFERRAL_OLD, new, workers=2)
+    assert _reversal(run) == [(COVERED_RULE, 0, new.version)]
+    assert run.got == run.expected and run.got["c1"] == 250
+
+
+@pytest.mark.parametrize("window", [30, 3])
+def test_a_published_reversal_after_a_wait_that_timed_out_is_decided_by_its_causes_rules(window):
+    """B's wait after c1's marker times out before the apply compares (an apply slower than `HOLD_MS`): the copy is
+    decided then, by its cause's rule set (the old one: -200), as the worker holding both partitions decides it in
+    place. The apply then counts its entry among the live ones (an entry of another rule set than the new one) and
+    compensates c1 for the rest: c1 ends as under the new rules, 0, or 250 with a new return window of 3 days (before
+    the fix, decided by its position under the new rules and left out of the live entries: -200, and 50)."""
+    from test_replay_restate import REFERRAL_NEW, REFERRAL_OLD
+
+    new = REFERRAL_NEW if window == 30 else _window(REFERRAL_NEW, "referrals-3d", window)
+    run = _refund_before_the_markers(REFERRAL_OLD, new, workers=2, timed_out=True)
+    assert _reversal(run) == [("referral.referrer.reversal", -200, REFERRAL_OLD.version)]
+    assert run.got == run.expected and run.got["c1"] == (0 if window == 30 else 250)
+
+
+@pytest.mark.parametrize("written", [True, False])
+def test_a_covered_copy_read_again_after_a_restart_counts_once(written):
+    """B restarts after the end marker's wait was recorded as compensated in loyalty.rulesets (`ended:`, how
+    "compensated"), and reads the copy again. `written`: the copy's 0-point entry was written (its ledger restored): a
+    repeat, nothing new; else (B died between the end marker's batch and the copy's) the restarted B, which knows from
+    the record that the compensations are applied, decides the copy as covered again. c1 stays at 0 either way."""
+    from test_replay_restate import REFERRAL_NEW, REFERRAL_OLD
+
+    run = _refund_before_the_markers(REFERRAL_OLD, REFERRAL_NEW, workers=2)
+    referrer = partition_for(b"c1", PARTITIONS)
+    restarted = _applier(old=REFERRAL_OLD, new=REFERRAL_NEW)
+    restarted.local_partitions.intersection_update({referrer})
+    ended: dict[tuple[str, int, int], str] = {}  # as `cutover.read_rulesets` reads the records
+    for output in run.b_outputs:
+        for topic, partition, offset, version in output.activations:
+            restarted.activate(topic, partition, offset, version)
+        for topic, partition, offset, _, how in output.ended:
+            if ended.get((topic, partition, offset)) != "compensated":
+                ended[(topic, partition, offset)] = how
+    assert ended[(REFERRALS, referrer, min(m.offset for m in run.copies) - 1)] == "compensated"
+    for (topic, partition, offset), how in ended.items():
+        restarted.wait_ended(topic, partition, offset, how)
+    kept = [e for e in run.b_ledger if e.customer_id == "c1" and (written or e.caused_by != "r3:reversed")]
+    restarted.restore(referrer, kept)
+    restarted.finish_restore(referrer)
+    again = [dataclasses.replace(copy, received_ms=10_000.0) for copy in run.copies]
+    entries = [entry for output in _step(restarted, again, 10_000.0) for _, entry, _ in output.ledger]
+    if written:
+        assert entries == []
+    else:
+        assert [(e.rule_id, e.points, e.ruleset_version) for e in entries] == [(COVERED_RULE, 0, REFERRAL_NEW.version)]
+    assert restarted.states[referrer]["c1"].balance == run.expected["c1"] == 0
+
+
+def test_the_end_of_a_wait_read_after_it_timed_out_is_recorded_as_compensated():
+    """An end marker read after the wait it names timed out: the compensations are applied all the same, and a copy
+    decided later must know it, after a restart too. So the end is recorded again, as compensated (a later record of
+    the same `ended:` key), which `cutover.read_rulesets` keeps."""
+    run = _refund_before_the_markers(*_referral_rulesets(), workers=2, timed_out=True)
+    referrer = partition_for(b"c1", PARTITIONS)
+    cut = (REFERRALS, referrer, min(m.offset for m in run.copies) - 1)
+    hows = [how for output in run.b_outputs for *ended, _, how in output.ended if tuple(ended) == cut]
+    assert hows == ["timed out", "compensated"] and cut in run.b.compensated
+
+
+def _referral_rulesets():
+    from test_replay_restate import REFERRAL_NEW, REFERRAL_OLD
+
+    return REFERRAL_OLD, REFERRAL_NEW

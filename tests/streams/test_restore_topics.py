@@ -110,3 +110,44 @@ def test_a_changed_partition_count_is_refused(client):
     restore._check(client, 4)  # the first run's count: accepted
     with pytest.raises(restore.RestoreRefused, match="the partition count changed"):
         restore._check(client, 8)
+
+
+def test_a_cut_over_whose_end_marker_is_archived_is_restored_as_compensated(client):
+    """The end of the worker's wait after each archived cut-over marker is recorded "compensated" when an archived end
+    marker of the apply names it (its compensations are archived before it: the worker decides them, again or
+    already), else "restored"; the worker then decides a derived event's copy after the marker whose cause is history
+    as covered by the compensation (streams/applier.py, `_decide_derived`), and by its cause's rules otherwise."""
+    from schemas.topics import INPUT_TOPICS, REDEMPTIONS, REFERRALS
+    from streams.cutover import end_marker
+
+    class Sent:
+        def get(self, timeout):
+            return None
+
+    class Producer:
+        def __init__(self) -> None:
+            self.sent: list[tuple[bytes, bytes]] = []
+
+        def send(self, topic, value, key, partition):
+            self.sent.append((key, value))
+            return Sent()
+
+        def flush(self) -> None:
+            pass
+
+    cuts = {topic: 5 for topic in INPUT_TOPICS}
+    RawArchive(client).write(
+        [
+            *((topic, 0, 5, "", b"v2", 2, rank) for rank, topic in enumerate(INPUT_TOPICS)),
+            (REFERRALS, 1, 7, "", b"v2", 2, 3),  # partition 1: no end marker archived (the apply died)
+            (REDEMPTIONS, 0, 6, "", end_marker("v2", {(t, 0): o for t, o in cuts.items()}, 0), 4, 4),
+        ],
+        {},
+    )
+    producer = Producer()
+    restore._restore_rulesets(client, producer)
+    hows = {key.decode(): json.loads(value)["how"] for key, value in producer.sent if key.decode().startswith("ended:")}
+    assert hows == {
+        **{f"ended:{topic}:0:5": "compensated" for topic in INPUT_TOPICS},
+        f"ended:{REFERRALS}:1:7": "restored",
+    }
