@@ -25,6 +25,8 @@ ARCHIVE_COLUMNS = (
 # Messages whose time cannot be read are archived at this instant, so they sort first and are rejected again.
 UNKNOWN_TIME = datetime(1970, 1, 1, tzinfo=UTC)
 replay_block_rows = 50_000
+# A replay reads the archive in slices of whole routing keys of about this many messages (`stream_for_replay`).
+replay_slice_messages = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,11 +155,13 @@ class RawArchive:
         topic rank, offset) order; with `before` (an offset per input partition: an apply's cut-over markers),
         only the messages below it in their partition.
 
-        The whole archive is read with FINAL. The messages of some keys are read without it, and a message
-        archived twice (a retried write: the same topic, partition and offset, the same bytes) is dropped here:
-        FINAL merges every part of the table for any filter (about 400 ms on a 1M-message archive, against 13 ms
-        without it, for two customers), and those reads serve one customer's preview and the derived events'
-        customers of every replay.
+        The whole archive is read in slices of whole routing keys, about `replay_slice_messages` messages each
+        (`_slices`), each a range of the `by_customer` projection's key (migration 0022), so that what ClickHouse
+        holds for the read is one slice, not the archive: sorting the whole archive by customer held all of it in
+        memory (docs/performance.md, "Replay memory"). No read uses FINAL: a message archived twice (a retried write:
+        the same topic, partition and offset, the same bytes) is dropped here, among its routing key's messages.
+        FINAL would merge every part of the table for any filter (about 400 ms on a 1M-message archive, against
+        13 ms without it, for two customers).
         """
         conditions, parameters = [], {}
         if since is not None:
@@ -170,13 +174,36 @@ class RawArchive:
             condition, bounds = below_markers(before)
             conditions.append(condition)
             parameters.update(bounds)
+        if keys is not None:
+            yield from self._read(conditions, parameters)
+            return
+        for low, high in self._slices(conditions, parameters):
+            bounded = [*conditions, "routing_key >= {slice_low:String}", "routing_key <= {slice_high:String}"]
+            yield from self._read(bounded, {**parameters, "slice_low": low, "slice_high": high})
+
+    def _slices(self, conditions: list[str], parameters: dict) -> list[tuple[str, str]]:
+        """The routing-key ranges (first and last key, both included) of consecutive slices of the messages matching
+        `conditions`, about `replay_slice_messages` each and never splitting a key: one row per slice, computed in
+        ClickHouse, so neither side holds more than the keys' counts."""
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
-        final = "" if keys is not None else "FINAL"
+        rows = self._client.query(
+            "SELECT min(routing_key), max(routing_key) FROM ("
+            "SELECT routing_key, intDiv(sum(messages) OVER (ORDER BY routing_key ROWS UNBOUNDED PRECEDING) - 1, "
+            "{slice_messages:UInt64}) AS slice FROM ("
+            f"SELECT routing_key, count() AS messages FROM raw_events {where} GROUP BY routing_key)) "
+            "GROUP BY slice ORDER BY slice",
+            parameters={**parameters, "slice_messages": replay_slice_messages},
+        ).result_rows
+        return [(row[0], row[1]) for row in rows]
+
+    def _read(self, conditions: list[str], parameters: dict) -> Iterator[ArchivedMessage]:
+        """The messages matching `conditions` in replay order, each once (copies of one message are dropped)."""
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         query = (
-            f"SELECT {', '.join(ARCHIVE_COLUMNS)} FROM raw_events {final} {where} "
+            f"SELECT {', '.join(ARCHIVE_COLUMNS)} FROM raw_events {where} "
             "ORDER BY routing_key, occurred_at, topic_rank, offset"
         )
-        seen: set[tuple[str, int, int]] | None = set() if keys is not None else None
+        key, seen = None, set()  # the positions of the current routing key's messages: copies share the key
         with self._client.query_row_block_stream(
             query,
             parameters=parameters,
@@ -185,11 +212,12 @@ class RawArchive:
         ) as stream:
             for block in stream:
                 for row in block:
-                    if seen is not None:
-                        position = (row[0], int(row[1]), int(row[2]))
-                        if position in seen:
-                            continue
-                        seen.add(position)
+                    if row[3] != key:
+                        key, seen = row[3], set()
+                    position = (row[0], int(row[1]), int(row[2]))
+                    if position in seen:
+                        continue
+                    seen.add(position)
                     moment = row[8] if row[8].tzinfo else row[8].replace(tzinfo=UTC)
                     value = row[4] if isinstance(row[4], bytes) else row[4].encode()
                     yield ArchivedMessage(
