@@ -36,6 +36,7 @@ import io
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -909,6 +910,130 @@ def replay_only(args: argparse.Namespace) -> dict[str, Any]:
     return figures
 
 
+# --- 5b. replay memory ---------------------------------------------------------------------------
+
+
+def replay_memory_archive(directory: Path, events: int, customers: int) -> None:
+    """The archive and ledger of a live run of the simulated log (seed 8), in chDB at `directory`/clickhouse."""
+    from projections import LedgerSink, connect, migrate
+    from projections.archive import ArchivedMessage, RawArchive
+    from schemas.topics import REFEREE_SIDE, SIDE_HEADER, TOPIC_RANK
+    from streams.batch import process_lines
+    from streams.routing import partition_for, routes_for
+    from streams.rules.ruleset import load_ruleset
+    from streams.simulate import generate_events
+
+    lines = [line.encode() for line in generate_events(events=events, customers=customers, seed=8)]
+    client = connect(f"chdb://{directory / 'clickhouse'}")
+    migrate(client)
+    archive, offsets, batch = RawArchive(client), {}, []
+    for raw in lines:
+        document = json.loads(raw)
+        moment = datetime.fromisoformat(document["occurred_at"]).astimezone(UTC)
+        for route in routes_for(raw):
+            partition = partition_for(route.key, partitions=4)
+            offset = offsets.get((route.topic, partition), 0)
+            offsets[(route.topic, partition)] = offset + 1
+            side = 1 if (SIDE_HEADER, REFEREE_SIDE) in route.headers else 0
+            batch.append(
+                ArchivedMessage(
+                    route.topic, partition, offset, route.key.decode(), raw, side, TOPIC_RANK[route.topic],
+                    str(document["event_id"]), moment,
+                )
+            )  # fmt: skip
+        if len(batch) >= 50_000:
+            archive.write(batch, {})
+            batch = []
+    archive.write(batch, {})
+    ledger = process_lines(lines, load_ruleset(None)).ledger
+    sink = LedgerSink(client)
+    for start in range(0, len(ledger), 50_000):
+        sink.write(ledger[start : start + 50_000])
+    client.close()
+
+
+def _rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        found.append(pid)
+        stack.extend(children.get(pid, ()))
+    return found
+
+
+def replay_memory_peak(directory: Path, processes: int) -> dict:
+    """Peak resident memory of `loyalty replay --dry-run` offline on `directory`: its process and its process tree."""
+    environment = _python_env(LOYALTY_DATA_DIR=str(directory), LOYALTY_REPLAY_PROCESSES=str(processes))
+    environment.pop("LOYALTY_CLICKHOUSE_DSN", None)
+    command = [sys.executable, "-m", "streams.cli", "replay", "--rules",
+               str(REPOSITORY / "streams/rules/rulesets/seasonal-promotion.yaml"), "--dry-run", "--json"]  # fmt: skip
+    output, errors = directory / "report.json", directory / "replay.err"
+    began = time.monotonic()
+    with output.open("wb") as sink, errors.open("wb") as error_sink:
+        process = subprocess.Popen(command, env=environment, cwd=directory, stdout=sink, stderr=error_sink)
+        peak_main = peak_tree = 0
+        try:
+            while process.poll() is None:
+                sizes = [_rss_kib(pid) for pid in _descendants(process.pid)]
+                peak_main, peak_tree = max(peak_main, sizes[0]), max(peak_tree, sum(sizes))
+                time.sleep(0.05)
+        finally:
+            stop_process(process, process_stop_timeout_s)
+    if process.returncode:
+        raise RuntimeError(f"replay failed: {errors.read_text()[-2000:]}")
+    report = json.loads(output.read_text())
+    return {
+        "events_replayed": report["events_replayed"],
+        "customers": len(report["customers"]),
+        "seconds": round(time.monotonic() - began, 1),
+        "peak_rss_main_mib": round(peak_main / 1024),
+        "peak_rss_tree_mib": round(peak_tree / 1024),
+    }
+
+
+def replay_memory_only(args: argparse.Namespace) -> dict[str, Any]:
+    """`python -m streams.bench replay-memory`: does a replay's memory grow with the customers, not the events?
+
+    For each of `--events` (comma-separated) it simulates a log over `--customers` (seed 8; the simulator mints a
+    customer per referral, so customers grow too), stores its archive (every input message, as `loyalty up` archives
+    it) and the batch driver's ledger in a fresh chDB directory (in a subprocess: one process opens one chDB
+    directory), runs `loyalty replay --rules seasonal-promotion.yaml --dry-run --json` offline on it and reads the
+    resident memory of that process and of its replay processes every 50 ms (/proc)."""
+    runs = []
+    for events in args.events_list:
+        directory = Path(tempfile.mkdtemp(prefix="replay-memory-"))
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "streams.bench", "replay-memory-archive", str(directory), str(events),
+                 str(args.customers)],
+                check=True, cwd=REPOSITORY, env=_python_env(),
+            )  # fmt: skip
+            run = {"events": events, "processes": args.processes, **replay_memory_peak(directory, args.processes)}
+            print(json.dumps(run), file=sys.stderr, flush=True)
+            runs.append(run)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+    return {"customers_asked": args.customers, "runs": runs}
+
+
 # --- 7. end-to-end latency -----------------------------------------------------------------------
 
 
@@ -1205,9 +1330,24 @@ def main(argv: list[str] | None = None) -> int:
     replay.add_argument("--rules", default=None, help="rule set file (default: the packaged one)")
     replay.add_argument("--processes", type=lambda text: [int(part) for part in text.split(",")], default=[1, 2])
     replay.add_argument("--repeats", type=int, default=3)
+    memory = commands.add_parser("replay-memory", help="peak memory of loyalty replay --dry-run at several sizes")
+    memory.add_argument("--customers", type=int, default=5000)
+    memory.add_argument("--events", dest="events_list", default=[100_000, 400_000],
+                        type=lambda text: [int(part) for part in text.split(",")])  # fmt: skip
+    memory.add_argument("--processes", type=int, default=2)
+    archive = commands.add_parser("replay-memory-archive", help=argparse.SUPPRESS)
+    archive.add_argument("directory", type=Path)
+    archive.add_argument("events", type=int)
+    archive.add_argument("customers", type=int)
     args = parser.parse_args(argv)
     if args.command == "replay":
         print(json.dumps(replay_only(args)))
+        return 0
+    if args.command == "replay-memory":
+        print(json.dumps(replay_memory_only(args)))
+        return 0
+    if args.command == "replay-memory-archive":
+        replay_memory_archive(args.directory, args.events, args.customers)
         return 0
     if not args.bootstrap.startswith("127.0.0.1:"):
         parser.error("the baseline worker only talks to a loopback broker")

@@ -102,3 +102,20 @@ def test_the_replay_digest_leaves_out_the_derived_events_and_stays_what_older_co
     result = replay_messages(replay_input(log), load_ruleset("streams/rules/rulesets/full-lifecycle.yaml"))
     assert result.derived
     assert replay_digest(result) == replay_digest(dataclasses.replace(result, derived={}))
+
+
+def test_replay_memory_measures_a_dry_run_of_each_archive_size(tmp_path):
+    """`python -m streams.bench replay-memory`: an archive and ledger per size, a real offline dry-run on each, its
+    peak memory read from /proc (a correctness check of the measurement, not a memory target)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "streams.bench", "replay-memory", "--events", "600,1200", "--customers", "50",
+         "--processes", "1"],
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout)
+    assert [run["events"] for run in figures["runs"]] == [600, 1200]
+    for run in figures["runs"]:
+        assert run["events_replayed"] >= run["events"] and run["customers"] >= 50
+        assert 0 < run["peak_rss_main_mib"] <= run["peak_rss_tree_mib"]
+    assert figures["runs"][1]["events_replayed"] > figures["runs"][0]["events_replayed"]
