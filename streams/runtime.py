@@ -610,6 +610,9 @@ def _replay_handler(
             progress = replaying(run) if prepared is None else None
             if decided is not None:  # under the lock: what is archived cannot move until the replay has read it
                 undecided.update(RawArchive(client).keys_between(decided[0], dict(projector.archived_to)))
+                # '' is no customer: an apply's control messages (markers, plan parts, which the worker keeps unacked
+                # while it holds events) and keyless messages are archived under it.
+                undecided.discard("")
             return replay.dry_run(
                 client,
                 new_rules,

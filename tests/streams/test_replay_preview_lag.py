@@ -92,3 +92,51 @@ def test_a_quiet_system_previews_without_a_warning_unless_the_ledger_is_not_stor
             "the projector had not stored every entry the worker had decided within 0.3 s: customers with recent "
             "events can show differences that are only that lag"
         ]
+
+
+def test_control_messages_after_the_committed_offsets_are_not_counted_as_customers(monkeypatch, tmp_path):
+    """An apply's plan parts (and cut-over and end markers) are archived with the routing key '' and the worker keeps
+    its plan parts unacknowledged while it holds events for the compensations, so a preview then finds them from the
+    committed offsets on: '' is no customer, and must not be counted as one."""
+    from projections import connect, migrate
+    from schemas.topics import REDEMPTIONS
+
+    client = connect(f"chdb://{tmp_path / 'clickhouse'}")
+    try:
+        migrate(client)
+        RawArchive(client).write(
+            [
+                (PURCHASES, 0, 3, "c3", b'{"event_id": "p3"}', 0, 0),  # a customer's event not decided yet
+                (REDEMPTIONS, 0, 3, "", b'{"version": "v2", "cuts": {}, "part": 0, "parts": 1}', 5, 4),  # a plan part
+            ],
+            {},
+        )
+        committed = {(topic, 0): 3 for topic in INPUT_TOPICS}
+        archived_to = {**committed, (PURCHASES, 0): 4, (REDEMPTIONS, 0): 4}
+        monkeypatch.setattr(replay, "dry_run", lambda *args, **kwargs: {"customers": []})
+        monkeypatch.setattr(replay, "known_rulesets", lambda client: {})
+        monkeypatch.setattr(replay, "activated_versions", lambda client: [])
+        monkeypatch.setattr(replay, "preview_settle_s", 0.3)
+
+        class Monitor:
+            def committed(self) -> dict:
+                return dict(committed)
+
+            def ends_fetched_after(self, topic, moment) -> dict:
+                return {}
+
+        class Request:
+            async def json(self) -> dict:
+                return {"rules": RULES}
+
+        context = SimpleNamespace(ruleset=load_ruleset(ROOT / "streams/rules/rulesets/default.yaml"))
+        projector = SimpleNamespace(partitions=1, archived_to=archived_to, projected_to={})
+
+        async def ask():
+            handle = _replay_handler(client, asyncio.Lock(), context, Monitor(), projector, "127.0.0.1:9", 1)
+            return await handle(Request())
+
+        report = json.loads(asyncio.run(ask()).text)
+    finally:
+        client.close()
+    assert report["undecided"]["customers"] == 1  # c3 alone
