@@ -313,15 +313,18 @@ class RevaluedOrder(_Frozen):
     # The refunds the values include (`refund:<id>` tags): an order refunded since, live, is not re-valued.
     refunds: Annotated[
         list[Annotated[str, StringConstraints(max_length=identifier_length_max + 16)]],
-        Field(max_length=1000, default_factory=list),
+        Field(max_length=1000, default_factory=list, json_schema_extra={"default": []}),
     ]
     # Points the new rules hold pending: per line key or bonus rule, when its window ends and the points pending.
-    pending: Annotated[dict[Identifier, tuple[EventTime, Points]], Field(max_length=1100, default_factory=dict)]
+    pending: Annotated[
+        dict[Identifier, tuple[EventTime, Points]],
+        Field(max_length=1100, default_factory=dict, json_schema_extra={"default": {}}),
+    ]
     # The order itself, for a worker that has no record of it (the old rules awarded it nothing): per line key
     # [sku, category, quantity, goods amount, quantity refunded], and when it was placed.
     details: Annotated[
         dict[Identifier, tuple[Identifier, Identifier | None, Quantity, Money, Points]],
-        Field(max_length=1000, default_factory=dict),
+        Field(max_length=1000, default_factory=dict, json_schema_extra={"default": {}}),
     ]
     placed_at: EventTime | None = None
 
@@ -366,8 +369,12 @@ class RestatedCustomer(_Frozen):
 
     lifetime_earned_change: PointsChange = 0
     first_order_done: StrictBool = False
-    cap_usage_changes: Annotated[list[CapUsageChange], Field(max_length=2000, default_factory=list)]
-    referrer_points: Annotated[dict[Identifier, Points], Field(max_length=1000, default_factory=dict)]
+    cap_usage_changes: Annotated[
+        list[CapUsageChange], Field(max_length=2000, default_factory=list, json_schema_extra={"default": []})
+    ]
+    referrer_points: Annotated[
+        dict[Identifier, Points], Field(max_length=1000, default_factory=dict, json_schema_extra={"default": {}})
+    ]
     referral: RestatedReferral | None = None
     # With a new rule set that expires points by lot: the customer's lots of available points under the new rules
     # ([awarded at, points left], oldest first) and the available balance they belong to (lots can hold more than a

@@ -324,3 +324,13 @@ def test_a_compensations_left_out_collections_are_empty_and_not_shared():
     assert (first.refunds, first.pending, first.details) == ([], {}, {})
     assert first.refunds is not second.refunds and first.pending is not second.pending
     assert (event.restated.cap_usage_changes, event.restated.referrer_points) == ([], {})
+
+
+def test_the_exported_schema_states_the_defaults_of_a_compensations_collections(tmp_path):
+    """default_factory leaves a field's default out of the JSON schema; the schema states it as before."""
+    export_json_schemas(tmp_path)
+    schema = json.loads((tmp_path / "loyalty.redemptions.schema.json").read_text())
+    definitions = schema["$defs"]
+    order, restated = definitions["RevaluedOrder"]["properties"], definitions["RestatedCustomer"]["properties"]
+    assert [order[name]["default"] for name in ("refunds", "pending", "details")] == [[], {}, {}]
+    assert [restated[name]["default"] for name in ("cap_usage_changes", "referrer_points")] == [[], {}]
