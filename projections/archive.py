@@ -177,9 +177,18 @@ class RawArchive:
         if keys is not None:
             yield from self._read(conditions, parameters)
             return
-        for low, high in self._slices(conditions, parameters):
-            bounded = [*conditions, "routing_key >= {slice_low:String}", "routing_key <= {slice_high:String}"]
-            yield from self._read(bounded, {**parameters, "slice_low": low, "slice_high": high})
+        # Contiguous ranges over every key, the first and last open: a key archived meanwhile (a projector on another
+        # host) is read in the range it falls in, as one query would have read it or not.
+        highs = [high for _, high in self._slices(conditions, parameters)] or [""]
+        for number, high in enumerate(highs):
+            bounded, bounds = list(conditions), dict(parameters)
+            if number > 0:
+                bounded.append("routing_key > {slice_low:String}")
+                bounds["slice_low"] = highs[number - 1]
+            if number < len(highs) - 1:
+                bounded.append("routing_key <= {slice_high:String}")
+                bounds["slice_high"] = high
+            yield from self._read(bounded, bounds)
 
     def _slices(self, conditions: list[str], parameters: dict) -> list[tuple[str, str]]:
         """The routing-key ranges (first and last key, both included) of consecutive slices of the messages matching

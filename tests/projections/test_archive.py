@@ -78,3 +78,21 @@ def test_a_slice_of_the_archive_is_read_from_the_by_customer_projection(client) 
         ).result_rows
     )
     assert "by_customer" in plan
+
+
+def test_a_key_archived_between_the_slicing_and_the_reads_is_read_in_the_range_it_falls_in(client, monkeypatch):
+    """The slices are contiguous and open at both ends: a customer first archived after they were cut (a projector
+    on another host writes meanwhile) is read, before, between or after the keys the slices were cut from."""
+    import projections.archive as archive_module
+
+    archive = RawArchive(client)
+    archive.write(_messages(0, 21), {})
+    monkeypatch.setattr(archive_module, "replay_slice_messages", 6)
+    stale = archive._slices([], {})
+    assert len(stale) > 2
+    late = [("loyalty.purchases", 1, offset, key, b'{"event_id": "late"}', 0, 0) for offset, key in enumerate(
+        ["a-first", "c35", "z-last"])]  # fmt: skip
+    archive.write(late, {})
+    monkeypatch.setattr(RawArchive, "_slices", lambda self, conditions, parameters: stale)
+    keys = [m.routing_key for m in archive.stream_for_replay()]
+    assert keys == sorted(keys) and {"a-first", "c35", "z-last"} <= set(keys) and len(keys) == 24
