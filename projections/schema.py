@@ -71,10 +71,28 @@ def migrate(client: Client) -> list[int]:
         if migration.version in done:
             continue
         for statement in migration.statements:
+            if _on_distributed_table(client, statement):
+                continue  # a cluster's operators alter its local tables (docs/operations.md)
             client.command(statement)
         client.insert("schema_migrations", [[migration.version, migration.name]], column_names=["version", "name"])
         applied.append(migration.version)
     return applied
+
+
+_ALTER_TABLE = re.compile(r"^ALTER\s+TABLE\s+(?:IF\s+EXISTS\s+)?`?(\w+)`?\s", re.IGNORECASE)
+
+
+def _on_distributed_table(client: Client, statement: str) -> bool:
+    """Whether `statement` alters a Distributed table: on a cluster the tables of the original names are Distributed
+    over `*_local` tables the operators create, and a projection or a table setting belongs on those (ON CLUSTER)."""
+    match = _ALTER_TABLE.match(statement)
+    if match is None:
+        return False
+    rows = client.query(
+        "SELECT engine FROM system.tables WHERE database = currentDatabase() AND name = {name:String}",
+        parameters={"name": match.group(1)},
+    ).result_rows
+    return bool(rows) and rows[0][0] == "Distributed"
 
 
 def _split_statements(text: str) -> tuple[str, ...]:

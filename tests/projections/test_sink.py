@@ -112,6 +112,46 @@ def test_migrate_is_idempotent(client):
     assert [row[0] for row in versions] == [migration.version for migration in migrations()]
 
 
+def test_a_migration_does_not_alter_a_distributed_table_of_a_cluster():
+    """On a cluster the original names are Distributed tables over `*_local` ones the operators create and alter
+    (docs/operations.md): migration 0022's ALTERs of raw_events are skipped there, and every other statement runs."""
+    from types import SimpleNamespace
+
+    from projections.schema import SCHEMA_MIGRATIONS_DDL
+
+    engines = {"raw_events": "Distributed"}
+    commands, inserted = [], []
+
+    class Cluster:
+        def command(self, statement):
+            commands.append(statement)
+
+        def query(self, sql, parameters=None):
+            if "system.tables" in sql:
+                name = parameters["name"]
+                return SimpleNamespace(result_rows=[(engines[name],)] if name in engines else [])
+            return SimpleNamespace(result_rows=[])  # no migration applied yet
+
+        def insert(self, table, rows, column_names):
+            inserted.append(rows[0][0])
+
+    assert migrate(Cluster()) == [migration.version for migration in migrations()] == inserted
+    expected = [SCHEMA_MIGRATIONS_DDL] + [
+        statement
+        for migration in migrations()
+        for statement in migration.statements
+        if not statement.upper().startswith("ALTER TABLE RAW_EVENTS")
+    ]
+    assert commands == expected
+    assert any(
+        statement.upper().startswith("ALTER TABLE RAW_EVENTS") for m in migrations() for statement in m.statements
+    )
+    engines["raw_events"] = "ReplacingMergeTree"  # one server: they run
+    commands.clear()
+    migrate(Cluster())
+    assert sum(statement.startswith("ALTER TABLE raw_events") for statement in commands) == 3
+
+
 def test_ledger_table_has_a_column_for_every_ledger_entry_field(client):
     described = client.query(
         "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = 'ledger_entries'"
