@@ -393,7 +393,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     if args.dry_run == args.apply:
         return _fail("say --dry-run or --apply")
-    if args.customer is not None and (args.apply or args.since or args.csv):
+    if args.customer is not None and (args.apply or args.since is not None or args.csv):
         return _fail("--customer previews one customer: it goes with --dry-run alone (not --apply, --since, --csv)")
     if args.processes is not None and not 0 <= args.processes <= replay.processes_max:
         return _fail(f"--processes must be in 0..{replay.processes_max} (0: the default), got {args.processes}")
@@ -402,7 +402,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.lag_max is not None and args.lag_max < 0:
         return _fail(f"--lag-max must be 0 or more, got {args.lag_max}")
     try:
-        since = replay.parse_since(args.since) if args.since else None
+        since = replay.parse_since(args.since) if args.since is not None else None  # "" is refused, not ignored
     except ValueError as error:
         return _fail(str(error))
     if args.csv and (problem := _unwritable(Path(args.csv))):
@@ -739,7 +739,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--rules", required=True, type=Path, help="the new rule set YAML")
     sub.add_argument("--dry-run", action="store_true", help="report what would change; change nothing")
     sub.add_argument("--apply", action="store_true", help="post compensating adjustments through the worker")
-    sub.add_argument("--since", help="report only customers active since this date (YYYY-MM-DD)")
+    sub.add_argument(
+        "--since",
+        help="report only customers active since this date or time (ISO 8601: 2026-05-16, 2026-05-16T12:00+02:00)",
+    )
     sub.add_argument("--csv", help="also write the per-customer diff to this CSV file")
     sub.add_argument("--customer", help="preview one customer: their history event by event, live and new")
     sub.add_argument(

@@ -68,6 +68,8 @@ def test_since_keeps_its_utc_offset_and_a_bad_one_is_named(offline, capsys):
     assert err == (
         "loyalty: --since: not a date or time: 'yesterday' (ISO 8601, e.g. 2026-05-16 or 2026-05-16T12:00:00+02:00)\n"
     )
+    code, out, err = _replay(capsys, "--dry-run", "--since", "")  # an empty value is refused, not taken as none
+    assert code == 2 and out == "" and "--since: not a date or time: ''" in err
 
 
 def test_since_counts_only_the_customers_it_lists_and_not_a_replays_own_entries(offline, capsys):
