@@ -607,6 +607,8 @@ def _replay_customer(args: argparse.Namespace, settings, rules_text: str, new_ru
         f"(live: {', '.join(preview['ruleset_versions_live']) or 'no entries'}): balance "
         f"{preview['balance_before']:,} -> {preview['balance_after']:,} ({preview['delta']:+,}), "
         f"{preview['events_replayed']:,} events replayed"
+        # An event that made no entry live or under the new rules (a clock tick with nothing to do) has no row.
+        + (f", {len(preview['events']):,} with entries" if len(preview["events"]) != preview["events_replayed"] else "")
     )
     print(f"  {'occurred at (UTC)':<19} {'event':<24} {'live':>7} {'new':>7} {'delta':>7} {'pending':>15}  rules (new)")
     for row in preview["events"]:

@@ -260,3 +260,20 @@ def test_a_rule_set_applied_before_and_replaced_since_is_flagged(offline, capsys
     (tmp_path / "second.yaml").write_text(second_text)  # the one in force (the last activated): no warning
     assert cli.main(["replay", "--rules", str(tmp_path / "second.yaml"), "--dry-run"]) == 0
     assert "warning" not in capsys.readouterr().out
+
+
+def test_one_customers_text_preview_says_how_many_replayed_events_made_entries(offline, capsys, monkeypatch):
+    """An event that made no entry on either side (a clock tick with nothing to do) has no row: the header says how
+    many of the replayed events have one, so that its count and the rows agree."""
+    from streams import replay
+
+    code, out, _ = _replay(capsys, "--dry-run", "--json", "--customer", "c000001")
+    assert code == 0
+    preview = json.loads(out)
+    rows = len(preview["events"])
+    for replayed, suffix in ((rows, "events replayed"), (rows + 2, f"events replayed, {rows:,} with entries")):
+        shown = {**preview, "events_replayed": replayed}
+        monkeypatch.setattr(replay, "preview_customer", lambda client, rules, customer, shown=shown: shown)
+        code, out, _ = _replay(capsys, "--dry-run", "--customer", "c000001")
+        header, _, *lines = out.splitlines()
+        assert code == 0 and len(lines) == rows and header.endswith(f"{replayed:,} {suffix}")
