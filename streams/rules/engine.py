@@ -1337,6 +1337,17 @@ _handlers: dict[type, Callable[..., None]] = {
 }
 
 
+def _repeated(state: CustomerState, event: ev.Event, fingerprint: str) -> bool:
+    """Whether the event was already applied to `state` (a re-delivery: it produces nothing); the same id with other
+    content raises EventRejected, so that the conflicting event is dead-lettered instead of applied."""
+    seen = state.applied.get(event.event_id)
+    if seen is not None and seen != fingerprint:
+        raise EventRejected(
+            f"conflict: event id {event.event_id} was already applied with different content", "event_id"
+        )
+    return seen is not None
+
+
 def decide(
     state: CustomerState,
     event: ev.Event,
@@ -1352,12 +1363,7 @@ def decide(
     """
     assert customer_of(event, side) == state.customer_id, "event decided against another customer's state"
     fingerprint = fingerprint or event_fingerprint(event)
-    seen = state.applied.get(event.event_id)
-    if seen is not None:
-        if seen != fingerprint:
-            raise EventRejected(
-                f"conflict: event id {event.event_id} was already applied with different content", "event_id"
-            )
+    if _repeated(state, event, fingerprint):
         return []
     compensation = is_compensation(event)
     if not compensation and event.event_id.startswith(COMPENSATION_PREFIX):
@@ -1501,12 +1507,7 @@ def apply_covered(state: CustomerState, event: ev.ReferralReversed, ruleset: Rul
     already applied gives nothing, as in `decide`; the same id with other content raises EventRejected."""
     assert event.customer_id == state.customer_id, "event decided against another customer's state"
     fingerprint = event_fingerprint(event)
-    seen = state.applied.get(event.event_id)
-    if seen is not None:
-        if seen != fingerprint:
-            raise EventRejected(
-                f"conflict: event id {event.event_id} was already applied with different content", "event_id"
-            )
+    if _repeated(state, event, fingerprint):
         return []
     entries = _Entries(state, event, ruleset, fingerprint)
     entries.record(Source.referral, COVERED_RULE, why, order_id=event.order_id, reference=event.referee_id)
