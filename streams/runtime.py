@@ -562,18 +562,12 @@ def _replay_handler(
         """An apply's replay of the history the worker has decided (below its committed offsets, once archived and
         projected), before the markers are written: after them, only what arrived since is replayed, while the worker
         holds the events after the markers (`replay.prepare`)."""
-        committed = await asyncio.to_thread(monitor.committed)
-        horizon = {
-            (topic, partition): committed.get((topic, partition), 0)
-            for topic in INPUT_TOPICS
-            for partition in range(projector.partitions)
-        }
-        # Offsets below the horizon are decided: wait as for markers one below it (each is then passed).
-        await before_markers_in_clickhouse(
-            {tp: offset - 1 for tp, offset in horizon.items()},
-            refusal=f"the projector did not store what the worker had decided within {cutover_wait_s:.0f}s; nothing "
-            "was changed: run --apply again",
-        )
+        horizon, stored = await decided_offsets(cutover_wait_s)
+        if not stored:
+            raise replay.ReplayRefused(
+                f"the projector did not store what the worker had decided within {cutover_wait_s:.0f}s; nothing "
+                "was changed: run --apply again"
+            )
 
         def replayed():
             progress = replaying(run)
@@ -602,7 +596,7 @@ def _replay_handler(
         history before them (`prepared_history`). The client lock keeps the projector from writing meanwhile: both
         sides read one state of ClickHouse. `run`: the progress to update."""
 
-        decided = await decided_offsets() if markers is None else None
+        decided = await decided_offsets(replay.preview_settle_s) if markers is None else None
         undecided: set[str] = set()
 
         def replayed() -> dict:
@@ -633,19 +627,20 @@ def _replay_handler(
             replay.note_undecided(report, undecided, stored=decided[1])
         return report
 
-    async def decided_offsets() -> tuple[dict[tuple[str, int], int], bool]:
-        """For a preview under traffic: the worker's committed offsets, once what lies below them is archived and its
-        entries projected (waiting `replay.preview_settle_s` at most), and whether it was. The archived messages from
-        these offsets on are not decided yet, or their entries not stored: their customers' differences can be lag."""
+    async def decided_offsets(wait_s: float) -> tuple[dict[tuple[str, int], int], bool]:
+        """The worker's committed offsets per input partition, once what lies below them is archived and its entries
+        projected (waiting `wait_s` at most), and whether it was: an apply's horizon, or for a preview under traffic
+        the point from which archived messages are not decided yet (their customers' differences can be lag)."""
         committed = await asyncio.to_thread(monitor.committed)
         offsets = {
             (topic, partition): committed.get((topic, partition), 0)
             for topic in INPUT_TOPICS
             for partition in range(projector.partitions)
         }
+        # Offsets below them are decided: wait as for markers one below them (each is then passed).
         try:
             await before_markers_in_clickhouse(
-                {tp: offset - 1 for tp, offset in offsets.items()}, refusal="", wait_s=replay.preview_settle_s
+                {tp: offset - 1 for tp, offset in offsets.items()}, refusal="", wait_s=wait_s
             )
         except replay.ReplayRefused:
             return offsets, False
