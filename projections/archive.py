@@ -134,6 +134,18 @@ class RawArchive:
         message not yet merged away count twice): a progress bar's 100%, where `count` scanned every offset."""
         return int(self._client.query("SELECT count() FROM raw_events").result_rows[0][0])
 
+    def cutover_markers(self) -> list[tuple[str, int, int, str]]:
+        """Every archived cut-over marker as (topic, partition, offset, rule-set version), in the order the markers
+        were first archived: the applies' order (a marker archived again after a crash keeps its place)."""
+        rows = self._client.query(
+            "SELECT topic, partition, offset, any(value), min(archived_at) AS first FROM raw_events "
+            "WHERE referee_side = 2 GROUP BY topic, partition, offset ORDER BY first, topic, partition, offset"
+        ).result_rows
+        return [
+            (topic, int(partition), int(offset), value.decode() if isinstance(value, bytes) else str(value))
+            for topic, partition, offset, value, _ in rows
+        ]
+
     def keys_between(self, low: Mapping[tuple[str, int], int], high: Mapping[tuple[str, int], int]) -> set[str]:
         """The routing keys of the messages below `high` and not below `low` in their partition (offsets per input
         partition, as `below_markers` reads them)."""

@@ -1281,13 +1281,10 @@ def known_rulesets(client) -> dict[str, str]:
 def activated_versions(client) -> list[str]:
     """The versions of the archived cut-over markers, in the order they were first archived (the applies' order, as
     `streams.restore` writes their activations back): the last one is the rule set in force."""
-    rows = client.query(
-        "SELECT any(value), min(archived_at) AS first FROM raw_events WHERE referee_side = 2 "
-        "GROUP BY topic, partition, offset ORDER BY first, topic, partition, offset"
-    ).result_rows
+    from projections.archive import RawArchive
+
     versions: list[str] = []
-    for value, _ in rows:
-        version = value.decode() if isinstance(value, bytes) else str(value)
+    for _, _, _, version in RawArchive(client).cutover_markers():
         if not versions or versions[-1] != version:
             versions.append(version)
     return versions

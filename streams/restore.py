@@ -145,19 +145,15 @@ def _restore_rulesets(client: Any, producer: Any) -> int:
         key, value = ruleset_record(version, text)
         futures.append(producer.send(RULESETS, key=key, value=value, partition=0))
     # In the order the markers were first archived (a marker archived again after a crash keeps its place).
-    markers = client.query(
-        "SELECT topic, partition, offset, any(value), min(archived_at) AS first FROM raw_events "
-        "WHERE referee_side = 2 GROUP BY topic, partition, offset ORDER BY first, topic, partition, offset"
-    ).result_rows
     compensated = _compensated_cuts(client)
-    for topic, partition, offset, version, _ in markers:
-        key, value = activation_record(topic, int(partition), int(offset), _text(version))
+    for topic, partition, offset, version in RawArchive(client).cutover_markers():
+        key, value = activation_record(topic, partition, offset, version)
         futures.append(producer.send(RULESETS, key=key, value=value, partition=0))
         # "compensated" when the apply's end marker naming it is archived: its compensations, before it in the same
         # partition, are archived too and decided by the worker (again, or already), so a derived event's copy after
         # the marker whose cause is history is covered by them (streams/applier.py, `_decide_derived`).
-        how = "compensated" if (topic, int(partition), int(offset)) in compensated else "restored"
-        key, value = ended_record(topic, int(partition), int(offset), _text(version), how)
+        how = "compensated" if (topic, partition, offset) in compensated else "restored"
+        key, value = ended_record(topic, partition, offset, version, how)
         futures.append(producer.send(RULESETS, key=key, value=value, partition=0))
     producer.flush()
     for future in futures:
