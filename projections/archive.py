@@ -191,7 +191,7 @@ class RawArchive:
             return
         # Contiguous ranges over every key, the first and last open: a key archived meanwhile (a projector on another
         # host) is read in the range it falls in, as one query would have read it or not.
-        highs = [high for _, high in self._slices(conditions, parameters)] or [""]
+        highs = self._slices(conditions, parameters) or [""]
         for number, high in enumerate(highs):
             bounded, bounds = list(conditions), dict(parameters)
             if number > 0:
@@ -202,20 +202,20 @@ class RawArchive:
                 bounds["slice_high"] = high
             yield from self._read(bounded, bounds)
 
-    def _slices(self, conditions: list[str], parameters: dict) -> list[tuple[str, str]]:
-        """The routing-key ranges (first and last key, both included) of consecutive slices of the messages matching
-        `conditions`, about `replay_slice_messages` each and never splitting a key: one row per slice, computed in
-        ClickHouse, so neither side holds more than the keys' counts."""
+    def _slices(self, conditions: list[str], parameters: dict) -> list[str]:
+        """The last routing key of each of consecutive slices of the messages matching `conditions`, about
+        `replay_slice_messages` each and never splitting a key: one row per slice, computed in ClickHouse, so neither
+        side holds more than the keys' counts."""
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         rows = self._client.query(
-            "SELECT min(routing_key), max(routing_key) FROM ("
+            "SELECT max(routing_key) FROM ("
             "SELECT routing_key, intDiv(sum(messages) OVER (ORDER BY routing_key ROWS UNBOUNDED PRECEDING) - 1, "
             "{slice_messages:UInt64}) AS slice FROM ("
             f"SELECT routing_key, count() AS messages FROM raw_events {where} GROUP BY routing_key)) "
             "GROUP BY slice ORDER BY slice",
             parameters={**parameters, "slice_messages": replay_slice_messages},
         ).result_rows
-        return [(row[0], row[1]) for row in rows]
+        return [row[0] for row in rows]
 
     def _read(self, conditions: list[str], parameters: dict) -> Iterator[ArchivedMessage]:
         """The messages matching `conditions` in replay order, each once (copies of one message are dropped)."""

@@ -53,8 +53,7 @@ def test_the_whole_archive_is_read_in_slices_of_whole_keys_with_the_same_message
     for size in (1, 5, 24, 1000):
         monkeypatch.setattr(archive_module, "replay_slice_messages", size)
         slices = archive._slices([], {})
-        keys = [key for low, high in slices for key in (low, high)]
-        assert keys == sorted(keys)  # consecutive ranges of whole keys
+        assert slices == sorted(set(slices))  # consecutive ranges of whole keys, each ending at its own key
         # One per key (7 keys of about 12 rows) when a key fills a slice, one for the whole archive, or between.
         assert {1: 7 == len(slices), 5: 7 == len(slices), 24: 2 < len(slices) < 7, 1000: len(slices) == 1}[size]
         assert [(m.routing_key, m.offset) for m in archive.stream_for_replay()] == whole
