@@ -127,9 +127,12 @@ class Restatement:
         since: date | None,
         ruleset: RuleSet,
         live_activity: datetime | None = None,
+        live_until: datetime | None = None,
     ) -> dict:
         """The compensation's `restated` against the live figures before the markers (`live_activity`: the live last
-        activity, `_live_expiry`'s, when the new rules expire after inactivity)."""
+        activity, `_live_expiry`'s, when the new rules expire after inactivity; `live_until`: the customer's newest live
+        entry before the markers, `_live_expiry`'s, which an earlier apply's compensation can date after the
+        history)."""
         restated = {
             "lifetime_earned_change": self.lifetime_earned - live_lifetime,
             "first_order_done": self.first_order_done,
@@ -145,7 +148,11 @@ class Restatement:
             # The worker keeps its own when events since the markers moved it from this one.
             restated["live_last_activity_at"] = _iso(live_activity)
         if ruleset.expiry.mode != "none":
-            restated["history_until"] = _iso(self.last_event_at)
+            # What the worker holds up to here lies before the markers, which the new rules' lots replace: the
+            # history's newest event, or an earlier apply's compensation dated at its cut-over, after it (whose lot
+            # the worker kept as one of events since the markers, and cut the oldest lots to make room).
+            known = [moment for moment in (self.last_event_at, live_until) if moment is not None]
+            restated["history_until"] = _iso(max(known) if known else None)
         return restated
 
     def restated_lots(self) -> dict:
@@ -999,6 +1006,7 @@ def dry_run(
                 since,
                 ruleset,
                 expiry[1].get(customer_id) if expiry is not None and expiry[0] == "inactivity" else None,
+                expiry[2].get(customer_id) if expiry is not None else None,
             )
             for customer_id, restatement in shadow.restate.items()
         }
@@ -1081,7 +1089,7 @@ def _live_balances(live: LiveFigures, expiry: tuple[str, dict[str, Any]] | None 
         for customer_id in set(live.balances) | set(live.pending) | set(live.lifetime)
     }
     if expiry is not None:
-        mode, keys = expiry
+        mode, keys = expiry[0], expiry[1]
         figures = {customer_id: (*row, (mode, keys.get(customer_id))) for customer_id, row in figures.items()}
     return figures
 
@@ -1096,18 +1104,22 @@ class _LiveEntry(NamedTuple):
     available_at: datetime | None
 
 
-def _live_expiry(client, markers: Mapping[tuple[str, int], int], ruleset: RuleSet) -> tuple[str, dict[str, Any]] | None:
+def _live_expiry(
+    client, markers: Mapping[tuple[str, int], int], ruleset: RuleSet
+) -> tuple[str, dict[str, Any], dict[str, datetime]] | None:
     """When the new rules expire points: per customer what expiry decides by (`expiry_key`) in the live ledger before
     the markers, folded as the worker folds it (`state.evolve_expiry`, and earlier applies' restatements). A customer
     whose balances are the same under the new rules but whose lots or last activity are not (a change of the return
     window alone dates them otherwise) is compensated too, with 0 points and the restatement. Reads every entry before
-    the markers once, ordered by customer and sequence."""
+    the markers once, ordered by customer and sequence. Also per customer the newest of those entries' times (an
+    earlier apply's compensation is dated at its cut-over, after the history: `Restatement.restated`'s `live_until`)."""
     mode = ruleset.expiry.mode
     if mode == "none":
         return None
     before, parameters = _before_markers(markers, ruleset.version)
     parameters["restate_rule"] = RESTATE_RULE
     keys: dict[str, Any] = {}
+    newest: dict[str, datetime] = {}
     state: CustomerState | None = None
     with client.query_row_block_stream(
         "SELECT customer_id, kind, points, pending_points, occurred_at, available_at, "
@@ -1122,6 +1134,8 @@ def _live_expiry(client, markers: Mapping[tuple[str, int], int], ruleset: RuleSe
                         keys[state.customer_id] = expiry_key(state, mode)
                     state = CustomerState(customer_id)
                 moment = _utc(occurred_at)
+                if customer_id not in newest or moment > newest[customer_id]:
+                    newest[customer_id] = moment
                 entry = _LiveEntry(Kind(kind), int(points), int(pending_points), moment, _utc(available_at))
                 state.balance += entry.points
                 evolve_expiry(state, entry, entry.kind)  # type: ignore[arg-type]
@@ -1129,7 +1143,7 @@ def _live_expiry(client, markers: Mapping[tuple[str, int], int], ruleset: RuleSe
                     restate_expiry(state, restated, moment)
     if state is not None:
         keys[state.customer_id] = expiry_key(state, mode)
-    return mode, keys
+    return mode, keys, newest
 
 
 def _utc(moment: datetime | None) -> datetime | None:

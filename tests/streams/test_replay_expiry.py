@@ -489,3 +489,51 @@ def test_applying_the_same_rule_set_again_posts_nothing(tmp_path):
         for number, (_, value) in enumerate(first)
     ]  # fmt: skip
     assert compensations(report(tmp_path / "second", ledger, extra), cut_over=datetime(2026, 2, 12, tzinfo=UTC)) == []
+
+
+def test_a_second_apply_into_lot_expiry_does_not_keep_the_first_applys_compensation_as_a_later_lot(tmp_path):
+    """Two applies in a row, no event of the customer between them (found by QA on the running system, 2026-11-28:
+    default -> seasonal -> full-lifecycle, 19 of 192 customers ended above `loyalty process`). The first apply's
+    compensation (+120, dated at its cut-over, after the customer's newest event) is a lot of the live ledger before the
+    second apply's markers; the second compensation's new-rules lots already hold the whole history, so that lot must
+    not be kept as one of "events decided since the markers". Before, it was kept and the oldest lots were cut to make
+    room: 120 points dated at the first cut-over outlived lots the new rules expire (120 left where 0 is due)."""
+    doubled = _rules("default-double-3", purchase={"points_per_unit": "2"})
+    lots = _rules("default-lots-3", expiry={"mode": "lot", "days": 180})
+    history = [
+        event("e1", "customer.registered", "2026-01-05T10:00:00+00:00"),
+        event("e2", "purchase.completed", "2026-02-01T10:00:00+00:00", order_id="o1", currency="USD", lines=BOOK),
+    ]
+    after = [event("t1", "clock.tick", "2026-08-05T10:00:00+00:00")]  # 180 days after both lots, not after 1 March
+    live = process_lines([line.encode() for line in history], OLD)
+    state, ledger, extra = live.states["c1"], list(live.ledger), []
+    before = state.balance
+
+    def apply_rules(directory, new: RuleSet, cut_over: datetime) -> None:
+        client = connect(f"chdb://{directory}")
+        try:
+            migrate(client)
+            RawArchive(client).write(archived(history) + extra, {})
+            LedgerSink(client).write(ledger)
+            markers = {(topic, 0): len(history) + len(extra) + 1 for topic in INPUT_TOPICS}
+            report = dry_run(client, new, current_point_value=OLD.redemption.point_value, markers=markers)
+        finally:
+            client.close()
+        for _, value in compensations(report, cut_over=cut_over):
+            ledger.extend(apply(state, decode_event(value, REDEMPTIONS), new))
+            extra.append(
+                ArchivedMessage(REDEMPTIONS, 0, len(history) + len(extra), "c1", value, 0, TOPIC_RANK[REDEMPTIONS],
+                                json.loads(value)["event_id"], cut_over)
+            )  # fmt: skip
+
+    apply_rules(tmp_path / "first", doubled, datetime(2026, 3, 1, tzinfo=UTC))
+    assert state.balance == process_lines([line.encode() for line in history], doubled).balances()["c1"] > before
+    apply_rules(tmp_path / "second", lots, datetime(2026, 3, 2, tzinfo=UTC))
+    for line in after:
+        ledger.extend(apply(state, decode_event(line.encode()), lots))
+    expected = process_lines([line.encode() for line in history + after], lots).states["c1"]
+    folded = CustomerState("c1")
+    for entry in ledger:
+        evolve(folded, entry, lots.zone)
+    assert (state.balance, state.lots) == (expected.balance, expected.lots) == (0, [])
+    assert (folded.balance, folded.lots) == (state.balance, state.lots)
