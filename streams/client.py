@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import urllib.error
@@ -54,8 +55,18 @@ def _request(
         except ValueError:
             reason = error.reason
         raise NotRunning(f"{path}: {error.code} {reason}") from None
-    except urllib.error.URLError as error:
-        message = f"the running system at {run['url']} does not answer ({error.reason})"
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
+        # URLError: no connection. The others come while the answer is awaited or read: the system stopped or was
+        # killed during the request (a long `replay --apply`, say), which urllib does not wrap.
+        if isinstance(error, urllib.error.URLError):
+            message = f"the running system at {run['url']} does not answer ({error.reason})"
+        else:
+            message = (
+                f"the running system at {run['url']} closed the connection before answering {path} "
+                f"({type(error).__name__}: {error or 'no answer'})"
+            )
+            if body is not None:
+                message += "; the request may have been carried out in part: see `loyalty status`, then run it again"
         if _gone(run.get("pid")):
             from streams.runtime import run_file_path
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -175,3 +177,34 @@ def test_a_run_file_left_by_a_killed_system_is_named_as_such(tmp_path, capsys):
     assert "does not answer" in error
     assert f"names process {never_a_pid}, which is not running here" in error
     assert f"remove {tmp_path / 'run.json'}" in error
+
+
+def test_a_system_that_dies_during_a_request_is_named_without_a_traceback(tmp_path, capsys):
+    # QA 2026-11-28: `loyalty up` SIGKILLed during `loyalty replay --apply` left the command with a traceback
+    # (http.client.RemoteDisconnected, which urllib does not wrap in URLError) instead of a message.
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def hang_up() -> None:
+        connection, _ = listener.accept()
+        connection.recv(65536)
+        connection.close()  # no answer at all
+
+    thread = threading.Thread(target=hang_up)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    (tmp_path / "run.json").write_text(json.dumps({"url": url, "token": "t", "pid": os.getpid()}))
+    rules = Path(__file__).resolve().parents[1] / "streams/rules/rulesets/seasonal-promotion.yaml"
+    try:
+        assert main(["replay", "--rules", str(rules), "--apply", "--data-dir", str(tmp_path)]) == 2
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    assert f"the running system at {url} closed the connection before answering /api/replay" in error
+    assert "may have been carried out in part" in error
