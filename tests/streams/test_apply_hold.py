@@ -925,7 +925,14 @@ def test_a_rebuilt_worker_decides_the_left_out_event_before_the_markers_before_t
     e3 is read: e3 then finds its order recorded by the compensation's re-valuation and earns nothing (a duplicate
     order), and the ledger in ClickHouse keeps both decisions under the same sequence numbers. On the running system
     94 of 169 customers ended below `loyalty process` (424,086 points in all where 458,900 are due), and every later
-    apply of the same rule set had its compensations dead-lettered as conflicting repeats."""
+    apply of the same rule set had its compensations dead-lettered as conflicting repeats. The same after a plain
+    SIGTERM (Ctrl-C) of `loyalty up` 0.2 s after `--apply` returned (the worker stops before reading the plan; the
+    projector then archives the compensations and end markers): 94 customers, 420,837 points against 458,900.
+    Not a fix: leaving the compensations of cuts already recorded as compensated in the event-time buffer makes this
+    test pass and took the running system from 94 customers to 9, but then the events held after the markers that
+    the first run never decided (dated before the compensation, which is stamped after the replay) are decided before
+    it (a redemption refused for want of the new rules' points: 2,747 where 817 is due). Both need the order of
+    positions: every message before the markers, then the compensations, then the messages after them."""
     history = HISTORY[:3]  # e3, a purchase, is c1's last event before the markers
     first, log, ledger = _applier(), _Log(), []
     everything = log.lines(history)
@@ -940,8 +947,12 @@ def test_a_rebuilt_worker_decides_the_left_out_event_before_the_markers_before_t
     for (topic, partition), offset in log.cuts.items():  # what the rebuilt loyalty.rulesets gives a restarted worker
         second.activate(topic, partition, offset, NEW.version)
         second.wait_ended(topic, partition, offset, "compensated")
-    redemptions = [m for m in everything if m.topic == REDEMPTIONS]
-    _step(second, redemptions, 10_000.0)
+    # Read again after the restart: the small redemptions partitions to their end first, while the other partitions
+    # have delivered nothing yet.
+    everything = [dataclasses.replace(message, received_ms=10_000.0) for message in everything]
+    assigned = [(topic, partition) for topic in INPUT_TOPICS for partition in range(PARTITIONS)]
+    second.accept([m for m in everything if m.topic == REDEMPTIONS])
+    second.release(assigned, {tp: 10_000.0 for tp in assigned if tp[0] == REDEMPTIONS}, 10_500.0)
     _step(second, [m for m in everything if m.topic != REDEMPTIONS], 11_000.0)
     expected = process_lines([line.encode() for line in history], NEW).states["c1"]
     assert second.states[C1]["c1"].balance == expected.balance
