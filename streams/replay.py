@@ -65,6 +65,9 @@ preview_settle_s = 10.0
 # about half a second, next to which sending them costs little; the pool's queue holds a few megabytes.
 chunk_messages = 5_000
 chunks_in_flight_per_process = 2
+# An apply into rules that expire points reads the live ledger in slices of whole customers of about this many
+# entries (`_live_expiry`); ClickHouse holds one slice for the read.
+live_expiry_slice_entries = 100_000
 processes_max = replay_processes_max
 orphan_check_interval_s = 1.0
 gc_thresholds = (50_000, 20, 100)  # the worker's (streams/worker.py), for the same reason: see _fewer_collections
@@ -679,19 +682,38 @@ def live_figures(client, markers: Mapping[tuple[str, int], int] | None = None, v
     return LiveFigures(balances, by_rule, issued, sorted(versions))
 
 
-def _before_markers(markers: Mapping[tuple[str, int], int], version: str) -> tuple[str, dict]:
+def _before_markers(
+    markers: Mapping[tuple[str, int], int], version: str, customers: tuple[str | None, str | None] = (None, None)
+) -> tuple[str, dict]:
     """A condition on ledger_entries: the entry was decided before the cut-over markers (every entry of another
-    rule-set version, and those of `version` caused by an event archived below the markers), with its parameters."""
+    rule-set version, and those of `version` caused by an event archived below the markers), with its parameters.
+
+    With `customers` (low, high): only the entries of the customers above `low` and up to `high` (None: no bound), a
+    range of both tables' keys that the subquery keeps to as well, so that a read in slices of customers
+    (`_live_expiry`) reads the archive and the entries of `version` once in all, a slice's share each time."""
     from projections.archive import below_markers
 
     condition, parameters = below_markers(markers)
     parameters["version"] = version
+    low, high = customers
+    if low is not None:
+        parameters["customers_low"] = low
+    if high is not None:
+        parameters["customers_high"] = high
     before = (
-        "(ruleset_version != {version:String} OR (caused_by, customer_id) IN ("
-        f"SELECT event_id, routing_key FROM raw_events WHERE {condition} AND event_id IN ("
-        "SELECT caused_by FROM ledger_entries WHERE ruleset_version = {version:String})))"
+        f"{_customer_range('customer_id', low, high)}(ruleset_version != {{version:String}} OR "
+        "(caused_by, customer_id) IN ("
+        f"SELECT event_id, routing_key FROM raw_events WHERE {_customer_range('routing_key', low, high)}{condition} "
+        "AND event_id IN (SELECT caused_by FROM ledger_entries "
+        f"WHERE {_customer_range('customer_id', low, high)}ruleset_version = {{version:String}})))"
     )
     return before, parameters
+
+
+def _customer_range(column: str, low: str | None, high: str | None) -> str:
+    """The start of a condition: `column` above `{customers_low}` and up to `{customers_high}` (each when given)."""
+    bounds = "" if low is None else f"{column} > {{customers_low:String}} AND "
+    return bounds + ("" if high is None else f"{column} <= {{customers_high:String}} AND ")
 
 
 def _live_figures_before(client, markers: Mapping[tuple[str, int], int], version: str) -> LiveFigures:
@@ -1110,13 +1132,57 @@ def _live_expiry(
     """When the new rules expire points: per customer what expiry decides by (`expiry_key`) in the live ledger before
     the markers, folded as the worker folds it (`state.evolve_expiry`, and earlier applies' restatements). A customer
     whose balances are the same under the new rules but whose lots or last activity are not (a change of the return
-    window alone dates them otherwise) is compensated too, with 0 points and the restatement. Reads every entry before
-    the markers once, ordered by customer and sequence. Also per customer the newest of those entries' times (an
-    earlier apply's compensation is dated at its cut-over, after the history: `Restatement.restated`'s `live_until`)."""
+    window alone dates them otherwise) is compensated too, with 0 points and the restatement. Also per customer the
+    newest of those entries' times (an earlier apply's compensation is dated at its cut-over, after the history:
+    `Restatement.restated`'s `live_until`).
+
+    Reads every entry before the markers once, ordered by customer and sequence, in slices of whole customers of about
+    `live_expiry_slice_entries` entries (`_ledger_slices`), each a range of the table's key that the condition's
+    subquery keeps to as well (`_before_markers`): one query over the whole ledger held memory in proportion to the
+    entries it returned, most of it in ClickHouse's read with FINAL (docs/performance.md, "The live ledger read of an
+    expiring apply"). What is kept is one key and one time per customer; by lot the key is the customer's lots, which
+    grow with the points the customer earned and no redemption or expiry took yet."""
     mode = ruleset.expiry.mode
     if mode == "none":
         return None
-    before, parameters = _before_markers(markers, ruleset.version)
+    keys: dict[str, Any] = {}
+    newest: dict[str, datetime] = {}
+    highs = _ledger_slices(client) or [None]
+    for number, high in enumerate(highs):
+        # Contiguous ranges over every customer, the first and last open, as `RawArchive.stream_for_replay` reads.
+        low = highs[number - 1] if number > 0 else None
+        customers = (low, high if number < len(highs) - 1 else None)
+        slice_keys, slice_newest = _live_expiry_keys(client, markers, ruleset, mode, customers)
+        keys.update(slice_keys)
+        newest.update(slice_newest)
+    return mode, keys, newest
+
+
+def _ledger_slices(client) -> list[str]:
+    """The last customer of each of consecutive slices of the ledger, about `live_expiry_slice_entries` entries each
+    (every entry counted: copies not merged yet and entries after the markers too) and never splitting a customer:
+    one row per slice, computed in ClickHouse, as `RawArchive._slices` cuts the archive."""
+    rows = client.query(
+        "SELECT max(customer_id) FROM ("
+        "SELECT customer_id, intDiv(sum(entries) OVER (ORDER BY customer_id ROWS UNBOUNDED PRECEDING) - 1, "
+        "{slice_entries:UInt64}) AS slice FROM ("
+        "SELECT customer_id, count() AS entries FROM ledger_entries GROUP BY customer_id)) "
+        "GROUP BY slice ORDER BY slice",
+        parameters={"slice_entries": live_expiry_slice_entries},
+    ).result_rows
+    return [row[0] for row in rows]
+
+
+def _live_expiry_keys(
+    client,
+    markers: Mapping[tuple[str, int], int],
+    ruleset: RuleSet,
+    mode: str,
+    customers: tuple[str | None, str | None],
+) -> tuple[dict[str, Any], dict[str, datetime]]:
+    """`_live_expiry`'s keys and newest times of the customers of one slice (`customers`: low, high, as
+    `_before_markers` takes them)."""
+    before, parameters = _before_markers(markers, ruleset.version, customers)
     parameters["restate_rule"] = RESTATE_RULE
     keys: dict[str, Any] = {}
     newest: dict[str, datetime] = {}
@@ -1143,7 +1209,7 @@ def _live_expiry(
                     restate_expiry(state, restated, moment)
     if state is not None:
         keys[state.customer_id] = expiry_key(state, mode)
-    return mode, keys, newest
+    return keys, newest
 
 
 def _utc(moment: datetime | None) -> datetime | None:

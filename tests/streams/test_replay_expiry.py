@@ -35,6 +35,7 @@ from streams.replay import (
     expiry_key,
     replay_messages,
 )
+from streams.routing import routes_for
 from streams.rules.engine import apply
 from streams.rules.ruleset import RuleSet, load_ruleset, parse_ruleset
 from streams.rules.state import CustomerState, evolve
@@ -576,3 +577,93 @@ def test_cap_usage_restated_across_a_change_of_time_zone_leaves_the_new_rules_us
         apply(state, decode_event(line.encode()), new)
     expected = process_lines([line.encode() for line in history + after], new).states["c1"]
     assert state.balance == expected.balance
+
+
+def _customer_event(customer_id: str, event_id: str, event_type: str, at: str, **fields) -> str:
+    envelope = {"event_id": event_id, "event_type": event_type, "schema_version": 1, "occurred_at": at}
+    return json.dumps({**envelope, "customer_id": customer_id, "store_id": "s1", **fields})
+
+
+def _archived_in_order(lines: list[str]) -> list[ArchivedMessage]:
+    """Each line archived once, on partition 0 of its topic, at its position in `lines`."""
+    messages = []
+    for offset, line in enumerate(lines):
+        document = json.loads(line)
+        moment = datetime.fromisoformat(document["occurred_at"]).astimezone(UTC)
+        (route,) = routes_for(line.encode())
+        messages.append(
+            ArchivedMessage(route.topic, 0, offset, document["customer_id"], line.encode(), 0, TOPIC_RANK[route.topic],
+                            document["event_id"], moment)
+        )  # fmt: skip
+    return messages
+
+
+@pytest.mark.parametrize("slice_entries", [1, 40, 1_000_000])
+def test_the_live_expiry_read_in_slices_of_customers_gives_the_worker_s_lots(tmp_path, monkeypatch, slice_entries):
+    """`replay._live_expiry` reads the ledger before the markers in slices of whole customers (about
+    `live_expiry_slice_entries` entries each): 1 puts every customer in a slice of its own, 40 two or three customers
+    in a slice, a million all of them in one. Every size gives each customer the lots the worker holds, folded from the
+    ledger with FINAL (every entry is stored twice, unmerged), with an earlier apply's restatement (its entries are of
+    the new rules' version, caused by compensations archived below the markers) and without the entries of events
+    after the markers (of that version too)."""
+    old, new = _full("fl-none-1", purchase={"pending_days": 0}), _full("fl-14-2")
+    history = []
+    for number in range(1, 7):
+        customer_id = f"c{number}"
+        for month in range(1, 2 + number % 3):
+            history.append(_customer_event(
+                customer_id, f"{customer_id}-o{month}", "purchase.completed", f"2026-0{month}-0{number}T10:00:00+00:00",
+                order_id=f"{customer_id}-o{month}", currency="USD", lines=BOOK,
+            ))  # fmt: skip
+        if number % 2:
+            history.append(_customer_event(
+                customer_id, f"{customer_id}-x", "points.redeem_requested", f"2026-04-1{number}T10:00:00+00:00",
+                redemption_id=f"{customer_id}-x", points=50,
+            ))  # fmt: skip
+    history.append(_customer_event("c1", "tick", "clock.tick", "2026-05-20T10:00:00+00:00"))
+    live = process_lines([line.encode() for line in history], old)
+    monkeypatch.setattr(replay_module, "live_expiry_slice_entries", 1_000_000)
+
+    def opened(directory):
+        client = connect(f"chdb://{directory}")
+        migrate(client)
+        return client
+
+    client = opened(tmp_path / "first")  # the first apply of `new`: its compensations restate the lots
+    try:
+        RawArchive(client).write(_archived_in_order(history), {})
+        LedgerSink(client).write(live.ledger)
+        markers = {(topic, 0): len(history) for topic in INPUT_TOPICS}
+        report = dry_run(client, new, current_point_value=old.redemption.point_value, markers=markers)
+    finally:
+        client.close()
+    first = compensations(report, cut_over=datetime(2026, 6, 1, tzinfo=UTC))
+    ledger = list(live.ledger)
+    for customer_id, value in first:
+        ledger += apply(live.states[customer_id], decode_event(value, REDEMPTIONS), new)
+    assert sum(entry.rule_id == replay_module.RESTATE_RULE for entry in ledger) == len(first) == 6
+    expected = {customer_id: expiry_key(state, "lot") for customer_id, state in live.states.items()}
+    newest = {
+        customer_id: max(entry.occurred_at for entry in ledger if entry.customer_id == customer_id)
+        for customer_id in live.states
+    }
+    since = [_customer_event("c2", "c2-since", "purchase.completed", "2026-06-02T10:00:00+00:00", order_id="c2-since",
+                             currency="USD", lines=BOOK)]  # fmt: skip
+    ledger += apply(live.states["c2"], decode_event(since[0].encode()), new)  # after the markers: not read
+
+    monkeypatch.setattr(replay_module, "live_expiry_slice_entries", slice_entries)
+    client = opened(tmp_path / "second")
+    try:
+        RawArchive(client).write(_archived_in_order(history + [value.decode() for _, value in first] + since), {})
+        LedgerSink(client).write(ledger)
+        LedgerSink(client).write(ledger)  # every entry twice: FINAL reads it once
+        markers = {(topic, 0): len(history) + len(first) for topic in INPUT_TOPICS}
+        slices = replay_module._ledger_slices(client)
+        read = replay_module._live_expiry(client, markers, new)
+        stored, unique = client.query("SELECT count(), uniqExact(entry_id) FROM ledger_entries").result_rows[0]
+    finally:
+        client.close()
+    assert stored == 2 * unique  # not merged while read
+    # Entries stored per customer: c1 16, c2 28, c3 12, c4 16, c5 20, c6 12 (each twice).
+    assert slices == {1: ["c1", "c2", "c3", "c4", "c5", "c6"], 40: ["c1", "c4", "c6"], 1_000_000: ["c6"]}[slice_entries]
+    assert read == ("lot", expected, newest)
