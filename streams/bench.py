@@ -1034,6 +1034,80 @@ def replay_memory_only(args: argparse.Namespace) -> dict[str, Any]:
     return {"customers_asked": args.customers, "runs": runs}
 
 
+def live_expiry_peak(directory: Path, ruleset_version: str | None) -> dict:
+    """In this (fresh) process: the peak resident memory of `replay._live_expiry` on the chDB directory `directory`, as
+    an apply into the packaged full-lifecycle rule set (expiry by lot) with its markers past every archived message
+    reads it. The process's peak is reset (/proc/self/clear_refs) once the directory is open and the markers read.
+    `ruleset_version`: the version the rule set is given instead of its own; the ledger's (`default-1`) makes every
+    entry one of the apply's version, whose condition then looks each entry's cause up in the archive."""
+    import gc
+
+    from projections import connect
+    from streams import replay
+    from streams.rules.ruleset import load_ruleset
+
+    ruleset = load_ruleset(REPOSITORY / "streams/rules/rulesets/full-lifecycle.yaml")
+    if ruleset_version:
+        ruleset = ruleset.model_copy(update={"version": ruleset_version})
+    client = connect(f"chdb://{directory / 'clickhouse'}")
+    try:
+        rows = client.query("SELECT topic, partition, max(offset) FROM raw_events GROUP BY topic, partition")
+        markers = {(topic, int(partition)): int(offset) + 1 for topic, partition, offset in rows.result_rows}
+        gc.collect()
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident memory
+        base = _status_kib("VmRSS")
+        began = time.monotonic()
+        result = replay._live_expiry(client, markers, ruleset)  # (mode, keys[, newest entry times])
+        keys = result[1] if result is not None else {}
+        seconds = time.monotonic() - began
+        peak = _status_kib("VmHWM")
+        entries = client.query("SELECT count() FROM ledger_entries FINAL").result_rows[0][0]
+    finally:
+        client.close()
+    return {
+        "entries": int(entries),
+        "customers": len(keys),
+        "lots": sum(len(lots) for lots in keys.values()),
+        "ruleset_version": ruleset.version,
+        "slice_entries": getattr(replay, "live_expiry_slice_entries", None),  # None: read in one query (before)
+        "seconds": round(seconds, 2),
+        "base_rss_mib": round(base / 1024),
+        "peak_above_base_mib": round((peak - base) / 1024),
+    }
+
+
+def _status_kib(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field_name}:"):
+            return int(line.split()[1])
+    return 0
+
+
+def live_expiry_memory_only(args: argparse.Namespace) -> dict[str, Any]:
+    """`python -m streams.bench live-expiry-memory`: does the live ledger read of an apply into expiring rules
+    (`replay._live_expiry`) grow with the entries? For each of `--events` the archive and the batch driver's ledger as
+    `replay-memory` stores them, then `live_expiry_peak` in a fresh process."""
+    runs = []
+    for events in args.events_list:
+        directory = Path(tempfile.mkdtemp(prefix="live-expiry-memory-"))
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "streams.bench", "replay-memory-archive", str(directory), str(events),
+                 str(args.customers)],
+                check=True, cwd=REPOSITORY, env=_python_env(),
+            )  # fmt: skip
+            command = [sys.executable, "-m", "streams.bench", "live-expiry-peak", str(directory)]
+            if args.ruleset_version:
+                command += ["--ruleset-version", args.ruleset_version]
+            done = subprocess.run(command, check=True, cwd=REPOSITORY, env=_python_env(), capture_output=True)
+            run = {"events": events, **json.loads(done.stdout)}
+            print(json.dumps(run), file=sys.stderr, flush=True)
+            runs.append(run)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+    return {"customers_asked": args.customers, "runs": runs}
+
+
 # --- 7. end-to-end latency -----------------------------------------------------------------------
 
 
@@ -1335,6 +1409,16 @@ def main(argv: list[str] | None = None) -> int:
     memory.add_argument("--events", dest="events_list", default=[100_000, 400_000],
                         type=lambda text: [int(part) for part in text.split(",")])  # fmt: skip
     memory.add_argument("--processes", type=int, default=2)
+    expiry = commands.add_parser(
+        "live-expiry-memory", help="peak memory of an expiring apply's read of the live ledger at several sizes"
+    )
+    expiry.add_argument("--customers", type=int, default=5000)
+    expiry.add_argument("--events", dest="events_list", default=[100_000, 400_000],
+                        type=lambda text: [int(part) for part in text.split(",")])  # fmt: skip
+    expiry.add_argument("--ruleset-version", default=None, help="the apply's version (default: full-lifecycle's own)")
+    peak = commands.add_parser("live-expiry-peak", help=argparse.SUPPRESS)
+    peak.add_argument("directory", type=Path)
+    peak.add_argument("--ruleset-version", default=None)
     archive = commands.add_parser("replay-memory-archive", help=argparse.SUPPRESS)
     archive.add_argument("directory", type=Path)
     archive.add_argument("events", type=int)
@@ -1345,6 +1429,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "replay-memory":
         print(json.dumps(replay_memory_only(args)))
+        return 0
+    if args.command == "live-expiry-memory":
+        print(json.dumps(live_expiry_memory_only(args)))
+        return 0
+    if args.command == "live-expiry-peak":
+        print(json.dumps(live_expiry_peak(args.directory, args.ruleset_version)))
         return 0
     if args.command == "replay-memory-archive":
         replay_memory_archive(args.directory, args.events, args.customers)

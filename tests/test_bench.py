@@ -104,6 +104,22 @@ def test_the_replay_digest_leaves_out_the_derived_events_and_stays_what_older_co
     assert replay_digest(result) == replay_digest(dataclasses.replace(result, derived={}))
 
 
+def test_live_expiry_memory_measures_the_ledger_read_of_each_size():
+    """`python -m streams.bench live-expiry-memory`: an archive and ledger per size, `replay._live_expiry` on each in a
+    fresh process, its peak memory read from /proc (a correctness check of the measurement, not a memory target)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "streams.bench", "live-expiry-memory", "--events", "600,1200", "--customers", "50"],
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = json.loads(done.stdout)["runs"]
+    assert [run["events"] for run in runs] == [600, 1200]
+    for run in runs:
+        assert run["entries"] > run["events"] and 50 <= run["customers"] < run["lots"]
+        assert run["ruleset_version"] == "full-lifecycle-1" and run["peak_above_base_mib"] >= 0
+    assert runs[1]["entries"] > runs[0]["entries"]
+
+
 def test_replay_memory_measures_a_dry_run_of_each_archive_size(tmp_path):
     """`python -m streams.bench replay-memory`: an archive and ledger per size, a real offline dry-run on each, its
     peak memory read from /proc (a correctness check of the measurement, not a memory target)."""
