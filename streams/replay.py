@@ -38,7 +38,7 @@ from schemas.ledger import Kind
 from schemas.topics import REDEMPTIONS, REFERRALS
 from streams.batch import order_key
 from streams.rules.engine import apply, derived_events, event_fingerprint
-from streams.rules.ruleset import RuleSet
+from streams.rules.ruleset import RuleSet, load_ruleset
 from streams.rules.state import (
     COMPENSATION_ACTOR,
     COMPENSATION_PREFIX,
@@ -986,10 +986,13 @@ def dry_run(
     processes: int = 1,
     markers: Mapping[tuple[str, int], int] | None = None,
     prepared: Prepared | None = None,
+    configured: RuleSet | None = None,
 ) -> dict:
     """`markers`: an apply's cut-over markers; both sides then cover what lies before them (see `live_figures`).
     `prepared`: the apply's replay of the history below a point before the markers (`prepare`), which only the
-    customers with messages since then are decided again for (or all, when derived events are involved)."""
+    customers with messages since then are decided again for (or all, when derived events are involved).
+    `configured`: the rule set the worker was started with (LOYALTY_RULES; None: the packaged default), by whose time
+    zone it counts the cap usage of entries of a rule set it does not know (`_decided_zones`)."""
     from projections.archive import RawArchive
 
     archive = RawArchive(client)
@@ -1023,7 +1026,8 @@ def dry_run(
     if shadow.pending is not None:
         report[PENDING_CHANGES] = _pending_changes(live.pending, shadow.pending)  # the same
     if shadow.restate is not None and markers is not None:
-        since, live_caps = _live_cap_usage(client, markers, ruleset, set(shadow.restate))
+        zones = _decided_zones(client, ruleset, configured or load_ruleset()) if ruleset.caps else None
+        since, live_caps = _live_cap_usage(client, markers, ruleset, set(shadow.restate), zones)
         report[RESTATED] = {  # the same
             customer_id: restatement.restated(
                 live.lifetime.get(customer_id, 0),
@@ -1052,13 +1056,38 @@ def cap_usage_changes(
     return [{"source": source, "day": day.isoformat(), "points": points} for source, day, points in changes if points]
 
 
+def _decided_zones(client, ruleset: RuleSet, configured: RuleSet) -> tuple[dict[str, str], str]:
+    """The time zone the worker counts an entry's cap usage in, per rule-set version, and for the versions it does not
+    know: that of the rule set that decided the entry (`evolve` with the deciding rule set's zone), which the worker
+    knows when it is the configured one (`configured`) or one an apply recorded (the `rulesets` table, as
+    loyalty.rulesets); a restarted worker folds the entries of any other version in the configured rule set's zone
+    (streams/applier.py, `restore`), and so does this."""
+    from streams.rules.ruleset import RuleSetInvalid, parse_ruleset
+
+    zones = {configured.version: configured.timezone}
+    for version, text in known_rulesets(client).items():
+        try:
+            zones[version] = parse_ruleset(text, f"version {version}").timezone
+        except RuleSetInvalid:
+            continue  # the worker could not load it either
+    zones[ruleset.version] = ruleset.timezone
+    return zones, configured.timezone
+
+
 def _live_cap_usage(
-    client, markers: Mapping[tuple[str, int], int], ruleset: RuleSet, customers: set[str]
+    client,
+    markers: Mapping[tuple[str, int], int],
+    ruleset: RuleSet,
+    customers: set[str],
+    zones: tuple[Mapping[str, str], str] | None = None,
 ) -> tuple[date | None, dict[str, dict[tuple[str, date], int]]]:
     """The points counted against caps live before the markers, per customer of `customers`, on the local days a cap
     can still look at: from `cap_history_days_max` days before the last event before the markers (as the worker
-    folds them, `state.evolve`: earned and pending entries that add points, and earlier apply's restatements).
-    Returns the first of those days (None when nothing lies before the markers)."""
+    folds them, `state.evolve`: earned and pending entries that add points, and earlier apply's restatements), each
+    entry on its day in the time zone the worker counts it in (`zones`: per version, and for other versions,
+    `_decided_zones`; None: `ruleset`'s for all), so that the change restated cancels what the worker holds when the
+    time zone changed between the rule sets. Returns the first of those days in `ruleset`'s zone (None when nothing
+    lies before the markers)."""
     if not ruleset.caps:
         return None, {}  # no usage to restate: the ledger is not read
     before, parameters = _before_markers(markers, ruleset.version)
@@ -1070,23 +1099,37 @@ def _live_cap_usage(
     zone = ruleset.zone
     since = local_day(latest[0].replace(tzinfo=UTC), zone) - timedelta(days=cap_history_days_max)
     parameters |= {
-        "zone": ruleset.timezone,
-        "since": datetime.combine(since, datetime.min.time(), zone).astimezone(UTC),
+        # A day earlier: an entry counted in another zone can fall on `since` there and before it in `ruleset`'s.
+        "since": datetime.combine(since - timedelta(days=1), datetime.min.time(), zone).astimezone(UTC),
         "sources": sorted({cap.source for cap in ruleset.caps}),
         "restate_rule": RESTATE_RULE,
     }
+    by_version, other = zones if zones is not None else ({}, ruleset.timezone)
+    # One query per time zone (ClickHouse takes a constant one): the versions of that zone, and for the zone of the
+    # versions not named, every version of no other zone.
+    named: dict[str, list[str]] = {}
+    for version, name in by_version.items():
+        named.setdefault(name, []).append(version)
     usage: dict[str, dict[tuple[str, date], int]] = {}
-    with client.query_row_block_stream(
-        "SELECT customer_id, source, toDate(occurred_at, {zone:String}) AS day, sum(points + pending_points) "
-        f"FROM ledger_entries FINAL WHERE {before} AND kind IN ('earned', 'pending') "
-        "AND (points > 0 OR pending_points > 0) AND source IN {sources:Array(String)} "
-        "AND occurred_at >= {since:DateTime64(6, 'UTC')} GROUP BY customer_id, source, day",
-        parameters=parameters,
-    ) as stream:
-        for block in stream:
-            for customer_id, source, day, points in block:
-                if customer_id in customers:
-                    usage.setdefault(customer_id, {})[(source, day)] = int(points)
+    for name in sorted({*named, other}):
+        if name == other:
+            versions = sorted(version for version, zone_name in by_version.items() if zone_name != name)
+            which = "NOT IN"
+        else:
+            versions, which = sorted(named[name]), "IN"
+        with client.query_row_block_stream(
+            "SELECT customer_id, source, toDate(occurred_at, {zone:String}) AS day, sum(points + pending_points) "
+            f"FROM ledger_entries FINAL WHERE {before} AND kind IN ('earned', 'pending') "
+            "AND (points > 0 OR pending_points > 0) AND source IN {sources:Array(String)} "
+            "AND occurred_at >= {since:DateTime64(6, 'UTC')} "
+            f"AND ruleset_version {which} {{versions:Array(String)}} GROUP BY customer_id, source, day",
+            parameters=parameters | {"zone": name, "versions": versions},
+        ) as stream:
+            for block in stream:
+                for customer_id, source, day, points in block:
+                    if customer_id in customers:
+                        customer = usage.setdefault(customer_id, {})
+                        customer[(source, day)] = customer.get((source, day), 0) + int(points)
     restated = client.query(
         f"SELECT customer_id, reference FROM ledger_entries FINAL WHERE {before} AND rule_id = {{restate_rule:String}}",
         parameters=parameters,

@@ -388,6 +388,7 @@ async def _up(settings: Settings, *, demo: bool, demo_rate: float) -> int:
                 settings.resolved_replay_processes(),
                 stopping,
                 replays,
+                configured=ruleset,
             ),
         )
         application.router.add_get("/api/replay/progress", replays.handler())
@@ -505,11 +506,21 @@ class ReplayProgress:
 
 
 def _replay_handler(
-    client, client_lock, context, monitor, projector, bootstrap, processes_default, stopping=None, replays=None
+    client,
+    client_lock,
+    context,
+    monitor,
+    projector,
+    bootstrap,
+    processes_default,
+    stopping=None,
+    replays=None,
+    configured=None,
 ):
     """POST /api/replay {"rules": YAML text, "apply": bool, "since": date|null, "lag_max": n, "processes": n|null,
     "progress_id": id|null}; with "customer": id instead, that customer's preview (`replay.preview_customer`). With a
-    progress id, GET /api/replay/progress tells how far it is (`ReplayProgress`)."""
+    progress id, GET /api/replay/progress tells how far it is (`ReplayProgress`). `configured`: the rule set the worker
+    is started with (LOYALTY_RULES), for an apply's cap usage (`replay.dry_run`)."""
     from aiohttp import web
 
     from projections.archive import RawArchive
@@ -616,6 +627,7 @@ def _replay_handler(
                 markers=markers,
                 progress=progress,
                 prepared=prepared,
+                configured=configured,
             )
 
         async with client_lock:

@@ -23,6 +23,7 @@ from projections.archive import ArchivedMessage, RawArchive
 from schemas.decode import decode_event
 from schemas.topics import INPUT_TOPICS, REDEMPTIONS, TOPIC_RANK
 from streams import replay as replay_module
+from streams.applier import StreamApplier
 from streams.batch import process_lines
 from streams.replay import (
     PENDING_CHANGES,
@@ -540,7 +541,6 @@ def test_a_second_apply_into_lot_expiry_does_not_keep_the_first_applys_compensat
     assert (folded.balance, folded.lots) == (state.balance, state.lots)
 
 
-@pytest.mark.xfail(strict=True, reason="QA 2026-11-28, not fixed: see the docstring")
 def test_cap_usage_restated_across_a_change_of_time_zone_leaves_the_new_rules_usage(tmp_path):
     """default (UTC, reviews uncapped) -> seasonal-promotion (America/New_York, reviews capped at 60 a day). The worker
     folds each entry's cap usage on the local day of the rule set that decided it (UTC for default's), while the
@@ -667,3 +667,51 @@ def test_the_live_expiry_read_in_slices_of_customers_gives_the_worker_s_lots(tmp
     # Entries stored per customer: c1 16, c2 28, c3 12, c4 16, c5 20, c6 12 (each twice).
     assert slices == {1: ["c1", "c2", "c3", "c4", "c5", "c6"], 40: ["c1", "c4", "c6"], 1_000_000: ["c6"]}[slice_entries]
     assert read == ("lot", expected, newest)
+
+
+@pytest.mark.parametrize("configured", ["default.yaml", "seasonal-promotion.yaml"])
+def test_cap_usage_restated_across_a_change_of_time_zone_survives_a_restart(tmp_path, configured):
+    """The same apply as above, with the worker restarted after the compensation: it folds the ledger again, each
+    entry's cap usage on the day of the rule set that decided it when it knows that rule set (the configured one, or
+    one loyalty.rulesets records), else on the configured rule set's (streams/applier.py, `restore`). The apply
+    counts the live usage the same way (`replay._decided_zones`, told the configured rule set), so the restarted
+    worker ends with the new rules' usage too: configured default, it knows both; configured seasonal-promotion (the
+    packaged default never recorded), it folds default's entries on New York days, and the change cancels those."""
+    old, new = OLD, load_ruleset(RULESETS / "seasonal-promotion.yaml")
+    review = "review.approved"
+    history = [
+        event("r1", review, "2026-01-01T03:00:00+00:00", review_id="v1", sku="sku-0001", rating=5),
+        event("r2", review, "2026-01-01T07:00:00+00:00", review_id="v2", sku="sku-0002", rating=5),
+    ]
+    after = [
+        event(f"r{n}", review, f"2026-01-01T{9 + n}:00:00+00:00", review_id=f"v{n}", sku=f"sku-000{n}", rating=5)
+        for n in (3, 4, 5)
+    ]
+    live = process_lines([line.encode() for line in history], old)
+    state = live.states["c1"]
+    client = connect(f"chdb://{tmp_path / 'clickhouse'}")
+    try:
+        migrate(client)
+        RawArchive(client).write(archived(history), {})
+        LedgerSink(client).write(live.ledger)
+        markers = {(topic, 0): len(history) + 1 for topic in INPUT_TOPICS}
+        report = dry_run(
+            client,
+            new,
+            current_point_value=old.redemption.point_value,
+            markers=markers,
+            configured=load_ruleset(RULESETS / configured),
+        )
+    finally:
+        client.close()
+    ledger = list(live.ledger)
+    for _, value in compensations(report, cut_over=datetime(2026, 1, 1, 8, tzinfo=UTC)):
+        ledger += apply(state, decode_event(value, REDEMPTIONS), new)
+    restarted = StreamApplier(load_ruleset(RULESETS / configured))
+    restarted.know_ruleset(new)  # from loyalty.rulesets
+    assert restarted.restore(0, ledger) == len(ledger)
+    folded = restarted.states[0]["c1"]
+    for line in after:
+        apply(folded, decode_event(line.encode()), new)
+    expected = process_lines([line.encode() for line in history + after], new).states["c1"]
+    assert folded.balance == expected.balance

@@ -26,6 +26,7 @@ from pathlib import Path
 from projections.archive import ArchivedMessage
 from schemas import events as ev
 from schemas.decode import EventRejected, decode_event
+from schemas.ledger import LedgerEntry
 from schemas.topics import REDEMPTIONS, REFEREE_SIDE, SIDE_HEADER, TOPIC_RANK
 from streams.batch import order_key, process_lines
 from streams.replay import (
@@ -51,8 +52,23 @@ def _moment(raw: bytes) -> datetime:
     return datetime.fromisoformat(json.loads(raw)["occurred_at"]).astimezone(UTC)
 
 
-def _restated(restatement: Restatement, state: CustomerState, since: date, new, lifetime_only: bool) -> dict:
-    restated = restatement.restated(state.lifetime_earned, state.cap_usage, since, new, state.last_activity_at)
+def _live_cap_usage(entries: list[LedgerEntry], zones: dict) -> dict[tuple[str, date], int]:
+    """The customer's live cap usage as the apply reads it from the ledger (`replay._live_cap_usage`): earned and
+    pending entries that add points, each on the local day of the rule set that decided it (`zones`, per version).
+    Not `state.cap_usage`: the worker's own usage would hide an apply that counts the days otherwise (it did, on the
+    new rules' days, until 2026-11-28)."""
+    usage: dict[tuple[str, date], int] = {}
+    for entry in entries:
+        if entry.kind.value in ("earned", "pending") and (entry.points > 0 or entry.pending_points > 0):
+            key = (entry.source.value, entry.occurred_at.astimezone(zones[entry.ruleset_version]).date())
+            usage[key] = usage.get(key, 0) + entry.points + entry.pending_points
+    return usage
+
+
+def _restated(
+    restatement: Restatement, state: CustomerState, live_caps: dict, since: date, new, lifetime_only: bool
+) -> dict:
+    restated = restatement.restated(state.lifetime_earned, live_caps, since, new, state.last_activity_at)
     if lifetime_only:  # the code before cap usage and referrals were restated
         restated |= {"cap_usage_changes": [], "referrer_points": {}, "referral": None}
     return restated
@@ -104,12 +120,15 @@ def differing(
         key = {"lot": restatement.lots, "inactivity": restatement.last_activity_at}.get(mode)
         return (*replayed, key) == (state.balance, state.pending, state.lifetime_earned, expiry_key(state, mode))
 
-    def compensate(state: CustomerState) -> None:
+    zones = {old.version: old.zone, new.version: new.zone}
+
+    def compensate(state: CustomerState, entries: list[LedgerEntry]) -> None:
         customer_id = state.customer_id
         if unchanged(state):
             return
         after = shadow.balances.get(customer_id, 0)
         pending = (shadow.pending or {}).get(customer_id, 0) - state.pending
+        live_caps = _live_cap_usage(entries, zones)
         report = {
             "ruleset_version_new": new.version,
             "customers": [
@@ -119,25 +138,26 @@ def differing(
             REVALUED_ORDERS: shadow.orders if revalue else {},
             PENDING_CHANGES: {customer_id: pending} if revalue else {},
             RESTATED: {
-                customer_id: _restated(shadow.restate[customer_id], state, since, new, lifetime_only)
+                customer_id: _restated(shadow.restate[customer_id], state, live_caps, since, new, lifetime_only)
             } if revalue and customer_id in (shadow.restate or {}) else {},
         }  # fmt: skip
         for _, value in compensations(report, cut_over=cut - timedelta(microseconds=1)):
             apply(state, decode_event(value, REDEMPTIONS), new)
 
     def live(customer_id: str, items: list) -> tuple[CustomerState, list]:
-        state, derived, compensated = CustomerState(customer_id), [], False
+        state, derived, compensated, ledger = CustomerState(customer_id), [], False, []
         for key, event, side in sorted(items, key=lambda item: item[0]):
             if not compensated and event.occurred_at >= cut:
                 compensated = True
-                compensate(state)
+                compensate(state, ledger)
             try:
                 entries = apply(state, event, old if event.occurred_at < cut else new, side=side)
             except EventRejected:
                 continue
+            ledger += entries
             derived += [(extra, key) for extra in derived_events(state, event, entries)]
         if not compensated:
-            compensate(state)
+            compensate(state, ledger)
         return state, derived
 
     work: dict[str, list] = {}
