@@ -541,41 +541,54 @@ def test_a_second_apply_into_lot_expiry_does_not_keep_the_first_applys_compensat
     assert (folded.balance, folded.lots) == (state.balance, state.lots)
 
 
-def test_cap_usage_restated_across_a_change_of_time_zone_leaves_the_new_rules_usage(tmp_path):
-    """default (UTC, reviews uncapped) -> seasonal-promotion (America/New_York, reviews capped at 60 a day). The worker
-    folds each entry's cap usage on the local day of the rule set that decided it (UTC for default's), while the
-    apply computes the live usage it subtracts on the new rules' days (`replay._live_cap_usage`): two reviews of 1
-    January UTC (31 December and 1 January in New York) leave the worker 45 points counted on 1 January after the
-    restatement, where the new rules count 20, and the reviews of that day after the apply earn 15 where 40 are due.
-    On the running system (default -> seasonal-promotion with traffic during the apply) 6 of 169 customers ended
-    5-25 points below `loyalty process`; with seasonal-promotion moved to UTC, 0. docs/replay.md mentions the shift
-    ("the days are those of the new rules' time zone") without its effect on a worker that never restarted."""
+_REVIEW = "review.approved"
+# Two reviews of 1 January UTC (31 December and 1 January in New York) before the apply, three of 1 January after.
+_ZONE_HISTORY = [
+    event("r1", _REVIEW, "2026-01-01T03:00:00+00:00", review_id="v1", sku="sku-0001", rating=5),
+    event("r2", _REVIEW, "2026-01-01T07:00:00+00:00", review_id="v2", sku="sku-0002", rating=5),
+]
+_ZONE_AFTER = [
+    event(f"r{n}", _REVIEW, f"2026-01-01T{9 + n}:00:00+00:00", review_id=f"v{n}", sku=f"sku-000{n}", rating=5)
+    for n in (3, 4, 5)
+]
+
+
+def _applied_across_a_change_of_time_zone(tmp_path, configured: RuleSet | None = None):
+    """default -> seasonal-promotion over `_ZONE_HISTORY`, the compensation applied to the worker's state: (state,
+    ledger with the compensation, new rules, what `loyalty process` makes of the whole log under them)."""
     old, new = OLD, load_ruleset(RULESETS / "seasonal-promotion.yaml")
-    review = "review.approved"
-    history = [
-        event("r1", review, "2026-01-01T03:00:00+00:00", review_id="v1", sku="sku-0001", rating=5),
-        event("r2", review, "2026-01-01T07:00:00+00:00", review_id="v2", sku="sku-0002", rating=5),
-    ]
-    after = [
-        event(f"r{n}", review, f"2026-01-01T{9 + n}:00:00+00:00", review_id=f"v{n}", sku=f"sku-000{n}", rating=5)
-        for n in (3, 4, 5)
-    ]
-    live = process_lines([line.encode() for line in history], old)
+    live = process_lines([line.encode() for line in _ZONE_HISTORY], old)
     state = live.states["c1"]
     client = connect(f"chdb://{tmp_path / 'clickhouse'}")
     try:
         migrate(client)
-        RawArchive(client).write(archived(history), {})
+        RawArchive(client).write(archived(_ZONE_HISTORY), {})
         LedgerSink(client).write(live.ledger)
-        markers = {(topic, 0): len(history) + 1 for topic in INPUT_TOPICS}
-        report = dry_run(client, new, current_point_value=old.redemption.point_value, markers=markers)
+        markers = {(topic, 0): len(_ZONE_HISTORY) + 1 for topic in INPUT_TOPICS}
+        report = dry_run(
+            client, new, current_point_value=old.redemption.point_value, markers=markers, configured=configured
+        )
     finally:
         client.close()
+    ledger = list(live.ledger)
     for _, value in compensations(report, cut_over=datetime(2026, 1, 1, 8, tzinfo=UTC)):
-        apply(state, decode_event(value, REDEMPTIONS), new)
-    for line in after:
+        ledger += apply(state, decode_event(value, REDEMPTIONS), new)
+    expected = process_lines([line.encode() for line in _ZONE_HISTORY + _ZONE_AFTER], new).states["c1"]
+    return state, ledger, new, expected
+
+
+def test_cap_usage_restated_across_a_change_of_time_zone_leaves_the_new_rules_usage(tmp_path):
+    """default (UTC, reviews uncapped) -> seasonal-promotion (America/New_York, reviews capped at 60 a day). The worker
+    folds each entry's cap usage on the local day of the rule set that decided it (UTC for default's). The apply
+    computed the live usage it subtracts on the new rules' days (`replay._live_cap_usage`, until 2026-11-28): the two
+    reviews of 1 January UTC (31 December and 1 January in New York) left the worker 45 points counted on 1 January
+    after the restatement, where the new rules count 20, and the reviews of that day after the apply earned 15 where
+    40 are due (55 != 80). On the running system (default -> seasonal-promotion with traffic during the apply) 6 of
+    169 customers ended 5-25 points below `loyalty process`; with seasonal-promotion moved to UTC, 0. Now the live
+    usage is counted on the days of the rule set that decided each entry (`replay._decided_zones`)."""
+    state, _, new, expected = _applied_across_a_change_of_time_zone(tmp_path)
+    for line in _ZONE_AFTER:
         apply(state, decode_event(line.encode()), new)
-    expected = process_lines([line.encode() for line in history + after], new).states["c1"]
     assert state.balance == expected.balance
 
 
@@ -677,41 +690,12 @@ def test_cap_usage_restated_across_a_change_of_time_zone_survives_a_restart(tmp_
     counts the live usage the same way (`replay._decided_zones`, told the configured rule set), so the restarted
     worker ends with the new rules' usage too: configured default, it knows both; configured seasonal-promotion (the
     packaged default never recorded), it folds default's entries on New York days, and the change cancels those."""
-    old, new = OLD, load_ruleset(RULESETS / "seasonal-promotion.yaml")
-    review = "review.approved"
-    history = [
-        event("r1", review, "2026-01-01T03:00:00+00:00", review_id="v1", sku="sku-0001", rating=5),
-        event("r2", review, "2026-01-01T07:00:00+00:00", review_id="v2", sku="sku-0002", rating=5),
-    ]
-    after = [
-        event(f"r{n}", review, f"2026-01-01T{9 + n}:00:00+00:00", review_id=f"v{n}", sku=f"sku-000{n}", rating=5)
-        for n in (3, 4, 5)
-    ]
-    live = process_lines([line.encode() for line in history], old)
-    state = live.states["c1"]
-    client = connect(f"chdb://{tmp_path / 'clickhouse'}")
-    try:
-        migrate(client)
-        RawArchive(client).write(archived(history), {})
-        LedgerSink(client).write(live.ledger)
-        markers = {(topic, 0): len(history) + 1 for topic in INPUT_TOPICS}
-        report = dry_run(
-            client,
-            new,
-            current_point_value=old.redemption.point_value,
-            markers=markers,
-            configured=load_ruleset(RULESETS / configured),
-        )
-    finally:
-        client.close()
-    ledger = list(live.ledger)
-    for _, value in compensations(report, cut_over=datetime(2026, 1, 1, 8, tzinfo=UTC)):
-        ledger += apply(state, decode_event(value, REDEMPTIONS), new)
-    restarted = StreamApplier(load_ruleset(RULESETS / configured))
+    rules = load_ruleset(RULESETS / configured)
+    _, ledger, new, expected = _applied_across_a_change_of_time_zone(tmp_path, rules)
+    restarted = StreamApplier(rules)
     restarted.know_ruleset(new)  # from loyalty.rulesets
     assert restarted.restore(0, ledger) == len(ledger)
     folded = restarted.states[0]["c1"]
-    for line in after:
+    for line in _ZONE_AFTER:
         apply(folded, decode_event(line.encode()), new)
-    expected = process_lines([line.encode() for line in history + after], new).states["c1"]
     assert folded.balance == expected.balance
