@@ -389,6 +389,8 @@ def cmd_expiring(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
     from streams import replay
 
     if args.dry_run == args.apply:
@@ -464,6 +466,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         conflict = replay.version_conflict(new_rules, known, in_force, activated)
         report["warnings"] = [f"--apply would refuse: {conflict}"] if conflict else []
         client.close()
+    if since is not None and since > datetime.now(UTC):  # no customer is active since then: say why none is listed
+        report.setdefault("warnings", []).append(f"--since {since.isoformat()} is in the future: no customer is listed")
     csv_error = None
     if args.csv:
         try:

@@ -277,3 +277,16 @@ def test_one_customers_text_preview_says_how_many_replayed_events_made_entries(o
         code, out, _ = _replay(capsys, "--dry-run", "--customer", "c000001")
         header, _, *lines = out.splitlines()
         assert code == 0 and len(lines) == rows and header.endswith(f"{replayed:,} {suffix}")
+
+
+def test_a_since_in_the_future_is_named_as_the_reason_no_customer_is_listed(offline, capsys):
+    code, out, _ = _replay(capsys, "--dry-run", "--since", "2999-01-01")
+    assert code == 0
+    assert "warning: --since 2999-01-01T00:00:00+00:00 is in the future: no customer is listed" in out
+    code, out, _ = _replay(capsys, "--dry-run", "--json", "--since", "2999-01-01")
+    report = json.loads(out)
+    assert report["customers"] == [] and report["warnings"] == [
+        "--since 2999-01-01T00:00:00+00:00 is in the future: no customer is listed"
+    ]
+    code, out, _ = _replay(capsys, "--dry-run", "--json", "--since", "2026-01-02")  # a past one: no such warning
+    assert not any("in the future" in warning for warning in json.loads(out)["warnings"])
