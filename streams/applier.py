@@ -30,6 +30,10 @@ in its topic partition (a new apply: its compensations start from what the worke
 markers while the events before them wait unacked), after `cutover_hold_ms` (an apply that failed after its
 markers posts no end marker), or when more than `held_max` events wait. Each end of a wait is recorded in
 loyalty.rulesets (`ended:<topic>:<partition>:<marker offset>`), so that a restarted worker does not wait again.
+A worker that reads a marker again whose wait is recorded `compensated` reads a log rebuilt from ClickHouse from its
+start (streams/restore.py; a live worker commits past the markers before the apply compares): it waits again, and
+holds the compensations too, until it has read every marker the end marker names, so that the partition's events
+before the markers come first, then the compensations, then the events after them (`_reread_marker`).
 
 A derived event's published copy after a cut-over marker whose header names another rule set as its cause's (its cause
 is history before the markers) is recorded with 0 points once the apply has compared (its plan read) or its
@@ -264,6 +268,11 @@ class _Wait:
     events: dict[str, list[tuple[tuple, int, _Held]]] = field(default_factory=dict)  # per customer, in arrival order
     count: int = 0
     plan: _Plan | None = None  # once a part of the apply's plan is read
+    # A wait after a cut-over whose compensations were applied before (recorded `compensated`) and whose marker is read
+    # again: the topics rebuilt from ClickHouse and re-read from the start (`StreamApplier._reread_marker`). It ends at
+    # its apply's end marker once every marker that names is read, and holds the apply's compensations meanwhile.
+    replayed: bool = False
+    compensations: list[tuple[tuple, int, _Held]] = field(default_factory=list)
 
 
 def _refers(held: _Held) -> bool:
@@ -325,6 +334,12 @@ class StreamApplier:
         self.compensated: set[tuple[str, int, int]] = set()
         self._planned_cuts: set[tuple[str, int, int]] = set()
         self.waiting: dict[tuple[str, int, int], _Wait] = {}
+        # Re-reading a rebuilt log (`_reread_marker`): the compensated cut-overs whose markers were read again, per
+        # topic partition the offsets of those whose wait is on, and per partition the end markers read before every
+        # marker they name (their compensations wait for the rest of the history before the markers).
+        self._reread: set[tuple[str, int, int]] = set()
+        self._replayed: dict[TopicPartition, list[int]] = {}
+        self._pending_ends: dict[int, list[tuple[str, dict[str, int]]]] = {}
         # Per partition (of the redemptions topic), the offset of the last plan part or compensation that renewed the
         # partition's waits (`_progress`): one read again (fetched again from the commit) is no sign of the apply.
         self._signs_of_life: dict[TopicPartition, int] = {}
@@ -382,6 +397,9 @@ class StreamApplier:
         self.states.pop(partition, None)
         self._signs_of_life = {tp: offset for tp, offset in self._signs_of_life.items() if tp[1] != partition}
         self.waiting = {cut: wait for cut, wait in self.waiting.items() if cut[1] != partition}  # unacked: re-delivered
+        self._reread = {cut for cut in self._reread if cut[1] != partition}
+        self._replayed = {tp: offsets for tp, offsets in self._replayed.items() if tp[1] != partition}
+        self._pending_ends.pop(partition, None)
         self.held = [item for item in self.held if item[2].message.partition != partition]
         heapq.heapify(self.held)
         self.latest_seen = {tp: seen for tp, seen in self.latest_seen.items() if tp[1] != partition}
@@ -432,8 +450,9 @@ class StreamApplier:
                 output.activations.append((message.topic, message.partition, message.offset, version))
                 output.acks.append(message)
                 for cut in [cut for cut in self.waiting if cut[:2] == (message.topic, message.partition)]:
-                    if cut[2] < message.offset:
+                    if cut[2] < message.offset and not self.waiting[cut].replayed:
                         self._end_wait(cut, "superseded", output)
+                self._reread_marker(message, version, output)
                 continue
             if (CONTROL_HEADER, PLAN_CONTROL) in message.headers:
                 try:
@@ -474,6 +493,8 @@ class StreamApplier:
             if cut_offset is not None and (SIDE_HEADER, DERIVED_SIDE) in message.headers:
                 self._cause_before_the_markers(held, (message.topic, message.partition, cut_offset))
             item = (order_key(event, message.offset), self._arrivals, held)
+            if cut_offset is not None and self._replayed and self._held_for_replay(item, cut_offset):
+                continue
             if cut_offset is not None and not self._compensation(message, event):
                 cut = (message.topic, message.partition, cut_offset)
                 if self._held_for_compensations(cut, ruleset.version, message.received_ms, item):
@@ -521,10 +542,14 @@ class StreamApplier:
         if wait.plan is not None and wait.plan.complete and customer not in wait.plan.customers:
             if not (self._referrer(cut[1], customer) or _refers(item[2])):
                 return False  # the apply compensates this customer with nothing (more): nothing to wait for
-        item[2].waited = True
-        wait.events.setdefault(customer, []).append(item)
-        wait.count += 1
+        self._hold(wait, item)
         return True
+
+    @staticmethod
+    def _hold(wait: _Wait, item: tuple[tuple, int, _Held]) -> None:
+        item[2].waited = True
+        wait.events.setdefault(_customer_of(item[2]), []).append(item)
+        wait.count += 1
 
     def _wait_after(self, cut: tuple[str, int, int], version: str, since_ms: float) -> _Wait | None:
         """The wait after the cut-over marker `cut`, begun now if need be; None when it is over (or waits are off)."""
@@ -626,16 +651,116 @@ class StreamApplier:
         the cut-over markers it names."""
         version, cuts = end_marker_cuts(message.value)
         partition = message.partition
-        ours, others = [], []
+        if any((topic, partition, offset) in self._reread for topic, offset in cuts.items()):
+            self._pending_ends.setdefault(partition, []).append((version, cuts))
+            self._end_ready(partition, output, message.received_ms)
+            return
+        self._apply_buffered(
+            partition, lambda held: self._compensation(held.message, held.event), output, message.received_ms
+        )
+        for topic, offset in cuts.items():
+            self._end_wait((topic, partition, offset), "compensated", output, version)
+
+    def _apply_buffered(
+        self, partition: int, chosen: Callable[[_Held], bool], output: Output, now_ms: float, more: Iterable = ()
+    ) -> bool:
+        """Take the `chosen` events of a partition out of the event-time buffer and decide them now, with `more`, in
+        their order; whether there were any."""
+        ours, others = list(more), []
         for item in self.held:
             held = item[2]
-            mine = held.message.partition == partition and self._compensation(held.message, held.event)
-            (ours if mine else others).append(item)
-        if ours:
+            (ours if held.message.partition == partition and chosen(held) else others).append(item)
+        if len(others) < len(self.held):
             self.held = others
             heapq.heapify(self.held)
-            for _, _, held in sorted(ours, key=lambda item: item[:2]):
-                self._apply(held, output, message.received_ms)
+        for _, _, held in sorted(ours, key=lambda item: item[:2]):
+            self._apply(held, output, now_ms)
+        return bool(ours)
+
+    # --- a rebuilt log read again ------------------------------------------------------------------
+    #
+    # After `loyalty up` rebuilt the topics from ClickHouse (streams/restore.py), the worker reads every input again
+    # from the start, its customers' states folded from the ledger less each customer's last event, which it decides
+    # again. The cut-overs whose compensations were applied are recorded `compensated`, so the live wait is over; but
+    # the order of positions still has to hold, since the compensation was computed from every message before the
+    # markers and the messages after them were decided on the state it gives: for a partition, every message before
+    # its markers (in every input topic), then the compensations, then the messages after the markers. The topics are
+    # read at their own pace (the small redemptions partition that carries the compensations and the end marker is
+    # read to its end first), so the rebuilt worker enforces that order: a compensated cut-over's marker read again
+    # begins a wait as the live one does (without a plan: every customer of the partition waits), which also holds the
+    # apply's compensations; at the end marker, once every marker it names is read (or its topic partition is caught
+    # up: read past it before), the partition's events before the markers still in the event-time buffer are decided,
+    # then the compensations, and the waits end. Events the first run had decided are recognised (state remembers
+    # applied event ids); the others are decided where the first run decided, or would have decided, them.
+
+    def _reread_marker(self, message: InputMessage, version: str, output: Output) -> None:
+        """A cut-over marker read: when its compensations were applied before (recorded `compensated`), the log is
+        read again from before it, and the events after it wait for them again (with holds on)."""
+        cut = (message.topic, message.partition, message.offset)
+        if cut not in self.compensated or self.cutover_hold_ms <= 0 or cut in self._reread:
+            return
+        self._reread.add(cut)
+        if cut not in self.waiting:
+            self.waiting[cut] = _Wait(version, message.received_ms, replayed=True)
+            offsets = self._replayed.setdefault((message.topic, message.partition), [])
+            offsets.append(message.offset)
+            offsets.sort()
+        self._end_ready(message.partition, output, message.received_ms)
+
+    def _held_for_replay(self, item: tuple[tuple, int, _Held], cut_offset: int) -> bool:
+        """Put an event after a cut-over marker read again in the earliest wait of its topic partition that is still
+        on (a later apply's events come after the earlier apply's compensations too), or a compensation in the wait of
+        its own cut-over; whether it did."""
+        message = item[2].message
+        offsets = self._replayed.get((message.topic, message.partition))
+        if not offsets:
+            return False
+        if self._compensation(message, item[2].event):
+            wait = self.waiting.get((message.topic, message.partition, cut_offset))
+            if wait is None or not wait.replayed:
+                return False
+            wait.compensations.append(item)
+            return True
+        if offsets[0] >= message.offset:
+            return False
+        self._hold(self.waiting[(message.topic, message.partition, offsets[0])], item)
+        return True
+
+    def _reached(self, topic: str, partition: int, offset: int) -> bool:
+        """Whether every message of (topic, partition) before its cut-over marker at `offset` has been read."""
+        return (topic, partition, offset) in self._reread or (topic, partition) in self._looked_caught_up
+
+    def _end_ready(self, partition: int, output: Output, now_ms: float) -> None:
+        """Apply the compensations of the end markers of a partition read before every marker they name, once it is."""
+        pending = self._pending_ends.get(partition)
+        while pending and all(self._reached(topic, partition, offset) for topic, offset in pending[0][1].items()):
+            version, cuts = pending.pop(0)
+            self._compensate_after_the_history(partition, version, cuts, output, now_ms)
+        if pending is not None and not pending:
+            del self._pending_ends[partition]
+
+    def _compensate_after_the_history(
+        self, partition: int, version: str, cuts: dict[str, int], output: Output, now_ms: float
+    ) -> None:
+        """The partition's events before the markers `cuts` still buffered (and what they derive in place), then the
+        apply's compensations, then the end of the waits after the markers."""
+        ruleset = self.rulesets.get(version)
+
+        def before(held: _Held) -> bool:
+            message = held.message
+            if message.offset < 0:  # derived in place: before the markers when decided by an earlier rule set
+                return held.ruleset is not ruleset
+            return not self._compensation(message, held.event) and message.offset < cuts.get(message.topic, -1)
+
+        while self._apply_buffered(partition, before, output, now_ms):
+            pass
+        wait = self.waiting.get((REDEMPTIONS, partition, cuts.get(REDEMPTIONS, -1)))
+        stashed = wait.compensations if wait is not None else []
+        self._apply_buffered(
+            partition, lambda held: self._compensation(held.message, held.event), output, now_ms, more=stashed
+        )
+        if wait is not None:
+            wait.compensations = []
         for topic, offset in cuts.items():
             self._end_wait((topic, partition, offset), "compensated", output, version)
 
@@ -650,6 +775,20 @@ class StreamApplier:
         if how == "compensated":
             self.compensated.add(cut)
         if wait is None:
+            return
+        if wait.replayed:
+            offsets = self._replayed.get(cut[:2], [])
+            if cut[2] in offsets:
+                offsets.remove(cut[2])
+            if not offsets:
+                self._replayed.pop(cut[:2], None)
+            for item in wait.compensations:  # a wait that ended otherwise (timed out, ...): they go on without it
+                heapq.heappush(self.held, item)
+            for items in wait.events.values():
+                for item in items:  # after a later marker read again, whose wait is on: they wait there
+                    if not self._held_for_replay(item, -1):
+                        heapq.heappush(self.held, item)
+            wait.events.clear()
             return
         for customer in list(wait.events):
             self._release_customer(wait, customer)
@@ -693,6 +832,8 @@ class StreamApplier:
         if not isinstance(caught_up, Mapping):
             caught_up = dict.fromkeys(caught_up, now_ms)
         self._looked_caught_up = caught_up
+        for partition in list(self._pending_ends):
+            self._end_ready(partition, output, now_ms)
         settle = self.settle_ms(now_ms)
         # Over every assigned partition: each has shown an event at least this late, so no earlier event can
         # come from any of them (one partition's events are in time order).
@@ -830,6 +971,10 @@ class StreamApplier:
             cuts = self.cutovers.get((REFERRALS, partition), ())
             if cuts and cuts[-1][1] is cause.ruleset:
                 cut = (REFERRALS, partition, cuts[-1][0])
+                replayed = self.waiting.get(cut)
+                if replayed is not None and replayed.replayed:
+                    self._hold(replayed, item)
+                    return
                 if self._held_for_compensations(cut, cause.ruleset.version, now_ms, item):
                     return
             heapq.heappush(self.held, item)

@@ -916,7 +916,6 @@ def _referral_rulesets():
     return REFERRAL_OLD, REFERRAL_NEW
 
 
-@pytest.mark.xfail(strict=True, reason="QA 2026-11-28, not fixed: see the docstring")
 def test_a_rebuilt_worker_decides_the_left_out_event_before_the_markers_before_the_compensation():
     """An embedded `loyalty up` SIGKILLed after an apply published its compensations, before they (as applied) reached
     ClickHouse: the rebuilt ledger leaves the customer's last event out (e3, a purchase before the markers, which
@@ -928,11 +927,11 @@ def test_a_rebuilt_worker_decides_the_left_out_event_before_the_markers_before_t
     apply of the same rule set had its compensations dead-lettered as conflicting repeats. The same after a plain
     SIGTERM (Ctrl-C) of `loyalty up` 0.2 s after `--apply` returned (the worker stops before reading the plan; the
     projector then archives the compensations and end markers): 94 customers, 420,837 points against 458,900.
-    Not a fix: leaving the compensations of cuts already recorded as compensated in the event-time buffer makes this
-    test pass and took the running system from 94 customers to 9, but then the events held after the markers that
-    the first run never decided (dated before the compensation, which is stamped after the replay) are decided before
-    it (a redemption refused for want of the new rules' points: 2,747 where 817 is due). Both need the order of
-    positions: every message before the markers, then the compensations, then the messages after them."""
+    Leaving the compensations of cuts already recorded as compensated in the event-time buffer makes this test pass
+    (and took the running system from 94 customers to 9), but the events after the markers that the first run never
+    decided are then decided before the compensation (the next test). Both need the order of positions, which the
+    rebuilt worker now keeps (`StreamApplier._reread_marker`): every message before the markers, then the
+    compensations, then the messages after them."""
     history = HISTORY[:3]  # e3, a purchase, is c1's last event before the markers
     first, log, ledger = _applier(), _Log(), []
     everything = log.lines(history)
@@ -956,3 +955,56 @@ def test_a_rebuilt_worker_decides_the_left_out_event_before_the_markers_before_t
     _step(second, [m for m in everything if m.topic != REDEMPTIONS], 11_000.0)
     expected = process_lines([line.encode() for line in history], NEW).states["c1"]
     assert second.states[C1]["c1"].balance == expected.balance
+
+
+# After the markers, while the apply replays: a review, and a redemption only the new rules' points cover (c1 has 350
+# points under the old rules after e3, 530 under the new ones).
+UNDECIDED = [
+    event("u1", "review.approved", "2026-05-20T10:00:00+00:00", review_id="v9", sku="sku-0200", rating=4),
+    event("u2", "points.redeem_requested", "2026-05-25T10:00:00+00:00", redemption_id="x9", points=500),
+]
+
+
+@pytest.mark.parametrize("redemptions_first", [True, False])
+def test_a_rebuilt_worker_decides_the_events_after_the_markers_the_first_run_held_after_the_compensation(
+    redemptions_first,
+):
+    """The first run held UNDECIDED after the markers for the compensation and died before reading it (and e3's
+    entries, its last before the markers, did not all reach ClickHouse). The rebuilt worker re-reads every input,
+    its cut-overs recorded `compensated`: whichever topics come first, it decides e3 (left out of the rebuilt ledger)
+    under the old rules, then the compensation, then UNDECIDED under the new rules on the state the compensation gives,
+    so the redemption of 500 points is granted, as `loyalty process` under the new rules grants it. (QA's partial fix,
+    the compensation kept in the event-time buffer, refused it: dated before the compensation, it came first.)"""
+    history = HISTORY[:3]
+    first, log, ledger = _applier(), _Log(), []
+    everything = log.lines(history)
+    for output in _step(first, everything, 0.0):
+        ledger += [entry for _, entry, _ in output.ledger]
+    everything += log.markers(NEW.version, 1_000.0)
+    everything += log.lines(UNDECIDED, 2_000.0)
+    for output in _step(first, everything[-(len(INPUT_TOPICS) * PARTITIONS + len(UNDECIDED)) :], 2_000.0):
+        assert not output.ledger  # held for the compensation, which this worker never reads
+    assert first.waiting_count == len(UNDECIDED)
+    everything += [_compensation(log, history), *log.ends(NEW.version)]
+
+    second = _applier()
+    second.restore(C1, [entry for entry in ledger if entry.caused_by != "e3"])
+    second.finish_restore(C1)
+    for (topic, partition), offset in log.cuts.items():
+        second.activate(topic, partition, offset, NEW.version)
+        second.wait_ended(topic, partition, offset, "compensated")
+    everything = [dataclasses.replace(message, received_ms=10_000.0) for message in everything]
+    assigned = [(topic, partition) for topic in INPUT_TOPICS for partition in range(PARTITIONS)]
+    early = [m for m in everything if (m.topic == REDEMPTIONS) == redemptions_first]
+    decided = [*second.accept(early).ledger]
+    decided += second.release(assigned, {(m.topic, m.partition) for m in early}, 10_500.0).ledger
+    for output in _step(second, [m for m in everything if m not in early], 11_000.0):
+        decided += output.ledger
+    decided += second.release(assigned, set(assigned), 12_000.0).ledger
+
+    batch = process_lines([line.encode() for line in history + UNDECIDED], NEW)
+    order = [entry.caused_by for _, entry, _ in decided]
+    assert list(dict.fromkeys(order)) == ["e3", f"replay:{NEW.version}:c1", "u1", "u2"]
+    assert [(e.kind, e.points) for _, e, _ in decided if e.caused_by == "u2"] == [("redeemed", -500)]
+    assert second.states[C1]["c1"].balance == batch.states["c1"].balance
+    assert second.waiting == {} and second.held == []
