@@ -1008,3 +1008,25 @@ def test_a_rebuilt_worker_decides_the_events_after_the_markers_the_first_run_hel
     assert [(e.kind, e.points) for _, e, _ in decided if e.caused_by == "u2"] == [("redeemed", -500)]
     assert second.states[C1]["c1"].balance == batch.states["c1"].balance
     assert second.waiting == {} and second.held == []
+
+
+def test_a_rebuilt_workers_wait_that_times_out_lets_the_compensation_go_on_not_lose_it():
+    """The rebuilt worker holds a compensated apply's compensation until every marker its end marker names is read
+    again; when the other topics' partitions deliver nothing for `cutover_hold_ms`, the wait ends as a live one does,
+    and the compensation is decided then, not kept for ever (it is unacknowledged meanwhile)."""
+    history = HISTORY[:3]
+    log = _Log()
+    everything = [*log.lines(history), *log.markers(NEW.version)]
+    everything += [_compensation(log, history), *log.ends(NEW.version)]
+    rebuilt = _applier(hold_ms=5_000.0)
+    for (topic, partition), offset in log.cuts.items():
+        rebuilt.activate(topic, partition, offset, NEW.version)
+        rebuilt.wait_ended(topic, partition, offset, "compensated")
+    redemptions = [dataclasses.replace(m, received_ms=10_000.0) for m in everything if m.topic == REDEMPTIONS]
+    accepted = rebuilt.accept(redemptions)
+    assigned = [(topic, partition) for topic in INPUT_TOPICS for partition in range(PARTITIONS)]
+    waiting = rebuilt.release(assigned, {tp: 10_000.0 for tp in assigned if tp[0] == REDEMPTIONS}, 14_999.0)
+    assert not accepted.ledger and not waiting.ledger and not waiting.ended
+    assert not any(message.key == b"c1" for message in accepted.acks + waiting.acks)
+    released = rebuilt.release(assigned, {tp: 15_000.0 for tp in assigned if tp[0] == REDEMPTIONS}, 15_000.0)
+    assert _caused(released) == {f"replay:{NEW.version}:c1"} and rebuilt.waiting == {}
