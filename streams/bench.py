@@ -1076,6 +1076,44 @@ def live_expiry_peak(directory: Path, ruleset_version: str | None) -> dict:
     }
 
 
+def live_figures_peak(directory: Path, version: str | None, with_markers: bool) -> dict:
+    """In this (fresh) process: the peak resident memory of `replay.live_figures` on the chDB directory `directory`,
+    with the markers past every archived message and the apply's `version` (default: full-lifecycle's own) as an
+    apply reads it, or without markers (`with_markers` false) as a dry run without them does. The peak is reset as in
+    `live_expiry_peak`."""
+    import gc
+
+    from projections import connect
+    from streams import replay
+    from streams.rules.ruleset import load_ruleset
+
+    version = version or load_ruleset(REPOSITORY / "streams/rules/rulesets/full-lifecycle.yaml").version
+    client = connect(f"chdb://{directory / 'clickhouse'}")
+    try:
+        rows = client.query("SELECT topic, partition, max(offset) FROM raw_events GROUP BY topic, partition")
+        markers = {(topic, int(partition)): int(offset) + 1 for topic, partition, offset in rows.result_rows}
+        gc.collect()
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident memory
+        base = _status_kib("VmRSS")
+        began = time.monotonic()
+        live = replay.live_figures(client, markers if with_markers else None, version)
+        seconds = time.monotonic() - began
+        peak = _status_kib("VmHWM")
+        entries = client.query("SELECT count() FROM ledger_entries FINAL").result_rows[0][0]
+    finally:
+        client.close()
+    return {
+        "entries": int(entries),
+        "customers": len(live.balances),
+        "markers": with_markers,
+        "ruleset_version": version,
+        "slice_entries": getattr(replay, "live_figures_slice_entries", None),  # None: read in one query (before)
+        "seconds": round(seconds, 2),
+        "base_rss_mib": round(base / 1024),
+        "peak_above_base_mib": round((peak - base) / 1024),
+    }
+
+
 def _status_kib(field_name: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(f"{field_name}:"):
@@ -1419,6 +1457,10 @@ def main(argv: list[str] | None = None) -> int:
     peak = commands.add_parser("live-expiry-peak", help=argparse.SUPPRESS)
     peak.add_argument("directory", type=Path)
     peak.add_argument("--ruleset-version", default=None)
+    figures = commands.add_parser("live-figures-peak", help=argparse.SUPPRESS)
+    figures.add_argument("directory", type=Path)
+    figures.add_argument("--ruleset-version", default=None)
+    figures.add_argument("--no-markers", action="store_true", help="as a dry run without markers reads the figures")
     archive = commands.add_parser("replay-memory-archive", help=argparse.SUPPRESS)
     archive.add_argument("directory", type=Path)
     archive.add_argument("events", type=int)
@@ -1435,6 +1477,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "live-expiry-peak":
         print(json.dumps(live_expiry_peak(args.directory, args.ruleset_version)))
+        return 0
+    if args.command == "live-figures-peak":
+        print(json.dumps(live_figures_peak(args.directory, args.ruleset_version, not args.no_markers)))
         return 0
     if args.command == "replay-memory-archive":
         replay_memory_archive(args.directory, args.events, args.customers)

@@ -68,6 +68,8 @@ chunks_in_flight_per_process = 2
 # An apply into rules that expire points reads the live ledger in slices of whole customers of about this many
 # entries (`_live_expiry`); ClickHouse holds one slice for the read.
 live_expiry_slice_entries = 100_000
+# The live figures of a dry run or apply (`live_figures`) are read in slices of whole customers of about this many.
+live_figures_slice_entries = 100_000
 processes_max = replay_processes_max
 orphan_check_interval_s = 1.0
 gc_thresholds = (50_000, 20, 100)  # the worker's (streams/worker.py), for the same reason: see _fewer_collections
@@ -662,25 +664,35 @@ def live_figures(client, markers: Mapping[tuple[str, int], int] | None = None, v
     compensation of an earlier apply of the same version, the events decided after that apply). The balance is
     then the sum of those entries' points: the worker orders a customer's events by time across the input topics,
     so entries from after the markers can lie between them.
+
+    Both read the ledger in slices of whole customers of about `live_figures_slice_entries` entries
+    (`_customer_slices`) and add the slices' figures up: one query over the whole ledger held memory in proportion to
+    it, in ClickHouse's read with FINAL, its grouping and the rows' transfer (docs/performance.md, "The live figures
+    of a dry run or apply"). What is kept is per customer.
     """
     if markers is not None:
         return _live_figures_before(client, markers, version)
-    balances = {
-        row[0]: int(row[1])
-        for row in client.query(
-            "SELECT customer_id, argMax(balance_after, sequence) FROM ledger_entries FINAL GROUP BY customer_id"
-        ).result_rows
-    }
-    by_rule = {
-        row[0]: int(row[1])
-        for row in client.query("SELECT rule_id, sum(points) FROM ledger_entries FINAL GROUP BY rule_id").result_rows
-    }
-    issued = int(
-        client.query(
-            "SELECT sumIf(points, kind IN ('earned', 'confirmed') AND points > 0) FROM ledger_entries FINAL"
-        ).result_rows[0][0]
-        or 0
-    )
+    balances: dict[str, int] = {}
+    by_rule: dict[str, int] = {}
+    issued = 0
+    for customers in _customer_slices(client, live_figures_slice_entries):
+        bounds, parameters = _customer_bounds(customers)
+        where = f"WHERE {bounds.removesuffix('AND ')}" if bounds else ""
+        balances.update(
+            (row[0], int(row[1]))
+            for row in client.query(
+                "SELECT customer_id, argMax(balance_after, sequence) "
+                f"FROM ledger_entries FINAL {where} GROUP BY customer_id",
+                parameters=parameters,
+            ).result_rows
+        )
+        for rule_id, points, earned in client.query(
+            "SELECT rule_id, sum(points), sumIf(points, kind IN ('earned', 'confirmed') AND points > 0) "
+            f"FROM ledger_entries FINAL {where} GROUP BY rule_id",
+            parameters=parameters,
+        ).result_rows:
+            by_rule[rule_id] = by_rule.get(rule_id, 0) + int(points)
+            issued += int(earned or 0)
     versions = [row[0] for row in client.query("SELECT DISTINCT ruleset_version FROM ledger_entries").result_rows]
     return LiveFigures(balances, by_rule, issued, sorted(versions))
 
@@ -693,16 +705,14 @@ def _before_markers(
 
     With `customers` (low, high): only the entries of the customers above `low` and up to `high` (None: no bound), a
     range of both tables' keys that the subquery keeps to as well, so that a read in slices of customers
-    (`_live_expiry`) reads the archive and the entries of `version` once in all, a slice's share each time."""
+    (`_live_expiry`, `_live_figures_before`) reads the archive and the entries of `version` once in all, a slice's
+    share each time."""
     from projections.archive import below_markers
 
     condition, parameters = below_markers(markers)
     parameters["version"] = version
     low, high = customers
-    if low is not None:
-        parameters["customers_low"] = low
-    if high is not None:
-        parameters["customers_high"] = high
+    parameters.update(_customer_bounds(customers)[1])
     before = (
         f"{_customer_range('customer_id', low, high)}(ruleset_version != {{version:String}} OR "
         "(caused_by, customer_id) IN ("
@@ -719,9 +729,49 @@ def _customer_range(column: str, low: str | None, high: str | None) -> str:
     return bounds + ("" if high is None else f"{column} <= {{customers_high:String}} AND ")
 
 
+def _customer_bounds(customers: tuple[str | None, str | None]) -> tuple[str, dict]:
+    """A range of customers (low, high) as the start of a condition on ledger_entries (`_customer_range`), with its
+    parameters."""
+    low, high = customers
+    parameters = {} if low is None else {"customers_low": low}
+    if high is not None:
+        parameters["customers_high"] = high
+    return _customer_range("customer_id", low, high), parameters
+
+
 def _live_figures_before(client, markers: Mapping[tuple[str, int], int], version: str) -> LiveFigures:
-    before, parameters = _before_markers(markers, version)
-    parameters["restate_prefix"], parameters["restate_rule"] = RESTATE_PREFIX, RESTATE_RULE
+    """`live_figures` with markers, slice by slice: each slice's range is one that the condition's subquery keeps to as
+    well (`_before_markers`), so the archive and the entries of `version` are read once in all."""
+    balances: dict[str, int] = {}
+    pending: dict[str, int] = {}
+    lifetime: dict[str, int] = {}
+    by_rule: dict[str, int] = {}
+    issued = 0
+    versions: set[str] = set()
+    for customers in _customer_slices(client, live_figures_slice_entries):
+        before, parameters = _before_markers(markers, version, customers)
+        parameters["restate_prefix"], parameters["restate_rule"] = RESTATE_PREFIX, RESTATE_RULE
+        issued += _live_figures_slice(client, before, parameters, balances, pending, lifetime, by_rule)
+        versions.update(
+            row[0]
+            for row in client.query(
+                f"SELECT DISTINCT ruleset_version FROM ledger_entries WHERE {before}", parameters=parameters
+            ).result_rows
+        )
+    pending = {customer_id: points for customer_id, points in pending.items() if points}
+    return LiveFigures(balances, by_rule, issued, sorted(versions), pending, lifetime)
+
+
+def _live_figures_slice(
+    client,
+    before: str,
+    parameters: dict,
+    balances: dict[str, int],
+    pending: dict[str, int],
+    lifetime: dict[str, int],
+    by_rule: dict[str, int],
+) -> int:
+    """Adds one slice's entries before the markers (`before`) to the figures; returns the points they issued."""
     rows = client.query(
         "SELECT customer_id, rule_id, sum(points), "
         "sumIf(points, kind IN ('earned', 'confirmed') AND points > 0), sum(pending_points), "
@@ -731,10 +781,6 @@ def _live_figures_before(client, markers: Mapping[tuple[str, int], int], version
         f"FROM ledger_entries FINAL WHERE {before} GROUP BY customer_id, rule_id",
         parameters=parameters,
     ).result_rows
-    balances: dict[str, int] = {}
-    pending: dict[str, int] = {}
-    lifetime: dict[str, int] = {}
-    by_rule: dict[str, int] = {}
     issued = 0
     for customer_id, rule_id, points, earned, pending_points, restated in rows:
         balances[customer_id] = balances.get(customer_id, 0) + int(points)
@@ -744,11 +790,7 @@ def _live_figures_before(client, markers: Mapping[tuple[str, int], int], version
             lifetime[customer_id] = lifetime.get(customer_id, 0) + int(earned or 0) + int(restated or 0)
         if pending_points:
             pending[customer_id] = pending.get(customer_id, 0) + int(pending_points)
-    versions = client.query(
-        f"SELECT DISTINCT ruleset_version FROM ledger_entries WHERE {before}", parameters=parameters
-    ).result_rows
-    pending = {customer_id: points for customer_id, points in pending.items() if points}
-    return LiveFigures(balances, by_rule, issued, sorted(row[0] for row in versions), pending, lifetime)
+    return issued
 
 
 def compare(live: LiveFigures, shadow: ShadowResult, ruleset: RuleSet, current_point_value: Decimal) -> dict:
@@ -1204,17 +1246,28 @@ def _live_expiry(
     return mode, keys, newest
 
 
-def _ledger_slices(client) -> list[str]:
-    """The last customer of each of consecutive slices of the ledger, about `live_expiry_slice_entries` entries each
-    (every entry counted: copies not merged yet and entries after the markers too) and never splitting a customer:
-    one row per slice, computed in ClickHouse, as `RawArchive._slices` cuts the archive."""
+def _customer_slices(client, entries: int) -> list[tuple[str | None, str | None]]:
+    """Contiguous ranges (low, high) over every customer of the ledger, the first and last open, of about `entries`
+    entries each (`_ledger_slices`), as `_before_markers` takes them."""
+    highs = _ledger_slices(client, entries) or [None]
+    return [
+        (highs[number - 1] if number > 0 else None, high if number < len(highs) - 1 else None)
+        for number, high in enumerate(highs)
+    ]
+
+
+def _ledger_slices(client, entries: int | None = None) -> list[str]:
+    """The last customer of each of consecutive slices of the ledger, about `entries` (by default
+    `live_expiry_slice_entries`) entries each (every entry counted: copies not merged yet and entries after the markers
+    too) and never splitting a customer: one row per slice, computed in ClickHouse, as `RawArchive._slices` cuts the
+    archive."""
     rows = client.query(
         "SELECT max(customer_id) FROM ("
         "SELECT customer_id, intDiv(sum(entries) OVER (ORDER BY customer_id ROWS UNBOUNDED PRECEDING) - 1, "
         "{slice_entries:UInt64}) AS slice FROM ("
         "SELECT customer_id, count() AS entries FROM ledger_entries GROUP BY customer_id)) "
         "GROUP BY slice ORDER BY slice",
-        parameters={"slice_entries": live_expiry_slice_entries},
+        parameters={"slice_entries": entries or live_expiry_slice_entries},
     ).result_rows
     return [row[0] for row in rows]
 

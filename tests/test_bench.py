@@ -120,6 +120,31 @@ def test_live_expiry_memory_measures_the_ledger_read_of_each_size():
     assert runs[1]["entries"] > runs[0]["entries"]
 
 
+def test_live_figures_peak_measures_the_figures_read_with_and_without_markers(tmp_path):
+    """`python -m streams.bench live-figures-peak DIR`: `replay.live_figures` on an archive and ledger as
+    `replay-memory` stores them, with the markers past every archived message and without them, its peak memory read
+    from /proc (a correctness check of the measurement, not a memory target)."""
+    bench = [sys.executable, "-m", "streams.bench"]
+    built = subprocess.run(
+        [*bench, "replay-memory-archive", str(tmp_path), "600", "50"],
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-2000:]
+    runs = []
+    for extra in ([], ["--no-markers"]):
+        done = subprocess.run(
+            [*bench, "live-figures-peak", str(tmp_path), *extra],
+            cwd=REPOSITORY, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append(json.loads(done.stdout))
+    assert [run["markers"] for run in runs] == [True, False]
+    for run in runs:
+        assert run["entries"] > 600 and run["customers"] >= 50 and run["peak_above_base_mib"] >= 0
+        assert run["ruleset_version"] == "full-lifecycle-1" and run["slice_entries"] == 100_000
+    assert runs[0]["customers"] == runs[1]["customers"]
+
+
 def test_replay_memory_measures_a_dry_run_of_each_archive_size(tmp_path):
     """`python -m streams.bench replay-memory`: an archive and ledger per size, a real offline dry-run on each, its
     peak memory read from /proc (a correctness check of the measurement, not a memory target)."""

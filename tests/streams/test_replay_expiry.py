@@ -9,6 +9,7 @@ instead of 310 (the other 120 stayed until the compensation's own lot expired, m
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from datetime import UTC, datetime, timedelta
@@ -611,14 +612,18 @@ def _archived_in_order(lines: list[str]) -> list[ArchivedMessage]:
     return messages
 
 
-@pytest.mark.parametrize("slice_entries", [1, 40, 1_000_000])
-def test_the_live_expiry_read_in_slices_of_customers_gives_the_worker_s_lots(tmp_path, monkeypatch, slice_entries):
-    """`replay._live_expiry` reads the ledger before the markers in slices of whole customers (about
-    `live_expiry_slice_entries` entries each): 1 puts every customer in a slice of its own, 40 two or three customers
-    in a slice, a million all of them in one. Every size gives each customer the lots the worker holds, folded from the
-    ledger with FINAL (every entry is stored twice, unmerged), with an earlier apply's restatement (its entries are of
-    the new rules' version, caused by compensations archived below the markers) and without the entries of events
-    after the markers (of that version too)."""
+def _opened(directory: Path):
+    client = connect(f"chdb://{directory}")
+    migrate(client)
+    return client
+
+
+def _after_a_first_apply(tmp_path: Path, monkeypatch) -> tuple:
+    """Six customers' history decided by rules without expiry, then the first apply of rules that expire by lot: its
+    compensations (archived, each restating a customer) and their entries of the new version, and one event after
+    the markers (c2's, decided by the new version too). Returns the new rules, the archive's lines, the markers past
+    the compensations, the whole ledger, the worker's states as of the markers, the newest entry time of each customer
+    before the markers and the entries of the event after them."""
     old, new = _full("fl-none-1", purchase={"pending_days": 0}), _full("fl-14-2")
     history = []
     for number in range(1, 7):
@@ -637,12 +642,7 @@ def test_the_live_expiry_read_in_slices_of_customers_gives_the_worker_s_lots(tmp
     live = process_lines([line.encode() for line in history], old)
     monkeypatch.setattr(replay_module, "live_expiry_slice_entries", 1_000_000)
 
-    def opened(directory):
-        client = connect(f"chdb://{directory}")
-        migrate(client)
-        return client
-
-    client = opened(tmp_path / "first")  # the first apply of `new`: its compensations restate the lots
+    client = _opened(tmp_path / "first")  # the first apply of `new`: its compensations restate the lots
     try:
         RawArchive(client).write(_archived_in_order(history), {})
         LedgerSink(client).write(live.ledger)
@@ -655,22 +655,35 @@ def test_the_live_expiry_read_in_slices_of_customers_gives_the_worker_s_lots(tmp
     for customer_id, value in first:
         ledger += apply(live.states[customer_id], decode_event(value, REDEMPTIONS), new)
     assert sum(entry.rule_id == replay_module.RESTATE_RULE for entry in ledger) == len(first) == 6
-    expected = {customer_id: expiry_key(state, "lot") for customer_id, state in live.states.items()}
     newest = {
         customer_id: max(entry.occurred_at for entry in ledger if entry.customer_id == customer_id)
         for customer_id in live.states
     }
     since = [_customer_event("c2", "c2-since", "purchase.completed", "2026-06-02T10:00:00+00:00", order_id="c2-since",
                              currency="USD", lines=BOOK)]  # fmt: skip
-    ledger += apply(live.states["c2"], decode_event(since[0].encode()), new)  # after the markers: not read
+    states = copy.deepcopy(live.states)  # as of the markers
+    after = apply(live.states["c2"], decode_event(since[0].encode()), new)  # after the markers: not read
+    lines = history + [value.decode() for _, value in first] + since
+    markers = {(topic, 0): len(history) + len(first) for topic in INPUT_TOPICS}
+    return new, lines, markers, ledger + after, states, newest, after
 
+
+@pytest.mark.parametrize("slice_entries", [1, 40, 1_000_000])
+def test_the_live_expiry_read_in_slices_of_customers_gives_the_worker_s_lots(tmp_path, monkeypatch, slice_entries):
+    """`replay._live_expiry` reads the ledger before the markers in slices of whole customers (about
+    `live_expiry_slice_entries` entries each): 1 puts every customer in a slice of its own, 40 two or three customers
+    in a slice, a million all of them in one. Every size gives each customer the lots the worker holds, folded from the
+    ledger with FINAL (every entry is stored twice, unmerged), with an earlier apply's restatement (its entries are of
+    the new rules' version, caused by compensations archived below the markers) and without the entries of events
+    after the markers (of that version too)."""
+    new, lines, markers, ledger, states, newest, _ = _after_a_first_apply(tmp_path, monkeypatch)
+    expected = {customer_id: expiry_key(state, "lot") for customer_id, state in states.items()}
     monkeypatch.setattr(replay_module, "live_expiry_slice_entries", slice_entries)
-    client = opened(tmp_path / "second")
+    client = _opened(tmp_path / "second")
     try:
-        RawArchive(client).write(_archived_in_order(history + [value.decode() for _, value in first] + since), {})
+        RawArchive(client).write(_archived_in_order(lines), {})
         LedgerSink(client).write(ledger)
         LedgerSink(client).write(ledger)  # every entry twice: FINAL reads it once
-        markers = {(topic, 0): len(history) + len(first) for topic in INPUT_TOPICS}
         slices = replay_module._ledger_slices(client)
         read = replay_module._live_expiry(client, markers, new)
         stored, unique = client.query("SELECT count(), uniqExact(entry_id) FROM ledger_entries").result_rows[0]
@@ -699,3 +712,43 @@ def test_cap_usage_restated_across_a_change_of_time_zone_survives_a_restart(tmp_
     for line in _ZONE_AFTER:
         apply(folded, decode_event(line.encode()), new)
     assert folded.balance == expected.balance
+
+
+@pytest.mark.parametrize("slice_entries", [1, 40, 1_000_000])
+def test_the_live_figures_read_in_slices_of_customers_are_those_of_one_read(tmp_path, monkeypatch, slice_entries):
+    """`replay.live_figures` reads the ledger in slices of whole customers (about `live_figures_slice_entries` entries
+    each; 1: a customer a slice, 40: two or three, a million: all in one). With the markers every size gives the figures
+    of one read over the whole ledger and the worker's balances and lifetime points, of the entries before the markers
+    only (an earlier apply's restatement counted, c2's event after them not), read with FINAL while every entry is
+    stored twice, unmerged; without markers those of every entry."""
+    new, lines, markers, ledger, states, _, after = _after_a_first_apply(tmp_path, monkeypatch)
+    client = _opened(tmp_path / "second")
+    try:
+        RawArchive(client).write(_archived_in_order(lines), {})
+        LedgerSink(client).write(ledger)
+        LedgerSink(client).write(ledger)  # every entry twice: FINAL reads it once
+        monkeypatch.setattr(replay_module, "live_figures_slice_entries", 10**9)
+        whole = replay_module.live_figures(client, markers, new.version)
+        whole_now = replay_module.live_figures(client)
+        monkeypatch.setattr(replay_module, "live_figures_slice_entries", slice_entries)
+        sliced = replay_module.live_figures(client, markers, new.version)
+        sliced_now = replay_module.live_figures(client)
+        stored, unique = client.query("SELECT count(), uniqExact(entry_id) FROM ledger_entries").result_rows[0]
+    finally:
+        client.close()
+    assert stored == 2 * unique  # not merged while read
+    assert sliced == whole
+    assert sliced_now == whole_now
+    later = sum(entry.points for entry in after)  # c2's points of the event after the markers
+    assert later > 0 and {(entry.customer_id, entry.ruleset_version) for entry in after} == {("c2", new.version)}
+    assert sliced.balances == {customer_id: state.balance for customer_id, state in states.items()}
+    assert sliced.lifetime == {customer_id: state.lifetime_earned for customer_id, state in states.items()}
+    assert sliced.pending == {customer_id: state.pending for customer_id, state in states.items() if state.pending}
+    assert sliced.pending  # the new rules' compensations put some points pending
+    assert sliced.versions == sorted({"fl-none-1", new.version})
+    assert sliced_now.balances == {**sliced.balances, "c2": sliced.balances["c2"] + later}
+    assert sliced_now.issued == sliced.issued + later
+    assert sliced_now.points_by_rule == {
+        rule_id: sum(entry.points for entry in ledger if entry.rule_id == rule_id)
+        for rule_id in {entry.rule_id for entry in ledger}
+    }
