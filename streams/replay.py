@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import gc
+import hashlib
 import itertools
 import json
 import multiprocessing
@@ -34,7 +35,7 @@ from typing import Any, NamedTuple
 
 from schemas import events as ev
 from schemas.decode import EventRejected, decode_event
-from schemas.ledger import Kind
+from schemas.ledger import Kind, Source
 from schemas.topics import REDEMPTIONS, REFERRALS
 from streams.batch import order_key
 from streams.rules.engine import apply, derived_events, event_fingerprint
@@ -47,6 +48,7 @@ from streams.rules.state import (
     CustomerState,
     cap_history_days_max,
     evolve_expiry,
+    evolve_orders,
     local_day,
     order_lots,
     referral_record,
@@ -307,13 +309,55 @@ def expiry_key(state: CustomerState, mode: str) -> Any:
     return state.last_activity_at if mode == "inactivity" else None
 
 
+# The tag of the element of a customer's live figures (`_live_balances`) that holds the digest of their open orders'
+# awards (`orders_digest`); the other optional element is (expiry mode, what expiry decides by).
+ORDERS = "orders"
+
+
+def orders_digest(state: CustomerState) -> bytes | None:
+    """A digest of the awards of the customer's open orders as the state holds them (per line points, points reversed
+    and whether pending, per bonus points, reversed and spend threshold, the pending lots), None with none: equal for
+    the live ledger's fold (`_live_orders`) and a replay when a refund or cancellation after the apply would reverse
+    the same points. Orders that hold no award (no line, no bonus) are left out: a replay keeps no record of an order
+    the new rules award nothing, and its compensation re-values such an order only when the live one holds awards."""
+    orders = []
+    for order_id, order in state.orders.items():
+        if not order.revaluable() or not (order.lines or order.bonuses):
+            continue
+        lines = sorted((key, line.points, line.points_reversed, line.pending) for key, line in order.lines.items())
+        bonuses = sorted(
+            (
+                rule_id,
+                bonus.points,
+                bonus.reversed,
+                None if bonus.threshold is None else format(bonus.threshold.normalize(), "f"),
+            )
+            for rule_id, bonus in order.bonuses.items()
+        )
+        lots = sorted(
+            (lot.target, round(lot.available_at.timestamp() * 1_000_000), lot.points)
+            for lot in order_lots(state, order_id)
+        )
+        orders.append((order_id, lines, bonuses, lots))
+    if not orders:
+        return None
+    orders.sort()
+    return hashlib.blake2b(repr(orders).encode(), digest_size=8).digest()
+
+
 def _unchanged(live: Mapping[str, tuple], state: CustomerState) -> bool:
     figures = live.get(state.customer_id, (0, 0, 0))
-    replayed: tuple = (state.balance, state.pending, state.lifetime_earned)
-    if len(figures) == 4:
-        mode = figures[3][0]
-        replayed = (*replayed, (mode, expiry_key(state, mode)))
-    return figures == replayed
+    if figures[:3] != (state.balance, state.pending, state.lifetime_earned):
+        return False
+    for tag, value in figures[3:]:
+        if tag == ORDERS:
+            # Equal totals can hide re-valued orders (one line a point more, a review a point less): a refund after
+            # the apply would reverse the old awards.
+            if value != orders_digest(state):
+                return False
+        elif value != expiry_key(state, tag):
+            return False
+    return True
 
 
 def _keep_orders(result: ShadowResult, state: CustomerState, unawarded: _Unawarded | None, items: list) -> None:
@@ -889,7 +933,7 @@ def prepare(
     from projections.archive import RawArchive
 
     live = live_figures(client, horizon, ruleset.version)
-    keep = _live_balances(live, _live_expiry(client, horizon, ruleset))
+    keep = _live_balances(live, _live_expiry(client, horizon, ruleset), _live_orders(client, horizon, ruleset.version))
     started = time.monotonic()
     shadow = _replay_below(RawArchive(client), horizon, ruleset, progress, processes, keep)
     return Prepared(ruleset, dict(horizon), shadow, time.monotonic() - started, keep)
@@ -1040,13 +1084,14 @@ def dry_run(
     archive = RawArchive(client)
     live = live_figures(client, markers, ruleset.version)
     expiry = _live_expiry(client, markers, ruleset) if markers is not None else None
+    orders = _live_orders(client, markers, ruleset.version) if markers is not None else None
     started = time.monotonic()
     advanced = prepared is not None and markers is not None and prepared.ruleset is ruleset
     if advanced:
-        shadow = _advance(prepared, archive, markers, _live_balances(live, expiry))
+        shadow = _advance(prepared, archive, markers, _live_balances(live, expiry, orders))
     else:
         # An apply's compensations re-value the open orders of the customers whose balance changes.
-        keep = _live_balances(live, expiry) if markers is not None else False
+        keep = _live_balances(live, expiry, orders) if markers is not None else False
         shadow = _replay_below(archive, markers, ruleset, progress, processes, keep)
     elapsed = time.monotonic() - started
     report = compare(live, shadow, ruleset, current_point_value)
@@ -1186,22 +1231,115 @@ def _live_cap_usage(
     return since, usage
 
 
-def _live_balances(live: LiveFigures, expiry: tuple[str, dict[str, Any]] | None = None) -> dict[str, tuple]:
+def _live_balances(
+    live: LiveFigures,
+    expiry: tuple[str, dict[str, Any]] | None = None,
+    orders: Mapping[str, bytes] | None = None,
+) -> dict[str, tuple]:
     """Per customer (balance, pending balance, lifetime earned points) live, with `expiry` (the new rules' expiry mode
-    and per customer what it decides by, `_live_expiry`) also (mode, that): the replay keeps the orders and the
+    and per customer what it decides by, `_live_expiry`) also (mode, that), with `orders` (per customer the digest of
+    their open orders' live awards, `_live_orders`) also (ORDERS, that): the replay keeps the orders and the
     restatement of the customers where one differs."""
+    customers = set(live.balances) | set(live.pending) | set(live.lifetime) | set(orders or ())
     figures: dict[str, tuple] = {
         customer_id: (
             live.balances.get(customer_id, 0),
             live.pending.get(customer_id, 0),
             live.lifetime.get(customer_id, 0),
         )
-        for customer_id in set(live.balances) | set(live.pending) | set(live.lifetime)
+        for customer_id in customers
     }
     if expiry is not None:
         mode, keys = expiry[0], expiry[1]
         figures = {customer_id: (*row, (mode, keys.get(customer_id))) for customer_id, row in figures.items()}
+    if orders is not None:
+        figures = {customer_id: (*row, (ORDERS, orders.get(customer_id))) for customer_id, row in figures.items()}
     return figures
+
+
+class _LivePurchaseEntry(NamedTuple):
+    """What `state.evolve_orders` reads of a ledger entry."""
+
+    kind: Kind
+    source: Source
+    rule_id: str
+    event_type: str
+    reference: str | None
+    order_id: str | None
+    sku: str | None
+    category: str | None
+    quantity: int | None
+    amount: str | None
+    points: int
+    pending_points: int
+    occurred_at: datetime
+    available_at: datetime | None
+
+
+def _live_orders(client, markers: Mapping[tuple[str, int], int], version: str) -> dict[str, bytes]:
+    """Per customer with open orders holding awards, the digest of those awards in the live ledger before the markers
+    (`orders_digest`), folded as the worker folds them (`state.evolve_orders`: the purchase entries, re-valuations
+    of earlier applies included). A customer whose totals are the same under the new rules but whose orders are
+    valued otherwise is compensated too, with 0 points and the re-valued orders.
+
+    Reads the purchase entries before the markers once, ordered by customer and sequence, in the slices of
+    `_live_expiry` (`_ledger_slices`); what is kept is one digest per customer."""
+    digests: dict[str, bytes] = {}
+    highs = _ledger_slices(client) or [None]
+    for number, high in enumerate(highs):
+        low = highs[number - 1] if number > 0 else None
+        customers = (low, high if number < len(highs) - 1 else None)
+        digests.update(_live_orders_slice(client, markers, version, customers))
+    return digests
+
+
+def _live_orders_slice(
+    client, markers: Mapping[tuple[str, int], int], version: str, customers: tuple[str | None, str | None]
+) -> dict[str, bytes]:
+    before, parameters = _before_markers(markers, version, customers)
+    parameters["purchase"] = Source.purchase.value
+    digests: dict[str, bytes] = {}
+    state: CustomerState | None = None
+
+    def done(state: CustomerState) -> None:
+        digest = orders_digest(state)
+        if digest is not None:
+            digests[state.customer_id] = digest
+
+    with client.query_row_block_stream(
+        "SELECT customer_id, kind, rule_id, event_type, reference, order_id, sku, category, quantity, amount, points, "
+        "pending_points, occurred_at, available_at "
+        f"FROM ledger_entries FINAL WHERE source = {{purchase:String}} AND {before} ORDER BY customer_id, sequence",
+        parameters=parameters,
+    ) as stream:
+        for block in stream:
+            for row in block:
+                customer_id = row[0]
+                if state is None or state.customer_id != customer_id:
+                    if state is not None:
+                        done(state)
+                    state = CustomerState(customer_id)
+                kind = row[1]
+                entry = _LivePurchaseEntry(
+                    _kinds_by_value.get(kind) or Kind(kind),
+                    Source.purchase,
+                    row[2],
+                    row[3],
+                    row[4],
+                    row[5],
+                    row[6],
+                    row[7],
+                    None if row[8] is None else int(row[8]),
+                    row[9],
+                    int(row[10]),
+                    int(row[11]),
+                    _utc(row[12]),
+                    _utc(row[13]),
+                )
+                evolve_orders(state, entry)  # type: ignore[arg-type]
+    if state is not None:
+        done(state)
+    return digests
 
 
 class _LiveEntry(NamedTuple):

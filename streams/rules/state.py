@@ -279,6 +279,13 @@ def evolve_expiry(state: CustomerState, entry: LedgerEntry, kind: Kind) -> None:
     _evolve_lots(state, entry, kind)
 
 
+def evolve_orders(state: CustomerState, entry: LedgerEntry) -> None:
+    """What a purchase entry (source purchase) makes of the customer's order records and pending lots: the part of
+    `evolve` an apply folds alone over the live ledger (streams/replay.py, `_live_orders`) to compare the live awards
+    of open orders with the new rules'."""
+    _evolve_purchase(state, entry, entry.kind, entry.reference or "", spend_change(entry))
+
+
 def _evolve_referral(state: CustomerState, entry: LedgerEntry, reference: str) -> None:
     rule_id = entry.rule_id
     if rule_id == "referral.referrer":

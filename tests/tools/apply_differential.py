@@ -36,6 +36,7 @@ from streams.replay import (
     Restatement,
     compensations,
     expiry_key,
+    orders_digest,
     replay_messages,
 )
 from streams.routing import routes_for
@@ -106,19 +107,25 @@ def differing(
             )  # fmt: skip
     archived.sort(key=lambda m: (m.routing_key, m.occurred_at, m.topic_rank, m.offset))
     since = cut.astimezone(new.zone).date() - timedelta(days=cap_history_days_max)
+    # The replayed states' open order awards, as the apply's replay compares them (`replay._unchanged`).
+    history = process_lines([raw for raw in lines if _moment(raw) < cut], new).states
+    replayed_digests = {customer_id: orders_digest(state) for customer_id, state in history.items()}
     shadow = replay_messages(
         archived, new, refetch=lambda keys: [m for m in archived if m.routing_key in keys], keep_orders=True
     )
 
     def unchanged(state: CustomerState) -> bool:
-        """The apply's selection (`replay._unchanged`): balances, lifetime points and what expiry decides by."""
+        """The apply's selection (`replay._unchanged`): balances, lifetime points, what expiry decides by and the
+        awards of the open orders (`replay.orders_digest`, of the live state and of the replay's)."""
         restatement = shadow.restate.get(state.customer_id)
         if restatement is None:
             return (state.balance, state.pending, state.lifetime_earned) == (0, 0, 0)
         replayed = (restatement.balance, (shadow.pending or {}).get(state.customer_id, 0), restatement.lifetime_earned)
         mode = new.expiry.mode
         key = {"lot": restatement.lots, "inactivity": restatement.last_activity_at}.get(mode)
-        return (*replayed, key) == (state.balance, state.pending, state.lifetime_earned, expiry_key(state, mode))
+        if (*replayed, key) != (state.balance, state.pending, state.lifetime_earned, expiry_key(state, mode)):
+            return False
+        return orders_digest(state) == replayed_digests.get(state.customer_id)
 
     zones = {old.version: old.zone, new.version: new.zone}
 
