@@ -952,10 +952,11 @@ def replay_memory_archive(directory: Path, events: int, customers: int) -> None:
     client.close()
 
 
-def _rss_kib(pid: int) -> int:
+def _status_kib(field_name: str, pid: int | str = "self") -> int:
+    """A memory field of /proc/<pid>/status in KiB (0 when the process is gone or has no such field)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field_name}:"):
                 return int(line.split()[1])
     except OSError:
         pass
@@ -992,7 +993,7 @@ def replay_memory_peak(directory: Path, processes: int) -> dict:
         peak_main = peak_tree = 0
         try:
             while process.poll() is None:
-                sizes = [_rss_kib(pid) for pid in _descendants(process.pid)]
+                sizes = [_status_kib("VmRSS", pid) for pid in _descendants(process.pid)]
                 peak_main, peak_tree = max(peak_main, sizes[0]), max(peak_tree, sum(sizes))
                 time.sleep(0.05)
         finally:
@@ -1018,37 +1019,63 @@ def replay_memory_only(args: argparse.Namespace) -> dict[str, Any]:
     directory), runs `loyalty replay --rules seasonal-promotion.yaml --dry-run --json` offline on it and reads the
     resident memory of that process and of its replay processes every 50 ms (/proc)."""
     runs = []
-    for events in args.events_list:
-        directory = Path(tempfile.mkdtemp(prefix="replay-memory-"))
+    for events, directory in _simulated_archives(args.events_list, args.customers, "replay-memory-"):
+        run = {"events": events, "processes": args.processes, **replay_memory_peak(directory, args.processes)}
+        print(json.dumps(run), file=sys.stderr, flush=True)
+        runs.append(run)
+    return {"customers_asked": args.customers, "runs": runs}
+
+
+def _simulated_archives(sizes: list[int], customers: int, prefix: str) -> Iterator[tuple[int, Path]]:
+    """For each of `sizes` (events): a fresh chDB directory holding the simulated log's archive and the batch driver's
+    ledger (`replay_memory_archive`, in a subprocess: one process opens one chDB directory), removed once the caller
+    is done with it."""
+    for events in sizes:
+        directory = Path(tempfile.mkdtemp(prefix=prefix))
         try:
             subprocess.run(
                 [sys.executable, "-m", "streams.bench", "replay-memory-archive", str(directory), str(events),
-                 str(args.customers)],
+                 str(customers)],
                 check=True, cwd=REPOSITORY, env=_python_env(),
             )  # fmt: skip
-            run = {"events": events, "processes": args.processes, **replay_memory_peak(directory, args.processes)}
-            print(json.dumps(run), file=sys.stderr, flush=True)
-            runs.append(run)
+            yield events, directory
         finally:
             shutil.rmtree(directory, ignore_errors=True)
-    return {"customers_asked": args.customers, "runs": runs}
 
 
 def live_expiry_peak(directory: Path, ruleset_version: str | None) -> dict:
     """In this (fresh) process: the peak resident memory of `replay._live_expiry` on the chDB directory `directory`, as
     an apply into the packaged full-lifecycle rule set (expiry by lot) with its markers past every archived message
-    reads it. The process's peak is reset (/proc/self/clear_refs) once the directory is open and the markers read.
-    `ruleset_version`: the version the rule set is given instead of its own; the ledger's (`default-1`) makes every
-    entry one of the apply's version, whose condition then looks each entry's cause up in the archive."""
-    import gc
-
-    from projections import connect
+    reads it (`_peak_of_read`). `ruleset_version`: the version the rule set is given instead of its own; the ledger's
+    (`default-1`) makes every entry one of the apply's version, whose condition then looks each entry's cause up in the
+    archive."""
     from streams import replay
     from streams.rules.ruleset import load_ruleset
 
     ruleset = load_ruleset(REPOSITORY / "streams/rules/rulesets/full-lifecycle.yaml")
     if ruleset_version:
         ruleset = ruleset.model_copy(update={"version": ruleset_version})
+    result, figures = _peak_of_read(directory, lambda client, markers: replay._live_expiry(client, markers, ruleset))
+    keys = result[1] if result is not None else {}  # (mode, keys[, newest entry times])
+    return {
+        "entries": figures.pop("entries"),
+        "customers": len(keys),
+        "lots": sum(len(lots) for lots in keys.values()),
+        "ruleset_version": ruleset.version,
+        "slice_entries": getattr(replay, "live_expiry_slice_entries", None),  # None: read in one query (before)
+        **figures,
+    }
+
+
+def _peak_of_read(directory: Path, read: Callable[[Any, dict[tuple[str, int], int]], Any]) -> tuple[Any, dict]:
+    """In this (fresh) process: `read(client, markers)` on the chDB directory `directory`, the markers past every
+    archived message, and its peak resident memory: the process's peak is reset (/proc/self/clear_refs) once the
+    directory is open and the markers read. Gives what `read` returned and the figures (entries, seconds, base and
+    peak above it)."""
+    import gc
+
+    from projections import connect
+
     client = connect(f"chdb://{directory / 'clickhouse'}")
     try:
         rows = client.query("SELECT topic, partition, max(offset) FROM raw_events GROUP BY topic, partition")
@@ -1057,19 +1084,14 @@ def live_expiry_peak(directory: Path, ruleset_version: str | None) -> dict:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident memory
         base = _status_kib("VmRSS")
         began = time.monotonic()
-        result = replay._live_expiry(client, markers, ruleset)  # (mode, keys[, newest entry times])
-        keys = result[1] if result is not None else {}
+        result = read(client, markers)
         seconds = time.monotonic() - began
         peak = _status_kib("VmHWM")
         entries = client.query("SELECT count() FROM ledger_entries FINAL").result_rows[0][0]
     finally:
         client.close()
-    return {
+    return result, {
         "entries": int(entries),
-        "customers": len(keys),
-        "lots": sum(len(lots) for lots in keys.values()),
-        "ruleset_version": ruleset.version,
-        "slice_entries": getattr(replay, "live_expiry_slice_entries", None),  # None: read in one query (before)
         "seconds": round(seconds, 2),
         "base_rss_mib": round(base / 1024),
         "peak_above_base_mib": round((peak - base) / 1024),
@@ -1079,46 +1101,22 @@ def live_expiry_peak(directory: Path, ruleset_version: str | None) -> dict:
 def live_figures_peak(directory: Path, version: str | None, with_markers: bool) -> dict:
     """In this (fresh) process: the peak resident memory of `replay.live_figures` on the chDB directory `directory`,
     with the markers past every archived message and the apply's `version` (default: full-lifecycle's own) as an
-    apply reads it, or without markers (`with_markers` false) as a dry run without them does. The peak is reset as in
-    `live_expiry_peak`."""
-    import gc
-
-    from projections import connect
+    apply reads it, or without markers (`with_markers` false) as a dry run without them does (`_peak_of_read`)."""
     from streams import replay
     from streams.rules.ruleset import load_ruleset
 
     version = version or load_ruleset(REPOSITORY / "streams/rules/rulesets/full-lifecycle.yaml").version
-    client = connect(f"chdb://{directory / 'clickhouse'}")
-    try:
-        rows = client.query("SELECT topic, partition, max(offset) FROM raw_events GROUP BY topic, partition")
-        markers = {(topic, int(partition)): int(offset) + 1 for topic, partition, offset in rows.result_rows}
-        gc.collect()
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident memory
-        base = _status_kib("VmRSS")
-        began = time.monotonic()
-        live = replay.live_figures(client, markers if with_markers else None, version)
-        seconds = time.monotonic() - began
-        peak = _status_kib("VmHWM")
-        entries = client.query("SELECT count() FROM ledger_entries FINAL").result_rows[0][0]
-    finally:
-        client.close()
+    live, figures = _peak_of_read(
+        directory, lambda client, markers: replay.live_figures(client, markers if with_markers else None, version)
+    )
     return {
-        "entries": int(entries),
+        "entries": figures.pop("entries"),
         "customers": len(live.balances),
         "markers": with_markers,
         "ruleset_version": version,
         "slice_entries": getattr(replay, "live_figures_slice_entries", None),  # None: read in one query (before)
-        "seconds": round(seconds, 2),
-        "base_rss_mib": round(base / 1024),
-        "peak_above_base_mib": round((peak - base) / 1024),
+        **figures,
     }
-
-
-def _status_kib(field_name: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field_name}:"):
-            return int(line.split()[1])
-    return 0
 
 
 def live_expiry_memory_only(args: argparse.Namespace) -> dict[str, Any]:
@@ -1126,23 +1124,14 @@ def live_expiry_memory_only(args: argparse.Namespace) -> dict[str, Any]:
     (`replay._live_expiry`) grow with the entries? For each of `--events` the archive and the batch driver's ledger as
     `replay-memory` stores them, then `live_expiry_peak` in a fresh process."""
     runs = []
-    for events in args.events_list:
-        directory = Path(tempfile.mkdtemp(prefix="live-expiry-memory-"))
-        try:
-            subprocess.run(
-                [sys.executable, "-m", "streams.bench", "replay-memory-archive", str(directory), str(events),
-                 str(args.customers)],
-                check=True, cwd=REPOSITORY, env=_python_env(),
-            )  # fmt: skip
-            command = [sys.executable, "-m", "streams.bench", "live-expiry-peak", str(directory)]
-            if args.ruleset_version:
-                command += ["--ruleset-version", args.ruleset_version]
-            done = subprocess.run(command, check=True, cwd=REPOSITORY, env=_python_env(), capture_output=True)
-            run = {"events": events, **json.loads(done.stdout)}
-            print(json.dumps(run), file=sys.stderr, flush=True)
-            runs.append(run)
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
+    for events, directory in _simulated_archives(args.events_list, args.customers, "live-expiry-memory-"):
+        command = [sys.executable, "-m", "streams.bench", "live-expiry-peak", str(directory)]
+        if args.ruleset_version:
+            command += ["--ruleset-version", args.ruleset_version]
+        done = subprocess.run(command, check=True, cwd=REPOSITORY, env=_python_env(), capture_output=True)
+        run = {"events": events, **json.loads(done.stdout)}
+        print(json.dumps(run), file=sys.stderr, flush=True)
+        runs.append(run)
     return {"customers_asked": args.customers, "runs": runs}
 
 
