@@ -1285,10 +1285,7 @@ def _live_orders(client, markers: Mapping[tuple[str, int], int], version: str) -
     Reads the purchase entries before the markers once, ordered by customer and sequence, in the slices of
     `_live_expiry` (`_ledger_slices`); what is kept is one digest per customer."""
     digests: dict[str, bytes] = {}
-    highs = _ledger_slices(client) or [None]
-    for number, high in enumerate(highs):
-        low = highs[number - 1] if number > 0 else None
-        customers = (low, high if number < len(highs) - 1 else None)
+    for customers in _customer_slices(client, live_expiry_slice_entries):
         digests.update(_live_orders_slice(client, markers, version, customers))
     return digests
 
@@ -1373,11 +1370,7 @@ def _live_expiry(
         return None
     keys: dict[str, Any] = {}
     newest: dict[str, datetime] = {}
-    highs = _ledger_slices(client) or [None]
-    for number, high in enumerate(highs):
-        # Contiguous ranges over every customer, the first and last open, as `RawArchive.stream_for_replay` reads.
-        low = highs[number - 1] if number > 0 else None
-        customers = (low, high if number < len(highs) - 1 else None)
+    for customers in _customer_slices(client, live_expiry_slice_entries):
         slice_keys, slice_newest = _live_expiry_keys(client, markers, ruleset, mode, customers)
         keys.update(slice_keys)
         newest.update(slice_newest)
